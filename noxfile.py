@@ -1,0 +1,44 @@
+"""Test sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`.
+
+torch is installed as its CPU build unless STACKWISE_TORCH names another requirement
+(e.g. STACKWISE_TORCH=torch for the default CUDA wheel on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("STACKWISE_TORCH", "torch==2.13.0")
+
+
+def _install_project(session: nox.Session, extras: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (skips `slow` tests unless arguments say otherwise)."""
+    _install_project(session, "test")
+    args = session.posargs or ["-m", "not slow", "-n", "2"]
+    session.run("pytest", *args, env={"MLFLOW_TRACKING_URI": ""})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over the package."""
+    _install_project(session, "dev")
+    session.run("mypy", "stackwise")

@@ -1,0 +1,506 @@
+"""The typed configuration of one StackWise run.
+
+`StackWiseConfig` holds four sections — `model`, `training`, `data`, `tracking` — each a strict
+pydantic model: unknown keys are rejected, every field carries its constraints and help text,
+and assignments are validated (``config.training.training_architecture = "blockwise"`` is checked
+just like a YAML value). The JSON Schema in ``schemas/`` is generated from these classes, so the
+field descriptions here are also the editor documentation of experiment files.
+
+Only this module and pydantic/yaml are imported here, so validating a file never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+AttentionType = Literal["mha", "gqa", "mla", "kernel"]
+AttentionMode = Literal["bidirectional", "causal"]
+TrainingArchitecture = Literal["rackwise", "stackwise", "blockwise"]
+Objective = Literal["clm", "mlm", "diffusion"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+# Size of the built-in byte-level tokenizer: 256 byte values + [PAD], [MASK], [BOS], [EOS].
+BYTE_VOCAB_SIZE = 260
+
+
+class BaseConfig(BaseModel):
+    """Common behaviour of every config section: strict keys, validated assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict of this section (round-trips through `model_validate`)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+class ArchitectureConfig(BaseConfig):
+    """How many stacks the rack has and how many blocks each holds (used when `stacks` is unset)."""
+
+    n_stacks: int = Field(2, ge=1, le=1024, description="Number of stacks in the rack.")
+    blocks_per_stack: int = Field(4, ge=1, le=1024, description="Number of blocks in each stack.")
+
+
+class MLAConfig(BaseConfig):
+    """Multi-head latent attention (DeepSeek-V2) options; used when attention_type is `mla`."""
+
+    kv_lora_rank: int | None = Field(
+        None, ge=1, description="Width of the shared compressed K/V latent (default: d_model // 4)."
+    )
+    q_lora_rank: int | None = Field(
+        None, ge=1, description="Width of the compressed query (null: queries are not compressed)."
+    )
+    rope_head_dim: int | None = Field(
+        None,
+        ge=2,
+        description="Width of the decoupled RoPE key/query part, shared across heads "
+        "(default: head_dim // 2, at least 2; must be even).",
+    )
+
+
+class KernelConfig(BaseConfig):
+    """Linear (kernel) attention options; used when attention_type is `kernel`."""
+
+    feature_map: Literal["elu", "favor"] = Field(
+        "elu",
+        description="Positive feature map: `elu` (elu+1) or `favor` (FAVOR+ random features).",
+    )
+    n_features: int | None = Field(
+        None, ge=1, description="Number of FAVOR+ random features (default: head_dim)."
+    )
+    chunk_size: int = Field(64, ge=1, description="Chunk length of the causal prefix-sum scan.")
+    seed: int = Field(0, ge=0, description="Seed of the FAVOR+ random projection.")
+
+
+class BlockOverrides(BaseConfig):
+    """Per-stack overrides of the block specification (anything unset inherits from `model`)."""
+
+    attention_type: AttentionType | None = None
+    attention_mode: AttentionMode | None = None
+    n_heads: int | None = Field(None, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    d_ff: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    freeze_up_proj: bool | None = None
+
+
+class StackConfig(BlockOverrides):
+    """One stack of an explicitly listed (possibly mixed) rack."""
+
+    n_blocks: int = Field(..., ge=1, le=1024, description="Number of blocks in this stack.")
+    freeze_blocks: bool = Field(
+        False, description="Declared frozen: never trained (keeps its seeded initialisation)."
+    )
+    budget_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Share of the depth-wise training budget for this stack's stage(s) "
+        "(stacks without one share what is left equally).",
+    )
+    lr: float | None = Field(None, gt=0.0, description="Learning rate for this stack's stage(s).")
+
+
+class ModelConfig(BaseConfig):
+    """Architecture of the Rack: dimensions, attention, and how blocks group into stacks."""
+
+    vocab_size: int | None = Field(
+        None, ge=2, description="Vocabulary size (null: taken from the tokenizer)."
+    )
+    d_model: int = Field(512, ge=8, description="Width of the residual stream.")
+    n_heads: int = Field(8, ge=1, description="Number of query heads.")
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="Number of key/value heads for gqa (null: same as n_heads)."
+    )
+    d_ff: int | None = Field(
+        None, ge=1, description="Hidden width of the SwiGLU FFN (null: derived from d_model)."
+    )
+    attention_type: AttentionType = Field("mha", description="Attention: mha, gqa, mla or kernel.")
+    attention_mode: AttentionMode = Field(
+        "causal", description="`causal` (left-to-right) or `bidirectional` attention."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+    use_rope: bool = Field(True, description="Rotary position embeddings on queries and keys.")
+    rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-5, gt=0.0, description="RMSNorm epsilon.")
+    tie_embeddings: bool = Field(True, description="Share the token embedding and LM head weights.")
+    freeze_up_proj: bool = Field(
+        False, description="Keep every FFN up projection at its seeded random initialisation."
+    )
+    init_std: float = Field(0.02, gt=0.0, description="Standard deviation of weight init.")
+    mla: MLAConfig = Field(default_factory=MLAConfig)
+    kernel: KernelConfig = Field(default_factory=KernelConfig)
+    architecture: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
+    stacks: list[StackConfig] | None = Field(
+        None,
+        min_length=1,
+        description="Explicit stacks (overrides `architecture`): per stack its block count, "
+        "block overrides, freeze_blocks and depth-wise training overrides.",
+    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def resolved_stacks(self) -> list[StackConfig]:
+        """The stacks of the rack, whether listed explicitly or given by `architecture`."""
+        if self.stacks is not None:
+            return list(self.stacks)
+        return [
+            StackConfig(n_blocks=self.architecture.blocks_per_stack)
+            for _ in range(self.architecture.n_stacks)
+        ]
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(s.n_blocks for s in self.resolved_stacks())
+
+    @model_validator(mode="after")
+    def _check_dimensions(self) -> ModelConfig:
+        for index, stack in enumerate(self.resolved_stacks()):
+            where = f"stacks.{index}." if self.stacks is not None else ""
+            n_heads = stack.n_heads or self.n_heads
+            n_kv_heads = stack.n_kv_heads or self.n_kv_heads or n_heads
+            heads_field = f"{where}n_heads" if stack.n_heads else "n_heads"
+            if self.d_model % n_heads:
+                raise ValueError(
+                    f"{heads_field}: d_model ({self.d_model}) must be divisible by "
+                    f"n_heads ({n_heads})"
+                )
+            if n_heads % n_kv_heads:
+                kv_field = f"{where}n_kv_heads" if stack.n_kv_heads else "n_kv_heads"
+                raise ValueError(
+                    f"{kv_field}: n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})"
+                )
+            head_dim = self.d_model // n_heads
+            attention = stack.attention_type or self.attention_type
+            if self.use_rope and attention in ("mha", "gqa", "kernel") and head_dim % 2:
+                raise ValueError(
+                    f"{heads_field}: RoPE needs an even head dimension, "
+                    f"d_model/n_heads = {head_dim}"
+                )
+            if attention == "mla":
+                rope_dim = self.mla.rope_head_dim
+                if rope_dim is not None and rope_dim % 2:
+                    raise ValueError(f"mla.rope_head_dim: must be even, got {rope_dim}")
+                if self.mla.kv_lora_rank is not None and self.mla.kv_lora_rank > self.d_model:
+                    raise ValueError(
+                        f"mla.kv_lora_rank: must be at most d_model ({self.d_model}), "
+                        f"got {self.mla.kv_lora_rank}"
+                    )
+                if self.mla.q_lora_rank is not None and self.mla.q_lora_rank > self.d_model:
+                    raise ValueError(
+                        f"mla.q_lora_rank: must be at most d_model ({self.d_model}), "
+                        f"got {self.mla.q_lora_rank}"
+                    )
+        if self.stacks is not None:
+            shares = [s.budget_fraction for s in self.stacks if s.budget_fraction is not None]
+            if sum(shares) > 1.0 + 1e-9:
+                raise ValueError(
+                    f"stacks: budget_fraction values add up to {sum(shares):g}, more than 1"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+
+
+class OptimizerConfig(BaseConfig):
+    """AdamW settings (fused on CUDA)."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay (matrices only).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Max gradient norm (null: off).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class ScheduleConfig(BaseConfig):
+    """Learning-rate schedule of each training stage: linear warmup, then decay."""
+
+    name: Literal["cosine", "linear", "constant"] = Field("cosine")
+    warmup_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Fraction of each stage's steps spent warming up."
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="Final learning rate as a fraction of the peak."
+    )
+
+
+class BudgetConfig(BaseConfig):
+    """Total training budget of a run, in optimizer steps or in tokens (exactly one)."""
+
+    steps: int | None = Field(None, gt=0, description="Total optimizer steps over all stages.")
+    tokens: int | None = Field(None, gt=0, description="Total training tokens over all stages.")
+    split: Literal["equal", "by_params"] = Field(
+        "equal",
+        description="How the budget splits across depth-wise stages: `equal`, or `by_params` "
+        "(proportional to each piece's trainable parameters).",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetConfig:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of budget.steps or budget.tokens")
+        return self
+
+
+class EvalConfig(BaseConfig):
+    """Held-out evaluation cadence."""
+
+    every_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N global steps (always at each stage end)."
+    )
+    batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
+    diffusion_t_grid: list[float] = Field(
+        [0.15, 0.3, 0.5, 0.7, 0.9],
+        min_length=1,
+        description="Fixed mask ratios at which the diffusion objective is evaluated.",
+    )
+
+    @field_validator("diffusion_t_grid")
+    @classmethod
+    def _t_in_unit_interval(cls, grid: list[float]) -> list[float]:
+        for t in grid:
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"each t must be inside (0, 1), got {t}")
+        return grid
+
+
+class CheckpointConfig(BaseConfig):
+    """When checkpoints are written (always at each stage end when a directory is set)."""
+
+    every_steps: int | None = Field(None, gt=0, description="Checkpoint every N global steps.")
+    keep_last: int = Field(2, ge=1, description="How many step checkpoints to keep.")
+
+
+class CacheConfig(BaseConfig):
+    """Activation cache of the frozen trunk during depth-wise training."""
+
+    enabled: bool = Field(True, description="Cache the frozen prefix's output (exact).")
+    location: Literal["auto", "device", "cpu", "disk"] = Field(
+        "auto", description="Where the cache lives; `auto` picks device, then cpu, then disk."
+    )
+    max_memory_gb: float = Field(
+        4.0, gt=0.0, description="Largest cache kept in device or CPU memory before using disk."
+    )
+    dtype: Precision = Field("fp32", description="Storage precision of cached activations.")
+    directory: str | None = Field(None, description="Folder for the disk cache (default: temp).")
+
+
+class FusionConfig(BaseConfig):
+    """Optional joint fine-tuning of all non-frozen pieces after depth-wise training."""
+
+    enabled: bool = False
+    steps: int | None = Field(None, gt=0)
+    tokens: int | None = Field(None, gt=0)
+    lr: float | None = Field(
+        None, gt=0.0, description="Learning rate (default: optimizer.lr / 10)."
+    )
+
+    @model_validator(mode="after")
+    def _budget_when_enabled(self) -> FusionConfig:
+        if self.enabled and (self.steps is None) == (self.tokens is None):
+            raise ValueError("an enabled fusion phase needs exactly one of steps or tokens")
+        return self
+
+
+class TrainingConfig(BaseConfig):
+    """How a Rack is trained."""
+
+    training_architecture: TrainingArchitecture = Field(
+        "rackwise",
+        description="`rackwise` (end to end), `stackwise` (one stage per stack) or `blockwise` "
+        "(one stage per block; `layerwise` is accepted as the same thing).",
+    )
+    objective: Objective = Field(
+        "clm",
+        description="`clm` (next token), `mlm` (BERT masking) or `diffusion` (masked diffusion).",
+    )
+    mlm_probability: float = Field(
+        0.15, gt=0.0, lt=1.0, description="Fraction of tokens selected by the mlm objective."
+    )
+    mask_ratio_min: float = Field(
+        0.15, gt=0.0, lt=1.0, description="Lower end of the diffusion mask ratio t ~ U[min, max]."
+    )
+    mask_ratio_max: float = Field(
+        0.9, gt=0.0, lt=1.0, description="Upper end of the diffusion mask ratio t ~ U[min, max]."
+    )
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(steps=200))
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    seq_len: int = Field(128, ge=2, description="Tokens per training sequence.")
+    precision: Precision = Field(
+        "fp32", description="Autocast precision on accelerators (CPU always trains in fp32)."
+    )
+    frozen_precision: Precision = Field(
+        "fp32", description="Precision in which frozen pieces are held during depth-wise training."
+    )
+    offload_frozen: bool = Field(
+        True, description="Move frozen pieces off the accelerator once their output is cached."
+    )
+    compile: bool = Field(False, description="Wrap the trainable piece in torch.compile.")
+    device: str = Field("auto", description="`auto` (cuda, then mps, then cpu), or a torch device.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, data order and masking.")
+    log_every_steps: int = Field(10, ge=1, description="Metric logging cadence in steps.")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+
+    @field_validator("training_architecture", mode="before")
+    @classmethod
+    def _layerwise_is_blockwise(cls, value: Any) -> Any:
+        return "blockwise" if value == "layerwise" else value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if kind not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _mask_range(self) -> TrainingConfig:
+        if self.mask_ratio_min >= self.mask_ratio_max:
+            raise ValueError(
+                f"mask_ratio_min ({self.mask_ratio_min}) must be less than "
+                f"mask_ratio_max ({self.mask_ratio_max})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# data and tracking
+# --------------------------------------------------------------------------------------------
+
+
+class DataConfig(BaseConfig):
+    """Where training text comes from and how it is tokenized."""
+
+    source: Literal["builtin", "files"] = Field(
+        "builtin",
+        description="`builtin` (English text shipped with Python: pydoc_data.topics) or `files`.",
+    )
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Text (.txt/.md…), JSONL or Parquet files or globs, for source `files`.",
+    )
+    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
+        "auto", description="File format (auto: from the extension)."
+    )
+    text_column: str = Field("text", description="Text column of JSONL/Parquet files.")
+    tokenizer: Literal["byte", "bpe"] = Field(
+        "byte", description="`byte` (no training needed) or `bpe` (trained locally on the corpus)."
+    )
+    bpe_vocab_size: int = Field(4096, ge=300, description="Vocabulary size of a trained BPE.")
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Held-out fraction for validation (deterministic)."
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Use at most this many corpus tokens (null: all)."
+    )
+
+    @model_validator(mode="after")
+    def _paths_for_files(self) -> DataConfig:
+        if self.source == "files" and not self.paths:
+            raise ValueError("paths: source `files` needs at least one path or glob")
+        return self
+
+
+class TrackingConfig(BaseConfig):
+    """Where and how runs are recorded in MLflow."""
+
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store "
+        "in ./mlruns).",
+    )
+    experiment_name: str | None = Field(
+        None, description="MLflow experiment (default: the experiment file's name)."
+    )
+    log_model: bool = Field(True, description="Log the trained Rack as an MLflow model.")
+    system_metrics: bool = Field(False, description="Record CPU/GPU/memory system metrics.")
+
+
+# --------------------------------------------------------------------------------------------
+# the whole run
+# --------------------------------------------------------------------------------------------
+
+
+class StackWiseConfig(BaseConfig):
+    """Everything needed to build, train and track one run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _objective_fits_attention(self) -> StackWiseConfig:
+        if self.training.objective == "clm":
+            for index, stack in enumerate(self.model.resolved_stacks()):
+                mode = stack.attention_mode or self.model.attention_mode
+                if mode != "causal":
+                    field = (
+                        f"model.stacks.{index}.attention_mode"
+                        if self.model.stacks is not None and stack.attention_mode
+                        else "model.attention_mode"
+                    )
+                    raise ValueError(
+                        f"{field}: objective `clm` needs causal attention in every stack "
+                        f"(a bidirectional block would see the token it predicts); use "
+                        f"attention_mode: causal or objective mlm/diffusion"
+                    )
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StackWiseConfig:
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> StackWiseConfig:
+        """Load and validate a config file (safe YAML; unknown keys are errors)."""
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        return cls.model_validate(data)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text; also written to `path` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def config_hash(self) -> str:
+        """Identity of the run: sha256 of the canonical JSON of everything that affects training.
+
+        The tracking section is left out: where a run is recorded does not change what it is.
+        """
+        payload = self.to_dict()
+        payload.pop("tracking", None)
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

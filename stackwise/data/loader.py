@@ -1,0 +1,75 @@
+"""Batches of packed sequences with a deterministic, resumable order.
+
+`SequenceLoader` yields LongTensor batches ``[B, T]`` for one epoch per iteration. With
+``shuffle=True`` the order of epoch ``e`` is a permutation drawn from ``seed + e``, so the data
+position is fully described by ``(epoch, index)`` — the epoch number and the number of batches
+already taken from it — and `iter_epoch(epoch, start)` restarts exactly there. Iterating the
+loader itself continues from its current position and advances it (the trainer keeps its own
+position and calls `iter_epoch`, which is how a resumed run sees the same batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class SequenceLoader:
+    """Deterministic batches over a fixed tensor of sequences."""
+
+    def __init__(
+        self,
+        sequences: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        if sequences.dim() != 2:
+            raise ValueError(f"sequences must be [N, T], got shape {tuple(sequences.shape)}")
+        self.sequences = sequences
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        # A corpus smaller than one batch still yields its (short) batch rather than nothing.
+        self.drop_last = drop_last and len(sequences) >= batch_size
+        self.epoch = 0
+        self.index = 0
+
+    def __len__(self) -> int:
+        n = len(self.sequences)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequences.numel())
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Sample indices of `epoch` in visiting order."""
+        n = len(self.sequences)
+        if not self.shuffle:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(n, generator=generator)
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """Batches of `epoch`, beginning with batch number `start`."""
+        order = self.order(epoch)
+        for batch_index in range(start, len(self)):
+            rows = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
+            yield self.sequences[rows]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        epoch, start = self.epoch, self.index
+        for batch in self.iter_epoch(epoch, start):
+            self.index += 1
+            yield batch
+        self.epoch, self.index = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

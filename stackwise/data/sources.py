@@ -1,0 +1,103 @@
+"""Where training text comes from: the built-in corpus, text files, JSONL and Parquet.
+
+Every source yields a list of *documents* (strings) in a deterministic order; the train/validation
+split and packing happen on documents (see `stackwise.data.packing`).
+
+- ``builtin``: the English reference text that ships with CPython in ``pydoc_data.topics``
+  (one document per help topic, topics in sorted order) — about 0.47 MB, no download.
+- ``files``: paths and globs (``**`` allowed), expanded and sorted. Text files are one document
+  each; JSONL (``.jsonl``/``.ndjson``/``.json``) and Parquet (``.parquet``/``.pq``) are read
+  with polars and each non-null value of the text column is one document.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from stackwise.config.base import DataConfig
+
+_JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+_PARQUET_SUFFIXES = {".parquet", ".pq"}
+
+
+def builtin_documents() -> list[str]:
+    """The help topics shipped with Python, one document each, in sorted-key order."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics) if topics[key].strip()]
+
+
+def expand_paths(patterns: list[str]) -> list[Path]:
+    """Expand paths and globs to a sorted, de-duplicated list of files."""
+    files: list[Path] = []
+    for pattern in patterns:
+        expanded = Path(pattern).expanduser()
+        if glob.has_magic(str(expanded)):
+            matches = sorted(Path(p) for p in glob.glob(str(expanded), recursive=True))
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise FileNotFoundError(f"data.paths: no file matches {pattern!r}")
+            files.extend(matches)
+        elif expanded.is_file():
+            files.append(expanded)
+        else:
+            raise FileNotFoundError(f"data.paths: {pattern!r} does not exist or is not a file")
+    seen: set[Path] = set()
+    unique = []
+    for path in files:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def file_format(path: Path, configured: str) -> str:
+    """`text`, `jsonl` or `parquet` for `path` (from the extension when `configured` is auto)."""
+    if configured != "auto":
+        return configured
+    suffix = path.suffix.lower()
+    if suffix in _JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in _PARQUET_SUFFIXES:
+        return "parquet"
+    return "text"
+
+
+def _column_values(frame: object, column: str, path: Path) -> list[str]:
+    import polars as pl
+
+    assert isinstance(frame, pl.DataFrame)
+    if column not in frame.columns:
+        raise ValueError(
+            f"data.text_column: {path} has no column {column!r} (columns: {', '.join(frame.columns)})"
+        )
+    values = frame.get_column(column).drop_nulls().cast(pl.Utf8).to_list()
+    return [v for v in values if v]
+
+
+def read_documents(path: Path, fmt: str, text_column: str = "text") -> list[str]:
+    """The documents of one file."""
+    if fmt == "text":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [text] if text.strip() else []
+    import polars as pl
+
+    if fmt == "jsonl":
+        return _column_values(pl.read_ndjson(path), text_column, path)
+    if fmt == "parquet":
+        return _column_values(pl.read_parquet(path), text_column, path)
+    raise ValueError(f"data.format: unknown format {fmt!r}")
+
+
+def load_documents(data: DataConfig) -> list[str]:
+    """All documents of the configured source, in a deterministic order."""
+    if data.source == "builtin":
+        return builtin_documents()
+    documents: list[str] = []
+    for path in expand_paths(list(data.paths)):
+        documents.extend(read_documents(path, file_format(path, data.format), data.text_column))
+    if not documents:
+        raise ValueError("data.paths: the files contain no text")
+    return documents

@@ -1,0 +1,43 @@
+"""The StackWise model library: Block -> Stack -> Rack and their attention modules.
+
+See `stackwise.model.architecture` for the model and its builders and
+`stackwise.model.attention` for MHA/GQA, MLA and kernel (linear) attention.
+"""
+
+from stackwise.model.architecture import (
+    Block,
+    Rack,
+    Stack,
+    SwiGLU,
+    create_block_spec,
+    create_rack_from_config,
+    create_rack_from_specs,
+    create_simple_rack,
+    create_stack_from_spec,
+    default_d_ff,
+    default_n_heads,
+)
+from stackwise.model.attention import (
+    GroupedQueryAttention,
+    KernelAttention,
+    MultiHeadLatentAttention,
+    RotaryEmbedding,
+)
+
+__all__ = [
+    "Block",
+    "GroupedQueryAttention",
+    "KernelAttention",
+    "MultiHeadLatentAttention",
+    "Rack",
+    "RotaryEmbedding",
+    "Stack",
+    "SwiGLU",
+    "create_block_spec",
+    "create_rack_from_config",
+    "create_rack_from_specs",
+    "create_simple_rack",
+    "create_stack_from_spec",
+    "default_d_ff",
+    "default_n_heads",
+]

@@ -1,0 +1,693 @@
+"""The StackWise model: Block -> Stack -> Rack, and the helpers that build them from specs.
+
+- `Block`: one pre-norm transformer layer, ``h + attn(norm(h))`` then ``h + ffn(norm(h))``, with
+  RMSNorm, one of the attentions in `stackwise.model.attention` and a SwiGLU FFN.
+- `Stack`: an ordered group of Blocks; the unit of stack-wise training; can be frozen.
+- `Rack`: token embedding -> Stacks -> final RMSNorm -> LM head (optionally tied to the
+  embedding). It can also run in slices (`embed`, `forward_blocks`, `readout`) so a trainer can
+  train one piece on cached hidden states.
+
+A *block spec* is a plain dict of `Block` keyword arguments with every default resolved
+(`create_block_spec`); a *stack spec* is ``{stack_id, n_blocks, block_spec, freeze_blocks}``;
+``Rack.spec()`` returns everything `create_rack_from_specs` needs to rebuild the same architecture.
+
+Initialisation (GPT-2 / Llama style, done by the Rack): every linear and embedding weight is
+drawn from N(0, init_std²); the projections that write into the residual stream (attention
+``o_proj`` and FFN ``down_proj``) use ``init_std / sqrt(2 * n_blocks)``; norms start at 1. With a
+``seed``, the draws come from a private ``torch.Generator``, so the weights do not depend on the
+global RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stackwise.config.base import BYTE_VOCAB_SIZE, ModelConfig, StackWiseConfig
+from stackwise.model.attention import (
+    ATTENTION_MODES,
+    GroupedQueryAttention,
+    KernelAttention,
+    MultiHeadLatentAttention,
+)
+
+ATTENTION_TYPES = ("mha", "gqa", "mla", "kernel")
+
+# --------------------------------------------------------------------------------------------
+# Block specs and their defaults
+# --------------------------------------------------------------------------------------------
+
+
+def default_n_heads(d_model: int) -> int:
+    """``max(1, d_model // 64)`` heads (head width 64), lowered until it divides d_model with an
+    even head width (RoPE rotates channel pairs)."""
+    n_heads = max(1, d_model // 64)
+    while n_heads > 1 and (d_model % n_heads or (d_model // n_heads) % 2):
+        n_heads -= 1
+    return n_heads
+
+
+def default_d_ff(d_model: int) -> int:
+    """SwiGLU hidden width: ``8/3 * d_model`` (same parameters as a 4x GELU FFN), rounded up to a
+    multiple of 256 when d_model >= 1024 (Llama: 4096 -> 11008) and of 8 below (512 -> 1368)."""
+    multiple = 256 if d_model >= 1024 else 8
+    return multiple * math.ceil(8 * d_model / 3 / multiple)
+
+
+def default_rope_head_dim(head_dim: int) -> int:
+    """MLA's decoupled RoPE width: half the head width, rounded down to even, at least 2."""
+    return max(2, (head_dim // 2) // 2 * 2)
+
+
+def create_block_spec(
+    d_model: int,
+    d_ff: int | None = None,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    attention_type: str = "mha",
+    attention_mode: str = "bidirectional",
+    dropout: float = 0.0,
+    freeze_up_proj: bool = False,
+    use_rope: bool = True,
+    rope_theta: float = 10000.0,
+    norm_eps: float = 1e-5,
+    kv_lora_rank: int | None = None,
+    q_lora_rank: int | None = None,
+    qk_rope_head_dim: int | None = None,
+    kernel_feature_map: str = "elu",
+    kernel_n_features: int | None = None,
+    kernel_chunk_size: int = 64,
+    kernel_seed: int = 0,
+) -> dict[str, Any]:
+    """A validated block spec: `Block` keyword arguments with every default filled in.
+
+    Defaults: ``n_heads`` from `default_n_heads`, ``d_ff`` from `default_d_ff`.
+    ``n_kv_heads`` defaults to ``n_heads``; ``mha`` and ``gqa`` are one implementation, so
+    ``mha`` with fewer K/V heads is grouped-query attention (the type is a label); ``kernel``
+    shares K/V heads the same way; ``mla`` has no K/V heads (it shares one latent), so it must
+    be None there. For ``mla``: ``kv_lora_rank`` defaults to
+    ``d_model // 4`` and ``qk_rope_head_dim`` to `default_rope_head_dim`. Options of other
+    attention types are kept in the spec but unused.
+    """
+    if attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+    if attention_mode not in ATTENTION_MODES:
+        raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
+    n_heads = default_n_heads(d_model) if n_heads is None else n_heads
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    head_dim = d_model // n_heads
+    if attention_type == "mla":
+        if n_kv_heads is not None:
+            raise ValueError("attention_type 'mla' shares one latent; n_kv_heads does not apply")
+        kv_lora_rank = max(1, d_model // 4) if kv_lora_rank is None else kv_lora_rank
+        if qk_rope_head_dim is None:
+            qk_rope_head_dim = default_rope_head_dim(head_dim)
+    else:
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    if n_kv_heads is not None and n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+    if use_rope and attention_type != "mla" and head_dim % 2:
+        raise ValueError(f"RoPE needs an even head width; d_model/n_heads = {head_dim}")
+    return {
+        "d_model": d_model,
+        "d_ff": default_d_ff(d_model) if d_ff is None else d_ff,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "attention_type": attention_type,
+        "attention_mode": attention_mode,
+        "dropout": dropout,
+        "freeze_up_proj": freeze_up_proj,
+        "use_rope": use_rope,
+        "rope_theta": rope_theta,
+        "norm_eps": norm_eps,
+        "kv_lora_rank": kv_lora_rank,
+        "q_lora_rank": q_lora_rank,
+        "qk_rope_head_dim": qk_rope_head_dim,
+        "kernel_feature_map": kernel_feature_map,
+        "kernel_n_features": kernel_n_features,
+        "kernel_chunk_size": kernel_chunk_size,
+        "kernel_seed": kernel_seed,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Block
+# --------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, no biases.
+
+    With ``freeze_up_proj`` the up projection keeps its (seeded) initial weights: it has
+    ``requires_grad=False``, gets no gradient and so no optimizer update, but it is still a
+    parameter, saved and restored with the state_dict.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, freeze_up_proj: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.freeze_up_proj = freeze_up_proj
+        if freeze_up_proj:
+            self.up_proj.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: attention then SwiGLU FFN, a residual around each.
+
+    ``block(h, attention_mask=None) -> h`` with ``h [B, T, d_model]`` and an optional padding
+    mask ``[B, T]`` (1 = token, 0 = padding). Arguments are those of `create_block_spec`, which
+    documents the defaults. A Block on its own has PyTorch's default initialisation; a `Rack`
+    re-initialises all its blocks (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int | None = None,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
+        attention_type: str = "mha",
+        attention_mode: str = "bidirectional",
+        dropout: float = 0.0,
+        freeze_up_proj: bool = False,
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+        kv_lora_rank: int | None = None,
+        q_lora_rank: int | None = None,
+        qk_rope_head_dim: int | None = None,
+        kernel_feature_map: str = "elu",
+        kernel_n_features: int | None = None,
+        kernel_chunk_size: int = 64,
+        kernel_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        spec = create_block_spec(
+            d_model,
+            d_ff,
+            n_heads,
+            n_kv_heads,
+            attention_type,
+            attention_mode,
+            dropout,
+            freeze_up_proj,
+            use_rope,
+            rope_theta,
+            norm_eps,
+            kv_lora_rank,
+            q_lora_rank,
+            qk_rope_head_dim,
+            kernel_feature_map,
+            kernel_n_features,
+            kernel_chunk_size,
+            kernel_seed,
+        )
+        self._spec = spec
+        self.d_model = d_model
+        self.attention_type: str = spec["attention_type"]
+        self.attention_mode: str = spec["attention_mode"]
+        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn = _build_attention(spec)
+        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn = SwiGLU(d_model, spec["d_ff"], freeze_up_proj)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.dropout(self.attn(self.attn_norm(h), attention_mask))
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+
+    @property
+    def is_causal(self) -> bool:
+        return self.attention_mode == "causal"
+
+    def spec(self) -> dict[str, Any]:
+        """The block spec this block was built from (``Block(**block.spec())`` rebuilds it)."""
+        return dict(self._spec)
+
+    def freeze(self) -> None:
+        """Stop gradients to every parameter of the block."""
+        self.requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        """Make the block trainable again; a frozen up projection stays frozen."""
+        self.requires_grad_(True)
+        if self.ffn.freeze_up_proj:
+            self.ffn.up_proj.weight.requires_grad_(False)
+
+
+def _build_attention(spec: Mapping[str, Any]) -> nn.Module:
+    common = {
+        "d_model": spec["d_model"],
+        "n_heads": spec["n_heads"],
+        "attention_mode": spec["attention_mode"],
+        "use_rope": spec["use_rope"],
+        "rope_theta": spec["rope_theta"],
+    }
+    if spec["attention_type"] in ("mha", "gqa"):
+        return GroupedQueryAttention(
+            n_kv_heads=spec["n_kv_heads"], dropout=spec["dropout"], **common
+        )
+    if spec["attention_type"] == "mla":
+        return MultiHeadLatentAttention(
+            kv_lora_rank=spec["kv_lora_rank"],
+            q_lora_rank=spec["q_lora_rank"],
+            qk_rope_head_dim=spec["qk_rope_head_dim"],
+            dropout=spec["dropout"],
+            norm_eps=spec["norm_eps"],
+            **common,
+        )
+    return KernelAttention(
+        n_kv_heads=spec["n_kv_heads"],
+        feature_map=spec["kernel_feature_map"],
+        n_features=spec["kernel_n_features"],
+        chunk_size=spec["kernel_chunk_size"],
+        seed=spec["kernel_seed"],
+        **common,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Stack
+# --------------------------------------------------------------------------------------------
+
+
+class Stack(nn.Module):
+    """An ordered group of Blocks, run one after another.
+
+    ``freeze_blocks=True`` declares the stack frozen: its parameters start with
+    ``requires_grad=False`` and `spec()` records the declaration. `freeze`/`unfreeze` change the
+    current state; `is_frozen` is True when no parameter of the stack requires a gradient.
+    """
+
+    def __init__(self, blocks: Iterable[Block], stack_id: int, freeze_blocks: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.stack_id = stack_id
+        self.freeze_blocks = freeze_blocks
+        if freeze_blocks:
+            self.freeze()
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h, attention_mask)
+        return h
+
+    def freeze(self) -> None:
+        for block in self._typed_blocks():
+            block.freeze()
+
+    def unfreeze(self) -> None:
+        """Make every block trainable (frozen up projections stay frozen)."""
+        for block in self._typed_blocks():
+            block.unfreeze()
+
+    @property
+    def is_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def _typed_blocks(self) -> list[Block]:
+        return [block for block in self.blocks if isinstance(block, Block)]
+
+    def spec(self) -> dict[str, Any]:
+        """``{stack_id, n_blocks, block_spec, freeze_blocks}``; a stack of differing blocks gives
+        ``block_specs`` (one per block) instead of ``block_spec``."""
+        specs = [block.spec() for block in self._typed_blocks()]
+        spec: dict[str, Any] = {"stack_id": self.stack_id, "n_blocks": len(specs)}
+        if all(s == specs[0] for s in specs):
+            spec["block_spec"] = specs[0]
+        else:
+            spec["block_specs"] = specs
+        spec["freeze_blocks"] = self.freeze_blocks
+        return spec
+
+
+# --------------------------------------------------------------------------------------------
+# Rack
+# --------------------------------------------------------------------------------------------
+
+
+class Rack(nn.Module):
+    """The whole model: token embedding -> stacks -> final RMSNorm -> LM head.
+
+    ``rack(input_ids [B, T], attention_mask=None) -> logits [B, T, vocab_size]``. The same path
+    in slices: ``readout(forward_blocks(embed(ids), 0, n_blocks))``. With ``tie_embeddings`` the
+    LM head's weight *is* the embedding weight (one tensor). Construction (re-)initialises every
+    weight, including those of the given blocks (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        stacks: Iterable[Stack],
+        vocab_size: int,
+        d_model: int,
+        tie_embeddings: bool = True,
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.tie_embeddings = tie_embeddings
+        self.norm_eps = norm_eps
+        self.init_std = init_std
+        self.seed = seed
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.stacks = nn.ModuleList(stacks)
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        for index, block in enumerate(self.blocks):
+            if block.d_model != d_model:
+                raise ValueError(f"block {index} has d_model {block.d_model}, the rack {d_model}")
+        self.reset_parameters(seed)
+
+    # -- structure ------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> list[Block]:
+        """All blocks in depth order (flat across stacks)."""
+        return [block for stack in self._typed_stacks() for block in stack._typed_blocks()]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def is_causal(self) -> bool:
+        """True when every block is causal (the rack can then be trained as a next-token LM)."""
+        return all(block.is_causal for block in self.blocks)
+
+    def _typed_stacks(self) -> list[Stack]:
+        return [stack for stack in self.stacks if isinstance(stack, Stack)]
+
+    # -- forward, whole and in slices -----------------------------------------------------------
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for stack in self.stacks:
+            h = stack(h, attention_mask)
+        return self.readout(h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, T]`` -> hidden states ``[B, T, d_model]`` (positions come from RoPE
+        inside attention, so there is no position embedding)."""
+        return self.token_embedding(input_ids)
+
+    def forward_blocks(
+        self,
+        h: torch.Tensor,
+        start: int,
+        end: int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the flat blocks ``[start, end)`` on hidden states ``h``."""
+        if not 0 <= start <= end <= self.n_blocks:
+            raise ValueError(f"block range [{start}, {end}) is outside [0, {self.n_blocks}]")
+        for block in self.blocks[start:end]:
+            h = block(h, attention_mask)
+        return h
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: hidden states -> logits ``[B, T, vocab_size]``."""
+        return self.lm_head(self.norm(h))
+
+    def readout_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the readout (final norm + LM head). With tied embeddings the LM head
+        weight is the embedding weight and is *not* included: it belongs to the embedding."""
+        params = list(self.norm.parameters())
+        if not self.tie_embeddings:
+            params += list(self.lm_head.parameters())
+        return params
+
+    # -- freezing -------------------------------------------------------------------------------
+
+    def freeze(self) -> None:
+        """Stop gradients to every parameter."""
+        self.requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        """Make everything trainable, except stacks declared ``freeze_blocks`` and frozen up
+        projections (use this rather than ``requires_grad_(True)``, which would undo both)."""
+        self.requires_grad_(True)
+        for stack in self._typed_stacks():
+            if stack.freeze_blocks:
+                stack.freeze()
+            else:
+                stack.unfreeze()
+
+    # -- initialisation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """GPT-2/Llama-style init (module docstring); reproducible when ``seed`` is given."""
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        residual_std = self.init_std / math.sqrt(2 * max(1, self.n_blocks))
+        seen: set[int] = set()
+        for name, module in self.named_modules():
+            if isinstance(module, nn.RMSNorm) and module.weight is not None:
+                module.weight.fill_(1.0)
+            elif isinstance(module, nn.Linear | nn.Embedding):
+                if id(module.weight) in seen:  # the tied LM head: already drawn as the embedding
+                    continue
+                seen.add(id(module.weight))
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                _normal_(module.weight, residual_std if is_residual else self.init_std, generator)
+
+    # -- accounting -----------------------------------------------------------------------------
+
+    def get_parameter_count(self, trainable_only: bool = False) -> int:
+        """Number of parameters; a tensor shared by several modules (tied weights) counts once."""
+        unique = {id(p): p for p in self.parameters()}.values()
+        return sum(p.numel() for p in unique if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, n_ctx: int) -> int:
+        """Forward FLOPs per token at context length ``n_ctx``: ``2 * N_matmul`` (every linear
+        weight, the LM head included; embedding lookups are free) plus each block's attention
+        term (QKᵀ and AV over the full context for softmax attention, no causal discount;
+        T-independent for kernel attention). Training costs about 3x this."""
+        matmul = {
+            id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
+        }
+        attention = sum(block.attn.attention_flops_per_token(n_ctx) for block in self.blocks)  # type: ignore[operator]
+        return 2 * sum(matmul.values()) + attention
+
+    def estimate_mfu(
+        self, tokens_per_iter: int, n_ctx: int, dt: float, peak_flops: float = 312e12
+    ) -> float:
+        """Model FLOPs utilisation of a training iteration (forward + backward ≈ 3x forward)
+        that processed ``tokens_per_iter`` tokens in ``dt`` seconds, relative to ``peak_flops``
+        (default: A100 bf16 dense, 312 TFLOP/s)."""
+        flops = 3 * self.flops_per_token(n_ctx) * tokens_per_iter
+        return flops / dt / peak_flops
+
+    # -- specs ----------------------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-serialisable: ``create_rack_from_specs(**rack.spec())`` rebuilds the same
+        architecture (and, with a seed, the same initial weights)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "stack_specs": [stack.spec() for stack in self._typed_stacks()],
+            "tie_embeddings": self.tie_embeddings,
+            "norm_eps": self.norm_eps,
+            "init_std": self.init_std,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Rack:
+        return create_rack_from_specs(**spec)
+
+
+def _normal_(weight: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    if weight.is_meta:  # a rack built on the meta device (shapes only) has nothing to draw
+        return
+    if generator is None:
+        weight.normal_(0.0, std)
+    else:  # draw on the CPU generator, then copy: same numbers on any device
+        weight.copy_(torch.empty(weight.shape).normal_(0.0, std, generator=generator))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers with the names of the StackWise API
+# --------------------------------------------------------------------------------------------
+
+
+def create_stack_from_spec(
+    stack_id: int,
+    n_blocks: int,
+    block_spec: Mapping[str, Any] | None = None,
+    freeze_blocks: bool = False,
+    block_specs: Sequence[Mapping[str, Any]] | None = None,
+) -> Stack:
+    """A Stack of ``n_blocks`` blocks built from ``block_spec`` (or one spec per block from
+    ``block_specs``)."""
+    if (block_spec is None) == (block_specs is None):
+        raise ValueError("give exactly one of block_spec or block_specs")
+    if block_specs is None:
+        block_specs = [block_spec] * n_blocks  # type: ignore[list-item]
+    if len(block_specs) != n_blocks:
+        raise ValueError(f"n_blocks is {n_blocks} but {len(block_specs)} block_specs were given")
+    return Stack([Block(**spec) for spec in block_specs], stack_id, freeze_blocks)
+
+
+_STACK_SPEC_KEYS = {"stack_id", "n_blocks", "block_spec", "block_specs", "freeze_blocks"}
+
+
+def create_rack_from_specs(
+    vocab_size: int,
+    d_model: int,
+    stack_specs: Sequence[Mapping[str, Any]],
+    tie_embeddings: bool = True,
+    norm_eps: float = 1e-5,
+    init_std: float = 0.02,
+    seed: int | None = None,
+) -> Rack:
+    """A Rack from stack specs ``{stack_id, n_blocks, block_spec, freeze_blocks}``.
+
+    ``stack_id`` defaults to the list position and ``freeze_blocks`` to False; a block spec
+    without ``d_model`` gets the rack's.
+    """
+    stacks = []
+    for index, stack_spec in enumerate(stack_specs):
+        unknown = set(stack_spec) - _STACK_SPEC_KEYS
+        if unknown:
+            raise ValueError(f"stack_specs[{index}]: unknown keys {sorted(unknown)}")
+        specs = stack_spec.get("block_specs") or [stack_spec["block_spec"]]
+        for spec in specs:
+            if spec.get("d_model", d_model) != d_model:
+                raise ValueError(
+                    f"stack_specs[{index}]: block d_model {spec['d_model']} != rack d_model {d_model}"
+                )
+        with_width = [{**spec, "d_model": d_model} for spec in specs]
+        stacks.append(
+            create_stack_from_spec(
+                stack_id=stack_spec.get("stack_id", index),
+                n_blocks=stack_spec["n_blocks"],
+                block_spec=None if "block_specs" in stack_spec else with_width[0],
+                block_specs=with_width if "block_specs" in stack_spec else None,
+                freeze_blocks=stack_spec.get("freeze_blocks", False),
+            )
+        )
+    return Rack(stacks, vocab_size, d_model, tie_embeddings, norm_eps, init_std, seed)
+
+
+def create_simple_rack(
+    n_stacks: int,
+    blocks_per_stack: int,
+    d_model: int,
+    d_ff: int | None = None,
+    n_heads: int | None = None,
+    vocab_size: int = BYTE_VOCAB_SIZE,
+    n_kv_heads: int | None = None,
+    attention_type: str = "mha",
+    attention_mode: str = "bidirectional",
+    tie_embeddings: bool = True,
+    seed: int | None = None,
+    **block_options: Any,
+) -> Rack:
+    """``n_stacks`` stacks of ``blocks_per_stack`` identical blocks. Extra keyword arguments
+    (dropout, freeze_up_proj, use_rope, ...) go to `create_block_spec`; ``vocab_size`` defaults
+    to the byte tokenizer's 260."""
+    block_spec = create_block_spec(
+        d_model=d_model,
+        d_ff=d_ff,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        attention_type=attention_type,
+        attention_mode=attention_mode,
+        **block_options,
+    )
+    stack_specs = [
+        {"stack_id": i, "n_blocks": blocks_per_stack, "block_spec": block_spec}
+        for i in range(n_stacks)
+    ]
+    return create_rack_from_specs(
+        vocab_size,
+        d_model,
+        stack_specs,
+        tie_embeddings=tie_embeddings,
+        norm_eps=block_spec["norm_eps"],
+        seed=seed,
+    )
+
+
+def create_rack_from_config(config: Mapping[str, Any] | Any, seed: int | None = None) -> Rack:
+    """A Rack from ``StackWiseConfig.to_dict()`` (or the config object, or a ``model`` section).
+
+    Every ``model`` field is used: dimensions, attention (with the ``mla`` and ``kernel``
+    options), rope, norm_eps, tie_embeddings, freeze_up_proj, init_std, and the stacks — the
+    explicit ``stacks`` list when given (per stack: n_blocks, freeze_blocks and block overrides
+    of attention_type, attention_mode, n_heads, n_kv_heads, d_ff, dropout, freeze_up_proj),
+    else ``architecture.n_stacks`` x ``architecture.blocks_per_stack``. ``n_kv_heads`` applies to
+    every attention type but mla (which has no K/V heads). ``vocab_size: null`` means the byte tokenizer's 260. The init seed is
+    ``seed`` if given, else ``training.seed`` of a full config (a bare model section: global RNG).
+    A stack's ``budget_fraction`` and ``lr`` are training options, read by the trainer.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if "model" in config:
+        full = StackWiseConfig.from_dict(dict(config))
+        model = full.model
+        seed = full.training.seed if seed is None else seed
+    else:
+        model = ModelConfig.model_validate(dict(config))
+    stack_specs = []
+    for index, stack in enumerate(model.resolved_stacks()):
+        attention_type = stack.attention_type or model.attention_type
+        n_kv_heads = stack.n_kv_heads or model.n_kv_heads
+        block_spec = create_block_spec(
+            d_model=model.d_model,
+            d_ff=stack.d_ff or model.d_ff,
+            n_heads=stack.n_heads or model.n_heads,
+            n_kv_heads=None if attention_type == "mla" else n_kv_heads,
+            attention_type=attention_type,
+            attention_mode=stack.attention_mode or model.attention_mode,
+            dropout=model.dropout if stack.dropout is None else stack.dropout,
+            freeze_up_proj=(
+                model.freeze_up_proj if stack.freeze_up_proj is None else stack.freeze_up_proj
+            ),
+            use_rope=model.use_rope,
+            rope_theta=model.rope_theta,
+            norm_eps=model.norm_eps,
+            kv_lora_rank=model.mla.kv_lora_rank,
+            q_lora_rank=model.mla.q_lora_rank,
+            qk_rope_head_dim=model.mla.rope_head_dim,
+            kernel_feature_map=model.kernel.feature_map,
+            kernel_n_features=model.kernel.n_features,
+            kernel_chunk_size=model.kernel.chunk_size,
+            kernel_seed=model.kernel.seed,
+        )
+        stack_specs.append(
+            {
+                "stack_id": index,
+                "n_blocks": stack.n_blocks,
+                "block_spec": block_spec,
+                "freeze_blocks": stack.freeze_blocks,
+            }
+        )
+    return create_rack_from_specs(
+        vocab_size=BYTE_VOCAB_SIZE if model.vocab_size is None else model.vocab_size,
+        d_model=model.d_model,
+        stack_specs=stack_specs,
+        tie_embeddings=model.tie_embeddings,
+        norm_eps=model.norm_eps,
+        init_std=model.init_std,
+        seed=seed,
+    )

@@ -1,0 +1,506 @@
+"""Self-attention modules of a StackWise Block: MHA/GQA, MLA and kernel (linear) attention.
+
+Every module maps hidden states ``x [B, T, D]`` to ``[B, T, D]``, takes an optional padding mask
+``attention_mask [B, T]`` (1 = token, 0 = padding), works in ``"causal"`` or ``"bidirectional"``
+mode, and applies rotary position embeddings (RoPE) itself from positions ``0..T-1``, so a Block
+never needs positions from outside.
+
+- `GroupedQueryAttention` (attention_type ``mha`` and ``gqa``): ``n_kv_heads`` key/value heads
+  shared by groups of query heads (``n_kv_heads == n_heads`` is plain multi-head attention),
+  computed by ``F.scaled_dot_product_attention``.
+- `MultiHeadLatentAttention` (``mla``, DeepSeek-V2): K and V are rebuilt from one shared
+  compressed latent; RoPE lives in a separate key part shared by all heads. ``forward_absorbed``
+  is the inference form that attends in latent space with the up-projections folded in.
+- `KernelAttention` (``kernel``): linear attention ``φ(q)ᵀ Σ φ(k) vᵀ / φ(q)ᵀ Σ φ(k)`` with a
+  positive feature map (elu+1 or FAVOR+); cost is linear in T and no T×T matrix is built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionMode = Literal["bidirectional", "causal"]
+ATTENTION_MODES = ("bidirectional", "causal")
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# --------------------------------------------------------------------------------------------
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) of width ``dim`` for positions ``0..T-1``.
+
+    Uses the "rotate half" layout: channel ``i`` pairs with channel ``i + dim/2``. The cos/sin
+    tables are cached per (device, dtype) and grown on demand; they are not part of the
+    state_dict (nor buffers) because they are a pure function of ``dim`` and ``theta``.
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"RoPE needs an even dimension, got {dim}")
+        self.dim = dim
+        self.theta = theta
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(
+        self, seq_len: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables ``[seq_len, dim]`` for positions ``0..seq_len-1``."""
+        key = (device, dtype)
+        cached = self._cache.get(key)
+        if cached is None or cached[0].shape[0] < seq_len:
+            length = max(seq_len, 2 * cached[0].shape[0] if cached is not None else 0)
+            # Angles in float64 on CPU so long positions stay exact, then cast once.
+            inv_freq = 1.0 / (
+                self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim)
+            )
+            angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)
+            cached = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+            self._cache[key] = cached
+        return cached[0][:seq_len], cached[1][:seq_len]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [..., T, dim]`` by its position along the second-to-last axis."""
+        cos, sin = self.cos_sin(x.shape[-2], x.device, x.dtype)
+        return apply_rotary(x, cos, sin)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Masks shared by the softmax attentions
+# --------------------------------------------------------------------------------------------
+
+
+def build_attention_mask(attention_mask: torch.Tensor, causal: bool, seq_len: int) -> torch.Tensor:
+    """Boolean SDPA mask ``[B, 1, T, T]`` (True = may attend) from a padding mask ``[B, T]``.
+
+    Keys that are padding are hidden; in causal mode future keys are hidden too. Every query may
+    always attend to itself: that never lets information flow backwards in time and keeps rows of
+    padding queries (e.g. left padding) from being all-masked, which would make softmax NaN.
+    Real tokens' outputs are unaffected because their own key is never padding.
+    """
+    device = attention_mask.device
+    allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    if causal:
+        allowed = allowed & torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    return allowed | torch.eye(seq_len, dtype=torch.bool, device=device)
+
+
+def _check_mode(attention_mode: str) -> None:
+    if attention_mode not in ATTENTION_MODES:
+        raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# MHA / GQA
+# --------------------------------------------------------------------------------------------
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head attention with ``n_kv_heads`` K/V heads shared by groups of query heads.
+
+    ``n_kv_heads == n_heads`` is standard MHA, ``n_kv_heads == 1`` multi-query attention.
+    Q, K and V come from one fused projection; RoPE rotates every head of Q and K;
+    ``F.scaled_dot_product_attention`` does the rest (``enable_gqa`` shares K/V heads without
+    copying them). Without a padding mask, causal mode uses ``is_causal=True`` so the fused
+    kernels apply; with one, a boolean mask combines causality and key padding.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        attention_mode: AttentionMode = "bidirectional",
+        dropout: float = 0.0,
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        _check_mode(attention_mode)
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.causal = attention_mode == "causal"
+        self.dropout = dropout
+        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if use_rope else None
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q_width = self.n_heads * self.head_dim
+        kv_width = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split((q_width, kv_width, kv_width), dim=-1)
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(seq_len, x.device, x.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = None
+        if attention_mask is not None:
+            mask = build_attention_mask(attention_mask, self.causal, seq_len)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        out = out.transpose(1, 2).reshape(batch, seq_len, q_width)
+        return self.o_proj(out)
+
+    def attention_flops_per_token(self, n_ctx: int) -> int:
+        """Forward FLOPs of QKᵀ and AV per token (full context; no causal halving)."""
+        return 4 * self.n_heads * self.head_dim * n_ctx
+
+
+# --------------------------------------------------------------------------------------------
+# MLA (DeepSeek-V2 multi-head latent attention)
+# --------------------------------------------------------------------------------------------
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434, section 2.1).
+
+    - K/V: ``x -> kv_down -> [latent c (kv_lora_rank) | k_rope (rope_dim)]``; ``c`` is RMS-normed
+      and expanded by ``kv_up`` to per-head ``k_nope`` and ``v``. Only ``c`` and ``k_rope`` would
+      need caching at inference.
+    - Q: ``x -> q_proj`` or, with ``q_lora_rank``, ``x -> q_down -> RMSNorm -> q_up``; per head
+      ``[q_nope (head_dim) | q_rope (rope_dim)]``.
+    - RoPE rotates only ``q_rope`` and the single ``k_rope`` shared by every head (the
+      "decoupled" key), so the up-projections can be absorbed (see `forward_absorbed`).
+    - scores use scale ``1/sqrt(head_dim + rope_dim)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        kv_lora_rank: int,
+        q_lora_rank: int | None = None,
+        qk_rope_head_dim: int = 8,
+        attention_mode: AttentionMode = "bidirectional",
+        dropout: float = 0.0,
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        _check_mode(attention_mode)
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even, got {qk_rope_head_dim}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads  # width of q_nope, k_nope and v per head
+        self.rope_dim = qk_rope_head_dim
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.causal = attention_mode == "causal"
+        self.dropout = dropout
+        self.scale = 1.0 / math.sqrt(self.head_dim + self.rope_dim)
+        q_width = n_heads * (self.head_dim + self.rope_dim)
+        self.q_down: nn.Linear | None = None
+        self.q_norm: nn.RMSNorm | None = None
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(d_model, q_width, bias=False)
+        else:
+            self.q_down = nn.Linear(d_model, q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(q_lora_rank, eps=norm_eps)
+            self.q_proj = nn.Linear(q_lora_rank, q_width, bias=False)  # the "q_up" projection
+        self.kv_down = nn.Linear(d_model, kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=norm_eps)
+        self.kv_up = nn.Linear(kv_lora_rank, n_heads * 2 * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.rope_dim, rope_theta) if use_rope else None
+
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head ``q_nope [B,H,T,head_dim]`` and rotated ``q_rope [B,H,T,rope_dim]``."""
+        batch, seq_len, _ = x.shape
+        if self.q_down is not None and self.q_norm is not None:
+            x = self.q_norm(self.q_down(x))
+        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim + self.rope_dim)
+        q_nope, q_rope = q.transpose(1, 2).split((self.head_dim, self.rope_dim), dim=-1)
+        if self.rotary is not None:
+            q_rope = self.rotary(q_rope)
+        return q_nope, q_rope
+
+    def _latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normed shared latent ``c [B,T,r]`` and rotated shared key ``k_rope [B,1,T,rope_dim]``."""
+        latent, k_rope = self.kv_down(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
+        k_rope = k_rope.unsqueeze(1)
+        if self.rotary is not None:
+            k_rope = self.rotary(k_rope)
+        return self.kv_norm(latent), k_rope
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        mask = None
+        if attention_mask is not None:
+            mask = build_attention_mask(attention_mask, self.causal, q.shape[-2])
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and mask is None,
+            scale=self.scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training form: rebuild per-head K and V from the latent, then standard attention."""
+        batch, seq_len, _ = x.shape
+        q_nope, q_rope = self._queries(x)
+        latent, k_rope = self._latent(x)
+        kv = self.kv_up(latent).view(batch, seq_len, self.n_heads, 2 * self.head_dim)
+        k_nope, v = kv.transpose(1, 2).split((self.head_dim, self.head_dim), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.n_heads, -1, -1)), dim=-1)
+        out = self._attend(q, k, v, attention_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def forward_absorbed(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Inference form, equal to `forward`: attention runs in the latent space.
+
+        ``q_nopeᵀ k_nope = q_nopeᵀ W_uk c = (W_ukᵀ q_nope)ᵀ c`` and ``Σ p v = W_uv Σ p c``: the
+        key up-projection is folded into the query and the value up-projection is applied after
+        attention. Every head then attends to the same single K/V "head" ``[c | k_rope]``, which
+        is what makes MLA's KV cache small.
+        """
+        batch, seq_len, _ = x.shape
+        q_nope, q_rope = self._queries(x)
+        latent, k_rope = self._latent(x)
+        w_kv = self.kv_up.weight.view(self.n_heads, 2 * self.head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split((self.head_dim, self.head_dim), dim=1)  # [H, head_dim, r] each
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+        q = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, T, r + rope_dim]
+        k = torch.cat((latent.unsqueeze(1), k_rope), dim=-1)  # [B, 1, T, r + rope_dim]
+        out_latent = self._attend(q, k, latent.unsqueeze(1), attention_mask)  # [B, H, T, r]
+        out = torch.einsum("bhtr,hdr->bthd", out_latent, w_uv).reshape(batch, seq_len, -1)
+        return self.o_proj(out)
+
+    def attention_flops_per_token(self, n_ctx: int) -> int:
+        """Forward FLOPs of QKᵀ and AV per token in the training form."""
+        return 2 * self.n_heads * (2 * self.head_dim + self.rope_dim) * n_ctx
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel (linear) attention
+# --------------------------------------------------------------------------------------------
+
+
+class KernelAttention(nn.Module):
+    """Linear attention with a positive feature map φ: ``out_t = φ(q_t)ᵀ S_t / φ(q_t)ᵀ z_t``.
+
+    Bidirectional: ``S = Σ_s φ(k_s) v_sᵀ`` and ``z = Σ_s φ(k_s)`` over all real keys.
+    Causal: the sums run over ``s <= t``; they are computed chunk by chunk — an exclusive prefix
+    sum of per-chunk states plus a small ``chunk × chunk`` causal product inside each chunk —
+    so memory and time are linear in T.
+
+    Feature maps: ``"elu"`` is ``elu(x) + 1`` (Katharopoulos et al., 2020); ``"favor"`` is FAVOR+
+    positive orthogonal random features (Choromanski et al., 2021), for which
+    ``φ(q)ᵀφ(k)`` estimates ``exp(qᵀk / sqrt(head_dim))``. The random projection is drawn once
+    from ``seed`` and stored as a buffer, so it is saved with the model and never trained.
+    RoPE rotates q and k before φ. Padded keys (``attention_mask == 0``) get φ(k) = 0, so they
+    contribute nothing; a query with no real key to attend outputs 0. There is no dropout on
+    attention weights here (they are never formed); the Block's residual dropout still applies.
+    """
+
+    eps = 1e-6
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        attention_mode: AttentionMode = "bidirectional",
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        feature_map: Literal["elu", "favor"] = "elu",
+        n_features: int | None = None,
+        chunk_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_mode(attention_mode)
+        if feature_map not in ("elu", "favor"):
+            raise ValueError(f"feature_map must be 'elu' or 'favor', got {feature_map!r}")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.causal = attention_mode == "causal"
+        self.feature_map = feature_map
+        self.chunk_size = chunk_size
+        self.n_features = self.head_dim if n_features is None else n_features
+        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if use_rope else None
+        self.projection: torch.Tensor | None
+        if feature_map == "favor":
+            generator = torch.Generator().manual_seed(seed)
+            self.register_buffer(
+                "projection", _orthogonal_random_features(self.n_features, self.head_dim, generator)
+            )
+        else:
+            self.projection = None
+
+    # -- feature maps ---------------------------------------------------------------------------
+
+    def _phi(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+        if self.projection is None:
+            return F.elu(x) + 1.0
+        # FAVOR+: φ(x) = exp(wᵀx' - |x'|²/2) / sqrt(m) with x' = x / d^(1/4).
+        x = x * self.head_dim**-0.25
+        logits = x @ self.projection.to(x.dtype).T - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        if is_query:
+            # A per-query constant cancels between numerator and denominator; it only keeps
+            # exp() in range. Keys get no data-dependent shift (it would not cancel).
+            logits = logits - logits.amax(dim=-1, keepdim=True).detach()
+        return torch.exp(logits) * self.n_features**-0.5
+
+    def _features(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """φ(q), φ(k) (zero at padded keys) and v, each ``[B, H, T, ·]``."""
+        batch, seq_len, _ = x.shape
+        q_width = self.n_heads * self.head_dim
+        kv_width = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split((q_width, kv_width, kv_width), dim=-1)
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.n_kv_heads != self.n_heads:
+            repeats = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(repeats, dim=1)
+            v = v.repeat_interleave(repeats, dim=1)
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(seq_len, x.device, x.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        phi_q, phi_k = self._phi(q, is_query=True), self._phi(k, is_query=False)
+        if attention_mask is not None:
+            phi_k = phi_k * attention_mask[:, None, :, None].to(phi_k.dtype)
+        return phi_q, phi_k, v
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        phi_q, phi_k, v = self._features(x, attention_mask)
+        if self.causal:
+            out = self._causal_linear_attention(phi_q, phi_k, v)
+        else:
+            state = phi_k.transpose(-1, -2) @ v  # [B, H, F, head_dim]
+            normaliser = phi_k.sum(dim=-2)  # [B, H, F]
+            numerator = phi_q @ state
+            denominator = (phi_q @ normaliser.unsqueeze(-1)).squeeze(-1)
+            out = numerator / (denominator.unsqueeze(-1) + self.eps)
+        out = out.transpose(1, 2).reshape(batch, seq_len, -1)
+        return self.o_proj(out)
+
+    def _causal_linear_attention(
+        self, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        batch, heads, seq_len, n_feat = phi_q.shape
+        chunk = min(self.chunk_size, seq_len)
+        pad = (-seq_len) % chunk
+        if pad:  # zero keys contribute nothing; padded query rows are cut off below
+            phi_q, phi_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
+        n_chunks = (seq_len + pad) // chunk
+        qc = phi_q.reshape(batch, heads, n_chunks, chunk, n_feat)
+        kc = phi_k.reshape(batch, heads, n_chunks, chunk, n_feat)
+        vc = v.reshape(batch, heads, n_chunks, chunk, v.shape[-1])
+        # State carried into each chunk: sums over all earlier chunks (exclusive prefix sum).
+        chunk_state = kc.transpose(-1, -2) @ vc  # [B, H, N, F, Dv]
+        chunk_norm = kc.sum(dim=-2)  # [B, H, N, F]
+        # Shifting an inclusive cumsum (rather than subtracting the chunk's own term) keeps the
+        # state of chunk n exactly independent of chunk n's tokens.
+        prev_state = _exclusive_cumsum(chunk_state, dim=2)
+        prev_norm = _exclusive_cumsum(chunk_norm, dim=2)
+        # Inside a chunk: the causal chunk × chunk product.
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).tril()
+        local = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B, H, N, C, C]
+        numerator = local @ vc + qc @ prev_state
+        denominator = local.sum(dim=-1) + (qc @ prev_norm.unsqueeze(-1)).squeeze(-1)
+        out = numerator / (denominator.unsqueeze(-1) + self.eps)
+        return out.reshape(batch, heads, n_chunks * chunk, -1)[:, :, :seq_len]
+
+    def reference_forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The same attention written as an explicit T×T product (for tests only)."""
+        batch, seq_len, _ = x.shape
+        phi_q, phi_k, v = self._features(x, attention_mask)
+        weights = phi_q @ phi_k.transpose(-1, -2)  # [B, H, T, T]
+        if self.causal:
+            weights = weights.tril()
+        out = (weights @ v) / (weights.sum(dim=-1, keepdim=True) + self.eps)
+        out = out.transpose(1, 2).reshape(batch, seq_len, -1)
+        return self.o_proj(out)
+
+    def attention_flops_per_token(self, n_ctx: int) -> int:
+        """Forward FLOPs per token of building and reading the φ(k)vᵀ state (independent of T)."""
+        return 2 * 2 * self.n_heads * self.n_features * (self.head_dim + 1)
+
+
+def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out[n] = x[0] + ... + x[n-1]`` along ``dim`` (zero for n = 0)."""
+    inclusive = torch.cumsum(x, dim=dim)
+    zero = torch.zeros_like(inclusive.narrow(dim, 0, 1))
+    return torch.cat((zero, inclusive.narrow(dim, 0, x.shape[dim] - 1)), dim=dim)
+
+
+def _orthogonal_random_features(
+    n_features: int, dim: int, generator: torch.Generator
+) -> torch.Tensor:
+    """FAVOR+ projection ``[n_features, dim]``: blocks of orthogonal rows with chi-distributed norms.
+
+    Orthogonal rows lower the variance of the softmax-kernel estimate; rescaling each row to the
+    norm of a Gaussian vector keeps the estimate unbiased.
+    """
+    blocks = []
+    for _ in range(math.ceil(n_features / dim)):
+        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(gaussian)
+        # Fixing the signs by diag(R) makes Q Haar-distributed; without it, Householder QR
+        # biases the directions and so the kernel estimate.
+        blocks.append((q * torch.sign(torch.diagonal(r))).T)
+    rows = torch.cat(blocks, dim=0)[:n_features]
+    norms = torch.randn(n_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
+    return (rows * norms.unsqueeze(1)).float()

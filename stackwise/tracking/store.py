@@ -1,0 +1,279 @@
+"""Where runs are recorded: the MLflow tracking URI, the local store layout, and safe access.
+
+The default store is ``./mlruns`` in the working directory::
+
+    mlruns/
+      mlflow.db                          SQLite backend (runs, params, metrics, tags)
+      artifacts/<experiment id>/...      artifacts of the experiments StackWise creates
+      checkpoints/<experiment>/<hash>/   training checkpoints of interrupted grid points
+      locks/                             advisory locks shared by concurrent `stackwise run`s
+
+MLflow 3's file store is deprecated, so even the default store is a database. Resolution order:
+the `--tracking-uri` flag, then ``$MLFLOW_TRACKING_URI``, then the YAML ``tracking.uri``, then
+the default above. Nothing is created on disk by resolving; `prepare_store` does that, and only
+the runner calls it, when a run actually starts (so validation never writes to the store).
+
+SQLite allows one writer at a time. MLflow sets a busy timeout, but two processes can still
+collide while the schema is first created, or a write can time out under load, so store creation
+happens under a file lock and every write goes through `retry_locked`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+DEFAULT_STORE_DIR = "mlruns"
+DATABASE_NAME = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+CHECKPOINTS_DIR = "checkpoints"
+LOCKS_DIR = "locks"
+
+T = TypeVar("T")
+
+
+def default_tracking_uri(cwd: str | Path | None = None) -> str:
+    """The SQLite store in ``<cwd>/mlruns/mlflow.db`` (absolute, so the URI works anywhere)."""
+    root = Path(cwd) if cwd is not None else Path.cwd()
+    return f"sqlite:///{(root.resolve() / DEFAULT_STORE_DIR / DATABASE_NAME).as_posix()}"
+
+
+def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
+    """The tracking URI to use: flag > $MLFLOW_TRACKING_URI > YAML `tracking.uri` > ./mlruns.
+
+    An empty string counts as unset (CI often exports ``MLFLOW_TRACKING_URI=""``). A plain local
+    path is made absolute; it names an MLflow file store (deprecated by MLflow, still readable).
+    """
+    for candidate in (cli_uri, os.environ.get("MLFLOW_TRACKING_URI"), config_uri):
+        if candidate and candidate.strip():
+            return _normalise(candidate.strip())
+    return default_tracking_uri()
+
+
+def _normalise(uri: str) -> str:
+    if "://" in uri or uri.startswith("databricks"):
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # sqlite:///relative.db is relative to the working directory: pin it now.
+            relative = uri.removeprefix("sqlite:///")
+            return f"sqlite:///{Path(relative).resolve().as_posix()}"
+        return uri
+    return Path(uri).expanduser().resolve().as_uri()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def file_store_path(uri: str) -> Path | None:
+    """The folder of a ``file://`` store URI, else None."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        return None
+    return Path(unquote(parsed.path))
+
+
+def is_local_store(uri: str) -> bool:
+    return sqlite_path(uri) is not None or file_store_path(uri) is not None
+
+
+def local_root(uri: str) -> Path:
+    """A local folder that belongs to the store: checkpoints and locks live here.
+
+    For a SQLite store the folder of the database, for a file store the store itself; a remote
+    store (an MLflow server, a database server) gets ``./mlruns`` on this machine.
+    """
+    database = sqlite_path(uri)
+    if database is not None:
+        return database.parent
+    folder = file_store_path(uri)
+    if folder is not None:
+        return folder
+    return Path.cwd().resolve() / DEFAULT_STORE_DIR
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where artifacts of experiments created by StackWise go (None: the server decides)."""
+    database = sqlite_path(uri)
+    if database is not None:
+        return (database.parent / ARTIFACTS_DIR).as_uri()
+    return None
+
+
+def experiment_artifact_location(uri: str, experiment_name: str) -> str | None:
+    """The artifact location of a new experiment, or None to let MLflow choose."""
+    root = artifact_root(uri)
+    if root is None:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment_name)
+    return f"{root}/{safe}"
+
+
+def checkpoint_dir(uri: str, experiment_name: str, config_hash: str) -> Path:
+    """Checkpoint folder of one grid point (by its config hash) of one experiment."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment_name)
+    return local_root(uri) / CHECKPOINTS_DIR / safe / config_hash
+
+
+def lock_path(uri: str, name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return local_root(uri) / LOCKS_DIR / f"{safe}.lock"
+
+
+def prepare_store(uri: str) -> None:
+    """Create the local folders a store needs (called when a run starts, never on validation)."""
+    database = sqlite_path(uri)
+    if database is not None:
+        (database.parent / ARTIFACTS_DIR).mkdir(parents=True, exist_ok=True)
+    folder = file_store_path(uri)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+class FileLock:
+    """An advisory lock on a file (``flock``); released by the OS if the process dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(handle)
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            os.close(self._handle)
+            self._handle = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds the lock at `path` (without keeping it)."""
+    if not path.exists():
+        return False
+    probe = FileLock(path)
+    if probe.acquire(blocking=False):
+        probe.release()
+        return False
+    return True
+
+
+def _is_lock_error(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "database is locked" in text or "database table is locked" in text or "busy" in text
+
+
+def retry_locked(
+    action: Callable[[], T], attempts: int = 8, base_delay: float = 0.2, what: str = ""
+) -> T:
+    """Run `action`, retrying with jittered backoff while SQLite reports a lock.
+
+    Any other error is raised at once; so is a lock error after `attempts` tries (about 25 s of
+    waiting on top of MLflow's own busy timeout).
+    """
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as error:
+            if not _is_lock_error(error) or attempt == attempts - 1:
+                raise
+            time.sleep(base_delay * (2**attempt) * (0.5 + random.random()))
+    raise RuntimeError(f"unreachable: {what}")  # pragma: no cover
+
+
+def open_client(uri: str) -> MlflowClient:
+    """An MlflowClient on `uri`, with the store's tables created under a lock.
+
+    Two processes opening a fresh SQLite store at once would both try to create the schema;
+    the lock makes the second one find it in place.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if sqlite_path(uri) is not None:
+        prepare_store(uri)
+        with FileLock(lock_path(uri, "store-init")):
+            # Touching the store builds it (and its tables) now, while we hold the lock.
+            retry_locked(lambda: client.search_experiments(max_results=1), what="open store")
+    return client
+
+
+def get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    """The id of experiment `name`, created (with its artifact location) if it does not exist.
+
+    Creation races with other processes are settled by a file lock for local stores and by
+    re-reading after a failed create for remote ones.
+    """
+    existing = retry_locked(lambda: client.get_experiment_by_name(name))
+    if existing is not None:
+        if existing.lifecycle_stage == "deleted":
+            retry_locked(lambda: client.restore_experiment(existing.experiment_id))
+        return str(existing.experiment_id)
+    lock: contextlib.AbstractContextManager[object] = (
+        FileLock(lock_path(uri, "experiments")) if is_local_store(uri) else contextlib.nullcontext()
+    )
+    with lock:
+        existing = retry_locked(lambda: client.get_experiment_by_name(name))
+        if existing is not None:
+            return str(existing.experiment_id)
+        try:
+            return str(
+                retry_locked(
+                    lambda: client.create_experiment(
+                        name, artifact_location=experiment_artifact_location(uri, name)
+                    )
+                )
+            )
+        except Exception:
+            again = retry_locked(lambda: client.get_experiment_by_name(name))
+            if again is None:
+                raise
+            return str(again.experiment_id)
+
+
+@contextlib.contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (used by model logging) at `uri` for the duration."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            mlflow.set_tracking_uri(previous)

@@ -1,0 +1,169 @@
+"""Checkpoints of a training run: written atomically, read without unpickling.
+
+A checkpoint is a folder ``<checkpoint_dir>/ckpt-<global step>-<stage>`` holding
+
+- ``model.safetensors``: the rack's weights (tensors shared by several names, such as a tied
+  LM head, are stored once; the aliases are in the file's metadata),
+- ``optimizer.pt``: the optimizer and LR-scheduler state dicts (plain tensors and numbers),
+- ``rng.pt``: the global torch RNG states and the trainer's corruption generator,
+- ``state.json``: where the run stands (stage, step, data position, results so far),
+- ``metadata.json``: caller-supplied strings (``checkpoint_metadata``), e.g. a tracking run id.
+
+It is written into a temporary folder and renamed into place, and only then is the ``latest``
+pointer file replaced (also by rename), so a kill at any moment leaves the previous checkpoint
+intact. ``.pt`` files are read with ``torch.load(weights_only=True)``: nothing is unpickled
+beyond tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+PREFIX = "ckpt-"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back from disk."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any] | None
+    rng: dict[str, Any]
+    state: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory once; return the kept tensors and alias -> name."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = tensor.detach().to("cpu").contiguous()
+    return kept, aliases
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _replace_file(path: Path, text: str) -> None:
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def save_checkpoint(
+    checkpoint_dir: str | Path,
+    *,
+    name: str,
+    weights: dict[str, torch.Tensor],
+    optimizer: dict[str, Any] | None,
+    scheduler: dict[str, Any] | None,
+    rng: dict[str, Any],
+    state: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write a checkpoint atomically and point ``latest`` at it; prune old ones."""
+    root = Path(checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-ckpt-"))
+    try:
+        kept, aliases = _dedupe(weights)
+        save_file(kept, str(temp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
+        torch.save({"optimizer": optimizer, "scheduler": scheduler}, temp / "optimizer.pt")
+        torch.save(rng, temp / "rng.pt")
+        _write_json(temp / "state.json", state)
+        _write_json(temp / "metadata.json", dict(metadata or {}))
+        final = root / f"{PREFIX}{name}"
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(dir=root, prefix=".old-"))
+            os.replace(final, trash / final.name)
+            os.replace(temp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(temp, final)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    _replace_file(root / LATEST, final.name)
+    _prune(root, keep_last, keep=final.name)
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    checkpoints = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    old = [p for p in checkpoints if p.name != keep][: max(0, len(checkpoints) - keep_last)]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `checkpoint_dir`, or None."""
+    root = Path(checkpoint_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text(encoding="utf-8").strip()
+        if (path / "state.json").is_file():
+            return path
+    if not root.is_dir():
+        return None
+    complete = sorted(
+        p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()
+    )
+    return complete[-1] if complete else None
+
+
+def read_checkpoint_metadata(checkpoint_dir: str | Path) -> dict[str, str] | None:
+    """The ``checkpoint_metadata`` of the newest checkpoint (None when there is none)."""
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return None
+    data = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def load_checkpoint(checkpoint_dir: str | Path) -> Checkpoint | None:
+    """Read the newest checkpoint (weights on CPU), or None when there is none."""
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        header = handle.metadata() or {}
+    weights = load_file(str(path / "model.safetensors"))
+    for alias, name in json.loads(header.get("aliases", "{}")).items():
+        weights[alias] = weights[name]
+    optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
+    return Checkpoint(
+        path=path,
+        weights=weights,
+        optimizer=optim["optimizer"],
+        scheduler=optim["scheduler"],
+        rng=rng,
+        state=json.loads((path / "state.json").read_text(encoding="utf-8")),
+        metadata=json.loads((path / "metadata.json").read_text(encoding="utf-8")),
+    )

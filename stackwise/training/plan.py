@@ -1,0 +1,358 @@
+"""Stage planning: which pieces of a Rack are trained in which order, for how long, at what lr.
+
+- ``rackwise``: one stage, the whole rack (every stack not declared frozen) end to end.
+- ``stackwise``: one stage per stack, left to right.
+- ``blockwise`` (``layerwise``): one stage per block, left to right.
+- Stacks declared frozen (``freeze_blocks``) get no stage; they stay at their initialisation and
+  are part of the frozen trunk of the stages after them.
+- The total budget (``training.budget``: steps, or tokens converted at ``batch_size x
+  grad_accum_steps x seq_len`` tokens per step) is split over the depth-wise stages: a stack
+  with ``budget_fraction`` f gets f of it for its stage(s) (shared by its blocks in blockwise
+  mode); the rest is shared by the other stages equally (``budget.split: equal``) or in
+  proportion to their trainable parameters (``by_params``). Every stage gets at least one step.
+- A stack's ``lr`` overrides ``optimizer.lr`` for its stage(s).
+- An enabled fusion phase (depth-wise modes only) adds a final stage that trains every piece not
+  declared frozen jointly, for ``fusion.steps`` (or ``fusion.tokens``) at ``fusion.lr``
+  (default ``optimizer.lr / 10``).
+
+`estimate_run` uses the same planning on a rack built on the meta device (no memory, no
+training) to predict parameters, steps, tokens, FLOPs and a rough peak memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from stackwise.config.base import BYTE_VOCAB_SIZE, StackConfig, StackWiseConfig
+from stackwise.training.callbacks import StageInfo
+from stackwise.training.device import resolve_device
+from stackwise.training.metrics import blocks_forward_flops, readout_forward_flops
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One planned stage. Blocks ``[start, end)`` are trained; depth-wise stages run ``[0, end)``."""
+
+    index: int
+    name: str
+    kind: str  # "block" | "stack" | "rack" | "fusion"
+    start: int
+    end: int
+    steps: int
+    lr: float
+    trains_embedding: bool
+    trainable_parameters: int
+    depthwise: bool  # True: blocks before `start` are a frozen (cacheable) trunk
+    total_stages: int
+
+    def info(self) -> StageInfo:
+        return StageInfo(
+            index=self.index,
+            name=self.name,
+            kind=self.kind,
+            trainable_blocks=(self.start, self.end),
+            steps=self.steps,
+            trainable_parameters=self.trainable_parameters,
+            total_stages=self.total_stages,
+        )
+
+
+@dataclass
+class StageEstimate:
+    name: str
+    trainable_parameters: int
+    steps: int
+    tokens: int
+    flops: float
+
+
+@dataclass
+class RunEstimate:
+    total_parameters: int
+    stages: list[StageEstimate] = field(default_factory=list)
+    flops: float = 0.0
+    peak_memory_bytes: int = 0
+    device: str = "cpu"
+
+
+def tokens_per_step(config: StackWiseConfig) -> int:
+    t = config.training
+    return t.batch_size * t.grad_accum_steps * t.seq_len
+
+
+def _steps_for(steps: int | None, tokens: int | None, per_step: int) -> int:
+    if steps is not None:
+        return steps
+    assert tokens is not None
+    return max(1, round(tokens / per_step))
+
+
+def _unique_params(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    unique: dict[int, nn.Parameter] = {}
+    for param in params:
+        unique.setdefault(id(param), param)
+    return list(unique.values())
+
+
+def _stack_structure(rack: nn.Module) -> list[tuple[int, int, bool]]:
+    """(first block, block count, declared frozen) per stack."""
+    structure = []
+    start = 0
+    for stack in rack.stacks:  # type: ignore[union-attr]
+        n = len(stack.blocks)
+        structure.append((start, n, bool(getattr(stack, "freeze_blocks", False))))
+        start += n
+    return structure
+
+
+def trainable_parameters(
+    rack: nn.Module, start: int, end: int, trains_embedding: bool, eligible: set[int] | None
+) -> list[nn.Parameter]:
+    """Parameters a stage trains: blocks [start, end) + readout (+ the embedding in stage 0).
+
+    `eligible` holds the ids of parameters that may be trained at all (not declared frozen, not
+    kept frozen by the model itself such as frozen up projections); None means all.
+    """
+    params: list[nn.Parameter] = []
+    if trains_embedding:
+        params.append(rack.token_embedding.weight)  # type: ignore[union-attr, arg-type]
+    for block in rack.blocks[start:end]:  # type: ignore[index]
+        params.extend(block.parameters())
+    params.extend(rack.readout_parameters())  # type: ignore[operator]
+    params = _unique_params(params)
+    if eligible is not None:
+        params = [p for p in params if id(p) in eligible]
+    return params
+
+
+def eligible_parameters(rack: nn.Module) -> set[int]:
+    """Ids of parameters that may ever be trained (see `trainable_parameters`)."""
+    frozen: set[int] = set()
+    for stack in rack.stacks:  # type: ignore[union-attr]
+        if getattr(stack, "freeze_blocks", False):
+            frozen.update(id(p) for p in stack.parameters())
+    return {id(p) for p in rack.parameters() if p.requires_grad and id(p) not in frozen}
+
+
+def _allocate(weights: list[float], total: int) -> list[int]:
+    """Integer steps proportional to `weights` summing to `total` (largest remainder), min 1."""
+    norm = sum(weights)
+    if norm <= 0:
+        weights, norm = [1.0] * len(weights), float(len(weights))
+    raw = [total * w / norm for w in weights]
+    steps = [math.floor(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - steps[i], reverse=True)[
+        : total - sum(steps)
+    ]:
+        steps[i] += 1
+    return [max(1, s) for s in steps]
+
+
+def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
+    """The stages of a run of `rack` under `config` (see the module docstring)."""
+    training = config.training
+    per_step = tokens_per_step(config)
+    total_steps = _steps_for(training.budget.steps, training.budget.tokens, per_step)
+    base_lr = training.optimizer.lr
+    structure = _stack_structure(rack)
+    n_blocks = sum(n for _, n, _ in structure)
+    eligible = eligible_parameters(rack)
+    # Per-stack training options apply when the config lists the rack's stacks explicitly.
+    stack_options: list[StackConfig | None] = [None] * len(structure)
+    if config.model.stacks is not None and len(config.model.stacks) == len(structure):
+        stack_options = list(config.model.stacks)
+
+    def count(start: int, end: int, embedding: bool) -> int:
+        return sum(p.numel() for p in trainable_parameters(rack, start, end, embedding, eligible))
+
+    raw: list[dict[str, object]] = []
+    mode = training.training_architecture
+    if mode == "rackwise":
+        raw.append({"name": "rack", "kind": "rack", "start": 0, "end": n_blocks, "stack": None})
+    else:
+        for stack_index, (first, n, frozen) in enumerate(structure):
+            if frozen:
+                continue
+            if mode == "stackwise":
+                raw.append(
+                    {
+                        "name": f"stack_{stack_index}",
+                        "kind": "stack",
+                        "start": first,
+                        "end": first + n,
+                        "stack": stack_index,
+                    }
+                )
+            else:
+                for block in range(first, first + n):
+                    raw.append(
+                        {
+                            "name": f"block_{block}",
+                            "kind": "block",
+                            "start": block,
+                            "end": block + 1,
+                            "stack": stack_index,
+                        }
+                    )
+    if not raw:
+        raise ValueError(
+            "model.stacks: every stack is declared frozen (freeze_blocks), nothing to train"
+        )
+
+    # Budget split.
+    params = [count(int(r["start"]), int(r["end"]), False) for r in raw]  # type: ignore[call-overload]
+    shares: list[float | None] = [None] * len(raw)
+    for i, r in enumerate(raw):
+        option = stack_options[r["stack"]] if r["stack"] is not None else None  # type: ignore[index]
+        if option is not None and option.budget_fraction is not None:
+            siblings = [j for j, other in enumerate(raw) if other["stack"] == r["stack"]]
+            if training.budget.split == "by_params":
+                sibling_params = sum(params[j] for j in siblings)
+                shares[i] = option.budget_fraction * params[i] / max(1, sibling_params)
+            else:
+                shares[i] = option.budget_fraction / len(siblings)
+    fixed = sum(s for s in shares if s is not None)
+    free = [i for i, s in enumerate(shares) if s is None]
+    left = max(0.0, 1.0 - fixed)
+    free_weight = sum(params[i] for i in free) if training.budget.split == "by_params" else len(free)
+    for i in free:
+        weight = params[i] if training.budget.split == "by_params" else 1
+        shares[i] = left * weight / max(1, free_weight)
+    stage_steps = _allocate([float(s or 0.0) for s in shares], total_steps)
+
+    depthwise = mode != "rackwise"
+    fusion = training.fusion
+    total = len(raw) + (1 if fusion.enabled and depthwise else 0)
+    plans = []
+    for i, r in enumerate(raw):
+        start, end = int(r["start"]), int(r["end"])  # type: ignore[call-overload]
+        option = stack_options[r["stack"]] if r["stack"] is not None else None  # type: ignore[index]
+        trains_embedding = start == 0
+        plans.append(
+            StagePlan(
+                index=i,
+                name=str(r["name"]),
+                kind=str(r["kind"]),
+                start=start,
+                end=end,
+                steps=stage_steps[i],
+                lr=option.lr if option is not None and option.lr is not None else base_lr,
+                trains_embedding=trains_embedding,
+                trainable_parameters=count(start, end, trains_embedding)
+                if depthwise
+                else sum(p.numel() for p in _unique_params(list(rack.parameters())) if id(p) in eligible),
+                depthwise=depthwise,
+                total_stages=total,
+            )
+        )
+    if fusion.enabled and depthwise:
+        plans.append(
+            StagePlan(
+                index=len(plans),
+                name="fusion",
+                kind="fusion",
+                start=0,
+                end=n_blocks,
+                steps=_steps_for(fusion.steps, fusion.tokens, per_step),
+                lr=fusion.lr if fusion.lr is not None else base_lr / 10,
+                trains_embedding=True,
+                trainable_parameters=sum(
+                    p.numel() for p in _unique_params(list(rack.parameters())) if id(p) in eligible
+                ),
+                depthwise=False,
+                total_stages=total,
+            )
+        )
+    return plans
+
+
+def pool_micro_batches(plans: list[StagePlan], grad_accum_steps: int) -> int:
+    """Micro-batches in the fixed sample pool shared by the depth-wise stages (0: none)."""
+    steps = [p.steps for p in plans if p.depthwise]
+    return max(steps, default=0) * grad_accum_steps
+
+
+def stage_flops(
+    rack: nn.Module,
+    plan: StagePlan,
+    previous_prefix_end: int,
+    tokens: int,
+    pool_tokens: int,
+    n_ctx: int,
+    cached: bool,
+) -> float:
+    """Training FLOPs executed by a stage (see `stackwise.training.metrics`)."""
+    blocks = list(rack.blocks)  # type: ignore[call-overload]
+    readout = readout_forward_flops(rack)
+    readout_trained = not (plan.depthwise and not plan.trains_embedding and rack.tie_embeddings)
+    piece = blocks_forward_flops(blocks[plan.start : plan.end], n_ctx)
+    flops = (3.0 * piece + (3.0 if readout_trained else 2.0) * readout) * tokens
+    if plan.depthwise:
+        if cached:
+            extension = blocks[previous_prefix_end : plan.start]
+            flops += blocks_forward_flops(extension, n_ctx) * pool_tokens
+        else:
+            flops += blocks_forward_flops(blocks[: plan.start], n_ctx) * tokens
+    return flops
+
+
+def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunEstimate:
+    """Predict a run without training: parameters, stage plan, FLOPs and a rough peak memory."""
+    from stackwise.model.architecture import create_rack_from_config
+
+    data = config.to_dict()
+    if data["model"]["vocab_size"] is None:
+        if vocab_size is None:
+            tokenizer = config.data.tokenizer
+            vocab_size = config.data.bpe_vocab_size if tokenizer == "bpe" else BYTE_VOCAB_SIZE
+        data["model"]["vocab_size"] = vocab_size
+    with torch.device("meta"):
+        rack = create_rack_from_config(data)
+    plans = plan_stages(config, rack)
+    training = config.training
+    per_step = tokens_per_step(config)
+    seq = training.seq_len
+    pool_tokens = pool_micro_batches(plans, training.grad_accum_steps) * training.batch_size * seq
+    cached = training.cache.enabled
+    estimate = RunEstimate(
+        total_parameters=int(rack.get_parameter_count()),
+        device=str(resolve_device(training.device)),
+    )
+    prefix_end = 0
+    d_model = int(rack.d_model)
+    vocab = int(rack.vocab_size)
+    all_params = _unique_params(list(rack.parameters()))
+    param_bytes = 4 * sum(p.numel() for p in all_params)
+    peak = 0
+    for plan in plans:
+        tokens = plan.steps * per_step
+        flops = stage_flops(rack, plan, prefix_end, tokens, pool_tokens, seq, cached)
+        if plan.depthwise and cached:
+            prefix_end = plan.start
+        estimate.stages.append(
+            StageEstimate(plan.name, plan.trainable_parameters, plan.steps, tokens, flops)
+        )
+        estimate.flops += flops
+        # Weights + grads + two AdamW moments of the trainable part, activations of the
+        # trainable blocks (~20 floats of width d_model per token per block, plus the
+        # attention matrix), logits with their gradient.
+        micro_tokens = training.batch_size * seq
+        n_train_blocks = plan.end - plan.start
+        n_heads = config.model.n_heads
+        activations = n_train_blocks * (
+            20 * micro_tokens * d_model * 4 + training.batch_size * n_heads * seq * seq * 4
+        )
+        logits = 3 * micro_tokens * vocab * 4
+        cache = (
+            pool_tokens * d_model * 4 if plan.depthwise and cached and plan.start > 0 else 0
+        )
+        stage_peak = param_bytes + 12 * plan.trainable_parameters + activations + logits
+        if cache <= training.cache.max_memory_gb * 1e9:
+            stage_peak += cache
+        peak = max(peak, stage_peak)
+    estimate.peak_memory_bytes = int(peak)
+    return estimate

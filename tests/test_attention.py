@@ -272,12 +272,30 @@ def test_rope_scores_depend_only_on_relative_position() -> None:
     rope = RotaryEmbedding(8)
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
-    cos, sin = rope.cos_sin(20, torch.device("cpu"), torch.float32)
+    rotation = rope.rotation(20, torch.device("cpu"), torch.float32)
 
     def score(m: int, n: int) -> torch.Tensor:
-        return apply_rotary(q, cos[m], sin[m]) @ apply_rotary(k, cos[n], sin[n])
+        return apply_rotary(q, rotation[m]) @ apply_rotary(k, rotation[n])
 
     torch.testing.assert_close(score(3, 1), score(15, 13), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(score(3, 1), score(3, 2))
-    # position 0 is the identity
-    torch.testing.assert_close(apply_rotary(q, cos[0], sin[0]), q)
+    torch.testing.assert_close(apply_rotary(q, rotation[0]), q)  # position 0: identity
+    # a rotation: norms are kept
+    torch.testing.assert_close(apply_rotary(q, rotation[7]).norm(), q.norm())
+
+
+def test_rope_rotates_channel_pairs_by_position_times_frequency(monkeypatch) -> None:
+    rope = RotaryEmbedding(4, theta=100.0)
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 3)  # positions 0, 1, 2
+    rotated = rope(x)
+    for position in range(3):
+        for pair, frequency in enumerate((1.0, 100.0**-0.5)):
+            angle = torch.tensor(position * frequency)
+            expected = torch.stack((angle.cos(), angle.sin()))
+            torch.testing.assert_close(rotated[position, 2 * pair : 2 * pair + 2], expected)
+    assert rope(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    # the real-valued form used under torch.compile gives the same rotation
+    y = torch.randn(2, 5, 3, 4)
+    eager = RotaryEmbedding(4)(y)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(RotaryEmbedding(4)(y), eager)

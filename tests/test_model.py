@@ -447,3 +447,21 @@ def test_rack_from_config_honours_every_field() -> None:
 def test_rack_from_model_section_only() -> None:
     rack = create_rack_from_config({"d_model": 32, "n_heads": 2, "architecture": {"n_stacks": 1}})
     assert rack.n_blocks == 4 and rack.is_causal
+
+
+def test_rms_norm_matches_torch_and_passes_gradcheck() -> None:
+    from stackwise.model.norm import RMSNorm, _RMSNormFunction
+
+    torch.manual_seed(0)
+    ours, reference = RMSNorm(6, eps=1e-5).double(), torch.nn.RMSNorm(6, eps=1e-5).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        reference.weight.copy_(ours.weight)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(ours(x), reference(x))
+    grads_ours = torch.autograd.grad(ours(x).pow(2).sum(), (x, ours.weight))
+    grads_reference = torch.autograd.grad(reference(x).pow(2).sum(), (x, reference.weight))
+    torch.testing.assert_close(grads_ours, grads_reference)
+    weight = ours.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, weight))

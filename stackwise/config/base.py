@@ -330,6 +330,8 @@ class TrainingConfig(BaseConfig):
 
     training_architecture: TrainingArchitecture = Field(
         "rackwise",
+        # `layerwise` is accepted (and stored as `blockwise`); list it so editors accept it too.
+        json_schema_extra={"enum": ["rackwise", "stackwise", "blockwise", "layerwise"]},
         description="`rackwise` (end to end), `stackwise` (one stage per stack) or `blockwise` "
         "(one stage per block; `layerwise` is accepted as the same thing).",
     )
@@ -387,7 +389,7 @@ class TrainingConfig(BaseConfig):
     def _mask_range(self) -> TrainingConfig:
         if self.mask_ratio_min >= self.mask_ratio_max:
             raise ValueError(
-                f"mask_ratio_min ({self.mask_ratio_min}) must be less than "
+                f"mask_ratio_min: mask_ratio_min ({self.mask_ratio_min}) must be less than "
                 f"mask_ratio_max ({self.mask_ratio_max})"
             )
         return self

@@ -35,6 +35,7 @@ from stackwise.model.attention import (
     KernelAttention,
     MultiHeadLatentAttention,
 )
+from stackwise.model.norm import RMSNorm
 
 ATTENTION_TYPES = ("mha", "gqa", "mla", "kernel")
 
@@ -217,9 +218,9 @@ class Block(nn.Module):
         self.d_model = d_model
         self.attention_type: str = spec["attention_type"]
         self.attention_mode: str = spec["attention_mode"]
-        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn_norm = RMSNorm(d_model, eps=norm_eps)
         self.attn = _build_attention(spec)
-        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
         self.ffn = SwiGLU(d_model, spec["d_ff"], freeze_up_proj)
         self.dropout = nn.Dropout(dropout)
 
@@ -365,7 +366,7 @@ class Rack(nn.Module):
         self.seed = seed
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.stacks = nn.ModuleList(stacks)
-        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.norm = RMSNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
@@ -459,7 +460,7 @@ class Rack(nn.Module):
         residual_std = self.init_std / math.sqrt(2 * max(1, self.n_blocks))
         seen: set[int] = set()
         for name, module in self.named_modules():
-            if isinstance(module, nn.RMSNorm) and module.weight is not None:
+            if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
             elif isinstance(module, nn.Linear | nn.Embedding):
                 if id(module.weight) in seen:  # the tied LM head: already drawn as the embedding

@@ -240,9 +240,10 @@ def get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
     """
     existing = retry_locked(lambda: client.get_experiment_by_name(name))
     if existing is not None:
+        experiment_id = str(existing.experiment_id)
         if existing.lifecycle_stage == "deleted":
-            retry_locked(lambda: client.restore_experiment(existing.experiment_id))
-        return str(existing.experiment_id)
+            retry_locked(lambda: client.restore_experiment(experiment_id))
+        return experiment_id
     lock: contextlib.AbstractContextManager[object] = (
         FileLock(lock_path(uri, "experiments")) if is_local_store(uri) else contextlib.nullcontext()
     )

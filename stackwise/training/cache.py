@@ -127,9 +127,7 @@ class ActivationCache:
         self.filled = True
 
     @torch.no_grad()
-    def extend(
-        self, apply: Callable[[torch.Tensor, int], torch.Tensor], prefix_end: int
-    ) -> None:
+    def extend(self, apply: Callable[[torch.Tensor, int], torch.Tensor], prefix_end: int) -> None:
         """Replace every entry h_i by ``apply(h_i, i)``: run newly frozen blocks in place."""
         for index in range(len(self)):
             self.write(index, apply(self.read(index), index))

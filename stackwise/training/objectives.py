@@ -141,7 +141,11 @@ class MaskedDiffusion(Objective):
     name = "diffusion"
 
     def __init__(
-        self, mask_token_id: int, t_min: float = 0.15, t_max: float = 0.9, t_grid: list[float] | None = None
+        self,
+        mask_token_id: int,
+        t_min: float = 0.15,
+        t_max: float = 0.9,
+        t_grid: list[float] | None = None,
     ) -> None:
         self.mask_token_id = mask_token_id
         self.t_min = t_min

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,6 +60,14 @@ class StagePlan:
             trainable_parameters=self.trainable_parameters,
             total_stages=self.total_stages,
         )
+
+
+class _Piece(NamedTuple):
+    name: str
+    kind: str
+    start: int
+    end: int
+    stack: int | None
 
 
 @dataclass
@@ -169,47 +178,31 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
     def count(start: int, end: int, embedding: bool) -> int:
         return sum(p.numel() for p in trainable_parameters(rack, start, end, embedding, eligible))
 
-    raw: list[dict[str, object]] = []
+    raw: list[_Piece] = []
     mode = training.training_architecture
     if mode == "rackwise":
-        raw.append({"name": "rack", "kind": "rack", "start": 0, "end": n_blocks, "stack": None})
+        raw.append(_Piece("rack", "rack", 0, n_blocks, None))
     else:
         for stack_index, (first, n, frozen) in enumerate(structure):
             if frozen:
                 continue
             if mode == "stackwise":
-                raw.append(
-                    {
-                        "name": f"stack_{stack_index}",
-                        "kind": "stack",
-                        "start": first,
-                        "end": first + n,
-                        "stack": stack_index,
-                    }
-                )
+                raw.append(_Piece(f"stack_{stack_index}", "stack", first, first + n, stack_index))
             else:
                 for block in range(first, first + n):
-                    raw.append(
-                        {
-                            "name": f"block_{block}",
-                            "kind": "block",
-                            "start": block,
-                            "end": block + 1,
-                            "stack": stack_index,
-                        }
-                    )
+                    raw.append(_Piece(f"block_{block}", "block", block, block + 1, stack_index))
     if not raw:
         raise ValueError(
             "model.stacks: every stack is declared frozen (freeze_blocks), nothing to train"
         )
 
     # Budget split.
-    params = [count(int(r["start"]), int(r["end"]), False) for r in raw]  # type: ignore[call-overload]
+    params = [count(r.start, r.end, False) for r in raw]
     shares: list[float | None] = [None] * len(raw)
     for i, r in enumerate(raw):
-        option = stack_options[r["stack"]] if r["stack"] is not None else None  # type: ignore[index]
+        option = stack_options[r.stack] if r.stack is not None else None
         if option is not None and option.budget_fraction is not None:
-            siblings = [j for j, other in enumerate(raw) if other["stack"] == r["stack"]]
+            siblings = [j for j, other in enumerate(raw) if other.stack == r.stack]
             if training.budget.split == "by_params":
                 sibling_params = sum(params[j] for j in siblings)
                 shares[i] = option.budget_fraction * params[i] / max(1, sibling_params)
@@ -218,7 +211,9 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
     fixed = sum(s for s in shares if s is not None)
     free = [i for i, s in enumerate(shares) if s is None]
     left = max(0.0, 1.0 - fixed)
-    free_weight = sum(params[i] for i in free) if training.budget.split == "by_params" else len(free)
+    free_weight = (
+        sum(params[i] for i in free) if training.budget.split == "by_params" else len(free)
+    )
     for i in free:
         weight = params[i] if training.budget.split == "by_params" else 1
         shares[i] = left * weight / max(1, free_weight)
@@ -229,14 +224,14 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
     total = len(raw) + (1 if fusion.enabled and depthwise else 0)
     plans = []
     for i, r in enumerate(raw):
-        start, end = int(r["start"]), int(r["end"])  # type: ignore[call-overload]
-        option = stack_options[r["stack"]] if r["stack"] is not None else None  # type: ignore[index]
+        start, end = r.start, r.end
+        option = stack_options[r.stack] if r.stack is not None else None
         trains_embedding = start == 0
         plans.append(
             StagePlan(
                 index=i,
-                name=str(r["name"]),
-                kind=str(r["kind"]),
+                name=r.name,
+                kind=r.kind,
                 start=start,
                 end=end,
                 steps=stage_steps[i],
@@ -244,7 +239,9 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
                 trains_embedding=trains_embedding,
                 trainable_parameters=count(start, end, trains_embedding)
                 if depthwise
-                else sum(p.numel() for p in _unique_params(list(rack.parameters())) if id(p) in eligible),
+                else sum(
+                    p.numel() for p in _unique_params(list(rack.parameters())) if id(p) in eligible
+                ),
                 depthwise=depthwise,
                 total_stages=total,
             )
@@ -286,7 +283,7 @@ def stage_flops(
     cached: bool,
 ) -> float:
     """Training FLOPs executed by a stage (see `stackwise.training.metrics`)."""
-    blocks = list(rack.blocks)  # type: ignore[call-overload]
+    blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
     readout = readout_forward_flops(rack)
     readout_trained = not (plan.depthwise and not plan.trains_embedding and rack.tie_embeddings)
     piece = blocks_forward_flops(blocks[plan.start : plan.end], n_ctx)
@@ -347,9 +344,7 @@ def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunE
             20 * micro_tokens * d_model * 4 + training.batch_size * n_heads * seq * seq * 4
         )
         logits = 3 * micro_tokens * vocab * 4
-        cache = (
-            pool_tokens * d_model * 4 if plan.depthwise and cached and plan.start > 0 else 0
-        )
+        cache = pool_tokens * d_model * 4 if plan.depthwise and cached and plan.start > 0 else 0
         stage_peak = param_bytes + 12 * plan.trainable_parameters + activations + logits
         if cache <= training.cache.max_memory_gb * 1e9:
             stage_peak += cache

@@ -1,0 +1,85 @@
+"""Blockwise training time versus depth (4, 8, 16 blocks), with and without the cache.
+
+Every stage gets the same budget (``--steps-per-stage`` optimizer steps), so the trainable work
+grows linearly with depth. With the activation cache the frozen trunk costs one forward pass of
+each newly frozen block over the sample pool per stage, so the whole run stays linear in depth
+(ideal time(16)/time(8) = 2). Without it, stage k reruns k frozen blocks on every step, which is
+quadratic in depth. Evaluation is off so only training is timed.
+
+Run: ``python benchmarks/bench_depth.py [--steps-per-stage 4]``
+Goal: time(16) / time(8) <= 2.2 with the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.model.architecture import create_rack_from_config
+from stackwise.training.architecture_trainer import ArchitectureTrainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_run(n_blocks: int, cached: bool, args: argparse.Namespace) -> float:
+    config = StackWiseConfig.from_dict(
+        {
+            "model": {
+                "d_model": args.d_model,
+                "n_heads": max(1, args.d_model // 64),
+                "architecture": {"n_stacks": 1, "blocks_per_stack": n_blocks},
+                "attention_mode": "bidirectional",
+            },
+            "training": {
+                "training_architecture": "blockwise",
+                "objective": "mlm",
+                "batch_size": args.batch_size,
+                "seq_len": args.seq_len,
+                "budget": {"steps": args.steps_per_stage * n_blocks},
+                "device": "cpu",
+                "log_every_steps": 1000,
+                "cache": {"enabled": cached},
+            },
+        }
+    )
+    rack = create_rack_from_config(config)
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, args.seq_len)
+    batches = [torch.randint(0, 256, shape, generator=generator) for _ in range(16)]
+    results = ArchitectureTrainer(config).train_architecture(rack, batches)
+    return results.wall_time_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps-per-stage", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=256)
+    args = parser.parse_args()
+    time_run(2, True, args)  # warm-up: first-call overheads (imports, allocator)
+    times: dict[str, dict[str, float]] = {"cached": {}, "uncached": {}}
+    for depth in (4, 8, 16):
+        for label, cached in (("cached", True), ("uncached", False)):
+            times[label][str(depth)] = time_run(depth, cached, args)
+    ratios = {label: t["16"] / t["8"] for label, t in times.items()}
+    report = {
+        "benchmark": "bench_depth",
+        "settings": vars(args),
+        "wall_time_s": times,
+        "time16_over_time8": ratios,
+        "time8_over_time4": {label: t["8"] / t["4"] for label, t in times.items()},
+        "goal": "cached time(16)/time(8) <= 2.2",
+        "goal_met": ratios["cached"] <= 2.2,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_depth.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Peak training memory: blockwise versus rackwise for the same 12-block rack.
+
+Each mode runs in a fresh subprocess (so one mode's allocations cannot hide the other's). The
+figure compared is the increase of the process's peak resident set size (VmHWM) over its size
+just before training starts — the rack's weights and the data are already loaded at that point,
+so the delta is what training itself adds: gradients, AdamW moments, activations, the activation
+cache. On CUDA the trainer's own `peak_memory_bytes` (max_memory_allocated) is reported as well.
+
+Run: ``python benchmarks/bench_memory.py [--steps-per-stage 2] [--batch-size 2]``
+Goal: blockwise <= 0.25 x rackwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measure(mode: str, steps_per_stage: int, batch_size: int, seq_len: int, d_model: int) -> dict:
+    import torch
+
+    from stackwise.config.base import StackWiseConfig
+    from stackwise.model.architecture import create_rack_from_config
+    from stackwise.training.architecture_trainer import ArchitectureTrainer
+    from stackwise.training.metrics import current_rss_bytes, peak_rss_bytes
+
+    n_blocks = 12
+    steps = steps_per_stage * (n_blocks if mode == "blockwise" else 1)
+    config = StackWiseConfig.from_dict(
+        {
+            "model": {
+                "d_model": d_model,
+                "n_heads": d_model // 64,
+                "architecture": {"n_stacks": 1, "blocks_per_stack": n_blocks},
+            },
+            "training": {
+                "training_architecture": mode,
+                "objective": "clm",
+                "batch_size": batch_size,
+                "seq_len": seq_len,
+                "budget": {"steps": steps},
+                "device": "cpu",
+                "log_every_steps": 1000,
+            },
+        }
+    )
+    rack = create_rack_from_config(config)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, 256, (batch_size, seq_len), generator=generator) for _ in range(steps)
+    ]
+    baseline = current_rss_bytes()
+    results = ArchitectureTrainer(config).train_architecture(rack, batches)
+    return {
+        "mode": mode,
+        "peak_rss_delta_bytes": peak_rss_bytes() - baseline,
+        "baseline_rss_bytes": baseline,
+        "trainer_peak_memory_bytes": results.peak_memory_bytes,
+        "steps": results.total_steps,
+        "wall_time_s": results.wall_time_s,
+        "parameters": rack.get_parameter_count(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps-per-stage", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--child", choices=["rackwise", "blockwise"], default=None)
+    args = parser.parse_args()
+    shape = (args.steps_per_stage, args.batch_size, args.seq_len, args.d_model)
+    if args.child is not None:
+        print(json.dumps(measure(args.child, *shape)))
+        return
+    runs = {}
+    for mode in ("rackwise", "blockwise"):
+        command = [sys.executable, __file__, "--child", mode]
+        command += ["--steps-per-stage", str(args.steps_per_stage)]
+        command += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        command += ["--d-model", str(args.d_model)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        runs[mode] = json.loads(output.strip().splitlines()[-1])
+    ratio = runs["blockwise"]["peak_rss_delta_bytes"] / runs["rackwise"]["peak_rss_delta_bytes"]
+    report = {
+        "benchmark": "bench_memory",
+        "rack": {"n_blocks": 12, "d_model": args.d_model, "seq_len": args.seq_len},
+        "batch_size": args.batch_size,
+        "steps_per_stage": args.steps_per_stage,
+        "measure": "peak RSS increase during training, fresh process per mode (CPU)",
+        "runs": runs,
+        "blockwise_over_rackwise": ratio,
+        "goal": "<= 0.25",
+        "goal_met": ratio <= 0.25,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""The `stackwise` command line.
+
+    stackwise validate experiments/*.yaml      check files and whole grids; summary or errors
+    stackwise plan experiments/quickstart.yaml parameters, FLOPs and memory per run; trains nothing
+    stackwise run experiments/*.yaml           validate everything, then train and track each run
+    stackwise schema [--check]                 (re)generate the JSON Schemas in schemas/
+
+The commands are thin: loading, grid expansion and validation live in `stackwise.config`,
+estimates in `stackwise.training.plan`, running in `stackwise.runner`. Every mistake in user
+input is reported as ``file:line: dotted.field: message`` on stderr with exit status 2, before
+anything is trained or written. torch and mlflow are imported only inside the commands that
+need them, so `stackwise --help` and `stackwise validate` start quickly.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from stackwise import __version__
+
+if TYPE_CHECKING:
+    from stackwise.config.experiment import Experiment, RunSpec
+
+app = typer.Typer(
+    name="stackwise",
+    help="Declarative, tracked experiments on depth-wise (layer-wise, stack-wise) versus "
+    "end-to-end transformer training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Exit statuses: 2 for anything wrong in user input (as click does for usage errors).
+EXIT_USER_ERROR = 2
+EXIT_STALE = 1
+
+Plans = list[tuple["Experiment", list["RunSpec"]]]
+
+
+# --------------------------------------------------------------------------------------------
+# output helpers (also used by the tracking commands)
+# --------------------------------------------------------------------------------------------
+
+
+def stdout_console() -> Console:
+    """Console for results; wide when piped so tables and run names are not folded."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def stderr_console() -> Console:
+    """Console for errors and notes; never wraps a message across lines."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(messages: Sequence[str], *, summary: str | None = None) -> NoReturn:
+    """Print user-input errors (one line each) and exit with status 2."""
+    console = stderr_console()
+    for message in messages:
+        console.print(Text("error:", style="bold red"), Text(message))
+    if summary:
+        console.print(Text(summary, style="red"))
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def note(message: str) -> None:
+    stderr_console().print(Text("note:", style="yellow"), Text(message))
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a `ConfigError` raised inside the block into clean messages and exit status 2."""
+    from stackwise.config.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as error:
+        count = len(error.errors)
+        fail(
+            [e.format() for e in error.errors],
+            summary=f"{count} error{'s' if count != 1 else ''}; nothing was run or written.",
+        )
+
+
+def expand_paths(patterns: Sequence[str]) -> list[str]:
+    """Files named on the command line; globs are expanded here too (for quoted patterns and
+    shells that do not expand them). A glob that matches nothing is an error."""
+    from stackwise.config.errors import ConfigError
+
+    found: list[str] = []
+    errors: list[ConfigError] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                errors.append(ConfigError("no file matches this pattern", file=pattern))
+            found.extend(matches)
+        else:
+            found.append(pattern)
+    if errors:
+        raise ConfigError.combine(errors)
+    return list(dict.fromkeys(found))
+
+
+def load_plans(
+    patterns: Sequence[str], overrides: Sequence[str] = (), only: Sequence[str] = ()
+) -> Plans:
+    """Load and fully validate every file (all errors of all files together), expanding grids
+    with `--set` and `--only`. Raises `ConfigError`; prints notes about merged duplicate runs."""
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import expand_grid, load_experiment
+
+    paths = expand_paths(patterns)
+    plans: Plans = []
+    errors: list[ConfigError] = []
+    notes: list[str] = []
+    for path in paths:
+        try:
+            experiment = load_experiment(path)
+            plans.append((experiment, expand_grid(experiment, overrides, only, notes=notes)))
+        except ConfigError as error:
+            errors.append(error)
+    if errors:
+        raise ConfigError.combine(errors)
+    for message in notes:
+        note(message)
+    if only and not any(runs for _, runs in plans):
+        raise ConfigError(f"--only {' --only '.join(only)}: no run of the given files matches")
+    return plans
+
+
+def _count(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'; FLOPs and parameter counts stay readable."""
+    for size, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{suffix}{unit}"
+    return f"{n:.3g}{unit}"
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or suffix == "TiB":
+            return f"{value:.0f} {suffix}" if suffix == "B" else f"{value:.1f} {suffix}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _runs_of(count: int) -> str:
+    return f"{count} run{'s' if count != 1 else ''}"
+
+
+# --------------------------------------------------------------------------------------------
+# options shared by several commands
+# --------------------------------------------------------------------------------------------
+
+FilesArgument = Annotated[
+    list[str],
+    typer.Argument(
+        help="Experiment files; glob patterns such as 'experiments/*.yaml' are expanded.",
+        show_default=False,
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a setting in every run, e.g. --set training.budget.steps=50 "
+        "(value read as YAML; repeatable).",
+        show_default=False,
+    ),
+]
+OnlyOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--only",
+        metavar="KEY=VALUE",
+        help="Keep only runs with this grid coordinate (short or dotted axis name, e.g. "
+        "--only mode=layerwise) or resolved setting. Repeat a key for alternatives.",
+        show_default=False,
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stackwise {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Declarative, tracked experiments on depth-wise versus end-to-end transformer training."""
+
+
+# --------------------------------------------------------------------------------------------
+# experiment commands
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    files: FilesArgument,
+    set_: SetOption = None,
+    only: OnlyOption = None,
+) -> None:
+    """Check experiment files and every run of their grids; print runs per file."""
+    with user_errors():
+        plans = load_plans(files, set_ or [], only or [])
+    table = Table(title="Valid experiment files", title_justify="left")
+    table.add_column("File")
+    table.add_column("Experiment")
+    table.add_column("Runs", justify="right")
+    for experiment, runs in plans:
+        table.add_row(experiment.file, experiment.name, str(len(runs)))
+    console = stdout_console()
+    console.print(table)
+    total = sum(len(runs) for _, runs in plans)
+    console.print(f"{len(plans)} file{'s' if len(plans) != 1 else ''} valid, {_runs_of(total)}.")
+
+
+@app.command()
+def plan(
+    files: FilesArgument,
+    set_: SetOption = None,
+    only: OnlyOption = None,
+) -> None:
+    """Estimate each run (parameters, FLOPs, memory, device); trains nothing.
+
+    For every run: total parameters, trainable parameters per training stage, estimated
+    training FLOPs (with the activation cache), estimated peak memory and the device.
+    """
+    with user_errors():
+        plans = load_plans(files, set_ or [], only or [])
+    from stackwise.training.plan import estimate_run
+
+    table = Table(title="Planned runs", title_justify="left")
+    for column in ("Experiment", "Run", "Params", "Trainable per stage"):
+        table.add_column(column)
+    for column in ("Train FLOPs", "Peak memory"):
+        table.add_column(column, justify="right")
+    table.add_column("Device")
+    total_flops = 0.0
+    for experiment, runs in plans:
+        for run in runs:
+            estimate = estimate_run(run.config)
+            total_flops += estimate.flops
+            table.add_row(
+                experiment.name,
+                run.name,
+                _count(estimate.total_parameters),
+                _stage_summary([s.trainable_parameters for s in estimate.stages]),
+                _count(estimate.flops),
+                _bytes(estimate.peak_memory_bytes),
+                estimate.device,
+            )
+    console = stdout_console()
+    console.print(table)
+    count = sum(len(runs) for _, runs in plans)
+    console.print(f"{_runs_of(count)}, {_count(total_flops)} training FLOPs in total.")
+
+
+def _stage_summary(trainable: Sequence[int]) -> str:
+    """Trainable parameters per stage, consecutive equal stages folded: '312k, 264k x3'."""
+    parts: list[str] = []
+    index = 0
+    while index < len(trainable):
+        end = index
+        while end + 1 < len(trainable) and trainable[end + 1] == trainable[index]:
+            end += 1
+        repeat = end - index + 1
+        parts.append(_count(trainable[index]) + (f" x{repeat}" if repeat > 1 else ""))
+        index = end + 1
+    return ", ".join(parts)
+
+
+@app.command()
+def run(
+    files: FilesArgument,
+    set_: SetOption = None,
+    only: OnlyOption = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the runs that would train; train and write nothing."),
+    ] = False,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then tracking.uri, then "
+            "./mlruns).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun runs that already finished (same config hash).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Print only the final summary.")] = False,
+) -> None:
+    """Validate every file and grid first, then train and track each run."""
+    with user_errors():
+        plans = load_plans(files, set_ or [], only or [])
+    if dry_run:
+        _print_runs(plans)
+        stdout_console().print("Dry run: nothing was trained or written.")
+        return
+    from stackwise.runner import RunOptions, run_experiments
+
+    summary = run_experiments(
+        plans, RunOptions(tracking_uri=tracking_uri, force=force, quiet=quiet)
+    )
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_runs(plans: Plans) -> None:
+    table = Table(title="Runs", title_justify="left")
+    for column in ("Experiment", "Run", "Config hash", "Mode", "Objective", "Stacks x blocks"):
+        table.add_column(column)
+    table.add_column("d_model", justify="right")
+    table.add_column("Budget", justify="right")
+    for experiment, runs in plans:
+        for spec in runs:
+            model, training = spec.config.model, spec.config.training
+            blocks = [s.n_blocks for s in model.resolved_stacks()]
+            shape = (
+                f"{len(blocks)} x {blocks[0]}"
+                if len(set(blocks)) == 1
+                else " + ".join(map(str, blocks))
+            )
+            budget = training.budget
+            table.add_row(
+                experiment.name,
+                spec.name,
+                spec.config_hash,
+                training.training_architecture,
+                training.objective,
+                shape,
+                str(model.d_model),
+                f"{budget.steps} steps" if budget.steps else f"{_count(budget.tokens or 0)} tokens",
+            )
+    console = stdout_console()
+    console.print(table)
+    files = f"{len(plans)} file{'s' if len(plans) != 1 else ''}"
+    console.print(f"{_runs_of(sum(len(runs) for _, runs in plans))} in {files}.")
+
+
+@app.command()
+def schema(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Folder of the schema files.", file_okay=False)
+    ] = Path("schemas"),
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Only check that the files are current (exit 1 if not)."),
+    ] = False,
+) -> None:
+    """Regenerate the JSON Schemas that editors use to complete and check experiment files."""
+    from stackwise.config.experiment import stale_json_schemas, write_json_schemas
+
+    console = stdout_console()
+    if check:
+        stale = stale_json_schemas(directory)
+        if stale:
+            for path in stale:
+                stderr_console().print(Text(f"stale: {path}", style="red"))
+            stderr_console().print("Run `stackwise schema` to regenerate them.")
+            raise typer.Exit(EXIT_STALE)
+        console.print(f"JSON Schemas in {directory} are up to date.")
+        return
+    changed = write_json_schemas(directory)
+    for path in changed:
+        console.print(f"wrote {path}")
+    if not changed:
+        console.print(f"JSON Schemas in {directory} are up to date.")
+
+
+# --------------------------------------------------------------------------------------------
+# tracking commands (compare, ui) follow this line
+# --------------------------------------------------------------------------------------------
+
+
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then ./mlruns).",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def compare(
+    experiments: Annotated[
+        list[str],
+        typer.Argument(
+            help="Experiment files (globs allowed) or MLflow experiment names.",
+            show_default=False,
+        ),
+    ],
+    format_: Annotated[
+        str,
+        typer.Option("--format", help="table, csv, markdown, json or parquet (needs --output)."),
+    ] = "table",
+    pivot: Annotated[
+        str | None,
+        typer.Option(
+            "--pivot",
+            help="Two columns as rows x columns, e.g. 'size x mode' or size,mode; cells show "
+            "--metric.",
+            show_default=False,
+        ),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            help="Value of --pivot cells, added as a column if it is another MLflow metric "
+            "(default: val_loss; also perplexity, tokens_per_s, peak_memory_mb, wall_time_s, "
+            "parameters, flops).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write to this file instead of stdout."),
+    ] = None,
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Compare the runs of experiments: one row per grid point, results side by side."""
+    from stackwise.tracking.compare import FORMATS, CompareError, compare_runs, pivot_frame, render
+
+    if format_ not in FORMATS:
+        fail([f"--format: unknown format {format_!r}; use one of {', '.join(FORMATS)}"])
+    with user_errors():
+        items = expand_paths(experiments)
+    try:
+        with user_errors():
+            frame = compare_runs(items, tracking_uri=tracking_uri, metric=metric)
+        if pivot is not None:
+            frame = pivot_frame(frame, pivot, metric)
+        title = ", ".join(experiments) if format_ == "table" else None
+        text = render(frame, format_, output=output, console=stdout_console(), title=title)
+    except CompareError as error:
+        fail([str(error)])
+    if output is not None:
+        stderr_console().print(f"wrote {output}")
+    elif text is not None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingUriOption = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to bind (loopback unless you need more).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 5000,
+) -> None:
+    """Start the MLflow UI on the project's tracking store and print its URL."""
+    from stackwise.tracking.store import resolve_tracking_uri
+    from stackwise.tracking.ui import launch_ui
+
+    code = launch_ui(resolve_tracking_uri(tracking_uri), host, port, console=stdout_console())
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point (`stackwise`)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Strict, safe YAML loading for configuration files.
+
+`load_yaml(path)` parses with `yaml.safe_load` semantics (plain data only, nothing is ever
+instantiated from tags) through `StrictLoader`, which adds two things plain PyYAML lacks:
+
+* duplicate keys in one mapping are an error (PyYAML would silently keep the last one), and
+* the line of every key and list item is recorded, so a validation error found later can point
+  at the line of the offending field.
+
+Malformed YAML becomes a `ConfigError` with the file and the parser's line and column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.config.errors import (
+    ConfigError,
+    ConfigPath,
+    dotted,
+    format_validation_error,
+    line_of,
+)
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping repeats a key; `path` is the dotted location of the repeated key."""
+
+    def __init__(self, path: ConfigPath, first_line: int, node: Node) -> None:
+        super().__init__(
+            problem=f"duplicate key (first defined on line {first_line})",
+            problem_mark=node.start_mark,
+        )
+        self.path = path
+        self.first_line = first_line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that rejects duplicate keys and records key line numbers.
+
+    After `get_single_data()`, `key_lines` maps each path (mapping keys as strings, list
+    positions as ints) to its 1-based line.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.key_lines: dict[ConfigPath, int] = {}
+
+    def construct_document(self, node: Node) -> Any:
+        # Index the whole node tree before building Python objects: the paths of keys are only
+        # known while walking from the root, and duplicates must be caught before the
+        # constructor lets the last one win.
+        self._index(node, (), set())
+        return super().construct_document(node)
+
+    def _index(self, node: Node, path: ConfigPath, active: set[int]) -> None:
+        if id(node) in active:  # a recursive alias; its content is indexed where it is defined
+            return
+        active.add(id(node))
+        if isinstance(node, MappingNode):
+            first_seen: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue
+                key = (
+                    key_node.value
+                    if isinstance(key_node, ScalarNode)
+                    else str(self.construct_object(key_node, deep=True))
+                )
+                line = key_node.start_mark.line + 1
+                child = (*path, key)
+                identity = (key_node.tag, key)
+                if identity in first_seen:
+                    raise DuplicateKeyError(child, first_seen[identity], key_node)
+                first_seen[identity] = line
+                self.key_lines.setdefault(child, line)
+                self._index(value_node, child, active)
+        elif isinstance(node, SequenceNode):
+            for position, item in enumerate(node.value):
+                child = (*path, position)
+                self.key_lines.setdefault(child, item.start_mark.line + 1)
+                self._index(item, child, active)
+        active.discard(id(node))
+
+
+@dataclass
+class YamlDocument:
+    """Parsed YAML data together with where each key was written."""
+
+    path: Path
+    data: Any
+    lines: dict[ConfigPath, int] = field(default_factory=dict)
+
+    def line_of(self, path: ConfigPath) -> int | None:
+        """Line of `path` (or of its nearest recorded ancestor)."""
+        return line_of(self.lines, path)
+
+
+def read_text(path: str | Path) -> str:
+    """The file's text, or a `ConfigError` saying why it cannot be read."""
+    file = Path(path)
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=path) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a YAML file", file=path) from None
+    except PermissionError:
+        raise ConfigError("permission denied", file=path) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"not UTF-8 text (byte {error.start})", file=path) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read file: {error.strerror or error}", file=path) from None
+
+
+def parse_yaml(text: str, *, file: str | Path) -> YamlDocument:
+    """Parse YAML text strictly; errors name `file` and the parser's line and column."""
+    loader = StrictLoader(text)
+    try:
+        data = loader.get_single_data()
+    except DuplicateKeyError as error:
+        mark = error.problem_mark
+        raise ConfigError(
+            f"duplicate key (first defined on line {error.first_line})",
+            file=file,
+            field=dotted(error.path),
+            line=mark.line + 1 if mark is not None else None,
+        ) from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        problem = error.problem or error.context or "invalid YAML"
+        if error.context and error.problem:
+            context = error.context
+            start = error.context_mark
+            if start is not None and mark is not None and start.line != mark.line:
+                context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+            problem = f"{problem} ({context})"
+        raise ConfigError(
+            f"invalid YAML: {problem}",
+            file=file,
+            line=mark.line + 1 if mark is not None else None,
+            column=mark.column + 1 if mark is not None else None,
+        ) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid YAML: {error}", file=file) from None
+    finally:
+        loader.dispose()
+    return YamlDocument(path=Path(file), data=data, lines=dict(loader.key_lines))
+
+
+def load_yaml(path: str | Path) -> YamlDocument:
+    """Read and strictly parse one YAML file (see `StrictLoader`)."""
+    return parse_yaml(read_text(path), file=path)
+
+
+def load_mapping(path: str | Path) -> YamlDocument:
+    """Like `load_yaml`, but the top level must be a mapping (an empty file gives `{}`)."""
+    document = load_yaml(path)
+    if document.data is None:
+        document.data = {}
+    if not isinstance(document.data, dict):
+        raise ConfigError(
+            f"the top level must be a mapping of keys to values, got {type(document.data).__name__}",
+            file=path,
+            line=1,
+        )
+    return document
+
+
+def load_run_config(path: str | Path) -> StackWiseConfig:
+    """Load a plain run config file (a `StackWiseConfig` as YAML) with file/line-aware errors."""
+    document = load_mapping(path)
+    try:
+        return StackWiseConfig.model_validate(document.data)
+    except ValidationError as error:
+        raise format_validation_error(
+            error, StackWiseConfig, file=path, lines=document.lines
+        ) from None

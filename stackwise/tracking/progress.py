@@ -1,0 +1,121 @@
+"""Terminal progress of a grid: runs done / total, and the current run's stage, step and loss.
+
+`GridProgress` owns one rich `Progress` with two bars — the grid and the run in flight — and
+hands out a `RunProgress` callback per grid point, which the trainer drives. With ``quiet`` there
+are no bars and only important status lines (failures) are printed; the runner still prints the
+comparison and the final summary.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
+
+
+class RunProgress(TrainingCallback):
+    """Progress bar of one training run: stage, step, loss, tokens/s and ETA."""
+
+    def __init__(self, progress: Progress | None, task: TaskID | None, name: str) -> None:
+        self.progress = progress
+        self.task = task
+        self.name = name
+        self.stage = ""
+        self.loss = float("nan")
+        self.tokens_per_s = 0.0
+
+    def _update(self, **fields: float | str | None) -> None:
+        if self.progress is None or self.task is None:
+            return
+        description = (
+            f"[cyan]{self.name}[/] {self.stage}  loss {self.loss:.4f}  "
+            f"{self.tokens_per_s:,.0f} tok/s"
+        )
+        self.progress.update(self.task, description=description, **fields)  # type: ignore[arg-type]
+
+    def on_train_start(self, stages: list[StageInfo]) -> None:
+        self._update(total=sum(s.steps for s in stages))
+
+    def on_stage_start(self, stage: StageInfo, step: int) -> None:
+        self.stage = f"stage {stage.index + 1}/{stage.total_stages} {stage.name}"
+        self._update(completed=step)
+
+    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.loss = metrics.get("train/loss", self.loss)
+        self.tokens_per_s = metrics.get("train/tokens_per_s", self.tokens_per_s)
+        self._update(completed=step)
+
+    def on_stage_end(self, result: StageResult, step: int) -> None:
+        self._update(completed=step)
+
+    def on_train_end(self, results: TrainingResults) -> None:
+        self._update(completed=results.total_steps)
+
+
+class GridProgress:
+    """Both bars of a `stackwise run`; use as a context manager around the whole grid."""
+
+    def __init__(self, total_runs: int, quiet: bool = False, console: Console | None = None):
+        self.console = console or Console()
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self.grid_task: TaskID | None = None
+        self.run_task: TaskID | None = None
+        if not quiet:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.grid_task = self.progress.add_task("[bold]grid[/]", total=total_runs)
+
+    def __enter__(self) -> GridProgress:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.progress is not None:
+            if self.run_task is not None:
+                self.progress.remove_task(self.run_task)
+                self.run_task = None
+            self.progress.stop()
+
+    def start_run(self, name: str) -> RunProgress:
+        """A callback for the grid point that starts now (replaces the previous run's bar)."""
+        if self.progress is None:
+            return RunProgress(None, None, name)
+        if self.run_task is not None:
+            self.progress.remove_task(self.run_task)
+        self.run_task = self.progress.add_task(f"[cyan]{name}[/]", total=None)
+        return RunProgress(self.progress, self.run_task, name)
+
+    def run_done(self) -> None:
+        if self.progress is not None and self.grid_task is not None:
+            self.progress.advance(self.grid_task)
+
+    def print(self, message: str, important: bool = False) -> None:
+        """A status line above the bars; when quiet only `important` ones (failures) show."""
+        if important or not self.quiet:
+            self.console.print(message, highlight=False)

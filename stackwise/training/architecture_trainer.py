@@ -1,0 +1,906 @@
+"""The trainer: rackwise, stackwise and blockwise (layerwise) training of a Rack.
+
+`ArchitectureTrainer(config).train_architecture(rack, dataloader)` runs the stages planned by
+`stackwise.training.plan.plan_stages` and returns `TrainingResults`. The algorithm, per stage:
+
+1. Freeze everything, then unfreeze what the stage trains. A depth-wise stage k trains piece k
+   (a stack or a block) and the readout (final norm + LM head); the embedding is trained only in
+   the stage that starts at block 0. With tied embeddings the LM head weight *is* the embedding
+   weight, so it is trained in that first stage and frozen afterwards (later stages train the
+   final norm and their piece) — training it later would change the embedding and invalidate the
+   frozen trunk's output. Frozen parameters have ``requires_grad=False``, are in eval mode and are
+   not given to the optimizer, so they stay bitwise unchanged. Blocks after the piece are not run:
+   the readout applies directly to the piece's output.
+2. Depth-wise stages visit a fixed *sample pool*: the first ``max(stage steps) x grad_accum``
+   micro-batches of the data stream, corrupted once (mlm/diffusion masks drawn from a seeded
+   generator when the pool is drawn). Every depth-wise stage trains on this same pool in the same
+   order (a stage with fewer steps uses its beginning); that is what lets the frozen trunk's output
+   be computed once per sample (`stackwise.training.cache`) and extended one piece at a time.
+   The trunk runs under ``no_grad`` (or comes from the cache), so backward stops at the piece.
+   With the cache off, the trunk is recomputed every step from the same pool, so cached and
+   uncached training compute the same losses.
+3. The rackwise stage and the fusion phase read the data stream directly (corruption drawn per
+   batch from a seeded generator) and train every parameter not declared frozen.
+4. AdamW + warmup/decay schedule per stage, gradient accumulation and clipping, bf16/fp16
+   autocast and TF32 on CUDA, optional ``torch.compile`` of the stage's forward.
+5. Metrics every ``log_every_steps``, validation every ``eval.every_steps`` and at each stage
+   end, checkpoints every ``checkpoint.every_steps`` and at each stage end.
+
+Faults: a non-finite loss raises `TrainingError` naming the stage and step; CUDA out-of-memory
+raises `TrainingError` naming the stage and what to change; Ctrl-C (KeyboardInterrupt) writes a
+checkpoint (when a checkpoint directory is set) and re-raises. Resuming restores weights,
+optimizer, scheduler, RNG states, data position, stage and step; the pool and the cache are
+rebuilt deterministically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
+from stackwise.training.cache import ActivationCache, storage_dtype
+from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
+from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
+from stackwise.training.device import resolve_device
+from stackwise.training.metrics import (
+    PeakMemory,
+    blocks_forward_flops,
+    device_peak_flops,
+    readout_forward_flops,
+)
+from stackwise.training.objectives import CausalLM, Corruption, Objective, build_objective
+from stackwise.training.optim import build_optimizer, build_scheduler
+from stackwise.training.plan import (
+    StagePlan,
+    eligible_parameters,
+    plan_stages,
+    pool_micro_batches,
+    trainable_parameters,
+)
+
+_BYTE_MASK_ID = 257
+_OOM_ERRORS: tuple[type[BaseException], ...] = (
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, out of memory, unusable checkpoint or data)."""
+
+
+# --------------------------------------------------------------------------------------------
+# data stream
+# --------------------------------------------------------------------------------------------
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask) from a tensor, a dict with input_ids, or a tuple."""
+    if isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    elif isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise TrainingError("a dict batch must have an 'input_ids' entry")
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    elif isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        ids, mask = batch[0], None
+    else:
+        raise TrainingError(
+            f"batches must be LongTensor [B, T] or dicts with 'input_ids', got {type(batch)}"
+        )
+    if ids.dim() != 2:
+        raise TrainingError(f"input_ids must be [B, T], got shape {tuple(ids.shape)}")
+    return ids.long(), (None if mask is None else mask.long())
+
+
+class BatchStream:
+    """An endless, resumable stream over any iterable of batches.
+
+    The position is ``(epoch, index)``: passes completed over the iterable and batches taken
+    from the current pass. Loaders with ``iter_epoch(epoch, start)`` (`SequenceLoader`) restart
+    there directly; other iterables are re-iterated and the first ``index`` batches skipped
+    (which is exact for deterministic iterables such as lists).
+    """
+
+    def __init__(self, loader: Iterable[Any], epoch: int = 0, index: int = 0) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self.index = index
+        self._iterator: Iterator[Any] | None = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.epoch, self.index)
+
+    def _open(self) -> Iterator[Any]:
+        iter_epoch = getattr(self.loader, "iter_epoch", None)
+        if callable(iter_epoch):
+            return iter(iter_epoch(self.epoch, self.index))
+        set_epoch = getattr(self.loader, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epoch)
+        iterator = iter(self.loader)
+        for _ in range(self.index):
+            next(iterator)
+        return iterator
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for _ in range(2):
+            if self._iterator is None:
+                self._iterator = self._open()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                self.epoch, self.index = self.epoch + 1, 0
+                continue
+            self.index += 1
+            return _unpack(batch)
+        raise TrainingError("the training dataloader yields no batches")
+
+
+# --------------------------------------------------------------------------------------------
+# the forward of one stage
+# --------------------------------------------------------------------------------------------
+
+
+class StageForward(nn.Module):
+    """Logits of a stage: (embed or given trunk output) -> blocks [start, end) -> readout."""
+
+    def __init__(self, rack: nn.Module, start: int, end: int) -> None:
+        super().__init__()
+        self.rack = rack
+        self.start = start
+        self.end = end
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.rack.embed(inputs) if hidden is None else hidden  # type: ignore[operator]
+        h = self.rack.forward_blocks(h, self.start, self.end, attention_mask)  # type: ignore[operator]
+        return self.rack.readout(h)  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+
+
+class ArchitectureTrainer:
+    """Trains a Rack as configured by ``config.training`` (see the module docstring).
+
+    `callbacks` receive progress (`TrainingCallback`); `checkpoint_dir` enables checkpoints and,
+    with `resume`, continuing from the newest one; `checkpoint_metadata` is stored inside every
+    checkpoint; `mask_token_id` is the [MASK] id for mlm/diffusion (default: the byte
+    tokenizer's [MASK] when the rack's vocabulary is 260, else the last id of the vocabulary).
+    """
+
+    def __init__(
+        self,
+        config: StackWiseConfig,
+        callbacks: Iterable[TrainingCallback] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = True,
+        checkpoint_metadata: dict[str, str] | None = None,
+        mask_token_id: int | None = None,
+    ) -> None:
+        self.config = config
+        self.callbacks = list(callbacks or [])
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.resume = resume
+        self.checkpoint_metadata = dict(checkpoint_metadata or {})
+        self.mask_token_id = mask_token_id
+
+    def train_architecture(
+        self,
+        rack: nn.Module,
+        dataloader: Iterable[Any],
+        eval_dataloader: Iterable[Any] | None = None,
+    ) -> TrainingResults:
+        """Train `rack` in place on `dataloader`; evaluate on `eval_dataloader` when given."""
+        return _Run(self, rack, dataloader, eval_dataloader).execute()
+
+
+class _Run:
+    """State of one `train_architecture` call."""
+
+    def __init__(
+        self,
+        trainer: ArchitectureTrainer,
+        rack: nn.Module,
+        dataloader: Iterable[Any],
+        eval_dataloader: Iterable[Any] | None,
+    ) -> None:
+        self.trainer = trainer
+        self.config = trainer.config
+        self.cfg = trainer.config.training
+        self.rack = rack
+        self.device = resolve_device(self.cfg.device)
+        self.dataloader = dataloader
+        self.eval_dataloader = eval_dataloader
+        vocab = int(rack.vocab_size)  # type: ignore[arg-type]
+        mask_id = trainer.mask_token_id
+        if mask_id is None:
+            mask_id = _BYTE_MASK_ID if vocab == BYTE_VOCAB_SIZE else vocab - 1
+        self.objective: Objective = build_objective(
+            self.cfg.objective,
+            vocab_size=vocab,
+            mask_token_id=mask_id,
+            mlm_probability=self.cfg.mlm_probability,
+            t_min=self.cfg.mask_ratio_min,
+            t_max=self.cfg.mask_ratio_max,
+            t_grid=list(self.cfg.eval.diffusion_t_grid),
+        )
+        if self.cfg.objective == "clm" and not bool(rack.is_causal):
+            warnings.warn(
+                "training.objective is clm but the rack has bidirectional blocks: they can see "
+                "the token they predict; use causal attention or objective mlm/diffusion",
+                stacklevel=3,
+            )
+        self.blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
+        self.eligible = eligible_parameters(rack)
+        self.requires_grad = {id(p): p.requires_grad for p in rack.parameters()}
+        self.was_training = rack.training
+        self.plans = plan_stages(self.config, rack)
+        self.use_cache = self.cfg.cache.enabled
+        self.autocast_dtype: torch.dtype | None = None
+        if self.device.type == "cuda" and self.cfg.precision != "fp32":
+            self.autocast_dtype = storage_dtype(self.cfg.precision)
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.device.type == "cuda" and self.cfg.precision == "fp16"
+        )
+        self.memory = PeakMemory(self.device)
+        self.peak_flops = device_peak_flops(self.device, self.cfg.precision)
+
+        # Position of the run (saved in checkpoints).
+        self.stage_index = 0
+        self.step_in_stage = 0
+        self.global_step = 0
+        self.total_tokens = 0
+        self.total_flops = 0.0
+        self.previous_wall = 0.0
+        self.stage_tokens = 0
+        self.stage_flops = 0.0
+        self.stage_wall_before = 0.0
+        self.stage_peak = 0
+        self.stage_results: list[StageResult] = []
+        self.last_logged_loss = math.nan
+        self.loss_window: list[float] = []
+        self.stream = BatchStream(dataloader)
+        self.stream_generator = torch.Generator().manual_seed(self.cfg.seed + 3)
+        self.pool_start: tuple[int, int] | None = None
+
+        self.pool: list[Corruption] | None = None
+        self.cache: ActivationCache | None = None
+        self.val_cache: ActivationCache | None = None
+        self.eval_entries: list[Corruption] = []
+        self.eval_raw: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.lowered: dict[int, dict[str, torch.Tensor]] = {}
+        self.offloaded: set[int] = set()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.pending_optimizer: dict[str, Any] | None = None
+        self.pending_scheduler: dict[str, Any] | None = None
+        self.step_snapshot: dict[str, Any] | None = None  # state at the start of a running step
+        self.run_start = 0.0
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.trainer.callbacks:
+            getattr(callback, hook)(*args)
+
+    # -- main --------------------------------------------------------------------------------
+
+    def execute(self) -> TrainingResults:
+        torch.manual_seed(self.cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.rack.to(self.device)
+        if self.trainer.checkpoint_dir is not None and self.trainer.resume:
+            self._restore()
+        self._build_eval_entries()
+        self._emit("on_train_start", [p.info() for p in self.plans])
+        self.run_start = time.perf_counter()
+        plan: StagePlan | None = None
+        try:
+            for plan in self.plans[self.stage_index :]:
+                self._run_stage(plan)
+            plan = None
+            results = self._finish()
+        except KeyboardInterrupt:
+            if self.trainer.checkpoint_dir is not None:
+                self._save_checkpoint(interrupted=True)
+            raise
+        except _OOM_ERRORS as error:
+            where = (
+                f"stage {plan.name} ({plan.index + 1}/{len(self.plans)})" if plan else "evaluation"
+            )
+            raise TrainingError(
+                f"out of memory on {self.device} in {where} at step {self.global_step + 1}: "
+                f"lower training.batch_size (raise training.grad_accum_steps to keep the "
+                f"effective batch), set training.precision: bf16, training.frozen_precision: "
+                f"bf16, training.cache.location: cpu or disk, or train depth-wise "
+                f"(training_architecture: blockwise)"
+            ) from error
+        finally:
+            self._release()
+        self._emit("on_train_end", results)
+        return results
+
+    def _release(self) -> None:
+        """Drop caches, put every piece back on the device in fp32, restore flags and modes."""
+        for cache in (self.cache, self.val_cache):
+            if cache is not None:
+                cache.close()
+        self.cache = self.val_cache = None
+        self._restore_frozen()
+        for param in self.rack.parameters():
+            param.requires_grad_(self.requires_grad.get(id(param), param.requires_grad))
+        self.rack.train(self.was_training)
+
+    # -- planning the trainable set ------------------------------------------------------------
+
+    def _trainable(self, plan: StagePlan) -> list[nn.Parameter]:
+        rack = self.rack
+        if plan.depthwise:
+            params = trainable_parameters(
+                rack, plan.start, plan.end, plan.trains_embedding, self.eligible
+            )
+        else:
+            unique = {id(p): p for p in rack.parameters()}
+            params = [p for p in unique.values() if id(p) in self.eligible]
+        for param in rack.parameters():
+            param.requires_grad_(False)
+        for param in params:
+            param.requires_grad_(True)
+        rack.eval()
+        if plan.depthwise:
+            for block in self.blocks[plan.start : plan.end]:
+                block.train()
+            rack.norm.train()  # type: ignore[union-attr]
+            rack.lm_head.train()  # type: ignore[union-attr]
+            if plan.trains_embedding:
+                rack.token_embedding.train()  # type: ignore[union-attr]
+        else:
+            rack.train()
+            for stack in rack.stacks:  # type: ignore[union-attr]
+                if getattr(stack, "freeze_blocks", False):
+                    stack.eval()
+        return params
+
+    # -- frozen trunk: precision, offloading, forward ----------------------------------------------
+
+    def _lower(self, index: int) -> None:
+        """Hold frozen block `index` in frozen_precision (its fp32 weights kept on the CPU)."""
+        dtype = storage_dtype(self.cfg.frozen_precision)
+        if dtype == torch.float32 or index in self.lowered:
+            return
+        block = self.blocks[index]
+        self.lowered[index] = {
+            k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()
+        }
+        block.to(dtype)
+
+    def _restore_frozen(self) -> None:
+        for index, state in self.lowered.items():
+            block = self.blocks[index]
+            block.to(device=self.device, dtype=torch.float32)
+            block.load_state_dict(state)
+        self.lowered.clear()
+        for index in self.offloaded:
+            self.blocks[index].to(self.device)
+        self.offloaded.clear()
+
+    def _frozen_blocks(
+        self, h: torch.Tensor, start: int, end: int, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Run frozen blocks [start, end) without gradients, each in its own dtype/device."""
+        with torch.no_grad():
+            for index in range(start, end):
+                block = self.blocks[index]
+                param = next(block.parameters())
+                if param.dtype != torch.float32 or param.device != h.device:
+                    block_mask = None if mask is None else mask.to(param.device)
+                    out = block(h.to(param.device, param.dtype), block_mask)
+                    h = out.to(self.device, torch.float32)
+                else:
+                    h = block(h, mask)
+        return h
+
+    def _trunk(self, batch: Corruption, end: int) -> torch.Tensor:
+        """The frozen trunk's output (embedding + blocks [0, end)) for a corrupted batch."""
+        with torch.no_grad(), self._autocast():
+            h = self.rack.embed(batch.inputs)  # type: ignore[operator]
+            return self._frozen_blocks(h.float(), 0, end, batch.attention_mask)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- pool and cache -------------------------------------------------------------------------
+
+    def _ensure_pool(self) -> None:
+        if self.pool is not None:
+            return
+        n = pool_micro_batches(self.plans, self.cfg.grad_accum_steps)
+        fresh = self.pool_start is None
+        start = self.stream.position if self.pool_start is None else self.pool_start
+        stream = self.stream if fresh else BatchStream(self.dataloader, *start)
+        generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+        self.pool = []
+        for _ in range(n):
+            ids, mask = stream.next()
+            self.pool.append(self.objective.corrupt(ids, generator, mask))
+        self.pool_start = start
+
+    def _stage_boundaries(self, plan: StagePlan) -> list[int]:
+        """Trunk ends the cache goes through up to `plan` (so a rebuild replays the same steps)."""
+        return [
+            p.start for p in self.plans[: plan.index + 1] if p.depthwise and not p.trains_embedding
+        ]
+
+    def _prepare_trunk(self, plan: StagePlan) -> None:
+        """Freeze-in blocks before `plan.start` and bring the cache up to them."""
+        for index in range(plan.start):
+            self._lower(index)
+        if not self.use_cache or plan.trains_embedding:
+            return
+        assert self.pool is not None
+        if self.cache is None:
+            seq_len = self.pool[0].inputs.shape[1]
+            if any(b.inputs.shape[1] != seq_len for b in self.pool) or any(
+                b.inputs.shape[1] != seq_len for b in self.eval_entries
+            ):
+                warnings.warn(
+                    "sequences of different lengths: the activation cache is off", stacklevel=2
+                )
+                self.use_cache = False
+                return
+            self.cache = self._new_cache([b.inputs.shape[0] for b in self.pool], seq_len)
+            if self.eval_entries:
+                rows = [b.inputs.shape[0] for b in self.eval_entries]
+                self.val_cache = self._new_cache(rows, seq_len)
+        for boundary in self._stage_boundaries(plan):
+            self._advance_cache(boundary)
+        if self.cfg.offload_frozen and self.device.type != "cpu":
+            for index in range(plan.start):
+                if index not in self.offloaded:
+                    self.blocks[index].to("cpu")
+                    self.offloaded.add(index)
+
+    def _new_cache(self, rows: list[int], seq_len: int) -> ActivationCache:
+        return ActivationCache(
+            rows,
+            seq_len,
+            int(self.rack.d_model),  # type: ignore[arg-type]
+            device=self.device,
+            dtype=storage_dtype(self.cfg.cache.dtype),
+            location=self.cfg.cache.location,
+            max_memory_gb=self.cfg.cache.max_memory_gb,
+            directory=self.cfg.cache.directory,
+        )
+
+    def _advance_cache(self, end: int) -> None:
+        assert self.cache is not None and self.pool is not None
+        pairs = [(self.cache, self.pool)]
+        if self.val_cache is not None:
+            pairs.append((self.val_cache, self.eval_entries))
+        for cache, batches in pairs:
+            if not cache.filled:
+                cache.fill(lambda i, b=batches: self._trunk(b[i].to(self.device), end), end)  # type: ignore[misc]
+                new_blocks = self.blocks[:end]
+            elif cache.prefix_end < end:
+                begin = cache.prefix_end
+
+                def apply(
+                    h: torch.Tensor, i: int, b: list[Corruption] = batches, begin: int = begin
+                ) -> torch.Tensor:
+                    mask = b[i].attention_mask
+                    with self._autocast():
+                        return self._frozen_blocks(
+                            h, begin, end, None if mask is None else mask.to(self.device)
+                        )
+
+                cache.extend(apply, end)
+                new_blocks = self.blocks[begin:end]
+            else:
+                continue
+            if cache is self.cache:
+                tokens = sum(b.inputs.numel() for b in batches)
+                seq = batches[0].inputs.shape[1]
+                self.stage_flops += blocks_forward_flops(new_blocks, seq) * tokens
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def _build_eval_entries(self) -> None:
+        if self.eval_dataloader is None:
+            return
+        generator = torch.Generator().manual_seed(self.cfg.seed + 2)
+        iter_epoch = getattr(self.eval_dataloader, "iter_epoch", None)
+        source = iter_epoch(0, 0) if callable(iter_epoch) else iter(self.eval_dataloader)
+        for count, batch in enumerate(source):
+            if count >= self.cfg.eval.batches:
+                break
+            ids, mask = _unpack(batch)
+            self.eval_raw.append((ids, mask))
+            self.eval_entries.extend(self.objective.eval_corruptions(ids, generator, mask))
+
+    @torch.no_grad()
+    def _evaluate(self, plan: StagePlan | None, forward: StageForward | None) -> dict[str, float]:
+        """Validation loss/perplexity of the model as trained so far (None plan: whole rack)."""
+        if not self.eval_entries:
+            return {}
+        modes = {id(m): m.training for m in self.rack.modules()}
+        self.rack.eval()
+        losses = []
+        for index, entry in enumerate(self.eval_entries):
+            batch = entry.to(self.device)
+            with self._autocast():
+                if plan is None or not plan.depthwise:
+                    logits = self.rack(batch.inputs, batch.attention_mask)
+                else:
+                    assert forward is not None
+                    hidden = None
+                    if not plan.trains_embedding:
+                        if self.val_cache is not None and self.val_cache.filled:
+                            hidden = self.val_cache.read(index)
+                        else:
+                            hidden = self._trunk(batch, plan.start)
+                    logits = forward(batch.inputs, hidden, batch.attention_mask)
+            losses.append(float(self.objective.loss(logits, batch)))
+        for module in self.rack.modules():
+            module.train(modes[id(module)])
+        loss = sum(losses) / len(losses)
+        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+
+    @torch.no_grad()
+    def _next_token_perplexity(self) -> float | None:
+        if not self.eval_raw or not bool(self.rack.is_causal):
+            return None
+        self.rack.eval()
+        clm = CausalLM()
+        losses = []
+        for ids, mask in self.eval_raw:
+            batch = clm.corrupt(ids, None, mask).to(self.device)
+            with self._autocast():
+                logits = self.rack(batch.inputs, batch.attention_mask)
+            losses.append(float(clm.loss(logits, batch)))
+        return math.exp(min(sum(losses) / len(losses), 50.0))
+
+    # -- one stage ---------------------------------------------------------------------------
+
+    def _micro_batch(self, plan: StagePlan, index: int) -> tuple[Corruption, torch.Tensor | None]:
+        """The corrupted micro-batch number `index` of the stage and its trunk output (if any)."""
+        if plan.depthwise:
+            assert self.pool is not None
+            batch = self.pool[index].to(self.device)
+            if plan.trains_embedding:
+                return batch, None
+            if self.cache is not None and self.cache.prefix_end == plan.start:
+                return batch, self.cache.read(index)
+            self.stage_flops += (
+                blocks_forward_flops(self.blocks[: plan.start], batch.inputs.shape[1])
+                * batch.inputs.numel()
+            )
+            return batch, self._trunk(batch, plan.start)
+        ids, mask = self.stream.next()
+        return self.objective.corrupt(ids, self.stream_generator, mask).to(self.device), None
+
+    def _run_stage(self, plan: StagePlan) -> None:
+        stage_start = time.perf_counter()
+        self.memory.reset()
+        params = self._trainable(plan)
+        if plan.depthwise:
+            self._ensure_pool()
+            self._prepare_trunk(plan)
+        else:
+            for cache in (self.cache, self.val_cache):
+                if cache is not None:
+                    cache.close()
+            self.cache = self.val_cache = None
+            self._restore_frozen()
+        forward = StageForward(self.rack, plan.start, plan.end)
+        model: nn.Module = forward
+        if self.cfg.compile:
+            model = torch.compile(forward)  # type: ignore[assignment]
+        self.optimizer = build_optimizer(params, self.cfg.optimizer, plan.lr, self.device)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, plan.steps)
+        if self.pending_optimizer is not None:
+            self.optimizer.load_state_dict(self.pending_optimizer)
+            if self.pending_scheduler is not None:
+                self.scheduler.load_state_dict(self.pending_scheduler)
+            self.pending_optimizer = self.pending_scheduler = None
+        self._emit("on_stage_start", plan.info(), self.global_step)
+
+        accum = self.cfg.grad_accum_steps
+        readout_factor = (
+            3.0
+            if (not plan.depthwise or plan.trains_embedding or not self.rack.tie_embeddings)
+            else 2.0
+        )
+        readout_flops = readout_forward_flops(self.rack)
+        log_tokens, log_time = 0, time.perf_counter()
+        while self.step_in_stage < plan.steps:
+            self.step_snapshot = self._snapshot()
+            step_loss = torch.zeros((), device=self.device)
+            for micro in range(accum):
+                batch, hidden = self._micro_batch(plan, self.step_in_stage * accum + micro)
+                with self._autocast():
+                    logits = model(batch.inputs, hidden, batch.attention_mask)
+                    loss = self.objective.loss(logits, batch)
+                self.scaler.scale(loss / accum).backward()
+                step_loss += loss.detach()
+                tokens = (
+                    batch.inputs.numel()
+                    if batch.attention_mask is None
+                    else int(batch.attention_mask.sum())
+                )
+                seq = batch.inputs.shape[1]
+                piece = blocks_forward_flops(self.blocks[plan.start : plan.end], seq)
+                self.stage_flops += (3.0 * piece + readout_factor * readout_flops) * tokens
+                self.stage_tokens += tokens
+                log_tokens += tokens
+            value = float(step_loss) / accum
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"non-finite loss ({value}) in stage {plan.name} "
+                    f"({plan.index + 1}/{len(self.plans)}) at step {self.global_step + 1} "
+                    f"(step {self.step_in_stage + 1} of the stage); lower training.optimizer.lr "
+                    f"or set training.optimizer.grad_clip"
+                )
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = None
+            if self.cfg.optimizer.grad_clip is not None:
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip)
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_in_stage += 1
+            self.global_step += 1
+            self.step_snapshot = None
+            self.loss_window.append(value)
+
+            last = self.step_in_stage == plan.steps
+            if self.global_step % self.cfg.log_every_steps == 0 or last:
+                now = time.perf_counter()
+                self.last_logged_loss = sum(self.loss_window) / len(self.loss_window)
+                self.loss_window = []
+                metrics = {
+                    "train/loss": self.last_logged_loss,
+                    "train/lr": float(self.scheduler.get_last_lr()[0]),
+                    "train/tokens_per_s": log_tokens / max(now - log_time, 1e-9),
+                    "train/stage": float(plan.index),
+                }
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = grad_norm
+                log_tokens, log_time = 0, now
+                self._emit("on_metrics", metrics, self.global_step)
+            every_eval = self.cfg.eval.every_steps
+            if every_eval and self.global_step % every_eval == 0 and not last:
+                metrics = self._evaluate(plan, forward)
+                if metrics:
+                    self._emit(
+                        "on_metrics", {**metrics, "val/stage": float(plan.index)}, self.global_step
+                    )
+            every_ckpt = self.cfg.checkpoint.every_steps
+            if (
+                self.trainer.checkpoint_dir is not None
+                and every_ckpt
+                and self.global_step % every_ckpt == 0
+                and not last
+            ):
+                self.stage_wall_before += time.perf_counter() - stage_start
+                stage_start = time.perf_counter()
+                self._save_checkpoint()
+
+        val = self._evaluate(plan, forward)
+        if val:
+            self._emit("on_metrics", {**val, "val/stage": float(plan.index)}, self.global_step)
+        wall = self.stage_wall_before + time.perf_counter() - stage_start
+        peak = max(self.stage_peak, self.memory.peak())
+        extra: dict[str, float] = {"lr": plan.lr}
+        if self.cache is not None:
+            extra["cache_bytes"] = float(self.cache.size_bytes)
+            extra["cache_on_disk"] = float(self.cache.location == "disk")
+        result = StageResult(
+            stage=plan.info(),
+            steps=self.step_in_stage,
+            tokens=self.stage_tokens,
+            train_loss=self.last_logged_loss,
+            val_loss=val.get("val/loss"),
+            val_perplexity=val.get("val/perplexity"),
+            wall_time_s=wall,
+            tokens_per_s=self.stage_tokens / max(wall, 1e-9),
+            peak_memory_bytes=peak,
+            flops=self.stage_flops,
+            mfu=None if self.peak_flops is None else self.stage_flops / wall / self.peak_flops,
+            extra=extra,
+        )
+        self.stage_results.append(result)
+        self.total_tokens += self.stage_tokens
+        self.total_flops += self.stage_flops
+        self.stage_index += 1
+        self.step_in_stage = 0
+        self.stage_tokens, self.stage_flops, self.stage_wall_before, self.stage_peak = (
+            0,
+            0.0,
+            0.0,
+            0,
+        )
+        self.optimizer = self.scheduler = None
+        if self.trainer.checkpoint_dir is not None:
+            self._save_checkpoint()
+        self._emit("on_stage_end", result, self.global_step)
+
+    def _finish(self) -> TrainingResults:
+        for cache in (self.cache, self.val_cache):
+            if cache is not None:
+                cache.close()
+        self.cache = self.val_cache = None
+        self._restore_frozen()
+        final = self._evaluate(None, None)
+        next_token = self._next_token_perplexity()
+        if final:
+            metrics = dict(final)
+            if next_token is not None:
+                metrics["val/next_token_perplexity"] = next_token
+            self._emit(
+                "on_metrics",
+                {f"final/{k.split('/')[1]}": v for k, v in metrics.items()},
+                self.global_step,
+            )
+        wall = self.previous_wall + time.perf_counter() - self.run_start
+        peak = max([r.peak_memory_bytes for r in self.stage_results] + [self.memory.peak()])
+        return TrainingResults(
+            training_architecture=self.cfg.training_architecture,
+            objective=self.cfg.objective,
+            stages=list(self.stage_results),
+            final_train_loss=self.stage_results[-1].train_loss,
+            final_val_loss=final.get("val/loss"),
+            final_val_perplexity=final.get("val/perplexity"),
+            next_token_perplexity=next_token,
+            total_steps=self.global_step,
+            total_tokens=self.total_tokens,
+            wall_time_s=wall,
+            tokens_per_s=self.total_tokens / max(wall, 1e-9),
+            peak_memory_bytes=peak,
+            flops=self.total_flops,
+            mfu=None if self.peak_flops is None else self.total_flops / wall / self.peak_flops,
+            device=str(self.device),
+            extra={"stages": float(len(self.plans))},
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a checkpoint taken in the middle of the coming step must record."""
+        return {
+            "stream": self.stream.position,
+            "rng": self._rng_state(),
+            "stage_tokens": self.stage_tokens,
+            "stage_flops": self.stage_flops,
+        }
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "stream": self.stream_generator.get_state(),
+        }
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The rack's weights with frozen pieces at full precision."""
+        state = dict(self.rack.state_dict())
+        prefixes = {}
+        for name, module in self.rack.named_modules():
+            for index, block in enumerate(self.blocks):
+                if module is block:
+                    prefixes[index] = name
+        for index, block_state in self.lowered.items():
+            for key, value in block_state.items():
+                state[f"{prefixes[index]}.{key}"] = value
+        return state
+
+    def _save_checkpoint(self, interrupted: bool = False) -> None:
+        assert self.trainer.checkpoint_dir is not None
+        snapshot = self.step_snapshot if interrupted else None
+        stream = snapshot["stream"] if snapshot else self.stream.position
+        state = {
+            "config_hash": self.config.config_hash(),
+            "plan": [[p.name, p.steps] for p in self.plans],
+            "stage_index": self.stage_index,
+            "step_in_stage": self.step_in_stage,
+            "global_step": self.global_step,
+            "stream": list(stream),
+            "pool_start": None if self.pool_start is None else list(self.pool_start),
+            "total_tokens": self.total_tokens,
+            "total_flops": self.total_flops,
+            "wall_time_s": self.previous_wall + time.perf_counter() - self.run_start,
+            "stage_tokens": snapshot["stage_tokens"] if snapshot else self.stage_tokens,
+            "stage_flops": snapshot["stage_flops"] if snapshot else self.stage_flops,
+            "stage_wall_s": self.stage_wall_before,
+            "stage_peak": max(self.stage_peak, self.memory.peak()),
+            "last_logged_loss": self.last_logged_loss,
+            "loss_window": list(self.loss_window),
+            "stage_results": [asdict(r) for r in self.stage_results],
+            "interrupted": interrupted,
+        }
+        in_stage = self.optimizer is not None and self.step_in_stage > 0
+        path = save_checkpoint(
+            self.trainer.checkpoint_dir,
+            name=f"{self.global_step:08d}-{self.stage_index:03d}-{self.step_in_stage:06d}",
+            weights=self._weights(),
+            optimizer=self.optimizer.state_dict() if in_stage and self.optimizer else None,
+            scheduler=self.scheduler.state_dict() if in_stage and self.scheduler else None,
+            rng=snapshot["rng"] if snapshot else self._rng_state(),
+            state=state,
+            metadata=self.trainer.checkpoint_metadata,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+        self._emit("on_checkpoint", path, self.global_step)
+
+    def _restore(self) -> None:
+        assert self.trainer.checkpoint_dir is not None
+        checkpoint = load_checkpoint(self.trainer.checkpoint_dir)
+        if checkpoint is None:
+            return
+        state = checkpoint.state
+        if state["config_hash"] != self.config.config_hash():
+            raise TrainingError(
+                f"the checkpoint in {checkpoint.path} belongs to another config "
+                f"(hash {state['config_hash']}, this run {self.config.config_hash()}); use a "
+                f"fresh checkpoint directory or resume=False"
+            )
+        if state["plan"] != [[p.name, p.steps] for p in self.plans]:
+            raise TrainingError(
+                f"the checkpoint in {checkpoint.path} was written for a different stage plan "
+                f"(another rack?); use a fresh checkpoint directory or resume=False"
+            )
+        self.rack.load_state_dict(checkpoint.weights)
+        self.rack.to(self.device)
+        self.stage_index = int(state["stage_index"])
+        self.step_in_stage = int(state["step_in_stage"])
+        self.global_step = int(state["global_step"])
+        self.stream = BatchStream(self.dataloader, *state["stream"])
+        pool_start = state["pool_start"]
+        self.pool_start = None if pool_start is None else (int(pool_start[0]), int(pool_start[1]))
+        self.total_tokens = int(state["total_tokens"])
+        self.total_flops = float(state["total_flops"])
+        self.previous_wall = float(state["wall_time_s"])
+        self.stage_tokens = int(state["stage_tokens"])
+        self.stage_flops = float(state["stage_flops"])
+        self.stage_wall_before = float(state["stage_wall_s"])
+        self.stage_peak = int(state["stage_peak"])
+        self.last_logged_loss = float(state["last_logged_loss"])
+        self.loss_window = [float(v) for v in state["loss_window"]]
+        self.stage_results = []
+        for item in state["stage_results"]:
+            info = dict(item["stage"])
+            info["trainable_blocks"] = tuple(info["trainable_blocks"])
+            self.stage_results.append(StageResult(**{**item, "stage": StageInfo(**info)}))
+        rng = checkpoint.rng
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.stream_generator.set_state(rng["stream"])
+        if self.step_in_stage > 0:
+            self.pending_optimizer = checkpoint.optimizer
+            self.pending_scheduler = checkpoint.scheduler

@@ -1,0 +1,152 @@
+"""Checkpoints: atomic files, no pickles, exact resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.data import build_data
+from stackwise.model.architecture import create_rack_from_config
+from stackwise.training.architecture_trainer import ArchitectureTrainer, TrainingError
+from stackwise.training.callbacks import TrainingCallback
+from stackwise.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+
+
+def config_for(mode: str, objective: str, **training: Any) -> StackWiseConfig:
+    return StackWiseConfig.from_dict(
+        {
+            "model": {
+                "d_model": 32,
+                "n_heads": 2,
+                "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
+                "attention_mode": "bidirectional",
+                "dropout": 0.1,
+            },
+            "training": {
+                "training_architecture": mode,
+                "objective": objective,
+                "batch_size": 4,
+                "seq_len": 16,
+                "budget": {"steps": 10},
+                "log_every_steps": 1,
+                "eval": {"batches": 1},
+                "checkpoint": {"every_steps": 2, "keep_last": 2},
+                **training,
+            },
+            "data": {"max_tokens": 8_000},
+        }
+    )
+
+
+class InterruptAt(TrainingCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step == self.step and "train/loss" in metrics:
+            raise KeyboardInterrupt
+
+
+def _train(config: StackWiseConfig, directory: Path, callbacks: list[Any]) -> dict[str, Any]:
+    data = build_data(config.data, config.training)
+    rack = create_rack_from_config(config)
+    trainer = ArchitectureTrainer(
+        config, callbacks, checkpoint_dir=directory, checkpoint_metadata={"run_id": "abc"}
+    )
+    trainer.train_architecture(rack, data.train_loader, data.val_loader)
+    return rack.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("mode", "objective", "stop"),
+    [("blockwise", "diffusion", 7), ("rackwise", "mlm", 5), ("stackwise", "mlm", 5)],
+)
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
+    tmp_path: Path, mode: str, objective: str, stop: int
+) -> None:
+    config = config_for(mode, objective, grad_accum_steps=2)
+    reference = _train(config, tmp_path / "reference", [])
+    with pytest.raises(KeyboardInterrupt):
+        _train(config, tmp_path / "run", [InterruptAt(stop)])
+    state = load_checkpoint(tmp_path / "run")
+    assert state is not None and state.state["global_step"] == stop
+    assert state.state["interrupted"] is True
+    assert read_checkpoint_metadata(tmp_path / "run") == {"run_id": "abc"}
+    resumed = _train(config, tmp_path / "run", [])
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+
+
+def test_resume_from_a_stage_end_checkpoint(tmp_path: Path) -> None:
+    config = config_for("blockwise", "mlm", checkpoint={"every_steps": None})
+    reference = _train(config, tmp_path / "reference", [])
+    with pytest.raises(KeyboardInterrupt):
+        _train(config, tmp_path / "run", [InterruptAt(5)])  # last step of stage 0
+    resumed = _train(config, tmp_path / "run", [])
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_optimizer_state_only_holds_trainable_parameters(tmp_path: Path) -> None:
+    config = config_for("blockwise", "mlm")
+    data = build_data(config.data, config.training)
+    rack = create_rack_from_config(config)
+    with pytest.raises(KeyboardInterrupt):
+        ArchitectureTrainer(config, [InterruptAt(8)], checkpoint_dir=tmp_path).train_architecture(
+            rack, data.train_loader
+        )
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint is not None and checkpoint.optimizer is not None
+    moments = [s["exp_avg"].numel() for s in checkpoint.optimizer["state"].values()]
+    # Stage 1 trains block 1 and the final norm; the tied embedding/head and block 0 are frozen.
+    expected = sum(p.numel() for p in rack.blocks[1].parameters()) + rack.norm.weight.numel()
+    assert sum(moments) == expected
+
+
+def test_checkpoint_files_are_safe_and_atomic(tmp_path: Path) -> None:
+    embedding = torch.nn.Embedding(5, 3)
+    weights = {"embed.weight": embedding.weight, "head.weight": embedding.weight}
+    for step in range(4):
+        save_checkpoint(
+            tmp_path,
+            name=f"{step:08d}",
+            weights=weights,
+            optimizer=None,
+            scheduler=None,
+            rng={"torch": torch.get_rng_state()},
+            state={"global_step": step},
+            metadata={"run_id": "r1"},
+            keep_last=2,
+        )
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-"))
+    assert names == ["ckpt-00000002", "ckpt-00000003"]
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "ckpt-00000003"
+    assert len(load_file(str(latest / "model.safetensors"))) == 1  # the tied tensor is stored once
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None and torch.equal(loaded.weights["head.weight"], embedding.weight)
+    # A half-written checkpoint (a leftover temporary folder) is ignored.
+    (tmp_path / ".tmp-ckpt-broken").mkdir()
+    (tmp_path / "latest").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000003"
+    assert json.loads((latest / "metadata.json").read_text()) == {"run_id": "r1"}
+    assert read_checkpoint_metadata(tmp_path / "empty") is None
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
+    config = config_for("rackwise", "mlm", budget={"steps": 2})
+    _train(config, tmp_path, [])
+    other = config_for("rackwise", "mlm", budget={"steps": 3})
+    with pytest.raises(TrainingError, match="another config"):
+        _train(other, tmp_path, [])

@@ -1,0 +1,588 @@
+"""Library-level tests of configuration: strict YAML loading, error messages, the run schema's
+validation rules, and experiment files (presets, grid expansion, zip, exclude, overrides)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.config.errors import ConfigError, format_validation_error, validation_issues
+from stackwise.config.experiment import (
+    BUILTIN_PRESETS,
+    ExperimentConfig,
+    expand_grid,
+    load_experiment,
+    parse_override,
+    stale_json_schemas,
+    value_label,
+)
+from stackwise.config.loading import load_run_config, load_yaml, parse_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def experiment_error(tmp_path: Path, text: str, *, overrides=(), only=()) -> ConfigError:
+    """Load and expand `text`, expecting a ConfigError."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        expand_grid(load_experiment(path), overrides, only)
+    return caught.value
+
+
+# --------------------------------------------------------------------------------------------
+# strict YAML loading
+# --------------------------------------------------------------------------------------------
+
+
+def test_yaml_records_line_of_every_key_and_item() -> None:
+    document = parse_yaml(
+        "name: x\nmodel:\n  d_model: 64\ngrid:\n  size:\n    - small\n    - large\n", file="f.yaml"
+    )
+    assert document.data["grid"]["size"] == ["small", "large"]
+    assert document.lines[("model", "d_model")] == 3
+    assert document.lines[("grid", "size", 1)] == 7
+    # unknown descendants fall back to the nearest recorded ancestor
+    assert document.line_of(("model", "d_model", "oops")) == 3
+
+
+def test_duplicate_key_is_an_error_with_both_lines() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_yaml("model:\n  d_model: 64\n  n_heads: 4\n  d_model: 32\n", file="dup.yaml")
+    error = caught.value
+    assert (error.file, error.field, error.line) == ("dup.yaml", "model.d_model", 4)
+    assert "first defined on line 2" in error.message
+
+
+def test_same_key_in_different_mappings_and_merge_keys_are_allowed() -> None:
+    text = "base: &b {lr: 1, wd: 2}\na: {lr: 3}\nb:\n  <<: *b\n  lr: 5\n"
+    assert parse_yaml(text, file="ok.yaml").data == {
+        "base": {"lr": 1, "wd": 2},
+        "a": {"lr": 3},
+        "b": {"lr": 5, "wd": 2},
+    }
+
+
+def test_malformed_yaml_reports_parser_line_and_column() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_yaml("a: 1\nb: [1, 2\nc: 3\n", file="bad.yaml")
+    error = caught.value
+    assert error.line == 3 and error.column is not None
+    assert str(error).startswith("bad.yaml:3:")
+    assert "invalid YAML" in error.message and "line 2" in error.message
+
+
+def test_yaml_tags_are_never_instantiated() -> None:
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        parse_yaml("a: !!python/object/apply:os.system ['true']\n", file="evil.yaml")
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found") as caught:
+        load_yaml(tmp_path / "nope.yaml")
+    assert caught.value.file == str(tmp_path / "nope.yaml")
+
+
+# --------------------------------------------------------------------------------------------
+# ConfigError and pydantic error formatting
+# --------------------------------------------------------------------------------------------
+
+
+def test_config_error_format_and_combine() -> None:
+    one = ConfigError("bad", file="a.yaml", field="model.d_model", line=3)
+    two = ConfigError("worse", file="a.yaml", field="training")
+    assert str(one) == "a.yaml:3: model.d_model: bad"
+    assert str(ConfigError("no such file", file="x.yaml")) == "x.yaml: no such file"
+    both = ConfigError.combine([one, two, one])
+    assert both.errors == [one, two]
+    assert str(both).splitlines() == ["a.yaml:3: model.d_model: bad", "a.yaml: training: worse"]
+    assert ConfigError.combine([one]) is one
+
+
+def issues_of(data: dict) -> dict[str, str]:
+    with pytest.raises(ValidationError) as caught:
+        StackWiseConfig.model_validate(data)
+    return {
+        ".".join(map(str, i.path)): i.message
+        for i in validation_issues(caught.value, StackWiseConfig)
+    }
+
+
+def test_cross_field_prefix_becomes_full_dotted_field() -> None:
+    issues = issues_of({"model": {"d_model": 100, "n_heads": 8}})
+    assert issues == {"model.n_heads": "d_model (100) must be divisible by n_heads (8)"}
+
+
+def test_unknown_key_suggests_closest_field() -> None:
+    issues = issues_of({"training": {"optimzer": {"lr": 1.0}}})
+    assert issues == {"training.optimzer": "unknown field; did you mean 'optimizer'?"}
+
+
+def test_unknown_key_without_close_match_lists_known_fields() -> None:
+    message = issues_of({"data": {"zzzz": 1}})["data.zzzz"]
+    assert message.startswith("unknown field; known fields: ") and "max_tokens" in message
+
+
+def test_literal_error_lists_allowed_values() -> None:
+    message = issues_of({"model": {"attention_type": "flash"}})["model.attention_type"]
+    assert message == "got 'flash'; allowed values: 'mha', 'gqa', 'mla' or 'kernel'"
+
+
+def test_several_errors_are_reported_together() -> None:
+    issues = issues_of({"training": {"batch_size": "x", "seq_len": 0, "budget": {"steps": -1}}})
+    assert set(issues) == {"training.batch_size", "training.seq_len", "training.budget.steps"}
+
+
+def test_format_validation_error_adds_file_and_line() -> None:
+    document = parse_yaml("model:\n  d_model: 100\n  n_heads: 8\n", file="run.yaml")
+    with pytest.raises(ValidationError) as caught:
+        StackWiseConfig.model_validate(document.data)
+    error = format_validation_error(
+        caught.value, StackWiseConfig, file="run.yaml", lines=document.lines
+    )
+    assert str(error) == "run.yaml:3: model.n_heads: d_model (100) must be divisible by n_heads (8)"
+
+
+def test_load_run_config_reads_plain_config(tmp_path: Path) -> None:
+    good = write(tmp_path, "model: {d_model: 64, n_heads: 4}\n", "good.yaml")
+    assert load_run_config(good).model.d_model == 64
+    bad = write(tmp_path, "model:\n  n_head: 4\n", "bad.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'n_heads'") as caught:
+        load_run_config(bad)
+    assert caught.value.line == 2
+
+
+# --------------------------------------------------------------------------------------------
+# run schema rules (base.py) as users meet them
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "fragment"),
+    [
+        ({"model": {"n_heads": 8, "n_kv_heads": 3}}, "model.n_kv_heads", "divisible"),
+        ({"model": {"d_model": 24, "n_heads": 8}}, "model.n_heads", "even head dimension"),
+        (
+            {"model": {"attention_type": "mla", "mla": {"kv_lora_rank": 9999}}},
+            "model.mla.kv_lora_rank",
+            "at most d_model",
+        ),
+        (
+            {"training": {"mask_ratio_min": 0.9, "mask_ratio_max": 0.2}},
+            "training.mask_ratio_min",
+            "must be less than",
+        ),
+        ({"training": {"mask_ratio_max": 1.0}}, "training.mask_ratio_max", "less than 1"),
+        ({"training": {"budget": {"steps": 0}}}, "training.budget.steps", "greater than 0"),
+        ({"training": {"budget": {"steps": 1, "tokens": 1}}}, "training.budget", "exactly one"),
+        ({"model": {"attention_mode": "bidirectional"}}, "model.attention_mode", "causal"),
+        ({"training": {"device": "tpu"}}, "training.device", "device must be"),
+    ],
+)
+def test_schema_rules(data: dict, field: str, fragment: str) -> None:
+    issues = issues_of(data)
+    assert field in issues, issues
+    assert fragment in issues[field]
+
+
+def test_assignment_is_validated() -> None:
+    config = StackWiseConfig()
+    config.training.training_architecture = "layerwise"  # type: ignore[assignment]
+    assert config.training.training_architecture == "blockwise"
+    with pytest.raises(ValidationError):
+        config.training.training_architecture = "depthwise"  # type: ignore[assignment]
+    with pytest.raises(ValidationError):
+        config.model.d_model = "wide"  # type: ignore[assignment]
+    assert config.training.training_architecture == "blockwise"
+
+
+# --------------------------------------------------------------------------------------------
+# experiment files: grid expansion
+# --------------------------------------------------------------------------------------------
+
+SIZE_BY_MODE = """
+name: demo
+training:
+  budget: {steps: 10}
+grid:
+  size: [small, medium]
+  training.training_architecture: [layerwise, stackwise, rackwise]
+"""
+
+
+def test_grid_is_a_product_in_file_order_with_stable_names(tmp_path: Path) -> None:
+    runs = expand_grid(load_experiment(write(tmp_path, SIZE_BY_MODE)))
+    assert [r.name for r in runs] == [
+        "size=small,mode=layerwise",
+        "size=small,mode=stackwise",
+        "size=small,mode=rackwise",
+        "size=medium,mode=layerwise",
+        "size=medium,mode=stackwise",
+        "size=medium,mode=rackwise",
+    ]
+    first = runs[0]
+    assert first.coordinates == {"size": "small", "mode": "layerwise"}
+    assert list(first.coordinates) == ["size", "mode"]
+    assert first.experiment_name == "demo"
+    assert first.config.training.training_architecture == "blockwise"
+    assert first.config.model.d_model == BUILTIN_PRESETS["size"]["small"]["model"]["d_model"]
+    assert first.config.training.budget.steps == 10
+    assert runs[3].config.model.architecture.blocks_per_stack == 3
+    assert all(r.config_hash == r.config.config_hash() for r in runs)
+    assert len({r.config_hash for r in runs}) == len(runs)
+
+
+def test_hashes_are_deterministic_and_follow_the_resolved_config(tmp_path: Path) -> None:
+    first = expand_grid(load_experiment(write(tmp_path, SIZE_BY_MODE, "a.yaml")))
+    # Same runs written differently (nested vs dotted, other key order) -> same identities.
+    other = """
+    name: renamed
+    training: {budget: {steps: 10}}
+    presets:
+      size:
+        small: {model.n_heads: 4, model: {d_model: 64, architecture: {blocks_per_stack: 2}}}
+    grid:
+      size: [small]
+      training.training_architecture: [layerwise]
+    """
+    second = expand_grid(load_experiment(write(tmp_path, other, "b.yaml")))
+    assert second[0].config_hash == first[0].config_hash
+    assert second[0].name == first[0].name
+
+
+def test_no_grid_gives_one_default_run(tmp_path: Path) -> None:
+    runs = expand_grid(load_experiment(write(tmp_path, "name: single\n")))
+    assert [(r.name, r.coordinates) for r in runs] == [("default", {})]
+    assert runs[0].config == StackWiseConfig()
+
+
+def test_zip_pairs_values_instead_of_crossing(tmp_path: Path) -> None:
+    text = """
+    name: zipped
+    grid:
+      training.objective: [clm, mlm, diffusion]
+      training.training_architecture: [stackwise, rackwise]
+      model.attention_mode: [causal, bidirectional, bidirectional]
+    zip:
+      - [objective, model.attention_mode]
+    """
+    runs = expand_grid(load_experiment(write(tmp_path, text)))
+    assert [r.name for r in runs] == [
+        "objective=clm,mode=stackwise,attention_mode=causal",
+        "objective=clm,mode=rackwise,attention_mode=causal",
+        "objective=mlm,mode=stackwise,attention_mode=bidirectional",
+        "objective=mlm,mode=rackwise,attention_mode=bidirectional",
+        "objective=diffusion,mode=stackwise,attention_mode=bidirectional",
+        "objective=diffusion,mode=rackwise,attention_mode=bidirectional",
+    ]
+    assert all(
+        (r.config.training.objective == "clm") == (r.config.model.attention_mode == "causal")
+        for r in runs
+    )
+
+
+def test_zip_errors(tmp_path: Path) -> None:
+    error = experiment_error(
+        tmp_path,
+        """
+        name: z
+        grid:
+          training.objective: [mlm, diffusion]
+          training.seed: [1, 2, 3]
+        zip: [[objective, sead]]
+        """,
+    )
+    assert "'sead' is not a grid axis; did you mean 'seed'?" in str(error)
+
+
+def test_exclude_skips_matching_points(tmp_path: Path) -> None:
+    text = SIZE_BY_MODE + "exclude:\n  - {size: medium, mode: layerwise}\n  - {mode: stackwise}\n"
+    runs = expand_grid(load_experiment(write(tmp_path, text)))
+    assert [r.name for r in runs] == [
+        "size=small,mode=layerwise",
+        "size=small,mode=rackwise",
+        "size=medium,mode=rackwise",
+    ]
+
+
+def test_exclude_must_name_real_axes_and_values(tmp_path: Path) -> None:
+    error = experiment_error(
+        tmp_path, SIZE_BY_MODE + "exclude:\n  - {sise: small}\n  - {mode: depthwise}\n"
+    )
+    messages = [e.format() for e in error.errors]
+    assert any("exclude.0.sise" in m and "did you mean 'size'?" in m for m in messages)
+    assert any("exclude.1.mode" in m and "values: layerwise, stackwise, rackwise" in m for m in messages)
+
+
+def test_exclude_that_removes_everything_is_an_error(tmp_path: Path) -> None:
+    text = "name: e\ngrid:\n  training.seed: [1]\nexclude:\n  - {seed: 1}\n"
+    assert "leaves no run" in str(experiment_error(tmp_path, text))
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------
+
+
+def test_builtin_size_presets_are_valid_and_grow() -> None:
+    sizes = []
+    for name in ("small", "medium", "large"):
+        config = StackWiseConfig.model_validate(BUILTIN_PRESETS["size"][name])
+        sizes.append((config.model.d_model, config.model.n_blocks))
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    assert StackWiseConfig.model_validate(BUILTIN_PRESETS["size"]["small"]).model.n_blocks == 4
+
+
+def test_file_preset_replaces_builtin_and_adds_new(tmp_path: Path) -> None:
+    text = """
+    name: p
+    presets:
+      size:
+        small: {model: {d_model: 32, n_heads: 2}}
+        tiny:
+          model.d_model: 16
+          model.n_heads: 2
+          model.architecture: {n_stacks: 1, blocks_per_stack: 1}
+    grid:
+      size: [small, tiny, large]
+    """
+    runs = {r.name: r.config.model for r in expand_grid(load_experiment(write(tmp_path, text)))}
+    assert runs["size=small"].d_model == 32
+    # replaced, not merged: the built-in small's 2x2 blocks are not inherited
+    assert runs["size=small"].architecture.blocks_per_stack == StackWiseConfig().model.architecture.blocks_per_stack
+    assert (runs["size=tiny"].d_model, runs["size=tiny"].n_blocks) == (16, 1)
+    assert runs["size=large"].d_model == BUILTIN_PRESETS["size"]["large"]["model"]["d_model"]
+
+
+def test_custom_preset_axis_and_value_axis_override_order(tmp_path: Path) -> None:
+    text = """
+    name: p
+    model: {n_heads: 4, d_model: 64}
+    presets:
+      attention:
+        gqa: {model.attention_type: gqa, model.n_kv_heads: 2}
+        mha: {model.attention_type: mha}
+    grid:
+      attention: [gqa, mha]
+      model.n_kv_heads: [1]
+    """
+    runs = expand_grid(load_experiment(write(tmp_path, text)))
+    assert [r.name for r in runs] == ["attention=gqa,n_kv_heads=1", "attention=mha,n_kv_heads=1"]
+    # later axes win over earlier ones
+    assert runs[0].config.model.n_kv_heads == 1
+    assert runs[0].config.model.attention_type == "gqa"
+
+
+def test_unknown_preset_lists_known_presets(tmp_path: Path) -> None:
+    error = experiment_error(tmp_path, "name: p\ngrid:\n  size: [smal]\n")
+    assert str(error) == (
+        f"{tmp_path / 'exp.yaml'}:3: grid.size.0: unknown preset 'smal' for 'size'; "
+        "did you mean 'small'? known presets: small, medium, large"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# axes, names and errors located in the file
+# --------------------------------------------------------------------------------------------
+
+
+def test_axis_naming_missing_setting_is_an_error(tmp_path: Path) -> None:
+    error = experiment_error(tmp_path, "name: a\ngrid:\n  training.optimizer.lrr: [1, 2]\n")
+    assert error.field == "grid.training.optimizer.lrr" and error.line == 3
+    assert "did you mean 'lr'?" in error.message
+
+
+def test_axis_short_names_stay_unique(tmp_path: Path) -> None:
+    text = """
+    name: s
+    training: {fusion: {enabled: true, steps: 5}}
+    grid:
+      training.optimizer.lr: [0.001]
+      training.fusion.lr: [0.0001]
+      training.seed: [0, 1]
+    """
+    runs = expand_grid(load_experiment(write(tmp_path, text)))
+    assert list(runs[0].coordinates) == ["optimizer.lr", "fusion.lr", "seed"]
+    assert runs[1].name == "optimizer.lr=0.001,fusion.lr=0.0001,seed=1"
+
+
+def test_repeated_axis_value_is_an_error(tmp_path: Path) -> None:
+    error = experiment_error(tmp_path, "name: r\ngrid:\n  training.seed: [1, 2, 1]\n")
+    assert error.field == "grid.training.seed.2" and "listed twice" in error.message
+
+
+def test_run_error_names_the_run_and_the_line_that_set_the_value(tmp_path: Path) -> None:
+    text = """
+    name: r
+    model:
+      d_model: 64
+    grid:
+      training.seed: [0, 1]
+      model.n_heads:
+        - 4
+        - 5
+    """
+    error = experiment_error(tmp_path, text)
+    assert error.field == "model.n_heads" and error.line == 8
+    assert error.message == "d_model (64) must be divisible by n_heads (5) (runs seed=0,n_heads=5; seed=1,n_heads=5)"
+
+
+def test_error_in_base_is_reported_once_for_all_runs(tmp_path: Path) -> None:
+    text = SIZE_BY_MODE.replace("budget: {steps: 10}", "budget: {steps: 10}\n  batch_size: lots")
+    error = experiment_error(tmp_path, text)
+    assert len(error.errors) == 1
+    assert error.field == "training.batch_size" and error.line == 4
+    assert "(run" not in error.message
+
+
+def test_experiment_name_must_be_safe(tmp_path: Path) -> None:
+    error = experiment_error(tmp_path, "name: ../escape\n")
+    assert error.field == "name" and "safe identifier" in error.message
+
+
+def test_schema_version_is_checked(tmp_path: Path) -> None:
+    error = experiment_error(tmp_path, "name: v\nschema_version: 2\n")
+    assert error.field == "schema_version" and "allowed values: 1" in error.message
+
+
+# --------------------------------------------------------------------------------------------
+# --set and --only
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_override_reads_values_as_yaml() -> None:
+    assert parse_override("training.budget.steps=50") == (("training", "budget", "steps"), 50)
+    assert parse_override("data.paths=[a.txt, b.txt]")[1] == ["a.txt", "b.txt"]
+    assert parse_override("model.n_kv_heads=null")[1] is None
+    assert parse_override("tracking.experiment_name=a=b")[1] == "a=b"
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("training.seed")
+
+
+def test_overrides_apply_to_every_run_after_the_grid(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, SIZE_BY_MODE))
+    runs = expand_grid(experiment, ["training.budget.steps=3", "model.n_heads=2"])
+    assert len(runs) == 6
+    assert {(r.config.training.budget.steps, r.config.model.n_heads) for r in runs} == {(3, 2)}
+
+
+def test_override_pinning_an_axis_deduplicates_with_a_note(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, SIZE_BY_MODE))
+    notes: list[str] = []
+    runs = expand_grid(experiment, ["training.training_architecture=rackwise"], notes=notes)
+    assert [r.name for r in runs] == ["size=small,mode=layerwise", "size=medium,mode=layerwise"]
+    assert len(notes) == 4 and "identical to run size=small,mode=layerwise" in notes[0]
+
+
+def test_override_errors(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, SIZE_BY_MODE))
+    with pytest.raises(ConfigError) as caught:
+        expand_grid(experiment, ["training.optimzer.lr=0.1", "training.seed=-1"])
+    messages = [e.format() for e in caught.value.errors]
+    assert messages == [
+        "--set training.optimzer.lr=0.1: unknown field 'optimzer'; did you mean 'optimizer'?"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        expand_grid(experiment, ["training.seed=-1"])
+    assert "training.seed" in str(caught.value) and "(from --set training.seed=-1)" in str(
+        caught.value
+    )
+
+
+def test_only_filters_on_short_and_dotted_names(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, SIZE_BY_MODE))
+    names = [r.name for r in expand_grid(experiment, only=["mode=layerwise"])]
+    assert names == ["size=small,mode=layerwise", "size=medium,mode=layerwise"]
+    names = [
+        r.name
+        for r in expand_grid(
+            experiment,
+            only=["training.training_architecture=rackwise", "mode=stackwise", "size=medium"],
+        )
+    ]
+    assert names == ["size=medium,mode=stackwise", "size=medium,mode=rackwise"]
+
+
+def test_only_on_a_resolved_setting(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, SIZE_BY_MODE))
+    assert len(expand_grid(experiment, only=["training.objective=clm"])) == 6
+    assert expand_grid(experiment, only=["training.objective=mlm"]) == []
+    names = [r.name for r in expand_grid(experiment, only=["model.d_model=128"])]
+    assert names == [
+        "size=medium,mode=layerwise",
+        "size=medium,mode=stackwise",
+        "size=medium,mode=rackwise",
+    ]
+
+
+def test_only_errors(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, SIZE_BY_MODE))
+    with pytest.raises(ConfigError, match="'huge' is not a value of axis 'size'"):
+        expand_grid(experiment, only=["size=huge"])
+    with pytest.raises(ConfigError, match="did you mean 'mode'"):
+        expand_grid(experiment, only=["mod=layerwise"])
+
+
+def test_value_labels() -> None:
+    assert [value_label(v) for v in ("a", 1, 0.5, True, None, [1, 2], {"b": 1})] == [
+        "a",
+        "1",
+        "0.5",
+        "true",
+        "null",
+        "[1,2]",
+        '{"b":1}',
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# shipped files
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiments_validate(path: Path) -> None:
+    experiment = load_experiment(path)
+    runs = expand_grid(experiment)
+    assert runs and experiment.name == path.stem
+    assert path.read_text().startswith(
+        "# yaml-language-server: $schema=../schemas/experiment.schema.json\n"
+    )
+
+
+def test_quickstart_is_tiny() -> None:
+    runs = expand_grid(load_experiment(ROOT / "experiments" / "quickstart.yaml"))
+    assert {r.config.training.training_architecture for r in runs} == {
+        "blockwise",
+        "stackwise",
+        "rackwise",
+    }
+    for run in runs:
+        model, training = run.config.model, run.config.training
+        assert model.d_model <= 64 and model.n_blocks <= 4
+        assert training.seq_len * training.batch_size * (training.budget.steps or 0) <= 200_000
+
+
+def test_json_schemas_are_current() -> None:
+    assert stale_json_schemas(ROOT / "schemas") == [], "run `stackwise schema` to regenerate"
+
+
+def test_experiment_schema_types_the_base_sections() -> None:
+    import json
+
+    schema = json.loads((ROOT / "schemas" / "experiment.schema.json").read_text())
+    assert schema["properties"]["model"]["$ref"] == "#/$defs/ModelConfig"
+    assert schema["additionalProperties"] is False
+    assert "layerwise" in schema["$defs"]["TrainingConfig"]["properties"][
+        "training_architecture"
+    ]["enum"]
+    assert set(ExperimentConfig.model_fields) <= set(schema["properties"])

@@ -1,0 +1,366 @@
+"""Tracking: a real `stackwise run` into a real MLflow store, and what it records.
+
+A small grid (two training modes of a tiny rack) is run once through the CLI into a SQLite store
+in a temporary folder; the tests read that store back: the experiment, the parent run and its
+nested point runs, tags, params, step metrics, artifacts, and the logged model. The store is
+built once per test session and shared between pytest-xdist workers (under a file lock).
+
+The helpers here (`write_experiment`, `run_cli`, `tiny_training`) are used by the other tracking
+test files too.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.tracking.logger import flatten_config
+from stackwise.tracking.store import (
+    checkpoint_dir,
+    default_tracking_uri,
+    local_root,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+
+# --------------------------------------------------------------------------------------------
+# helpers shared with test_runner.py, test_compare.py and test_ui.py
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_training(steps: int = 16) -> dict[str, Any]:
+    """A training section that runs in about a second on a CPU."""
+    return {
+        "budget": {"steps": steps},
+        "batch_size": 4,
+        "seq_len": 32,
+        "log_every_steps": 4,
+        "device": "cpu",
+        "eval": {"batches": 2},
+        "checkpoint": {"every_steps": 4},
+    }
+
+
+def write_experiment(
+    folder: Path,
+    name: str,
+    grid: dict[str, list[Any]] | None = None,
+    training: dict[str, Any] | None = None,
+    **sections: Any,
+) -> Path:
+    """An experiment file with a tiny rack, written to ``folder/<name>.yaml``."""
+    document: dict[str, Any] = {
+        "name": name,
+        "model": {"d_model": 32, "n_heads": 2, "architecture": {"n_stacks": 2, "blocks_per_stack": 1}},
+        "training": training or tiny_training(),
+        "data": {"max_tokens": 20000},
+    }
+    for section, value in sections.items():
+        document[section] = value
+    if grid is not None:
+        document["grid"] = grid
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def cli_env(cwd: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["COLUMNS"] = "200"
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "stackwise", *args]
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`stackwise <args>` as a subprocess in `cwd` (default store: ``cwd/mlruns``)."""
+    return subprocess.run(
+        cli_command(*args),
+        cwd=cwd,
+        env=cli_env(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def store_uri(cwd: Path) -> str:
+    return default_tracking_uri(cwd)
+
+
+def point_runs(client: Any, experiment_id: str) -> list[Any]:
+    return list(
+        client.search_runs([experiment_id], filter_string="tags.`stackwise.role` = 'point'")
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the shared store
+# --------------------------------------------------------------------------------------------
+
+GRID = {"training.training_architecture": ["rackwise", "stackwise"]}
+
+
+@pytest.fixture(scope="session")
+def tracked_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One CLI run of a two-point grid; shared by all tests and xdist workers (read-only)."""
+    shared = tmp_path_factory.getbasetemp().parent / "stackwise-tracked-store"
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info_path = shared / "info.json"
+        if not info_path.exists():
+            path = write_experiment(shared, "tracked", grid=GRID)
+            done = run_cli(shared, "run", str(path), "--quiet")
+            info = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+            info_path.write_text(json.dumps(info), encoding="utf-8")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info["cwd"] = shared
+    info["uri"] = store_uri(shared)
+    info["file"] = shared / "tracked.yaml"
+    return info
+
+
+@pytest.fixture(scope="session")
+def tracked(tracked_store: dict[str, Any]) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    assert tracked_store["returncode"] == 0, tracked_store["stdout"] + tracked_store["stderr"]
+    client = MlflowClient(tracking_uri=tracked_store["uri"])
+    experiment = client.get_experiment_by_name("tracked")
+    assert experiment is not None
+    return {**tracked_store, "client": client, "experiment_id": experiment.experiment_id}
+
+
+# --------------------------------------------------------------------------------------------
+# store resolution (no MLflow needed)
+# --------------------------------------------------------------------------------------------
+
+
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = resolve_tracking_uri()
+    assert default == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert resolve_tracking_uri(config_uri="sqlite:///yaml.db") == (
+        f"sqlite:///{tmp_path.resolve()}/yaml.db"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert resolve_tracking_uri(config_uri="sqlite:///yaml.db") == "http://tracking.example:5000"
+    assert resolve_tracking_uri("sqlite:////abs/flag.db", "sqlite:///yaml.db") == (
+        "sqlite:////abs/flag.db"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # CI exports it empty: counts as unset
+    assert resolve_tracking_uri() == default
+    # Resolving never creates anything.
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_store_layout_paths(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path)
+    assert sqlite_path(uri) == tmp_path.resolve() / "mlruns" / "mlflow.db"
+    assert local_root(uri) == tmp_path.resolve() / "mlruns"
+    assert checkpoint_dir(uri, "exp/1", "abc") == (
+        tmp_path.resolve() / "mlruns" / "checkpoints" / "exp_1" / "abc"
+    )
+    file_uri = resolve_tracking_uri(str(tmp_path / "filestore"))
+    assert file_uri.startswith("file://")
+    assert local_root(file_uri) == tmp_path.resolve() / "filestore"
+
+
+def test_flatten_config_dotted_and_limited() -> None:
+    config = StackWiseConfig.from_dict(
+        {"model": {"d_model": 32, "n_heads": 2, "stacks": [{"n_blocks": 1}, {"n_blocks": 2}]}}
+    )
+    flat = flatten_config(config.to_dict())
+    assert flat["model.d_model"] == "32"
+    assert flat["model.stacks.1.n_blocks"] == "2"
+    assert flat["training.training_architecture"] == "rackwise"
+    assert flat["model.vocab_size"] == "null"
+    assert flat["training.eval.diffusion_t_grid"] == "[0.15, 0.3, 0.5, 0.7, 0.9]"
+    long = flatten_config({"a": "x" * 10000})
+    assert len(long["a"]) == 6000
+
+
+# --------------------------------------------------------------------------------------------
+# what a CLI run records
+# --------------------------------------------------------------------------------------------
+
+
+def test_run_prints_comparison_and_summary(tracked: dict[str, Any]) -> None:
+    out = tracked["stdout"]
+    assert "tracked: comparison" in out
+    assert "2 finished, 0 skipped, 0 failed" in out
+    # Default store layout, created by the run.
+    root = Path(tracked["cwd"]) / "mlruns"
+    assert (root / "mlflow.db").is_file()
+    assert (root / "artifacts").is_dir()
+
+
+def test_parent_and_nested_point_runs(tracked: dict[str, Any]) -> None:
+    client, experiment_id = tracked["client"], tracked["experiment_id"]
+    points = point_runs(client, experiment_id)
+    first_parents = {r.data.tags["mlflow.parentRunId"] for r in points}
+    assert len(points) == 2
+    assert {r.info.status for r in points} == {"FINISHED"}
+    assert {r.info.run_name for r in points} == {"mode=rackwise", "mode=stackwise"}
+    assert len(first_parents) == 1
+    parent = client.get_run(first_parents.pop())
+    assert parent.data.tags["stackwise.role"] == "grid"
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {
+        "comparison.csv",
+        "comparison.md",
+        "loss_over_tokens.png",
+        "val_loss_memory.png",
+        "tracked.yaml",
+    } <= artifacts
+
+
+def test_point_tags_params_and_artifacts(tracked: dict[str, Any]) -> None:
+    import stackwise
+
+    client, experiment_id = tracked["client"], tracked["experiment_id"]
+    for run in point_runs(client, experiment_id):
+        tags, params = run.data.tags, run.data.params
+        mode = tags["grid.mode"]
+        assert tags["training_architecture"] == mode
+        assert tags["objective"] == "clm"
+        assert tags["size"] == "d32x2"
+        assert tags["stackwise.version"] == stackwise.__version__
+        assert len(tags["config_hash"]) == 16
+        assert params["grid.mode"] == mode
+        assert params["training.training_architecture"] == mode
+        assert params["model.d_model"] == "32"
+        assert params["training.budget.steps"] == "16"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "stage_plan.json"} <= artifacts
+        local = client.download_artifacts(run.info.run_id, "config.yaml")
+        config = StackWiseConfig.from_yaml(local)
+        assert config.config_hash() == tags["config_hash"]
+
+
+def test_step_metrics_and_summaries(tracked: dict[str, Any]) -> None:
+    client, experiment_id = tracked["client"], tracked["experiment_id"]
+    for run in point_runs(client, experiment_id):
+        run_id, metrics = run.info.run_id, run.data.metrics
+        loss = client.get_metric_history(run_id, "train/loss")
+        assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [4, 8, 12, 16]
+        tokens = {m.step: m.value for m in client.get_metric_history(run_id, "train/tokens")}
+        assert tokens[16] == 16 * 4 * 32
+        for key in (
+            "train/lr",
+            "train/tokens_per_s",
+            "val/loss",
+            "val/perplexity",
+            "stage/index",
+            "stage/peak_memory_bytes",
+            "stage/flops",
+            "final_val_loss",
+            "final_val_perplexity",
+            "tokens_per_s",
+            "peak_memory_bytes",
+            "flops",
+            "wall_time_s",
+            "parameters",
+        ):
+            assert key in metrics, key
+        stages = client.get_metric_history(run_id, "stage/index")
+        if run.data.tags["training_architecture"] == "stackwise":
+            assert sorted((m.step, m.value) for m in stages) == [(0, 0.0), (8, 1.0)]
+            assert "train/loss/stack_0" in metrics and "train/loss/stack_1" in metrics
+        else:
+            assert [(m.step, m.value) for m in stages] == [(0, 0.0)]
+        assert metrics["final_val_loss"] > 0
+
+
+def test_logged_model_loads_by_run_id(tracked: dict[str, Any]) -> None:
+    import mlflow
+
+    import stackwise
+    from stackwise.tracking.models import _model_of_run
+
+    client, experiment_id = tracked["client"], tracked["experiment_id"]
+    run = point_runs(client, experiment_id)[0]
+    rack = stackwise.load_rack(run.info.run_id, tracking_uri=tracked["uri"])
+    assert rack.get_parameter_count() == int(run.data.metrics["parameters"])
+    input_ids = torch.randint(0, rack.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = rack(input_ids)
+    assert logits.shape == (2, 16, rack.vocab_size)
+    # The pyfunc model (MLflow's own loading path, signature included) gives the same logits.
+    model = _model_of_run(client, run.info.run_id)
+    mlflow.set_tracking_uri(tracked["uri"])
+    served = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    assert served.metadata.get_input_schema().inputs[0].name == "input_ids"
+    assert torch.equal(torch.from_numpy(served.predict(input_ids.numpy())), logits)
+
+
+# --------------------------------------------------------------------------------------------
+# model round trip with the trained rack in hand
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_log_rack_round_trip_identical_logits(tmp_path: Path, tie_embeddings: bool) -> None:
+    from stackwise.model.architecture import create_rack_from_config
+    from stackwise.tracking.models import load_rack, log_rack
+    from stackwise.tracking.store import get_or_create_experiment, open_client
+    from stackwise.training.architecture_trainer import ArchitectureTrainer
+
+    config = StackWiseConfig.from_dict(
+        {
+            "model": {
+                "d_model": 32,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "attention_type": "gqa",
+                "tie_embeddings": tie_embeddings,
+                "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
+            },
+            "training": {**tiny_training(6), "training_architecture": "blockwise"},
+        }
+    )
+    rack = create_rack_from_config(config)
+    batches = [torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ArchitectureTrainer(config).train_architecture(rack, batches)
+    rack.eval()
+
+    uri = default_tracking_uri(tmp_path)
+    client = open_client(uri)
+    experiment_id = get_or_create_experiment(client, uri, "models")
+    run_id = client.create_run(experiment_id).info.run_id
+    log_rack(rack, run_id, experiment_id, uri)
+    loaded = load_rack(run_id, tracking_uri=uri)
+    probe = torch.randint(0, 260, (3, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), rack(probe))
+    assert loaded.spec() == rack.spec()
+    assert (loaded.lm_head.weight is loaded.token_embedding.weight) == tie_embeddings
+
+
+def test_load_rack_without_model_is_an_error(tmp_path: Path) -> None:
+    from stackwise.tracking.models import load_rack
+    from stackwise.tracking.store import get_or_create_experiment, open_client
+
+    uri = default_tracking_uri(tmp_path)
+    client = open_client(uri)
+    run_id = client.create_run(get_or_create_experiment(client, uri, "empty")).info.run_id
+    with pytest.raises(LookupError, match="no logged model"):
+        load_rack(run_id, tracking_uri=uri)

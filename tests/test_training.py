@@ -1,0 +1,325 @@
+"""The trainer: loss falls in every mode, freezing semantics, budgets, faults, fusion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.data import build_data
+from stackwise.model.architecture import create_rack_from_config
+from stackwise.training.architecture_trainer import ArchitectureTrainer, TrainingError
+from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback
+from stackwise.training.objectives import build_objective
+from stackwise.training.plan import estimate_run, plan_stages
+
+
+def tiny_config(
+    mode: str = "blockwise", objective: str = "clm", steps: int = 12, **training: Any
+) -> StackWiseConfig:
+    model: dict[str, Any] = {
+        "d_model": 32,
+        "n_heads": 2,
+        "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
+        "attention_mode": "causal" if objective == "clm" else "bidirectional",
+    }
+    model.update(training.pop("model", {}))
+    return StackWiseConfig.from_dict(
+        {
+            "model": model,
+            "training": {
+                "training_architecture": mode,
+                "objective": objective,
+                "batch_size": 4,
+                "seq_len": 32,
+                "budget": {"steps": steps},
+                "optimizer": {"lr": 3e-3},
+                "schedule": {"warmup_fraction": 0.0},
+                "log_every_steps": 1,
+                "eval": {"batches": 2},
+                **training,
+            },
+            "data": {"max_tokens": 30_000},
+        }
+    )
+
+
+class Recorder(TrainingCallback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.stages: list[StageInfo] = []
+        self.events: list[str] = []
+
+    def on_train_start(self, stages: list[StageInfo]) -> None:
+        self.events.append("train_start")
+
+    def on_stage_start(self, stage: StageInfo, step: int) -> None:
+        self.stages.append(stage)
+        self.events.append(f"stage_start:{stage.name}")
+
+    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, metrics))
+        if "train/loss" in metrics:
+            self.losses.append(metrics["train/loss"])
+
+    def on_stage_end(self, result: StageResult, step: int) -> None:
+        self.events.append(f"stage_end:{result.stage.name}")
+
+    def on_train_end(self, results: Any) -> None:
+        self.events.append("train_end")
+
+
+def run(config: StackWiseConfig, callbacks: list[TrainingCallback] | None = None, **kw: Any):
+    data = build_data(config.data, config.training)
+    rack = create_rack_from_config(config)
+    trainer = ArchitectureTrainer(config, callbacks=callbacks, **kw)
+    results = trainer.train_architecture(rack, data.train_loader, data.val_loader)
+    return rack, results
+
+
+def held_out_loss(rack: nn.Module, config: StackWiseConfig, loader: Any) -> float:
+    """The objective on the first validation batches (diffusion: on its fixed t grid)."""
+    t = config.training
+    objective = build_objective(
+        t.objective, vocab_size=260, mask_token_id=257, t_grid=t.eval.diffusion_t_grid
+    )
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    rack.eval()
+    with torch.no_grad():
+        for _, ids in zip(range(2), loader.iter_epoch(0), strict=False):
+            for batch in objective.eval_corruptions(ids, generator):
+                losses.append(float(objective.loss(rack(batch.inputs), batch)))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm", "diffusion"])
+@pytest.mark.parametrize("mode", ["rackwise", "stackwise", "blockwise"])
+def test_loss_falls(mode: str, objective: str) -> None:
+    config = tiny_config(mode, objective, steps=24)
+    data = build_data(config.data, config.training)
+    rack = create_rack_from_config(config)
+    before = held_out_loss(rack, config, data.val_loader)
+    results = ArchitectureTrainer(config).train_architecture(
+        rack, data.train_loader, data.val_loader
+    )
+    after = held_out_loss(rack, config, data.val_loader)
+    assert after < before - 0.3, (before, after)
+    assert results.final_val_loss is not None and results.final_val_loss < before
+    assert results.total_steps == 24
+    assert results.flops > 0 and results.tokens_per_s > 0 and results.peak_memory_bytes > 0
+    assert (results.next_token_perplexity is not None) == (objective == "clm")
+    expected_stages = {"rackwise": ["rack"], "stackwise": ["stack_0", "stack_1"]}
+    names = [s.stage.name for s in results.stages]
+    assert names == expected_stages.get(mode, ["block_0", "block_1"])
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(tie: bool) -> None:
+    config = tiny_config(
+        "blockwise",
+        "mlm",
+        steps=9,
+        model={"architecture": {"n_stacks": 3, "blocks_per_stack": 1}, "tie_embeddings": tie},
+    )
+    rack = create_rack_from_config(config)
+    snapshots: dict[str, dict[str, torch.Tensor]] = {}
+    heads: list[torch.Tensor] = []
+
+    class Snap(TrainingCallback):
+        def on_stage_end(self, result: StageResult, step: int) -> None:
+            index = result.stage.index
+            snapshots[f"block_{index}"] = _snapshot(rack.blocks[index])
+            if index == 0:
+                snapshots["embedding"] = _snapshot(rack.token_embedding)
+            heads.append(rack.lm_head.weight.detach().clone())
+
+    data = build_data(config.data, config.training)
+    initial_embedding = _snapshot(rack.token_embedding)
+    ArchitectureTrainer(config, callbacks=[Snap()]).train_architecture(rack, data.train_loader)
+    for index in range(3):
+        assert _same(snapshots[f"block_{index}"], _snapshot(rack.blocks[index]))
+    assert _same(snapshots["embedding"], _snapshot(rack.token_embedding))
+    assert not _same(initial_embedding, snapshots["embedding"])  # trained in stage 0
+    if tie:
+        assert torch.equal(heads[0], heads[-1])  # the tied head is the frozen embedding
+    else:
+        assert not torch.equal(heads[0], heads[-1])  # an untied head trains in every stage
+
+
+def test_declared_frozen_stack_is_never_trained() -> None:
+    config = tiny_config(
+        "stackwise",
+        "mlm",
+        steps=6,
+        model={
+            "stacks": [{"n_blocks": 1}, {"n_blocks": 1, "freeze_blocks": True}, {"n_blocks": 1}]
+        },
+    )
+    rack = create_rack_from_config(config)
+    frozen = _snapshot(rack.stacks[1])
+    recorder = Recorder()
+    data = build_data(config.data, config.training)
+    results = ArchitectureTrainer(config, [recorder]).train_architecture(rack, data.train_loader)
+    assert [s.stage.name for s in results.stages] == ["stack_0", "stack_2"]
+    assert _same(frozen, _snapshot(rack.stacks[1]))
+    assert all(not p.requires_grad for p in rack.stacks[1].parameters())  # flags restored
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_backward_stops_at_the_trainable_piece() -> None:
+    config = tiny_config("blockwise", "clm", steps=6, cache={"enabled": False})
+    rack = create_rack_from_config(config)
+    stage = {"index": 0}
+    calls: dict[tuple[int, str], int] = {}
+
+    def hook(name: str):
+        def count(module: nn.Module, grad_in: Any, grad_out: Any) -> None:
+            key = (stage["index"], name)
+            calls[key] = calls.get(key, 0) + 1
+
+        return count
+
+    rack.token_embedding.register_full_backward_hook(hook("embedding"))
+    rack.blocks[0].register_full_backward_hook(hook("block_0"))
+    rack.blocks[1].register_full_backward_hook(hook("block_1"))
+    grads: list[bool] = []
+
+    class Track(TrainingCallback):
+        def on_stage_start(self, info: StageInfo, step: int) -> None:
+            stage["index"] = info.index
+            trainable = {n for n, p in rack.named_parameters() if p.requires_grad}
+            grads.append(any(n.startswith("token_embedding") for n in trainable))
+
+    data = build_data(config.data, config.training)
+    ArchitectureTrainer(config, [Track()]).train_architecture(rack, data.train_loader)
+    assert calls.get((0, "embedding"), 0) > 0 and calls.get((0, "block_0"), 0) > 0
+    assert calls.get((1, "block_1"), 0) > 0
+    assert calls.get((1, "block_0"), 0) == 0 and calls.get((1, "embedding"), 0) == 0
+    assert grads == [True, False]
+    assert rack.token_embedding.weight.grad is None
+
+
+def test_non_finite_loss_names_stage_and_step() -> None:
+    config = tiny_config("blockwise", "clm", steps=4)
+    rack = create_rack_from_config(config)
+    with torch.no_grad():
+        rack.norm.weight.fill_(float("nan"))
+    data = build_data(config.data, config.training)
+    with pytest.raises(TrainingError, match=r"non-finite loss.*stage block_0.*step 1"):
+        ArchitectureTrainer(config).train_architecture(rack, data.train_loader)
+
+
+def test_plain_tensor_and_dict_batches_as_in_the_seed() -> None:
+    config = tiny_config("blockwise", "mlm", steps=4)
+    torch.manual_seed(0)
+    tensors = [torch.randint(0, 256, (2, 16)) for _ in range(3)]
+    rack = create_rack_from_config(config)
+    results = ArchitectureTrainer(config).train_architecture(rack, tensors)
+    assert results.total_steps == 4 and results.final_val_loss is None
+    dicts = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in tensors]
+    results = ArchitectureTrainer(config).train_architecture(rack, dicts)
+    assert results.total_steps == 4
+
+
+def test_budget_split_equal_tokens_by_params_and_fractions() -> None:
+    config = tiny_config(
+        "blockwise", steps=10, model={"architecture": {"n_stacks": 3, "blocks_per_stack": 1}}
+    )
+    rack = create_rack_from_config(config)
+    assert [p.steps for p in plan_stages(config, rack)] == [4, 3, 3]
+    tokens = tiny_config("stackwise", budget={"tokens": 4 * 32 * 8})
+    assert [p.steps for p in plan_stages(tokens, create_rack_from_config(tokens))] == [4, 4]
+    by_params = tiny_config(
+        "blockwise",
+        steps=30,
+        budget={"steps": 30, "split": "by_params"},
+        model={"stacks": [{"n_blocks": 1, "d_ff": 64}, {"n_blocks": 1, "d_ff": 256}]},
+    )
+    plans = plan_stages(by_params, create_rack_from_config(by_params))
+    assert plans[0].steps < plans[1].steps and sum(p.steps for p in plans) == 30
+    fractions = tiny_config(
+        "blockwise",
+        steps=20,
+        model={
+            "stacks": [
+                {"n_blocks": 2, "budget_fraction": 0.5, "lr": 1e-4},
+                {"n_blocks": 1},
+            ]
+        },
+    )
+    plans = plan_stages(fractions, create_rack_from_config(fractions))
+    assert [p.steps for p in plans] == [5, 5, 10]
+    assert [p.lr for p in plans] == [1e-4, 1e-4, 3e-3]
+    assert [p.trains_embedding for p in plans] == [True, False, False]
+
+
+def test_layerwise_is_blockwise_and_fusion_adds_a_joint_stage() -> None:
+    config = tiny_config(
+        "blockwise", "mlm", steps=4, fusion={"enabled": True, "steps": 3, "lr": 1e-3}
+    )
+    config.training.training_architecture = "layerwise"  # type: ignore[assignment]
+    assert config.training.training_architecture == "blockwise"
+    rack = create_rack_from_config(config)
+    embedding: list[torch.Tensor] = []
+
+    class Snap(TrainingCallback):
+        def on_stage_end(self, result: StageResult, step: int) -> None:
+            embedding.append(rack.token_embedding.weight.detach().clone())
+
+    data = build_data(config.data, config.training)
+    results = ArchitectureTrainer(config, [Snap()]).train_architecture(
+        rack, data.train_loader, data.val_loader
+    )
+    assert [s.stage.name for s in results.stages] == ["block_0", "block_1", "fusion"]
+    assert results.total_steps == 7
+    assert torch.equal(embedding[0], embedding[1])  # frozen after stage 0
+    assert not torch.equal(embedding[1], embedding[2])  # fusion trains it again
+
+
+def test_callbacks_order_and_metrics() -> None:
+    recorder = Recorder()
+    config = tiny_config("stackwise", "clm", steps=4, eval={"batches": 1, "every_steps": 1})
+    run(config, [recorder])
+    assert recorder.events == [
+        "train_start",
+        "stage_start:stack_0",
+        "stage_end:stack_0",
+        "stage_start:stack_1",
+        "stage_end:stack_1",
+        "train_end",
+    ]
+    keys = set().union(*(m.keys() for _, m in recorder.metrics))
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/stage", "val/loss"} <= keys
+    assert "final/next_token_perplexity" in keys
+    steps = [s for s, m in recorder.metrics if "train/loss" in m]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_estimate_run_matches_the_plan() -> None:
+    config = tiny_config("blockwise", "mlm", steps=10)
+    estimate = estimate_run(config)
+    rack = create_rack_from_config(config)
+    assert estimate.total_parameters == rack.get_parameter_count()
+    assert [s.name for s in estimate.stages] == ["block_0", "block_1"]
+    assert [s.steps for s in estimate.stages] == [5, 5]
+    assert estimate.stages[0].tokens == 5 * 4 * 32
+    assert estimate.flops > 0 and estimate.peak_memory_bytes > 0 and estimate.device == "cpu"
+    deep = {"architecture": {"n_stacks": 3, "blocks_per_stack": 1}}
+    cached = estimate_run(tiny_config("blockwise", "mlm", steps=10, model=deep))
+    uncached = estimate_run(
+        tiny_config("blockwise", "mlm", steps=10, model=deep, cache={"enabled": False})
+    )
+    assert cached.flops < uncached.flops

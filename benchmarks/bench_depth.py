@@ -60,12 +60,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2, help="best of N runs per point")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: stable on shared machines)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     time_run(2, True, args)  # warm-up: first-call overheads (imports, allocator)
     times: dict[str, dict[str, float]] = {"cached": {}, "uncached": {}}
     for depth in (4, 8, 16):
         for label, cached in (("cached", True), ("uncached", False)):
-            times[label][str(depth)] = time_run(depth, cached, args)
+            runs = [time_run(depth, cached, args) for _ in range(args.repeats)]
+            times[label][str(depth)] = min(runs)
     ratios = {label: t["16"] / t["8"] for label, t in times.items()}
     report = {
         "benchmark": "bench_depth",

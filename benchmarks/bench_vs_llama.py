@@ -9,7 +9,8 @@ repeated timing rounds within one process; the per-step medians give the ratio
     speed_ratio = stackwise steps/s / llama steps/s     (>= 1.0: StackWise is at least as fast)
 
 (``speed_ratio_best_round`` compares each model's fastest round instead, which is less
-affected by other work on a shared machine.)
+affected by other work on a shared machine; ``--clock thread_cpu`` times CPU seconds of a single
+compute thread instead of wall time, for machines that are busy with other work.)
 
 Printed as JSON and written to ``benchmarks/results/bench_vs_llama.json``.
 
@@ -90,10 +91,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread_cpu"),
+        default="wall",
+        help="`thread_cpu`: CPU time of the (single) compute thread, robust to other load on "
+        "the machine; implies --threads 1",
+    )
     parser.add_argument("--out", default="benchmarks/results/bench_vs_llama.json")
     args = parser.parse_args()
+    if args.clock == "thread_cpu":
+        args.threads = 1  # CPU backward runs on the calling thread, so one thread sees it all
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
 
     rack = create_simple_rack(
         n_stacks=1,
@@ -132,10 +143,10 @@ def main() -> None:
         # Alternate which model goes first so drift in machine speed hits both alike.
         order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             for _ in range(args.steps):
                 steps[name](batch)
-            per_step[name].append((time.perf_counter() - start) / args.steps)
+            per_step[name].append((clock() - start) / args.steps)
 
     median = {name: statistics.median(times) for name, times in per_step.items()}
     best = {name: min(times) for name, times in per_step.items()}

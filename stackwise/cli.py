@@ -29,6 +29,7 @@ from rich.text import Text
 from stackwise import __version__
 
 if TYPE_CHECKING:
+    from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import Experiment, RunSpec
 
 app = typer.Typer(
@@ -91,23 +92,24 @@ def user_errors() -> Iterator[None]:
         )
 
 
-def expand_paths(patterns: Sequence[str]) -> list[str]:
+def expand_paths(patterns: Sequence[str], errors: list[ConfigError] | None = None) -> list[str]:
     """Files named on the command line; globs are expanded here too (for quoted patterns and
-    shells that do not expand them). A glob that matches nothing is an error."""
+    shells that do not expand them). A glob that matches nothing is an error: raised, or added
+    to `errors` when given (so the files that do exist are still checked)."""
     from stackwise.config.errors import ConfigError
 
+    collected: list[ConfigError] = [] if errors is None else errors
     found: list[str] = []
-    errors: list[ConfigError] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
-                errors.append(ConfigError("no file matches this pattern", file=pattern))
+                collected.append(ConfigError("no file matches this pattern", file=pattern))
             found.extend(matches)
         else:
             found.append(pattern)
-    if errors:
-        raise ConfigError.combine(errors)
+    if errors is None and collected:
+        raise ConfigError.combine(collected)
     return list(dict.fromkeys(found))
 
 
@@ -119,9 +121,9 @@ def load_plans(
     from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import expand_grid, load_experiment
 
-    paths = expand_paths(patterns)
-    plans: Plans = []
     errors: list[ConfigError] = []
+    paths = expand_paths(patterns, errors)
+    plans: Plans = []
     notes: list[str] = []
     for path in paths:
         try:

@@ -320,7 +320,9 @@ def test_exclude_must_name_real_axes_and_values(tmp_path: Path) -> None:
     )
     messages = [e.format() for e in error.errors]
     assert any("exclude.0.sise" in m and "did you mean 'size'?" in m for m in messages)
-    assert any("exclude.1.mode" in m and "values: layerwise, stackwise, rackwise" in m for m in messages)
+    assert any(
+        "exclude.1.mode" in m and "values: layerwise, stackwise, rackwise" in m for m in messages
+    )
 
 
 def test_exclude_that_removes_everything_is_an_error(tmp_path: Path) -> None:
@@ -358,7 +360,10 @@ def test_file_preset_replaces_builtin_and_adds_new(tmp_path: Path) -> None:
     runs = {r.name: r.config.model for r in expand_grid(load_experiment(write(tmp_path, text)))}
     assert runs["size=small"].d_model == 32
     # replaced, not merged: the built-in small's 2x2 blocks are not inherited
-    assert runs["size=small"].architecture.blocks_per_stack == StackWiseConfig().model.architecture.blocks_per_stack
+    assert (
+        runs["size=small"].architecture.blocks_per_stack
+        == StackWiseConfig().model.architecture.blocks_per_stack
+    )
     assert (runs["size=tiny"].d_model, runs["size=tiny"].n_blocks) == (16, 1)
     assert runs["size=large"].d_model == BUILTIN_PRESETS["size"]["large"]["model"]["d_model"]
 
@@ -433,7 +438,10 @@ def test_run_error_names_the_run_and_the_line_that_set_the_value(tmp_path: Path)
     """
     error = experiment_error(tmp_path, text)
     assert error.field == "model.n_heads" and error.line == 8
-    assert error.message == "d_model (64) must be divisible by n_heads (5) (runs seed=0,n_heads=5; seed=1,n_heads=5)"
+    assert (
+        error.message
+        == "d_model (64) must be divisible by n_heads (5) (runs seed=0,n_heads=5; seed=1,n_heads=5)"
+    )
 
 
 def test_error_in_base_is_reported_once_for_all_runs(tmp_path: Path) -> None:
@@ -549,7 +557,9 @@ def test_value_labels() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_experiments_validate(path: Path) -> None:
     experiment = load_experiment(path)
     runs = expand_grid(experiment)
@@ -582,7 +592,8 @@ def test_experiment_schema_types_the_base_sections() -> None:
     schema = json.loads((ROOT / "schemas" / "experiment.schema.json").read_text())
     assert schema["properties"]["model"]["$ref"] == "#/$defs/ModelConfig"
     assert schema["additionalProperties"] is False
-    assert "layerwise" in schema["$defs"]["TrainingConfig"]["properties"][
-        "training_architecture"
-    ]["enum"]
+    assert (
+        "layerwise"
+        in schema["$defs"]["TrainingConfig"]["properties"]["training_architecture"]["enum"]
+    )
     assert set(ExperimentConfig.model_fields) <= set(schema["properties"])

@@ -61,7 +61,11 @@ def write_experiment(
     """An experiment file with a tiny rack, written to ``folder/<name>.yaml``."""
     document: dict[str, Any] = {
         "name": name,
-        "model": {"d_model": 32, "n_heads": 2, "architecture": {"n_stacks": 2, "blocks_per_stack": 1}},
+        "model": {
+            "d_model": 32,
+            "n_heads": 2,
+            "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
+        },
         "training": training or tiny_training(),
         "data": {"max_tokens": 20000},
     }
@@ -290,6 +294,7 @@ def test_step_metrics_and_summaries(tracked: dict[str, Any]) -> None:
         assert metrics["final_val_loss"] > 0
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # MLflow's pyfunc loader nags about type hints
 def test_logged_model_loads_by_run_id(tracked: dict[str, Any]) -> None:
     import mlflow
 
@@ -300,7 +305,9 @@ def test_logged_model_loads_by_run_id(tracked: dict[str, Any]) -> None:
     run = point_runs(client, experiment_id)[0]
     rack = stackwise.load_rack(run.info.run_id, tracking_uri=tracked["uri"])
     assert rack.get_parameter_count() == int(run.data.metrics["parameters"])
-    input_ids = torch.randint(0, rack.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(
+        0, rack.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         logits = rack(input_ids)
     assert logits.shape == (2, 16, rack.vocab_size)
@@ -338,7 +345,9 @@ def test_log_rack_round_trip_identical_logits(tmp_path: Path, tie_embeddings: bo
         }
     )
     rack = create_rack_from_config(config)
-    batches = [torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    batches = [
+        torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
     ArchitectureTrainer(config).train_architecture(rack, batches)
     rack.eval()
 

@@ -701,9 +701,10 @@ def _setting_matches(config: StackWiseConfig, setting: tuple[str, ...], raw: str
 
 def _keep(filters: Sequence[_Filter], point: dict[int, int], config: StackWiseConfig) -> bool:
     """Filters on the same key are alternatives; different keys must all match."""
-    by_key: dict[str, list[_Filter]] = {}
+    # Group by what is filtered (an axis named short or dotted is the same axis).
+    by_key: dict[object, list[_Filter]] = {}
     for item in filters:
-        by_key.setdefault(item.key, []).append(item)
+        by_key.setdefault(item.axis if item.axis is not None else item.setting, []).append(item)
     for alternatives in by_key.values():
         if not any(
             point.get(item.axis) == item.value
@@ -762,8 +763,9 @@ def _locate(
             if isinstance(source, str):
                 return None, f" (from {source})"
             return experiment.line_of(source + tuple(path[cut:])), ""
-    # Not set anywhere: a default. Point at the section of the file if it has one.
-    return experiment.line_of(path[:1]), ""
+    # Not set as a whole (a default, or a section set key by key): the base sections sit at the
+    # top of the file under their config paths, so point at the nearest one written there.
+    return experiment.line_of(path), ""
 
 
 def _point_name(experiment: Experiment, point: dict[int, int]) -> tuple[str, dict[str, str]]:

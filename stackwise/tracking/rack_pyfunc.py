@@ -9,44 +9,42 @@ Do not import this module elsewhere: executing it registers the model with MLflo
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-# MLflow checks predict's type hints when the class is defined and warns either way (none given,
-# or not list-shaped); the tensor signature the model is logged with is what describes it.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
 
-    class RackModel(PythonModel):
-        """pyfunc wrapper: ``predict(input_ids [B, T] int64) -> logits [B, T, vocab] float32``."""
+class RackModel(PythonModel):
+    """pyfunc wrapper: ``predict(input_ids [B, T] int64) -> logits [B, T, vocab] float32``."""
 
-        def load_context(self, context: Any) -> None:
-            from stackwise.tracking.models import SPEC_ARTIFACT, WEIGHTS_ARTIFACT, rack_from_files
+    # The input is described by the tensor signature the model is logged with; MLflow's
+    # type-hint based validation (which wants list-shaped hints) is not used.
+    _skip_type_hint_validation = True
 
-            self.rack = rack_from_files(
-                context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[SPEC_ARTIFACT]
-            )
-            self.rack.eval()
+    def load_context(self, context: Any) -> None:
+        from stackwise.tracking.models import SPEC_ARTIFACT, WEIGHTS_ARTIFACT, rack_from_files
 
-        # No annotations on purpose: MLflow derives a (list-based) schema from predict's type
-        # hints, which would override the tensor signature the model is logged with.
-        def predict(self, context, model_input, params=None):
-            import torch
+        self.rack = rack_from_files(
+            context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[SPEC_ARTIFACT]
+        )
+        self.rack.eval()
 
-            if isinstance(model_input, dict):
-                model_input = model_input["input_ids"]
-            if hasattr(model_input, "to_numpy"):  # a pandas DataFrame of token columns
-                model_input = model_input.to_numpy()
-            input_ids = torch.as_tensor(np.asarray(model_input, dtype=np.int64))
-            if input_ids.dim() == 1:
-                input_ids = input_ids.unsqueeze(0)
-            with torch.no_grad():
-                logits = self.rack(input_ids)
-            return logits.float().numpy()
+    # Unannotated on purpose: MLflow would derive a (list-shaped) input schema from type hints.
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        if isinstance(model_input, dict):
+            model_input = model_input["input_ids"]
+        if hasattr(model_input, "to_numpy"):  # a pandas DataFrame of token columns
+            model_input = model_input.to_numpy()
+        input_ids = torch.as_tensor(np.asarray(model_input, dtype=np.int64))
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        with torch.no_grad():
+            logits = self.rack(input_ids)
+        return logits.float().numpy()
 
 
 mlflow.models.set_model(RackModel())

@@ -223,12 +223,14 @@ def open_client(uri: str) -> MlflowClient:
     """
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    if sqlite_path(uri) is not None:
-        prepare_store(uri)
-        with FileLock(lock_path(uri, "store-init")):
-            # Touching the store builds it (and its tables) now, while we hold the lock.
-            retry_locked(lambda: client.search_experiments(max_results=1), what="open store")
+    if sqlite_path(uri) is None:
+        return MlflowClient(tracking_uri=uri)
+    prepare_store(uri)
+    with FileLock(lock_path(uri, "store-init")):
+        # Creating the client may already build the store; touching it makes sure the tables
+        # exist before the lock is released.
+        client = retry_locked(lambda: MlflowClient(tracking_uri=uri), what="open store")
+        retry_locked(lambda: client.search_experiments(max_results=1), what="open store")
     return client
 
 

@@ -1,0 +1,199 @@
+"""The `stackwise` command line, run for real in subprocesses.
+
+Every broken file in tests/bad_configs/ must give exit status 2, a one-line message naming the
+file, the dotted field and the line (as its `# expect:` header says), no traceback, and nothing
+written. Each file starts with ``# expect: <field or -> | <line or -> | <text in the message>``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = ROOT / "tests" / "bad_configs"
+BAD_FILES = sorted(BAD.glob("*.yaml"))
+QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+
+
+def stackwise(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script (falls back to `python -m stackwise`)."""
+    script = shutil.which("stackwise", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "stackwise"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "COLUMNS": "200"}
+    return subprocess.run(
+        [*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def expectation(path: Path) -> tuple[str | None, int | None, str]:
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# expect: "), f"{path.name} needs an '# expect:' header"
+    field, line, text = (part.strip() for part in header.removeprefix("# expect: ").split(" | "))
+    return (None if field == "-" else field, None if line == "-" else int(line), text)
+
+
+def expected_prefix(path: Path) -> str:
+    field, line, _ = expectation(path)
+    prefix = f"{path}:{line}" if line is not None else str(path)
+    return f"{prefix}: {field}: " if field else prefix
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], cwd: Path) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (cwd / "mlruns").exists()
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=lambda p: p.stem)
+def test_bad_config_fails_cleanly_before_anything_runs(path: Path, tmp_path: Path) -> None:
+    result = stackwise("run", path, cwd=tmp_path)
+    assert_clean_failure(result, tmp_path)
+    _, line, text = expectation(path)
+    errors = [row for row in result.stderr.splitlines() if row.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    message = errors[0].removeprefix("error: ")
+    assert message.startswith(expected_prefix(path)), message
+    if line is not None:
+        assert message.startswith(f"{path}:{line}:")
+    assert text in message
+
+
+def test_all_errors_of_all_files_are_reported_together(tmp_path: Path) -> None:
+    result = stackwise("validate", *BAD_FILES, tmp_path / "missing.yaml", cwd=tmp_path)
+    assert_clean_failure(result, tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(BAD_FILES) + 1
+    for path in BAD_FILES:
+        assert any(line.startswith(f"error: {expected_prefix(path)}") for line in errors), path
+    assert f"error: {tmp_path / 'missing.yaml'}: file not found" in errors
+    assert f"{len(BAD_FILES) + 1} errors; nothing was run or written." in result.stderr
+
+
+def test_missing_file_and_unmatched_glob(tmp_path: Path) -> None:
+    result = stackwise("run", "nope.yaml", "experiments/*.yml", cwd=tmp_path)
+    assert_clean_failure(result, tmp_path)
+    assert "error: nope.yaml: file not found" in result.stderr
+    assert "error: experiments/*.yml: no file matches this pattern" in result.stderr
+
+
+def test_validate_shipped_experiments_with_quoted_glob() -> None:
+    result = stackwise("validate", "experiments/*.yaml", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for name in ("quickstart", "size_vs_mode", "objectives", "attention"):
+        assert f"experiments/{name}.yaml" in result.stdout
+    assert "4 files valid" in result.stdout
+
+
+def test_dry_run_lists_runs_and_writes_nothing(tmp_path: Path) -> None:
+    result = stackwise(
+        "run",
+        QUICKSTART,
+        "--dry-run",
+        "--only",
+        "mode=layerwise",
+        "--only",
+        "mode=rackwise",
+        "--set",
+        "training.budget.steps=7",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "size=small,mode=layerwise" in result.stdout
+    assert "size=small,mode=rackwise" in result.stdout
+    assert "size=small,mode=stackwise" not in result.stdout
+    assert "7 steps" in result.stdout and "2 runs in 1 file" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_set_and_only_options(tmp_path: Path) -> None:
+    result = stackwise(
+        "run", QUICKSTART, "--set", "training.optimzer.lr=1", "--only", "mode=x", cwd=tmp_path
+    )
+    assert_clean_failure(result, tmp_path)
+    assert "--set training.optimzer.lr=1: unknown field 'optimzer'; did you mean" in result.stderr
+    assert "'x' is not a value of axis 'mode'" in result.stderr
+    result = stackwise("run", QUICKSTART, "--set", "training.seq_len=1", cwd=tmp_path)
+    assert_clean_failure(result, tmp_path)
+    assert "training.seq_len: Input should be greater than or equal to 2" in result.stderr
+    assert "(from --set training.seq_len=1)" in result.stderr
+    result = stackwise("run", QUICKSTART, "--only", "training.objective=mlm", cwd=tmp_path)
+    assert_clean_failure(result, tmp_path)
+    assert "no run of the given files matches" in result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    result = stackwise("run", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = stackwise("frobnicate", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_help_and_module_entry_point(tmp_path: Path) -> None:
+    result = stackwise("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("validate", "plan", "run", "schema"):
+        assert command in result.stdout
+    module = subprocess.run(
+        [sys.executable, "-m", "stackwise", "run", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert module.returncode == 0 and "--dry-run" in module.stdout and "--only" in module.stdout
+
+
+LIGHT_IMPORTS = """
+import sys
+from stackwise.cli import app
+for args in (["--help"], ["validate", sys.argv[1]], ["run", "--dry-run", sys.argv[1]]):
+    try:
+        app(args)
+    except SystemExit as done:
+        assert not done.code, (args, done.code)
+heavy = sorted({"torch", "mlflow", "numpy", "polars"} & set(sys.modules))
+assert not heavy, heavy
+print("light")
+"""
+
+
+def test_help_validate_and_dry_run_do_not_import_torch_or_mlflow(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", LIGHT_IMPORTS, str(QUICKSTART)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("light")
+
+
+def test_schema_check_and_regenerate(tmp_path: Path) -> None:
+    assert stackwise("schema", "--check", cwd=ROOT).returncode == 0
+    stale = stackwise("schema", "--check", "--dir", tmp_path / "schemas", cwd=tmp_path)
+    assert stale.returncode == 1 and "stale" in stale.stderr
+    written = stackwise("schema", "--dir", tmp_path / "schemas", cwd=tmp_path)
+    assert written.returncode == 0
+    for name in ("experiment.schema.json", "stackwise-config.schema.json"):
+        assert (tmp_path / "schemas" / name).read_text() == (ROOT / "schemas" / name).read_text()
+    assert (
+        stackwise("schema", "--check", "--dir", tmp_path / "schemas", cwd=tmp_path).returncode == 0
+    )
+
+
+def test_plan_estimates_every_run(tmp_path: Path) -> None:
+    result = stackwise("plan", QUICKSTART, "--set", "training.device=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for mode in ("layerwise", "stackwise", "rackwise"):
+        assert f"size=small,mode={mode}" in result.stdout
+    assert "cpu" in result.stdout and "MiB" in result.stdout
+    assert "3 runs" in result.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,202 @@
+"""Grid runs through the real CLI: skip, resume after SIGKILL, failures, concurrent writers."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from test_tracking import (
+    cli_command,
+    cli_env,
+    point_runs,
+    run_cli,
+    store_uri,
+    tiny_training,
+    write_experiment,
+)
+
+from stackwise.config.experiment import expand_grid, load_experiment
+from stackwise.tracking.compare import compare_runs
+from stackwise.tracking.store import checkpoint_dir
+from stackwise.training.checkpoint import read_checkpoint_metadata
+
+
+def _client(cwd: Path) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=store_uri(cwd))
+
+
+def _experiment_id(cwd: Path, name: str) -> str:
+    experiment = _client(cwd).get_experiment_by_name(name)
+    assert experiment is not None
+    return str(experiment.experiment_id)
+
+
+def _finished_once(cwd: Path, name: str, hashes: list[str]) -> dict[str, Any]:
+    """Every config hash has exactly one FINISHED run; returns hash -> that run."""
+    runs = point_runs(_client(cwd), _experiment_id(cwd, name))
+    chosen = {}
+    for config_hash in hashes:
+        finished = [
+            r
+            for r in runs
+            if r.data.tags["config_hash"] == config_hash and r.info.status == "FINISHED"
+        ]
+        assert len(finished) == 1, (config_hash, [(r.info.run_id, r.info.status) for r in runs])
+        chosen[config_hash] = finished[0]
+    return chosen
+
+
+def test_second_run_skips_and_force_reruns(tmp_path: Path) -> None:
+    path = write_experiment(
+        tmp_path, "skips", grid={"training.training_architecture": ["rackwise"]}
+    )
+    first = run_cli(tmp_path, "run", str(path), "--quiet")
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = run_cli(tmp_path, "run", str(path))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 finished, 1 skipped, 0 failed" in again.stdout
+    assert "already FINISHED" in again.stdout
+    experiment_id = _experiment_id(tmp_path, "skips")
+    assert len(point_runs(_client(tmp_path), experiment_id)) == 1
+    forced = run_cli(tmp_path, "run", str(path), "--force", "--quiet")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    runs = point_runs(_client(tmp_path), experiment_id)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    # compare shows the grid point once: its latest finished run
+    frame = compare_runs(["skips"], tracking_uri=store_uri(tmp_path))
+    latest = max(runs, key=lambda r: r.info.start_time).info.run_id
+    assert frame.height == 1 and frame["run_id"][0] == latest
+
+
+def test_sigkill_mid_grid_then_resume_into_same_run(tmp_path: Path) -> None:
+    path = write_experiment(
+        tmp_path,
+        "resume",
+        grid={"training.budget.steps": [8, 96]},
+        training=tiny_training(8),
+    )
+    specs = expand_grid(load_experiment(path))
+    short, long = specs
+    folder = checkpoint_dir(store_uri(tmp_path), "resume", long.config_hash)
+
+    process = subprocess.Popen(
+        cli_command("run", str(path), "--quiet"),
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metadata = None
+    deadline = time.monotonic() + 240
+    try:
+        while metadata is None and time.monotonic() < deadline and process.poll() is None:
+            metadata = read_checkpoint_metadata(folder)
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        output = process.communicate()[0]
+    assert metadata is not None, f"no checkpoint of the long run appeared:\n{output}"
+    interrupted_run = metadata["mlflow_run_id"]
+    client = _client(tmp_path)
+    assert client.get_run(interrupted_run).info.status == "RUNNING"
+    steps_before = {m.step for m in client.get_metric_history(interrupted_run, "train/loss")}
+    assert steps_before and max(steps_before) < 96
+
+    second = run_cli(tmp_path, "run", str(path))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resuming (run {interrupted_run})" in second.stdout
+    assert "1 finished, 1 skipped, 0 failed" in second.stdout
+    runs = _finished_once(tmp_path, "resume", [short.config_hash, long.config_hash])
+    assert runs[long.config_hash].info.run_id == interrupted_run
+    # No duplicate run was opened for the interrupted point, and its curve is complete.
+    all_runs = point_runs(client, _experiment_id(tmp_path, "resume"))
+    assert sum(r.data.tags["config_hash"] == long.config_hash for r in all_runs) == 1
+    steps = {m.step for m in client.get_metric_history(interrupted_run, "train/loss")}
+    assert steps == set(range(4, 97, 4))
+    assert not folder.exists()  # checkpoints of a finished point are removed
+    # The killed parent run was recognised as dead and marked KILLED.
+    parents = client.search_runs(
+        [_experiment_id(tmp_path, "resume")], filter_string="tags.`stackwise.role` = 'grid'"
+    )
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+
+
+def test_failing_point_does_not_stop_the_grid(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("The quick brown fox jumps over the lazy dog.\n" * 400, encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    path = write_experiment(
+        tmp_path,
+        "failing",
+        data={"source": "files", "max_tokens": 20000},
+        presets={
+            "corpus": {
+                "empty": {"data.paths": [str(empty)]},
+                "good": {"data.paths": [str(good)]},
+            }
+        },
+        grid={"corpus": ["empty", "good"]},
+    )
+    done = run_cli(tmp_path, "run", str(path), "--quiet")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 finished, 0 skipped, 1 failed" in done.stdout
+    assert "FAILED" in done.stdout and "contain no text" in done.stdout
+    client = _client(tmp_path)
+    runs = {r.info.run_name: r for r in point_runs(client, _experiment_id(tmp_path, "failing"))}
+    assert runs["corpus=good"].info.status == "FINISHED"
+    failed = runs["corpus=empty"]
+    assert failed.info.status == "FAILED"
+    assert "contain no text" in failed.data.tags["error"]
+    trace = Path(client.download_artifacts(failed.info.run_id, "error.txt")).read_text()
+    assert "Traceback" in trace and "ValueError" in trace
+    parent = client.get_run(failed.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+
+
+def test_two_concurrent_runs_lose_nothing(tmp_path: Path) -> None:
+    grid = {"training.training_architecture": ["rackwise", "stackwise"]}
+    first = write_experiment(tmp_path, "alpha", grid=grid)
+    second = write_experiment(tmp_path, "beta", grid=grid)
+    # Opposite order: both processes write to the fresh store at the same time, and each
+    # reaches points the other is training (or has trained).
+    processes = [
+        subprocess.Popen(
+            cli_command("run", *files, "--quiet"),
+            cwd=tmp_path,
+            env=cli_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for files in ((str(first), str(second)), (str(second), str(first)))
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output
+        assert "database is locked" not in output
+    client = _client(tmp_path)
+    for path, name in ((first, "alpha"), (second, "beta")):
+        hashes = [spec.config_hash for spec in expand_grid(load_experiment(path))]
+        runs = _finished_once(tmp_path, name, hashes)
+        for run in runs.values():
+            steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+            assert steps == {4, 8, 12, 16}
+            assert "final_val_loss" in run.data.metrics
+        parents = client.search_runs(
+            [_experiment_id(tmp_path, name)], filter_string="tags.`stackwise.role` = 'grid'"
+        )
+        assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
+
+
+def test_validation_errors_write_nothing(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, "broken", training={"budget": {"steps": 0}})
+    done = run_cli(tmp_path, "run", str(path), "--quiet")
+    assert done.returncode == 2
+    assert not (tmp_path / "mlruns").exists()

@@ -169,6 +169,7 @@ FilesArgument = Annotated[
     list[str],
     typer.Argument(
         help="Experiment files; glob patterns such as 'experiments/*.yaml' are expanded.",
+        metavar="FILES",
         show_default=False,
     ),
 ]

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_tracking import (
     cli_command,
     cli_env,
     point_runs,
     run_cli,
+    shared_tracked_store,
     store_uri,
     tiny_training,
     write_experiment,
@@ -51,24 +53,35 @@ def _finished_once(cwd: Path, name: str, hashes: list[str]) -> dict[str, Any]:
     return chosen
 
 
-def test_second_run_skips_and_force_reruns(tmp_path: Path) -> None:
+@pytest.fixture(scope="session")
+def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return shared_tracked_store(tmp_path_factory)
+
+
+def test_second_run_skips_every_point(tracked: dict[str, Any]) -> None:
+    """Running the shared store's file again trains nothing (it only adds a parent run)."""
+    client, experiment_id = tracked["client"], tracked["experiment_id"]
+    before = {r.info.run_id for r in point_runs(client, experiment_id)}
+    again = run_cli(tracked["cwd"], "run", str(tracked["file"]))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 finished, 2 skipped, 0 failed" in again.stdout
+    assert again.stdout.count("↷") == 2  # one skip line per point
+    assert {r.info.run_id for r in point_runs(client, experiment_id)} == before
+
+
+@pytest.mark.slow
+def test_force_reruns_and_compare_shows_latest(tmp_path: Path) -> None:
     path = write_experiment(
-        tmp_path, "skips", grid={"training.training_architecture": ["rackwise"]}
+        tmp_path, "forced", grid={"training.training_architecture": ["rackwise"]}
     )
     first = run_cli(tmp_path, "run", str(path), "--quiet")
     assert first.returncode == 0, first.stdout + first.stderr
-    again = run_cli(tmp_path, "run", str(path))
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "0 finished, 1 skipped, 0 failed" in again.stdout
-    assert "already FINISHED" in again.stdout
-    experiment_id = _experiment_id(tmp_path, "skips")
-    assert len(point_runs(_client(tmp_path), experiment_id)) == 1
     forced = run_cli(tmp_path, "run", str(path), "--force", "--quiet")
     assert forced.returncode == 0, forced.stdout + forced.stderr
-    runs = point_runs(_client(tmp_path), experiment_id)
+    runs = point_runs(_client(tmp_path), _experiment_id(tmp_path, "forced"))
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     # compare shows the grid point once: its latest finished run
-    frame = compare_runs(["skips"], tracking_uri=store_uri(tmp_path))
+    frame = compare_runs(["forced"], tracking_uri=store_uri(tmp_path))
     latest = max(runs, key=lambda r: r.info.start_time).info.run_id
     assert frame.height == 1 and frame["run_id"][0] == latest
 
@@ -160,6 +173,7 @@ def test_failing_point_does_not_stop_the_grid(tmp_path: Path) -> None:
     assert parent.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_lose_nothing(tmp_path: Path) -> None:
     grid = {"training.training_architecture": ["rackwise", "stackwise"]}
     first = write_experiment(tmp_path, "alpha", grid=grid)

@@ -83,6 +83,9 @@ def cli_env(cwd: Path) -> dict[str, str]:
     env.pop("MLFLOW_TRACKING_URI", None)
     env["PYTHONUNBUFFERED"] = "1"
     env["COLUMNS"] = "200"
+    # Tests run in parallel on few cores: one intra-op thread per training process avoids
+    # OpenMP oversubscription, which slows tiny models down by an order of magnitude.
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -120,9 +123,11 @@ def point_runs(client: Any, experiment_id: str) -> list[Any]:
 GRID = {"training.training_architecture": ["rackwise", "stackwise"]}
 
 
-@pytest.fixture(scope="session")
-def tracked_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One CLI run of a two-point grid; shared by all tests and xdist workers (read-only)."""
+def shared_tracked_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One CLI run of a two-point grid, shared by every test file and xdist worker (read-only):
+    the first caller runs it under a file lock, later callers find its result on disk."""
+    from mlflow import MlflowClient
+
     shared = tmp_path_factory.getbasetemp().parent / "stackwise-tracked-store"
     shared.mkdir(exist_ok=True)
     with open(shared / ".lock", "w") as lock:
@@ -134,21 +139,20 @@ def tracked_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             info = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
             info_path.write_text(json.dumps(info), encoding="utf-8")
     info = json.loads(info_path.read_text(encoding="utf-8"))
+    assert info["returncode"] == 0, info["stdout"] + info["stderr"]
     info["cwd"] = shared
     info["uri"] = store_uri(shared)
     info["file"] = shared / "tracked.yaml"
+    info["client"] = client = MlflowClient(tracking_uri=info["uri"])
+    experiment = client.get_experiment_by_name("tracked")
+    assert experiment is not None
+    info["experiment_id"] = experiment.experiment_id
     return info
 
 
 @pytest.fixture(scope="session")
-def tracked(tracked_store: dict[str, Any]) -> dict[str, Any]:
-    from mlflow import MlflowClient
-
-    assert tracked_store["returncode"] == 0, tracked_store["stdout"] + tracked_store["stderr"]
-    client = MlflowClient(tracking_uri=tracked_store["uri"])
-    experiment = client.get_experiment_by_name("tracked")
-    assert experiment is not None
-    return {**tracked_store, "client": client, "experiment_id": experiment.experiment_id}
+def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return shared_tracked_store(tmp_path_factory)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""`stackwise ui` serves the project's store on loopback, and its REST API lists our runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from test_tracking import cli_command, cli_env, shared_tracked_store
+
+from stackwise.tracking.ui import ui_command
+
+
+@pytest.fixture(scope="session")
+def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return shared_tracked_store(tmp_path_factory)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_ui_command_names_store_and_artifacts() -> None:
+    command = ui_command("sqlite:////data/mlruns/mlflow.db", port=5055)
+    assert command[command.index("--backend-store-uri") + 1] == "sqlite:////data/mlruns/mlflow.db"
+    assert command[command.index("--default-artifact-root") + 1] == "file:///data/mlruns/artifacts"
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert command[command.index("--port") + 1] == "5055"
+
+
+@pytest.mark.slow
+def test_ui_serves_runs_on_loopback(tracked: dict[str, Any]) -> None:
+    port = _free_port()
+    process = subprocess.Popen(
+        cli_command("ui", "--port", str(port)),
+        cwd=tracked["cwd"],
+        env=cli_env(tracked["cwd"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the UI did not answer in time"
+            time.sleep(0.5)
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [tracked["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            runs = json.loads(response.read())["runs"]
+        names = {r["info"]["run_name"] for r in runs}
+        assert {"mode=rackwise", "mode=stackwise"} <= names
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    assert f"{base}" in output
+    # The server (and its workers) went away with the command.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0

@@ -314,6 +314,16 @@ def run(
         bool, typer.Option("--force", help="Rerun runs that already finished (same config hash).")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the final summary.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads per training process (default: torch's choice). 1 is fastest for "
+            "tiny models or on a busy machine; not part of a run's identity.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Validate every file and grid first, then train and track each run."""
     with user_errors():
@@ -325,7 +335,7 @@ def run(
     from stackwise.runner import RunOptions, run_experiments
 
     summary = run_experiments(
-        plans, RunOptions(tracking_uri=tracking_uri, force=force, quiet=quiet)
+        plans, RunOptions(tracking_uri=tracking_uri, force=force, quiet=quiet, threads=threads)
     )
     raise typer.Exit(summary.exit_code)
 

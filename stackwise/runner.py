@@ -90,6 +90,7 @@ class RunOptions:
     tracking_uri: str | None = None
     force: bool = False
     quiet: bool = False
+    threads: int | None = None  # torch intra-op CPU threads; None keeps torch's default
 
 
 Outcome = tuple[str, str, str]  # (experiment name, run name, message)
@@ -135,6 +136,10 @@ def run_experiments(
         console = Console()
         if not console.is_terminal:  # logs and pipes: room for the comparison table
             console = Console(width=max(console.width, 160))
+    if options.threads is not None:
+        import torch
+
+        torch.set_num_threads(options.threads)
     summary = RunSummary()
     total = sum(len(specs) for _, specs in plans)
     with GridProgress(total, quiet=options.quiet, console=console) as progress:

@@ -214,3 +214,27 @@ def test_validation_errors_write_nothing(tmp_path: Path) -> None:
     done = run_cli(tmp_path, "run", str(path), "--quiet")
     assert done.returncode == 2
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_run_experiments_in_process_sets_threads(tmp_path: Path) -> None:
+    """The library entry point (no CLI): trains the grid, records it, honours `threads`."""
+    import torch
+
+    from stackwise.runner import RunOptions, run_experiments
+
+    path = write_experiment(tmp_path, "inprocess")
+    experiment = load_experiment(path)
+    specs = expand_grid(experiment)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = run_experiments(
+            [(experiment, specs)],
+            RunOptions(tracking_uri=store_uri(tmp_path), quiet=True, threads=1),
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert summary.exit_code == 0
+    assert [outcome[1] for outcome in summary.finished] == ["default"]
+    _finished_once(tmp_path, "inprocess", [specs[0].config_hash])

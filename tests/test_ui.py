@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -51,13 +52,13 @@ def test_ui_serves_runs_on_loopback(tracked: dict[str, Any]) -> None:
         deadline = time.monotonic() + 120
         while True:
             assert process.poll() is None, process.communicate()[0]
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
             assert time.monotonic() < deadline, "the UI did not answer in time"
+            with (
+                contextlib.suppress(OSError),  # not listening yet
+                urllib.request.urlopen(f"{base}/health", timeout=2) as response,
+            ):
+                if response.status == 200:
+                    break
             time.sleep(0.5)
         request = urllib.request.Request(
             f"{base}/api/2.0/mlflow/runs/search",

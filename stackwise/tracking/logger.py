@@ -326,8 +326,9 @@ class MlflowLogger(TrainingCallback):
         }
         self.writer.add_many(_present(values), step)
 
-    def on_checkpoint(self, path: Path, step: int) -> None:
-        # What the checkpoint resumes from must be in the store before training goes on.
+    def on_before_checkpoint(self, step: int) -> None:
+        # Everything up to the checkpoint must be in the store before the checkpoint exists:
+        # a run killed right after it resumes from there and will not log those steps again.
         self.writer.flush()
 
     def on_train_end(self, results: TrainingResults) -> None:

@@ -300,7 +300,9 @@ class _Run:
 
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.trainer.callbacks:
-            getattr(callback, hook)(*args)
+            method = getattr(callback, hook, None)  # callbacks may implement only some hooks
+            if method is not None:
+                method(*args)
 
     # -- main --------------------------------------------------------------------------------
 
@@ -844,6 +846,9 @@ class _Run:
             "interrupted": interrupted,
         }
         in_stage = self.optimizer is not None and self.step_in_stage > 0
+        # Callbacks make their records durable first: a resume from this checkpoint will not
+        # repeat the steps before it, so nothing reported so far may be lost after it exists.
+        self._emit("on_before_checkpoint", self.global_step)
         path = save_checkpoint(
             self.trainer.checkpoint_dir,
             name=f"{self.global_step:08d}-{self.stage_index:03d}-{self.step_in_stage:06d}",

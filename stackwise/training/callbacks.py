@@ -101,6 +101,10 @@ class TrainingCallback:
     def on_stage_end(self, result: StageResult, step: int) -> None:
         """A stage finished."""
 
+    def on_before_checkpoint(self, step: int) -> None:
+        """A checkpoint at `step` is about to be written; a resume from it will not report the
+        steps before it again, so anything buffered must be made durable now."""
+
     def on_checkpoint(self, path: Path, step: int) -> None:
         """A checkpoint was written to `path`."""
 

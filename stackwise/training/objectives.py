@@ -24,6 +24,7 @@ Padding (``attention_mask == 0``) is never selected and never a target.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -50,18 +51,19 @@ class Corruption:
         )
 
 
-class Objective:
+class Objective(ABC):
     """Base class: `corrupt` draws a corruption, `loss` scores logits against it."""
 
     name = "objective"
 
+    @abstractmethod
     def corrupt(
         self,
         input_ids: torch.Tensor,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> Corruption:
-        raise NotImplementedError
+        """The model input and the loss targets for `input_ids` (draws from `generator`)."""
 
     def loss(self, logits: torch.Tensor, batch: Corruption) -> torch.Tensor:
         """Mean cross-entropy over the target positions (float32 for stability)."""

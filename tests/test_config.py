@@ -579,7 +579,8 @@ def test_quickstart_is_tiny() -> None:
     for run in runs:
         model, training = run.config.model, run.config.training
         assert model.d_model <= 64 and model.n_blocks <= 4
-        assert training.seq_len * training.batch_size * (training.budget.steps or 0) <= 200_000
+        # About a million training tokens per run keeps the whole grid near a minute on 2 cores.
+        assert training.seq_len * training.batch_size * (training.budget.steps or 0) <= 1_000_000
 
 
 def test_json_schemas_are_current() -> None:
@@ -597,3 +598,24 @@ def test_experiment_schema_types_the_base_sections() -> None:
         in schema["$defs"]["TrainingConfig"]["properties"]["training_architecture"]["enum"]
     )
     assert set(ExperimentConfig.model_fields) <= set(schema["properties"])
+
+
+def test_from_yaml_round_trip_and_strict_errors(tmp_path: Path) -> None:
+    """`StackWiseConfig.from_yaml` (the seed's entry point) is as strict as experiment files."""
+    config = StackWiseConfig()
+    config.training.training_architecture = "layerwise"
+    path = tmp_path / "run.yaml"
+    config.to_yaml(path)
+    loaded = StackWiseConfig.from_yaml(path)
+    assert loaded == config
+    assert loaded.config_hash() == config.config_hash()
+
+    duplicate = tmp_path / "duplicate.yaml"
+    duplicate.write_text("model:\n  d_model: 64\n  d_model: 128\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"duplicate.yaml:3: model.d_model: duplicate key"):
+        StackWiseConfig.from_yaml(duplicate)
+
+    misspelled = tmp_path / "misspelled.yaml"
+    misspelled.write_text("training:\n  optimzer: {lr: 0.1}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"did you mean 'optimizer'"):
+        StackWiseConfig.from_yaml(misspelled)

@@ -485,10 +485,15 @@ class StackWiseConfig(BaseConfig):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StackWiseConfig:
-        """Load and validate a config file (safe YAML; unknown keys are errors)."""
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
-        return cls.model_validate(data)
+        """Load and validate a config file.
+
+        Safe YAML; duplicate and unknown keys are errors. Raises
+        `stackwise.config.errors.ConfigError` naming the file, line and dotted field.
+        """
+        from stackwise.config.loading import load_run_config  # loading builds on this module
+
+        config = load_run_config(path)
+        return config if type(config) is cls else cls.model_validate(config.to_dict())
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The config as YAML text; also written to `path` when given."""

@@ -178,6 +178,22 @@ def test_mla_absorbed_equals_naive(mode: str, q_lora_rank: int | None) -> None:
     torch.testing.assert_close(mla.forward_absorbed(x, mask), mla(x, mask), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(("d_model", "kv_lora_rank"), [(32, 7), (36, 8), (36, None)])
+def test_mla_with_odd_latent_rank_or_head_width(d_model: int, kv_lora_rank: int | None) -> None:
+    """The RoPE parts then start at an odd channel (after a 7-wide latent or a 9-wide q_nope)."""
+    torch.manual_seed(0)
+    if kv_lora_rank is None:  # the defaults: d_model // 4 = 9, head width 36 / 4 = 9
+        rack = create_simple_rack(1, 1, d_model, n_heads=4, attention_type="mla", seed=0)
+        assert rack.blocks[0].attn.kv_lora_rank == 9
+        assert rack(torch.randint(0, 100, (2, 5))).shape == (2, 5, rack.vocab_size)
+        return
+    mla = MultiHeadLatentAttention(
+        d_model, n_heads=4, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=4, attention_mode="causal"
+    ).double()
+    x = torch.randn(2, 9, d_model, dtype=torch.float64)
+    torch.testing.assert_close(mla.forward_absorbed(x), mla(x), rtol=1e-10, atol=1e-10)
+
+
 def test_mla_shares_one_latent_and_one_rope_key() -> None:
     mla = MultiHeadLatentAttention(D_MODEL, n_heads=4, kv_lora_rank=10, qk_rope_head_dim=4)
     # K/V come from a single rank-10 latent plus one 4-wide RoPE key shared by all heads.
@@ -282,6 +298,15 @@ def test_rope_scores_depend_only_on_relative_position() -> None:
     torch.testing.assert_close(apply_rotary(q, rotation[0]), q)  # position 0: identity
     # a rotation: norms are kept
     torch.testing.assert_close(apply_rotary(q, rotation[7]).norm(), q.norm())
+
+
+def test_rope_of_a_slice_at_an_odd_offset_equals_rope_of_its_copy() -> None:
+    base = torch.randn(3, 5, 11)
+    part = base[..., 7:11]  # starts at channel 7, rows 11 apart: no in-place complex view
+    rotation = RotaryEmbedding(4).rotation(5, torch.device("cpu"), torch.float32)
+    expected = apply_rotary(part.contiguous(), rotation)
+    torch.testing.assert_close(apply_rotary(part, rotation), expected, rtol=0, atol=0)
+    assert not torch.equal(expected, part)
 
 
 def test_rope_rotates_channel_pairs_by_position_times_frequency(monkeypatch) -> None:

@@ -150,3 +150,61 @@ def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
     other = config_for("rackwise", "mlm", budget={"steps": 3})
     with pytest.raises(TrainingError, match="another config"):
         _train(other, tmp_path, [])
+
+
+class InterruptingBatches:
+    """A fixed list of batches whose `interrupt_at`-th batch taken (1-based) raises Ctrl-C."""
+
+    def __init__(self, batches: list[torch.Tensor], interrupt_at: int) -> None:
+        self.batches = batches
+        self.interrupt_at = interrupt_at
+        self.taken = 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.taken += 1
+            if self.taken == self.interrupt_at:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_interrupt_while_drawing_the_sample_pool_resumes_exactly(tmp_path: Path) -> None:
+    """Ctrl-C before the depth-wise sample pool is complete must not shift the data position:
+    the resumed run draws the same pool and ends with the same weights."""
+    config = config_for("blockwise", "mlm", budget={"steps": 6}, grad_accum_steps=2)
+    batches = list(build_data(config.data, config.training).train_loader.iter_epoch(0))
+
+    def train(loader: Any, directory: Path) -> dict[str, torch.Tensor]:
+        rack = create_rack_from_config(config)
+        ArchitectureTrainer(config, checkpoint_dir=directory).train_architecture(rack, loader)
+        return rack.state_dict()
+
+    reference = train(batches, tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        train(InterruptingBatches(batches, interrupt_at=3), tmp_path / "run")  # pool: 6 batches
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and checkpoint.state["global_step"] == 0
+    resumed = train(batches, tmp_path / "run")
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+
+
+def test_resume_restores_the_loss_scale(tmp_path: Path, monkeypatch) -> None:
+    """The fp16 GradScaler's scale is part of the checkpoint (a CPU scaler stands in for CUDA)."""
+    scalers: list[torch.amp.GradScaler] = []
+    real_scaler = torch.amp.GradScaler
+
+    def cpu_scaler(device: str = "cuda", enabled: bool = True) -> torch.amp.GradScaler:
+        scaler = real_scaler("cpu", init_scale=2.0**4, growth_interval=1, enabled=True)
+        scalers.append(scaler)
+        return scaler
+
+    monkeypatch.setattr(torch.amp, "GradScaler", cpu_scaler)
+    config = config_for("rackwise", "mlm", budget={"steps": 6})
+    reference = _train(config, tmp_path / "reference", [])
+    with pytest.raises(KeyboardInterrupt):
+        _train(config, tmp_path / "run", [InterruptAt(4)])
+    resumed = _train(config, tmp_path / "run", [])
+    # The scale doubles after every step: 2^4 * 2^6 after six steps, resumed or not.
+    assert scalers[0].get_scale() == scalers[-1].get_scale() == 2.0**10
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)

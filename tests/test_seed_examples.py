@@ -8,7 +8,6 @@ Each test checks what the example prints or builds.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import textwrap
 
@@ -25,12 +24,6 @@ from stackwise.model.architecture import (
     create_rack_from_specs,
     create_simple_rack,
     create_stack_from_spec,
-)
-
-TRAINER_MISSING = importlib.util.find_spec("stackwise.training.architecture_trainer") is None
-needs_trainer = pytest.mark.skipif(
-    TRAINER_MISSING,
-    reason="stackwise/training/architecture_trainer.py (ArchitectureTrainer) is not written yet",
 )
 
 
@@ -233,7 +226,6 @@ def tiny_dataloader(n_batches: int = 8) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (4, 16), generator=generator) for _ in range(n_batches)]
 
 
-@needs_trainer
 @pytest.mark.parametrize(
     ("training_architecture", "expected_stages"),
     [("blockwise", 4), ("stackwise", 2), ("rackwise", 1)],
@@ -259,7 +251,6 @@ def test_training_mode_examples(
     assert math.isfinite(results.final_train_loss)
 
 
-@needs_trainer
 def test_complete_training_example(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_config_yaml(tmp_path)

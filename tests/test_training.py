@@ -126,15 +126,24 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(tie: bool) -> None:
+@pytest.mark.parametrize(
+    ("tie", "frozen_precision"), [(True, "fp32"), (False, "fp32"), (True, "bf16")]
+)
+def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(
+    tie: bool, frozen_precision: str
+) -> None:
     config = tiny_config(
         "blockwise",
         "mlm",
         steps=9,
         model={"architecture": {"n_stacks": 3, "blocks_per_stack": 1}, "tie_embeddings": tie},
+        frozen_precision=frozen_precision,
     )
     rack = create_rack_from_config(config)
+    trunk_dtypes: set[torch.dtype] = set()
+    rack.blocks[0].register_forward_pre_hook(
+        lambda module, args: trunk_dtypes.add(next(module.parameters()).dtype)
+    )
     snapshots: dict[str, dict[str, torch.Tensor]] = {}
     heads: list[torch.Tensor] = []
 
@@ -153,6 +162,9 @@ def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(tie: bool) -> Non
         assert _same(snapshots[f"block_{index}"], _snapshot(rack.blocks[index]))
     assert _same(snapshots["embedding"], _snapshot(rack.token_embedding))
     assert not _same(initial_embedding, snapshots["embedding"])  # trained in stage 0
+    # bf16: the frozen block ran in bf16 and its fp32 weights came back bitwise
+    lowered = {"fp32": torch.float32, "bf16": torch.bfloat16}[frozen_precision]
+    assert trunk_dtypes == {torch.float32, lowered}
     if tie:
         assert torch.equal(heads[0], heads[-1])  # the tied head is the frozen embedding
     else:
@@ -323,3 +335,17 @@ def test_estimate_run_matches_the_plan() -> None:
         tiny_config("blockwise", "mlm", steps=10, model=deep, cache={"enabled": False})
     )
     assert cached.flops < uncached.flops
+
+
+def test_tuple_batches_carry_their_padding_mask() -> None:
+    """(ids, mask) tuples — what a TensorDataset of both yields — keep the mask."""
+    from stackwise.training.architecture_trainer import TrainingError, _unpack
+
+    ids = torch.randint(0, 260, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    got_ids, got_mask = _unpack((ids, mask))
+    assert torch.equal(got_ids, ids) and got_mask is not None and torch.equal(got_mask, mask)
+    assert _unpack((ids,))[1] is None
+    with pytest.raises(TrainingError, match="attention mask of 0/1"):
+        _unpack((ids, ids + 5))  # e.g. labels: not a mask, so not silently used as one

@@ -76,7 +76,13 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate the channel pairs of ``x [..., dim]`` by ``rotation`` ((cos, sin) pairs,
     broadcastable to ``[..., dim/2, 2]``). Half-precision inputs are rotated in float32."""
-    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32))
+    strides = pairs.stride()
+    if pairs.storage_offset() % 2 or strides[-1] != 1 or any(s % 2 for s in strides[:-1]):
+        # A slice at an odd channel offset or with an odd row stride (MLA's RoPE part after an
+        # odd kv_lora_rank or head width) cannot be viewed as complex pairs in place.
+        pairs = pairs.contiguous()
+    pairs = pairs.unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
         # Inductor generates no code for complex numbers; this real form fuses instead.
         real, imag = pairs.unbind(-1)

@@ -29,8 +29,8 @@
 Faults: a non-finite loss raises `TrainingError` naming the stage and step; CUDA out-of-memory
 raises `TrainingError` naming the stage and what to change; Ctrl-C (KeyboardInterrupt) writes a
 checkpoint (when a checkpoint directory is set) and re-raises. Resuming restores weights,
-optimizer, scheduler, RNG states, data position, stage and step; the pool and the cache are
-rebuilt deterministically.
+optimizer, scheduler, fp16 loss scale, RNG states, data position, stage and step; the pool
+and the cache are rebuilt deterministically.
 """
 
 from __future__ import annotations
@@ -83,8 +83,18 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+def _is_padding_mask(mask: Any, ids: torch.Tensor) -> bool:
+    return (
+        isinstance(mask, torch.Tensor)
+        and mask.shape == ids.shape
+        and bool(((mask == 0) | (mask == 1)).all())
+    )
+
+
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(input_ids, attention_mask) from a tensor, a dict with input_ids, or a tuple."""
+    """(input_ids, attention_mask) from a tensor, a dict with input_ids, or a tuple whose first
+    item is input_ids and whose optional second item is the attention mask (as a `TensorDataset`
+    of ids and mask yields)."""
     if isinstance(batch, torch.Tensor):
         ids, mask = batch, None
     elif isinstance(batch, Mapping):
@@ -92,7 +102,12 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
             raise TrainingError("a dict batch must have an 'input_ids' entry")
         ids, mask = batch["input_ids"], batch.get("attention_mask")
     elif isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
-        ids, mask = batch[0], None
+        ids, mask = batch[0], (batch[1] if len(batch) > 1 else None)
+        if mask is not None and not _is_padding_mask(mask, ids):
+            raise TrainingError(
+                "the second item of a tuple batch must be an attention mask of 0/1 shaped like "
+                "input_ids; pass other tensors as a dict with 'input_ids' and 'attention_mask'"
+            )
     else:
         raise TrainingError(
             f"batches must be LongTensor [B, T] or dicts with 'input_ids', got {type(batch)}"
@@ -442,12 +457,18 @@ class _Run:
         n = pool_micro_batches(self.plans, self.cfg.grad_accum_steps)
         fresh = self.pool_start is None
         start = self.stream.position if self.pool_start is None else self.pool_start
-        stream = self.stream if fresh else BatchStream(self.dataloader, *start)
+        # The pool is drawn from a stream of its own and committed only once complete: a
+        # Ctrl-C while drawing then checkpoints the data position of the pool's start, so the
+        # resumed run draws the same pool (and its stream continues after it, as this one does).
+        stream = BatchStream(self.dataloader, *start)
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
-        self.pool = []
+        pool = []
         for _ in range(n):
             ids, mask = stream.next()
-            self.pool.append(self.objective.corrupt(ids, generator, mask))
+            pool.append(self.objective.corrupt(ids, generator, mask))
+        if fresh:
+            self.stream = stream
+        self.pool = pool
         self.pool_start = start
 
     def _stage_boundaries(self, plan: StagePlan) -> list[int]:
@@ -844,6 +865,9 @@ class _Run:
             "loss_window": list(self.loss_window),
             "stage_results": [asdict(r) for r in self.stage_results],
             "interrupted": interrupted,
+            # fp16 loss scale (plain numbers; empty when no scaler is in use): a resume that
+            # restarted from the initial scale would skip different steps on overflow.
+            "grad_scaler": self.scaler.state_dict(),
         }
         in_stage = self.optimizer is not None and self.step_in_stage > 0
         # Callbacks make their records durable first: a resume from this checkpoint will not
@@ -906,6 +930,8 @@ class _Run:
         if torch.cuda.is_available() and rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.stream_generator.set_state(rng["stream"])
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         if self.step_in_stage > 0:
             self.pending_optimizer = checkpoint.optimizer
             self.pending_scheduler = checkpoint.scheduler

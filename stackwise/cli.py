@@ -15,6 +15,7 @@ need them, so `stackwise --help` and `stackwise validate` start quickly.
 from __future__ import annotations
 
 import glob
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ app = typer.Typer(
 # Exit statuses: 2 for anything wrong in user input (as click does for usage errors).
 EXIT_USER_ERROR = 2
 EXIT_STALE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 Plans = list[tuple["Experiment", list["RunSpec"]]]
 
@@ -110,7 +112,15 @@ def expand_paths(patterns: Sequence[str], errors: list[ConfigError] | None = Non
             found.append(pattern)
     if errors is None and collected:
         raise ConfigError.combine(collected)
-    return list(dict.fromkeys(found))
+    # One file named twice (`a.yaml ./a.yaml`, or by a glob and by name) runs once.
+    unique: dict[Path | str, str] = {}
+    for path in found:
+        try:
+            key: Path | str = Path(path).resolve()
+        except OSError:
+            key = path
+        unique.setdefault(key, path)
+    return list(unique.values())
 
 
 def load_plans(
@@ -119,18 +129,32 @@ def load_plans(
     """Load and fully validate every file (all errors of all files together), expanding grids
     with `--set` and `--only`. Raises `ConfigError`; prints notes about merged duplicate runs."""
     from stackwise.config.errors import ConfigError
-    from stackwise.config.experiment import expand_grid, load_experiment
+    from stackwise.config.experiment import expand_grid, load_experiment, only_problems
 
     errors: list[ConfigError] = []
     paths = expand_paths(patterns, errors)
+    # With several files an `--only` filter may belong to some of them only (a value of an
+    # axis that one file has); it is a mistake when no file knows it.
+    several = len(paths) > 1
     plans: Plans = []
     notes: list[str] = []
+    unknown: dict[str, list[ConfigError]] = {text: [] for text in only}
     for path in paths:
         try:
             experiment = load_experiment(path)
-            plans.append((experiment, expand_grid(experiment, overrides, only, notes=notes)))
+            if several:
+                for text, problem in only_problems(experiment, only).items():
+                    unknown[text].append(problem)
+            runs = expand_grid(experiment, overrides, only, notes=notes, strict_only=not several)
+            plans.append((experiment, runs))
         except ConfigError as error:
             errors.append(error)
+    if several and not errors:
+        for problems in unknown.values():
+            if len(problems) == len(plans):
+                errors.extend(problems)
+    if not errors:
+        errors.extend(missing_data_files(plans))
     if errors:
         raise ConfigError.combine(errors)
     for message in notes:
@@ -138,6 +162,101 @@ def load_plans(
     if only and not any(runs for _, runs in plans):
         raise ConfigError(f"--only {' --only '.join(only)}: no run of the given files matches")
     return plans
+
+
+def missing_data_files(plans: Plans) -> list[ConfigError]:
+    """`data.paths` entries that name no file (for `source: files`), as errors.
+
+    The same rule as the data loader (`stackwise.data.sources.expand_paths`: a path must be a
+    file, a glob must match one; relative to the working directory), checked here without
+    importing the data package (it needs torch) so that `validate` stays fast.
+    """
+    from stackwise.config.errors import ConfigError
+
+    errors: list[ConfigError] = []
+    seen: set[tuple[str, str]] = set()
+    for experiment, runs in plans:
+        for spec in runs:
+            data = spec.config.data
+            if data.source != "files":
+                continue
+            for pattern in data.paths:
+                if (experiment.file, pattern) in seen:
+                    continue
+                seen.add((experiment.file, pattern))
+                expanded = str(Path(pattern).expanduser())
+                if glob.has_magic(expanded):
+                    matches = glob.glob(expanded, recursive=True)
+                    if not any(Path(m).is_file() for m in matches):
+                        message = f"no file matches {pattern!r}"
+                    else:
+                        continue
+                elif Path(expanded).is_file():
+                    continue
+                else:
+                    message = f"{pattern!r} does not exist or is not a file"
+                errors.append(ConfigError(message, file=experiment.file, field="data.paths"))
+    return errors
+
+
+def check_devices(plans: Plans) -> None:
+    """Every run's `training.device` exists on this machine (`cuda` without a GPU is a mistake
+    in the input, reported before anything runs). Raises `ConfigError`."""
+    from stackwise.config.errors import ConfigError
+
+    names = {spec.config.training.device for _, runs in plans for spec in runs}
+    if names <= {"auto", "cpu"}:
+        return  # always available; no need to import torch
+    from stackwise.training.device import resolve_device
+
+    unavailable: dict[str, str] = {}
+    for name in sorted(names):
+        try:
+            resolve_device(name)
+        except (RuntimeError, ValueError) as error:
+            unavailable[name] = str(error).removeprefix(f"training.device is {name!r} but ")
+    errors = [
+        ConfigError(
+            f"{spec.config.training.device!r} is not available here: "
+            f"{unavailable[spec.config.training.device]}",
+            file=experiment.file,
+            field="training.device",
+        )
+        for experiment, runs in plans
+        for spec in runs
+        if spec.config.training.device in unavailable
+    ]
+    if errors:
+        raise ConfigError.combine(errors)
+
+
+def check_stores(plans: Plans, cli_uri: str | None) -> None:
+    """Every tracking store the runs would write to can be used (known scheme, server
+    reachable), checked before anything is trained or written. Raises `ConfigError`."""
+    from stackwise.config.errors import ConfigError
+    from stackwise.tracking.store import check_tracking_uri, resolve_tracking_uri
+
+    checked: dict[str, str | None] = {}
+    errors: list[ConfigError] = []
+    for experiment, runs in plans:
+        for spec in runs:
+            uri = resolve_tracking_uri(cli_uri, spec.config.tracking.uri)
+            if uri in checked:
+                continue
+            checked[uri] = problem = check_tracking_uri(uri)
+            if problem is None:
+                continue
+            # Name where the URI came from (same precedence as resolve_tracking_uri).
+            if cli_uri and cli_uri.strip():
+                errors.append(ConfigError(problem, field="--tracking-uri"))
+            elif os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+                errors.append(ConfigError(problem, field="MLFLOW_TRACKING_URI"))
+            elif spec.config.tracking.uri:
+                errors.append(ConfigError(problem, file=experiment.file, field="tracking.uri"))
+            else:
+                errors.append(ConfigError(problem))
+    if errors:
+        raise ConfigError.combine(errors)
 
 
 def _count(n: float, unit: str = "") -> str:
@@ -250,6 +369,7 @@ def plan(
     """
     with user_errors():
         plans = load_plans(files, set_ or [], only or [])
+        check_devices(plans)
     from stackwise.training.plan import estimate_run
 
     table = Table(title="Planned runs", title_justify="left")
@@ -332,11 +452,24 @@ def run(
         _print_runs(plans)
         stdout_console().print("Dry run: nothing was trained or written.")
         return
+    with user_errors():
+        check_devices(plans)
+        check_stores(plans, tracking_uri)
     from stackwise.runner import RunOptions, run_experiments
 
-    summary = run_experiments(
-        plans, RunOptions(tracking_uri=tracking_uri, force=force, quiet=quiet, threads=threads)
-    )
+    try:
+        summary = run_experiments(
+            plans, RunOptions(tracking_uri=tracking_uri, force=force, quiet=quiet, threads=threads)
+        )
+    except KeyboardInterrupt:
+        stderr_console().print(
+            Text(
+                "interrupted: the run in progress is marked KILLED (with a checkpoint where "
+                "one was written); run the same command again to resume it.",
+                style="yellow",
+            )
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(summary.exit_code)
 
 
@@ -456,21 +589,32 @@ def compare(
     tracking_uri: TrackingUriOption = None,
 ) -> None:
     """Compare the runs of experiments: one row per grid point, results side by side."""
+    from mlflow.exceptions import MlflowException
+
     from stackwise.tracking.compare import FORMATS, CompareError, compare_runs, pivot_frame, render
 
     if format_ not in FORMATS:
         fail([f"--format: unknown format {format_!r}; use one of {', '.join(FORMATS)}"])
+    if format_ == "parquet" and output is None:
+        fail(["--format parquet writes a binary file: give --output PATH"])
     with user_errors():
         items = expand_paths(experiments)
+    notes: list[str] = []
     try:
         with user_errors():
-            frame = compare_runs(items, tracking_uri=tracking_uri, metric=metric)
+            frame = compare_runs(items, tracking_uri=tracking_uri, metric=metric, notes=notes)
+        for message in notes:
+            note(message)
         if pivot is not None:
             frame = pivot_frame(frame, pivot, metric)
         title = ", ".join(experiments) if format_ == "table" else None
         text = render(frame, format_, output=output, console=stdout_console(), title=title)
     except CompareError as error:
         fail([str(error)])
+    except MlflowException as error:  # a store that exists but cannot be read as asked
+        fail([f"tracking store: {error.message}"])
+    except OSError as error:
+        fail([f"--output {output}: {error.strerror or error}"])
     if output is not None:
         stderr_console().print(f"wrote {output}")
     elif text is not None:
@@ -486,10 +630,16 @@ def ui(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 5000,
 ) -> None:
     """Start the MLflow UI on the project's tracking store and print its URL."""
-    from stackwise.tracking.store import resolve_tracking_uri
-    from stackwise.tracking.ui import launch_ui
+    from stackwise.tracking.store import check_tracking_uri, resolve_tracking_uri
+    from stackwise.tracking.ui import launch_ui, port_is_free
 
-    code = launch_ui(resolve_tracking_uri(tracking_uri), host, port, console=stdout_console())
+    uri = resolve_tracking_uri(tracking_uri)
+    problem = check_tracking_uri(uri)
+    if problem is not None:
+        fail([problem])
+    if not port_is_free(host, port):
+        fail([f"--port: port {port} on {host} is in use; choose another with --port"])
+    code = launch_ui(uri, host, port, console=stdout_console())
     raise typer.Exit(code)
 
 

@@ -54,6 +54,7 @@ from stackwise.tracking.logger import (
     MlflowLogger,
     git_commit,
     log_params,
+    logged_steps,
     run_params,
     run_tags,
     set_tags,
@@ -363,7 +364,7 @@ def _train_point(
     logger: MlflowLogger | None = None
     monitor: Any = None
     try:
-        logger, monitor, final = _train(grid, spec, run_id, folder, progress)
+        logger, monitor, final = _train(grid, spec, run_id, folder, progress, resumed)
         logger.close()
         if monitor is not None:
             monitor.finish()
@@ -390,7 +391,12 @@ def _train_point(
 
 
 def _train(
-    grid: _Grid, spec: RunSpec, run_id: str, folder: Path, progress: GridProgress
+    grid: _Grid,
+    spec: RunSpec,
+    run_id: str,
+    folder: Path,
+    progress: GridProgress,
+    resumed: bool = False,
 ) -> tuple[MlflowLogger, Any, dict[str, float]]:
     """Build data and rack, train with logging, log the model. Returns what must be closed."""
     from stackwise.data import build_data
@@ -409,6 +415,8 @@ def _train(
         grid.client,
         run_id,
         tokens_per_step=training.batch_size * training.grad_accum_steps * training.seq_len,
+        # Steps logged before the interruption are replayed exactly; record them only once.
+        already_logged=logged_steps(grid.client, run_id) if resumed else None,
     )
     monitor = None
     if config.tracking.system_metrics:
@@ -433,7 +441,7 @@ def _train(
             "train_corpus_tokens": float(data.train_tokens),
             "val_corpus_tokens": float(data.val_tokens),
         }
-        logger.writer.add_many(extra, results.total_steps)
+        logger.log_metrics(extra, results.total_steps)
         logger.writer.flush()
         if config.tracking.log_model:
             tokenizer_json = getattr(data.tokenizer, "to_json", None)

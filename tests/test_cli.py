@@ -197,3 +197,87 @@ def test_plan_estimates_every_run(tmp_path: Path) -> None:
     assert "cpu" in result.stdout and "MiB" in result.stdout
     assert "3 runs" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# several files, the environment (devices, stores) and interrupted runs
+# --------------------------------------------------------------------------------------------
+
+ATTENTION = ROOT / "experiments" / "attention.yaml"
+
+
+def test_only_may_name_a_value_that_only_some_files_have(tmp_path: Path) -> None:
+    """attention.yaml has no layerwise runs: with several files that leaves it out, not an error."""
+    result = stackwise(
+        "run", QUICKSTART, ATTENTION, "--dry-run", "--only", "mode=layerwise", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "size=small,mode=layerwise" in result.stdout
+    assert "attention=" not in result.stdout
+    assert "1 run in 2 files" in result.stdout
+    # Alternatives of one axis still add up, per file.
+    result = stackwise(
+        "validate", QUICKSTART, ATTENTION, "--only", "mode=layerwise", "--only", "mode=stackwise",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2 files valid, 6 runs." in result.stdout  # 2 of quickstart + 4 of attention
+    # A value no file has is still a mistake, reported for every file.
+    result = stackwise("run", QUICKSTART, ATTENTION, "--only", "mode=layrwise", cwd=tmp_path)
+    assert_clean_failure(result, tmp_path)
+    assert result.stderr.count("'layrwise' is not a value of axis 'mode'") == 2
+
+
+def test_a_file_named_twice_runs_once(tmp_path: Path) -> None:
+    relative = os.path.relpath(QUICKSTART, tmp_path)
+    result = stackwise("run", QUICKSTART, relative, "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "3 runs in 1 file." in result.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_user_error(tmp_path: Path) -> None:
+    for command in ("plan", "run"):
+        result = stackwise(command, QUICKSTART, "--set", "training.device=cuda", cwd=tmp_path)
+        assert_clean_failure(result, tmp_path)
+        assert (
+            f"error: {QUICKSTART}: training.device: 'cuda' is not available here" in result.stderr
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_unusable_tracking_store_is_a_user_error(tmp_path: Path) -> None:
+    """Checked before anything runs: no traceback, no minutes of retries, nothing written."""
+    unreachable = f"http://127.0.0.1:{_free_port()}"
+    for uri, message in (
+        ("foo://bar", "unsupported tracking URI 'foo://bar'"),
+        (unreachable, f"cannot reach the MLflow tracking server at {unreachable}"),
+        (f"file://{tmp_path}/legacy", "MLflow 3 no longer opens"),
+    ):
+        result = stackwise("run", QUICKSTART, "--tracking-uri", uri, cwd=tmp_path)
+        assert_clean_failure(result, tmp_path)
+        assert "error: --tracking-uri: " in result.stderr and message in result.stderr
+    result = stackwise(
+        "run", QUICKSTART, "--set", "tracking.uri=gopher://x", "--only", "mode=rackwise",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_clean_failure(result, tmp_path)
+    assert f"error: {QUICKSTART}: tracking.uri: unsupported tracking URI" in result.stderr
+
+
+def test_missing_data_files_are_found_before_training(tmp_path: Path) -> None:
+    for command in ("validate", "run"):
+        result = stackwise(
+            command, QUICKSTART, "--set", "data.source=files",
+            "--set", 'data.paths=["missing.txt", "corpus/*.md"]', cwd=tmp_path,
+        )  # fmt: skip
+        assert_clean_failure(result, tmp_path)
+        assert f"error: {QUICKSTART}: data.paths: 'missing.txt' does not exist" in result.stderr
+        assert f"error: {QUICKSTART}: data.paths: no file matches 'corpus/*.md'" in result.stderr

@@ -124,3 +124,49 @@ def test_compare_subprocess_from_project_folder(tracked: dict[str, Any]) -> None
     done = run_cli(tracked["cwd"], "compare", "tracked.yaml", "--format", "markdown")
     assert done.returncode == 0, done.stderr
     assert "| mode=stackwise | stackwise |" in done.stdout
+
+
+def test_compare_never_creates_a_store(tmp_path: Path) -> None:
+    """Comparing in a folder where nothing has run is an error, and leaves the folder empty."""
+    for args in (["quickstart"], ["quickstart", "--tracking-uri", "sqlite:///other.db"]):
+        done = run_cli(tmp_path, "compare", *args)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "no tracking store at" in done.stderr and "Traceback" not in done.stderr
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_user_errors_exit_2(tracked: dict[str, Any], tmp_path: Path) -> None:
+    unknown = _compare(tracked, "tracked", "--metric", "nosuch")
+    assert unknown.exit_code == 2
+    assert "--metric nosuch: no run has a metric of that name" in unknown.output
+    pivot = _compare(tracked, "tracked", "--pivot", "size x mode", "--metric", "nosuch")
+    assert pivot.exit_code == 2 and "no run has a metric" in pivot.output
+    for fmt, target in (("parquet", tmp_path / "missing" / "runs.parquet"), ("csv", tmp_path)):
+        done = _compare(tracked, "tracked", "--format", fmt, "--output", str(target))
+        assert done.exit_code == 2, done.output
+        assert f"--output {target}: " in done.output
+        assert not isinstance(done.exception, OSError)
+    server = CliRunner().invoke(
+        app, ["compare", "tracked", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"]
+    )
+    assert server.exit_code == 2 and "cannot reach the MLflow tracking server" in server.output
+
+
+def test_compare_several_experiments_leaves_out_those_not_run(tracked: dict[str, Any]) -> None:
+    frame_notes: list[str] = []
+    frame = compare_runs(["tracked", "never_run"], tracking_uri=tracked["uri"], notes=frame_notes)
+    assert frame.height == 2
+    assert len(frame_notes) == 1 and "no experiment named 'never_run'" in frame_notes[0]
+    done = _compare(tracked, "tracked", "never_run", "--format", "csv")
+    assert done.exit_code == 0, done.output
+    assert "note: left out: no experiment named 'never_run'" in done.output
+    # Without any experiment that exists it is still an error.
+    assert _compare(tracked, "never_run", "other").exit_code == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

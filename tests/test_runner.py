@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from test_tracking import (
+    assert_each_step_logged_once,
     cli_command,
     cli_env,
     point_runs,
@@ -130,14 +131,65 @@ def test_sigkill_mid_grid_then_resume_into_same_run(tmp_path: Path) -> None:
     # No duplicate run was opened for the interrupted point, and its curve is complete.
     all_runs = point_runs(client, _experiment_id(tmp_path, "resume"))
     assert sum(r.data.tags["config_hash"] == long.config_hash for r in all_runs) == 1
-    steps = {m.step for m in client.get_metric_history(interrupted_run, "train/loss")}
-    assert steps == set(range(4, 97, 4))
+    steps = sorted(m.step for m in client.get_metric_history(interrupted_run, "train/loss"))
+    assert steps == list(range(4, 97, 4))
+    assert_each_step_logged_once(client, interrupted_run)
     assert not folder.exists()  # checkpoints of a finished point are removed
     # The killed parent run was recognised as dead and marked KILLED.
     parents = client.search_runs(
         [_experiment_id(tmp_path, "resume")], filter_string="tags.`stackwise.role` = 'grid'"
     )
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+
+
+@pytest.mark.slow  # two CLI processes, ~20 s on 2 cores
+def test_ctrl_c_marks_runs_killed_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) mid-run: a checkpoint, KILLED runs, exit 130 with a hint, no traceback;
+    the same command then resumes into the same run."""
+    path = write_experiment(tmp_path, "interrupted", training=tiny_training(24))
+    (spec,) = expand_grid(load_experiment(path))
+    folder = checkpoint_dir(store_uri(tmp_path), "interrupted", spec.config_hash)
+    process = subprocess.Popen(
+        cli_command("run", str(path)),
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell's Ctrl-C reaches a foreground command with SIGINT handled by default, even
+        # when this test process runs in the background with SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while read_checkpoint_metadata(folder) is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "run the same command again to resume" in stderr
+    metadata = read_checkpoint_metadata(folder)
+    assert metadata is not None
+    run_id = metadata["mlflow_run_id"]
+    client = _client(tmp_path)
+    assert client.get_run(run_id).info.status == "KILLED"
+    parents = client.search_runs(
+        [_experiment_id(tmp_path, "interrupted")], filter_string="tags.`stackwise.role` = 'grid'"
+    )
+    assert [p.info.status for p in parents] == ["KILLED"]
+
+    again = run_cli(tmp_path, "run", str(path), "--quiet")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (
+        _finished_once(tmp_path, "interrupted", [spec.config_hash])[spec.config_hash].info.run_id
+        == run_id
+    )
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert steps == list(range(4, 25, 4))
+    assert_each_step_logged_once(client, run_id)
 
 
 def test_failing_point_does_not_stop_the_grid(tmp_path: Path) -> None:

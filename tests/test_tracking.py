@@ -128,7 +128,12 @@ def shared_tracked_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     the first caller runs it under a file lock, later callers find its result on disk."""
     from mlflow import MlflowClient
 
-    shared = tmp_path_factory.getbasetemp().parent / "stackwise-tracked-store"
+    # Per test session: xdist workers share their session's folder (the parent of their own);
+    # a plain run uses its own, never the user-wide parent that outlives the session (a store
+    # left there by older code would be read back instead of testing this code).
+    base = tmp_path_factory.getbasetemp()
+    session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    shared = session / "stackwise-tracked-store"
     shared.mkdir(exist_ok=True)
     with open(shared / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -186,9 +191,44 @@ def test_store_layout_paths(tmp_path: Path) -> None:
     assert checkpoint_dir(uri, "exp/1", "abc") == (
         tmp_path.resolve() / "mlruns" / "checkpoints" / "exp_1" / "abc"
     )
-    file_uri = resolve_tracking_uri(str(tmp_path / "filestore"))
-    assert file_uri.startswith("file://")
-    assert local_root(file_uri) == tmp_path.resolve() / "filestore"
+    file_uri = (tmp_path / "filestore").as_uri()  # MLflow's legacy file store, asked for by name
+    assert local_root(file_uri) == tmp_path / "filestore"
+
+
+def test_plain_path_names_a_store_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--tracking-uri /data/runs` is laid out like ./mlruns (MLflow 3 refuses file stores)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path.resolve()
+    assert resolve_tracking_uri("runs") == f"sqlite:///{root}/runs/mlflow.db"
+    assert resolve_tracking_uri("mlruns") == default_tracking_uri(tmp_path)
+    assert resolve_tracking_uri("~/x/store.db").endswith("/x/store.db")
+    assert resolve_tracking_uri(config_uri="other/t.sqlite") == f"sqlite:///{root}/other/t.sqlite"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import socket
+
+    from stackwise.tracking.store import check_tracking_uri
+
+    assert check_tracking_uri(default_tracking_uri(tmp_path)) is None
+    assert check_tracking_uri("postgresql+psycopg2://u@db/mlflow") is None
+    assert check_tracking_uri("databricks") is None
+    assert "unsupported tracking URI" in str(check_tracking_uri("foo://bar"))
+    (tmp_path / "folder.db").mkdir()
+    assert "is a folder" in str(check_tracking_uri(f"sqlite:///{tmp_path}/folder.db"))
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert "no longer opens" in str(check_tracking_uri(tmp_path.as_uri()))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert check_tracking_uri(tmp_path.as_uri()) is None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert check_tracking_uri(f"http://127.0.0.1:{port}") is None
+    assert "cannot reach" in str(check_tracking_uri(f"http://127.0.0.1:{port}", timeout=2))
+    assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["folder.db"]
 
 
 def test_flatten_config_dotted_and_limited() -> None:
@@ -264,10 +304,18 @@ def test_point_tags_params_and_artifacts(tracked: dict[str, Any]) -> None:
         assert config.config_hash() == tags["config_hash"]
 
 
+def assert_each_step_logged_once(client: Any, run_id: str) -> None:
+    """No metric of the run has two values at one step (replayed or repeated logging)."""
+    for key in client.get_run(run_id).data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), (key, sorted(steps))
+
+
 def test_step_metrics_and_summaries(tracked: dict[str, Any]) -> None:
     client, experiment_id = tracked["client"], tracked["experiment_id"]
     for run in point_runs(client, experiment_id):
         run_id, metrics = run.info.run_id, run.data.metrics
+        assert_each_step_logged_once(client, run_id)
         loss = client.get_metric_history(run_id, "train/loss")
         assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [4, 8, 12, 16]
         tokens = {m.step: m.value for m in client.get_metric_history(run_id, "train/tokens")}
@@ -377,3 +425,81 @@ def test_load_rack_without_model_is_an_error(tmp_path: Path) -> None:
     run_id = client.create_run(get_or_create_experiment(client, uri, "empty")).info.run_id
     with pytest.raises(LookupError, match="no logged model"):
         load_rack(run_id, tracking_uri=uri)
+
+
+# --------------------------------------------------------------------------------------------
+# the logging callback on its own (a real SQLite store, no training)
+# --------------------------------------------------------------------------------------------
+
+
+def _stage(index: int, steps: int) -> Any:
+    from stackwise.training.callbacks import StageInfo
+
+    return StageInfo(index, f"stack_{index}", "stack", (index, index + 1), steps, 100, 2)
+
+
+def test_logger_records_each_step_once_also_after_resume(tmp_path: Path) -> None:
+    from stackwise.tracking.logger import MlflowLogger, logged_steps
+    from stackwise.tracking.store import get_or_create_experiment, open_client
+
+    uri = default_tracking_uri(tmp_path)
+    client = open_client(uri)
+    run_id = client.create_run(get_or_create_experiment(client, uri, "logger")).info.run_id
+    stages = [_stage(0, 8), _stage(1, 8)]
+
+    # First attempt: killed at step 12, after its last checkpoint (step 8) and after the
+    # background writer had already sent steps 10 and 12.
+    first = MlflowLogger(client, run_id, tokens_per_step=10)
+    first.on_train_start(stages)
+    first.on_stage_start(stages[0], 0)
+    for step in (2, 4, 6, 8):
+        first.on_metrics({"train/loss": 3.0 - step / 10}, step)
+    first.on_metrics({"val/loss": 2.5}, 8)  # evaluation at a logged step: no second train/tokens
+    first.on_stage_start(stages[1], 8)
+    for step in (10, 12):
+        first.on_metrics({"train/loss": 3.0 - step / 10}, step)
+    first.close()
+    assert logged_steps(client, run_id)["train/loss"] == 12
+
+    # The resumed attempt restarts stage 1 from the checkpoint at step 8 and replays 10, 12.
+    resumed = MlflowLogger(
+        client, run_id, tokens_per_step=10, already_logged=logged_steps(client, run_id)
+    )
+    resumed.on_train_start(stages)
+    resumed.on_stage_start(stages[1], 9)  # mid-stage: not a stage boundary
+    for step in (10, 12, 14, 16):
+        resumed.on_metrics({"train/loss": 3.0 - step / 10}, step)
+    resumed.close()
+
+    assert_each_step_logged_once(client, run_id)
+    loss = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert loss == [2, 4, 6, 8, 10, 12, 14, 16]
+    tokens = {m.step: m.value for m in client.get_metric_history(run_id, "train/tokens")}
+    assert tokens == {step: step * 10.0 for step in loss}
+    boundaries = client.get_metric_history(run_id, "stage/index")
+    assert sorted((m.step, m.value) for m in boundaries) == [(0, 0.0), (8, 1.0)]
+
+
+def test_progress_in_a_log_reports_each_stage_as_a_line() -> None:
+    """CI logs and pipes get no redrawn bars; every finished stage still shows as one line."""
+    import io
+
+    from rich.console import Console
+
+    from stackwise.tracking.progress import GridProgress
+    from stackwise.training.callbacks import StageResult
+
+    result = StageResult(_stage(1, 8), 8, 2560, 2.5, 2.25, 9.49, 1.0, 2560.0, 1 << 20, 1e9, None)
+    for terminal in (False, True):
+        out = io.StringIO()
+        console = Console(file=out, force_terminal=terminal, width=120)
+        with GridProgress(1, console=console) as progress:
+            run = progress.start_run("mode=stackwise")
+            run.on_stage_end(result, 16)
+            progress.run_done()
+        shown = "mode=stackwise: stage 2/2 stack_1 done at step 16: train loss 2.5000, val loss "
+        assert (shown in out.getvalue()) != terminal, out.getvalue()
+    quiet = io.StringIO()
+    with GridProgress(1, quiet=True, console=Console(file=quiet)) as progress:
+        progress.start_run("mode=stackwise").on_stage_end(result, 16)
+    assert quiet.getvalue() == ""

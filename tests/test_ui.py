@@ -76,3 +76,19 @@ def test_ui_serves_runs_on_loopback(tracked: dict[str, Any]) -> None:
     # The server (and its workers) went away with the command.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_ui_on_a_port_in_use_is_a_user_error(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from stackwise.cli import app
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+        result = CliRunner().invoke(app, ["ui", "--port", str(port), "--tracking-uri", uri])
+    assert result.exit_code == 2
+    assert f"port {port} on 127.0.0.1 is in use" in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing created for a server that never starts

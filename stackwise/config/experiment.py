@@ -644,37 +644,67 @@ class _Filter:
     value: int | None = None  # index into the axis values
 
 
-def _parse_only(experiment: Experiment, only: Sequence[str]) -> list[_Filter]:
-    errors: list[ConfigError] = []
-    filters: list[_Filter] = []
+def _only_filters(
+    experiment: Experiment, only: Sequence[str]
+) -> list[tuple[str, _Filter | None, ConfigError | None]]:
+    """Each `--only` text with its filter for this file, or the reason it names nothing here."""
+    parsed: list[tuple[str, _Filter | None, ConfigError | None]] = []
     for text in only:
         key, sep, raw = text.partition("=")
         key = key.strip()
         if not sep or not key:
-            errors.append(ConfigError(f"--only {text}: expected key=value, e.g. mode=layerwise"))
+            error = ConfigError(f"--only {text}: expected key=value, e.g. mode=layerwise")
+            parsed.append((text, None, error))
             continue
         index = experiment.axis_index(key)
         if index is not None:
             axis = experiment.axes[index]
             value = _match_value(axis, raw)
             if value is None:
-                errors.append(
-                    ConfigError(
-                        f"--only {text}: {raw!r} is not a value of axis '{axis.short_name}'; "
-                        f"values: {', '.join(axis.labels)}",
-                        file=experiment.file,
-                    )
+                error = ConfigError(
+                    f"--only {text}: {raw!r} is not a value of axis '{axis.short_name}'; "
+                    f"values: {', '.join(axis.labels)}",
+                    file=experiment.file,
                 )
+                parsed.append((text, None, error))
                 continue
-            filters.append(_Filter(text, key, raw, index, None, value))
+            parsed.append((text, _Filter(text, key, raw, index, None, value), None))
             continue
         setting = tuple(key.split("."))
         if check_setting_path(StackWiseConfig, setting) is None:
-            filters.append(_Filter(text, key, raw, None, setting))
+            parsed.append((text, _Filter(text, key, raw, None, setting), None))
             continue
-        errors.append(
-            ConfigError(f"--only {text}: {_unknown_axis(experiment, key)}", file=experiment.file)
+        error = ConfigError(
+            f"--only {text}: {_unknown_axis(experiment, key)}", file=experiment.file
         )
+        parsed.append((text, None, error))
+    return parsed
+
+
+def only_problems(experiment: Experiment, only: Sequence[str]) -> dict[str, ConfigError]:
+    """`--only` texts that name no axis value or setting of this file -> why.
+
+    With several files, a filter may belong to some of them only (`mode=layerwise` where one
+    file has no layerwise runs); it is a mistake only when no file knows it.
+    """
+    return {text: error for text, _, error in _only_filters(experiment, only) if error is not None}
+
+
+def _parse_only(experiment: Experiment, only: Sequence[str], strict: bool = True) -> list[_Filter]:
+    """The filters of `only`; unknown ones are errors, or (not `strict`) match no run."""
+    errors: list[ConfigError] = []
+    filters: list[_Filter] = []
+    for text, item, error in _only_filters(experiment, only):
+        key, sep, _ = text.partition("=")
+        key = key.strip()
+        if item is not None:
+            filters.append(item)
+        elif error is not None and (strict or not sep or not key):  # bad syntax: always wrong
+            errors.append(error)
+        else:
+            # Matches nothing in this file; grouped with the other values of the same axis
+            # (if the file has it), since filters on one key are alternatives.
+            filters.append(_Filter(text, key, "", experiment.axis_index(key), None))
     raise_if_any(errors)
     return filters
 
@@ -799,11 +829,14 @@ def expand_grid(
     overrides: Sequence[str] = (),
     only: Sequence[str] = (),
     notes: list[str] | None = None,
+    strict_only: bool = True,
 ) -> list[RunSpec]:
     """All runs of an experiment, fully resolved and validated, in stable grid order.
 
     `overrides` (``key=value``, value read as YAML) apply to every run; `only` keeps the runs
-    whose coordinate (short or dotted axis name) or resolved setting has the given value.
+    whose coordinate (short or dotted axis name) or resolved setting has the given value. A
+    filter naming an axis, value or setting this file does not have is an error, unless
+    `strict_only` is False (several files: see `only_problems`), where it matches no run.
     Every run of the grid is validated, also those `only` leaves out, and all problems are
     raised together as one `ConfigError`. Runs identical to an earlier one (same config hash)
     are dropped; a line saying so is appended to `notes` when given.
@@ -816,7 +849,7 @@ def expand_grid(
     except ConfigError as error:
         problems.append(error)
     try:
-        filters = _parse_only(experiment, only)
+        filters = _parse_only(experiment, only, strict=strict_only)
     except ConfigError as error:
         problems.append(error)
     raise_if_any(problems)
@@ -979,6 +1012,7 @@ __all__ = [
     "experiment_json_schema",
     "json_schema_texts",
     "load_experiment",
+    "only_problems",
     "parse_override",
     "run_config_json_schema",
     "stale_json_schemas",

@@ -214,7 +214,10 @@ def runs_frame(
 
 
 def compare_runs(
-    experiments: Sequence[str], tracking_uri: str | None = None, metric: str | None = None
+    experiments: Sequence[str],
+    tracking_uri: str | None = None,
+    metric: str | None = None,
+    notes: list[str] | None = None,
 ) -> pl.DataFrame:
     """One row per grid point of the given experiments (files or MLflow experiment names).
 
@@ -222,33 +225,65 @@ def compare_runs(
     ``objective``, ``size`` (unless an axis already has that name), ``status``, ``val_loss``,
     ``perplexity``, ``tokens_per_s``, ``peak_memory_mb``, ``wall_time_s``, ``parameters``,
     ``flops``, the `metric` when it is another MLflow metric, ``run_id``, ``parent_run_id``
-    and ``config_hash``. Raises `CompareError` for an experiment the store does not have.
+    and ``config_hash``. Raises `CompareError` for an experiment the store does not have; when
+    `notes` is given and several experiments are named, one that has not been run yet is left
+    out with a line in `notes` instead (``stackwise compare experiments/*.yaml`` after running
+    some of them), as long as at least one is found.
     """
     from mlflow import MlflowClient
 
     refs = resolve_experiments(experiments, tracking_uri)
     if not refs:
         raise CompareError("name at least one experiment file or MLflow experiment")
+    lenient = notes is not None and len(refs) > 1
     frames = []
+    missing: list[CompareError] = []
     by_store: dict[str, list[str]] = {}
     for ref in refs:
         by_store.setdefault(ref.tracking_uri, []).append(ref.name)
     for uri, names in by_store.items():
+        _check_store(uri)
+        # Opening a client on a SQLite URI creates the database: only after the checks above.
         client = MlflowClient(tracking_uri=uri)
         ids: dict[str, str] = {}
         for name in names:
-            experiment = _get_experiment(client, uri, name)
+            try:
+                experiment = _get_experiment(client, uri, name)
+            except CompareError as error:
+                if not lenient:
+                    raise
+                missing.append(error)
+                continue
             ids[str(experiment.experiment_id)] = name
-        frames.append(runs_frame(client, ids, metric=metric))
-    return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+        if ids:
+            frames.append(runs_frame(client, ids, metric=metric))
+    if not frames:
+        raise missing[0]
+    if notes is not None:
+        notes.extend(f"left out: {error}" for error in missing)
+    frame = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+    column = resolve_metric(metric)
+    if column not in RESULT_COLUMNS and frame.height and frame[column].null_count() == frame.height:
+        raise CompareError(
+            f"--metric {metric}: no run has a metric of that name; use one of "
+            f"{', '.join(RESULT_COLUMNS)} or an MLflow metric key such as train/loss"
+        )
+    return frame
 
 
-def _get_experiment(client: MlflowClient, uri: str, name: str) -> Any:
-    from stackwise.tracking.store import sqlite_path
+def _check_store(uri: str) -> None:
+    """Refuse a store that cannot be read, without creating anything."""
+    from stackwise.tracking.store import check_tracking_uri, sqlite_path
 
+    problem = check_tracking_uri(uri)
+    if problem is not None:
+        raise CompareError(problem)
     database = sqlite_path(uri)
     if database is not None and not database.exists():
         raise CompareError(f"no tracking store at {database} (nothing has been run there yet)")
+
+
+def _get_experiment(client: MlflowClient, uri: str, name: str) -> Any:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         known = sorted(e.name for e in client.search_experiments() if e.name != "Default")

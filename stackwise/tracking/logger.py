@@ -4,8 +4,10 @@
 metrics to an in-memory buffer there. A background `MetricWriter` thread sends the buffer with
 `MlflowClient.log_batch` (at most 1000 metrics per request, MLflow's limit) every couple of
 seconds, so the training loop never waits on the store. The buffer is flushed synchronously at
-every checkpoint: what a resumed run starts from is then also in the store, and a kill loses
-only metrics that the resumed run logs again.
+every checkpoint: what a resumed run starts from is then also in the store. Metrics sent after
+the last checkpoint of a killed run are in the store too; the resumed run replays those steps
+exactly, and its logger (given `logged_steps` of the run) leaves them out instead of logging
+them twice.
 
 Params are the fully resolved config flattened to dotted keys (``training.optimizer.lr``), with
 the grid axes added as ``grid.<axis>``, so MLflow's parallel-coordinates view can use them.
@@ -270,16 +272,24 @@ class MlflowLogger(TrainingCallback):
         run_id: str,
         tokens_per_step: int | None = None,
         flush_interval: float = 2.0,
+        already_logged: Mapping[str, int] | None = None,
     ) -> None:
         self.client = client
         self.run_id = run_id
         self.tokens_per_step = tokens_per_step
+        # metric key -> last step the run already has (a resumed run): those steps are skipped
+        self.already_logged = dict(already_logged or {})
         self.writer = MetricWriter(client, run_id, flush_interval=flush_interval)
         self._stage: StageInfo | None = None
+        self._stage_starts: dict[int, int] = {}  # stage index -> global step it begins at
         self._last_step = 0
         self._closed = False
 
     def on_train_start(self, stages: list[StageInfo]) -> None:
+        start = 0
+        for stage in sorted(stages, key=lambda s: s.index):
+            self._stage_starts[stage.index] = start
+            start += stage.steps
         plan = [
             {
                 "index": s.index,
@@ -295,7 +305,10 @@ class MlflowLogger(TrainingCallback):
 
     def on_stage_start(self, stage: StageInfo, step: int) -> None:
         self._stage = stage
-        self.writer.add_many(
+        if self.already_logged and step != self._stage_starts.get(stage.index, step):
+            # A run resumed in the middle of this stage: its boundary is already recorded.
+            return
+        self.log_metrics(
             {
                 "stage/index": float(stage.index),
                 "stage/trainable_parameters": float(stage.trainable_parameters),
@@ -308,9 +321,14 @@ class MlflowLogger(TrainingCallback):
         values = dict(metrics)
         if "train/loss" in metrics and self._stage is not None:
             values[f"train/loss/{self._stage.name}"] = metrics["train/loss"]
-        if "train/tokens" not in metrics and self.tokens_per_step is not None:
+        # Only with the train metrics of a step: evaluation at the same step would repeat it.
+        if (
+            "train/loss" in metrics
+            and "train/tokens" not in metrics
+            and self.tokens_per_step is not None
+        ):
             values["train/tokens"] = float(step * self.tokens_per_step)
-        self.writer.add_many(_present(values), step)
+        self.log_metrics(values, step)
 
     def on_stage_end(self, result: StageResult, step: int) -> None:
         self._last_step = step
@@ -324,7 +342,7 @@ class MlflowLogger(TrainingCallback):
             "stage/wall_time_s": result.wall_time_s,
             "stage/mfu": result.mfu,
         }
-        self.writer.add_many(_present(values), step)
+        self.log_metrics(values, step)
 
     def on_before_checkpoint(self, step: int) -> None:
         # Everything up to the checkpoint must be in the store before the checkpoint exists:
@@ -332,14 +350,35 @@ class MlflowLogger(TrainingCallback):
         self.writer.flush()
 
     def on_train_end(self, results: TrainingResults) -> None:
-        self.writer.add_many(_present(results.summary_metrics()), results.total_steps)
+        self.log_metrics(results.summary_metrics(), results.total_steps)
         self.writer.flush()
+
+    def log_metrics(self, values: Mapping[str, float | None], step: int) -> None:
+        """Queue metrics at `step`, leaving out missing values and steps the run already has."""
+        new = {
+            key: value
+            for key, value in _present(values).items()
+            if step > self.already_logged.get(key, -1)
+        }
+        if new:
+            self.writer.add_many(new, step)
 
     def close(self) -> None:
         """Send everything still buffered and stop the writer thread (idempotent)."""
         if not self._closed:
             self._closed = True
             self.writer.close()
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """Metric key -> the last step run `run_id` has recorded (what a resumed run must skip)."""
+    run = retry_locked(lambda: client.get_run(run_id))
+    steps: dict[str, int] = {}
+    for key in run.data.metrics:
+        history = retry_locked(functools.partial(client.get_metric_history, run_id, key))
+        if history:
+            steps[key] = max(int(m.step) for m in history)
+    return steps
 
 
 def _present(values: Mapping[str, float | None]) -> dict[str, float]:

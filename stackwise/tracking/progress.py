@@ -3,11 +3,13 @@
 `GridProgress` owns one rich `Progress` with two bars — the grid and the run in flight — and
 hands out a `RunProgress` callback per grid point, which the trainer drives. With ``quiet`` there
 are no bars and only important status lines (failures) are printed; the runner still prints the
-comparison and the final summary.
+comparison and the final summary. Where the output is not a terminal (CI logs, pipes) bars are
+not redrawn, so each finished stage is reported as a plain line instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
 from rich.console import Console
@@ -25,12 +27,20 @@ from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallbac
 
 
 class RunProgress(TrainingCallback):
-    """Progress bar of one training run: stage, step, loss, tokens/s and ETA."""
+    """Progress bar of one training run: stage, step, loss, tokens/s and ETA; with `log`, also
+    one line per finished stage (for output that is not a terminal)."""
 
-    def __init__(self, progress: Progress | None, task: TaskID | None, name: str) -> None:
+    def __init__(
+        self,
+        progress: Progress | None,
+        task: TaskID | None,
+        name: str,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.progress = progress
         self.task = task
         self.name = name
+        self.log = log
         self.stage = ""
         self.loss = float("nan")
         self.tokens_per_s = 0.0
@@ -58,6 +68,14 @@ class RunProgress(TrainingCallback):
 
     def on_stage_end(self, result: StageResult, step: int) -> None:
         self._update(completed=step)
+        if self.log is not None:
+            stage = result.stage
+            loss = "" if result.val_loss is None else f", val loss {result.val_loss:.4f}"
+            self.log(
+                f"    {self.name}: stage {stage.index + 1}/{stage.total_stages} {stage.name} "
+                f"done at step {step}: train loss {result.train_loss:.4f}{loss}, "
+                f"{result.tokens_per_s:,.0f} tok/s"
+            )
 
     def on_train_end(self, results: TrainingResults) -> None:
         self._update(completed=results.total_steps)
@@ -109,7 +127,8 @@ class GridProgress:
         if self.run_task is not None:
             self.progress.remove_task(self.run_task)
         self.run_task = self.progress.add_task(f"[cyan]{name}[/]", total=None)
-        return RunProgress(self.progress, self.run_task, name)
+        log = None if self.console.is_terminal else self.print
+        return RunProgress(self.progress, self.run_task, name, log=log)
 
     def run_done(self) -> None:
         if self.progress is not None and self.grid_task is not None:

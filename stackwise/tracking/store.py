@@ -10,8 +10,11 @@ The default store is ``./mlruns`` in the working directory::
 
 MLflow 3's file store is deprecated, so even the default store is a database. Resolution order:
 the `--tracking-uri` flag, then ``$MLFLOW_TRACKING_URI``, then the YAML ``tracking.uri``, then
-the default above. Nothing is created on disk by resolving; `prepare_store` does that, and only
-the runner calls it, when a run actually starts (so validation never writes to the store).
+the default above. A plain path names a store folder laid out like ``./mlruns`` (``mlflow.db``
+inside it; a path ending in ``.db`` is the database itself); a ``file:`` URI is MLflow's legacy
+file store. Nothing is created on disk by resolving; `prepare_store` does that, and only the
+runner calls it, when a run actually starts (so validation never writes to the store).
+`check_tracking_uri` tells, before anything runs, why a URI cannot be used.
 
 SQLite allows one writer at a time. MLflow sets a busy timeout, but two processes can still
 collide while the schema is first created, or a write can time out under load, so store creation
@@ -24,6 +27,7 @@ import contextlib
 import fcntl
 import os
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +56,9 @@ def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = No
     """The tracking URI to use: flag > $MLFLOW_TRACKING_URI > YAML `tracking.uri` > ./mlruns.
 
     An empty string counts as unset (CI often exports ``MLFLOW_TRACKING_URI=""``). A plain local
-    path is made absolute; it names an MLflow file store (deprecated by MLflow, still readable).
+    path is made absolute and names a store folder like ``./mlruns`` (``<path>/mlflow.db``), or
+    the database itself when it ends in ``.db``/``.sqlite``; MLflow 3 refuses to open the
+    legacy file store a plain path used to mean (spell it ``file:///…`` to ask for one).
     """
     for candidate in (cli_uri, os.environ.get("MLFLOW_TRACKING_URI"), config_uri):
         if candidate and candidate.strip():
@@ -67,7 +73,69 @@ def _normalise(uri: str) -> str:
             relative = uri.removeprefix("sqlite:///")
             return f"sqlite:///{Path(relative).resolve().as_posix()}"
         return uri
-    return Path(uri).expanduser().resolve().as_uri()
+    path = Path(uri).expanduser().resolve()
+    if path.suffix in SQLITE_SUFFIXES:
+        return f"sqlite:///{path.as_posix()}"
+    return f"sqlite:///{(path / DATABASE_NAME).as_posix()}"
+
+
+# URI schemes MLflow's tracking client can open (a `+driver` suffix, e.g. postgresql+psycopg2,
+# is allowed on the database ones).
+SUPPORTED_SCHEMES = (
+    "sqlite",
+    "file",
+    "http",
+    "https",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
+    """Why `uri` cannot be used as a tracking store, or None when it looks usable.
+
+    Checked without creating anything: a known scheme; a legacy file store only where MLflow
+    is told to allow it; for an MLflow server, that something answers on its host and port
+    (MLflow itself would retry for minutes before giving up).
+    """
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()  # "databricks" alone is one too
+    if scheme not in SUPPORTED_SCHEMES:
+        return (
+            f"unsupported tracking URI {uri!r}; use a folder, sqlite:///path/to/mlflow.db, "
+            "http(s)://server:port or a database URI (postgresql://, mysql://, mssql://)"
+        )
+    database = sqlite_path(uri)
+    if database is not None and database.is_dir():
+        return f"{database} is a folder, not an SQLite database file"
+    if scheme == "file":
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower()
+        if allowed not in ("1", "true", "yes"):
+            return (
+                f"{uri} is an MLflow file store, which MLflow 3 no longer opens; use a folder "
+                "path or sqlite:///…/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true to read "
+                "an old one)"
+            )
+    if scheme in ("http", "https"):
+        parsed = urlparse(uri)
+        host = parsed.hostname
+        if not host:
+            return f"tracking URI {uri!r} names no host"
+        try:
+            port = parsed.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            return f"tracking URI {uri!r} has an invalid port"
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as error:
+            reason = error.strerror or str(error) or type(error).__name__
+            return f"cannot reach the MLflow tracking server at {uri}: {reason}"
+    return None
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -769,9 +769,11 @@ class _Run:
             0,
         )
         self.optimizer = self.scheduler = None
+        # Report first: a run resumed from the stage-end checkpoint starts after this stage and
+        # never reports it again, so it must reach the callbacks before the checkpoint exists.
+        self._emit("on_stage_end", result, self.global_step)
         if self.trainer.checkpoint_dir is not None:
             self._save_checkpoint()
-        self._emit("on_stage_end", result, self.global_step)
 
     def _finish(self) -> TrainingResults:
         for cache in (self.cache, self.val_cache):

@@ -118,6 +118,16 @@ def _check_mode(attention_mode: str) -> None:
         raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
 
 
+def _head_layout(d_model: int, n_heads: int, n_kv_heads: int | None) -> tuple[int, int]:
+    """(n_kv_heads, head_dim) of grouped heads, checking that the dimensions divide."""
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+    return n_kv_heads, d_model // n_heads
+
+
 # --------------------------------------------------------------------------------------------
 # MHA / GQA
 # --------------------------------------------------------------------------------------------
@@ -145,14 +155,8 @@ class GroupedQueryAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_mode(attention_mode)
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
-        self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = d_model // n_heads
+        n_kv_heads, self.head_dim = _head_layout(d_model, n_heads, n_kv_heads)
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.causal = attention_mode == "causal"
         self.dropout = dropout
         self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
@@ -369,14 +373,8 @@ class KernelAttention(nn.Module):
         _check_mode(attention_mode)
         if feature_map not in ("elu", "favor"):
             raise ValueError(f"feature_map must be 'elu' or 'favor', got {feature_map!r}")
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
-        self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = d_model // n_heads
+        n_kv_heads, self.head_dim = _head_layout(d_model, n_heads, n_kv_heads)
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.causal = attention_mode == "causal"
         self.feature_map = feature_map
         self.chunk_size = chunk_size

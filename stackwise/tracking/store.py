@@ -130,8 +130,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
         except ValueError:
             return f"tracking URI {uri!r} has an invalid port"
         try:
-            with socket.create_connection((host, port), timeout=timeout):
-                pass
+            socket.create_connection((host, port), timeout=timeout).close()
         except OSError as error:
             reason = error.strerror or str(error) or type(error).__name__
             return f"cannot reach the MLflow tracking server at {uri}: {reason}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -188,6 +189,19 @@ def test_declared_frozen_stack_is_never_trained() -> None:
     assert [s.stage.name for s in results.stages] == ["stack_0", "stack_2"]
     assert _same(frozen, _snapshot(rack.stacks[1]))
     assert all(not p.requires_grad for p in rack.stacks[1].parameters())  # flags restored
+
+
+def test_a_frozen_first_stack_warns_that_the_embedding_never_trains() -> None:
+    model = {"stacks": [{"n_blocks": 1, "freeze_blocks": True}, {"n_blocks": 1}]}
+    config = tiny_config("stackwise", "mlm", steps=4, model=model)
+    rack = create_rack_from_config(config)
+    with pytest.warns(UserWarning, match="never trains the token embedding"):
+        plans = plan_stages(config, rack)
+    assert [p.name for p in plans] == ["stack_1"] and not plans[0].trains_embedding
+    rackwise = tiny_config("rackwise", "mlm", steps=4, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # end to end, gradients reach the embedding: no warning
+        plan_stages(rackwise, create_rack_from_config(rackwise))
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")

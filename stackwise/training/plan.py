@@ -22,6 +22,7 @@ training) to predict parameters, steps, tokens, FLOPs and a rough peak memory.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -221,6 +222,15 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
 
     depthwise = mode != "rackwise"
     fusion = training.fusion
+    if depthwise and raw and raw[0].start != 0:
+        # Backward never goes below the trainable piece, so nothing can train the embedding.
+        warnings.warn(
+            f"the rack starts with {raw[0].start} block(s) declared frozen: depth-wise training "
+            "never trains the token embedding (nor a tied LM head) before "
+            + ("the fusion phase" if fusion.enabled else "the end; enable training.fusion"),
+            UserWarning,
+            stacklevel=2,
+        )
     total = len(raw) + (1 if fusion.enabled and depthwise else 0)
     plans = []
     for i, r in enumerate(raw):

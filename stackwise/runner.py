@@ -349,7 +349,10 @@ def _train_point(
             lambda: client.create_run(grid.experiment_id, run_name=spec.name, tags=tags)
         )
         run_id = run.info.run_id
-        log_params(client, run_id, run_params(spec.config, spec.coordinates))
+        params = run_params(spec.config, spec.coordinates)
+        if spec.config.model.vocab_size is None:  # known once the tokenizer exists (`_train`)
+            params.pop("model.vocab_size", None)
+        log_params(client, run_id, params)
         retry_locked(lambda: client.log_text(run_id, spec.config.to_yaml(), "config.yaml"))
     else:
         retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
@@ -409,6 +412,8 @@ def _train(
     if config.model.vocab_size is None:
         config = config.model_copy(deep=True)
         config.model.vocab_size = data.tokenizer.vocab_size
+        # The same value again on resume, which MLflow accepts.
+        log_params(grid.client, run_id, {"model.vocab_size": str(config.model.vocab_size)})
     rack = create_rack_from_config(config)
     training = config.training
     logger = MlflowLogger(

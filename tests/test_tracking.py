@@ -296,6 +296,7 @@ def test_point_tags_params_and_artifacts(tracked: dict[str, Any]) -> None:
         assert params["grid.mode"] == mode
         assert params["training.training_architecture"] == mode
         assert params["model.d_model"] == "32"
+        assert params["model.vocab_size"] == "260"  # resolved from the byte tokenizer
         assert params["training.budget.steps"] == "16"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "stage_plan.json"} <= artifacts

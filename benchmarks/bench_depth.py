@@ -13,16 +13,13 @@ Goal: time(16) / time(8) <= 2.2 with the cache.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from _report import publish
 
 from stackwise.config.base import StackWiseConfig
 from stackwise.model.architecture import create_rack_from_config
 from stackwise.training.architecture_trainer import ArchitectureTrainer
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def time_run(n_blocks: int, cached: bool, args: argparse.Namespace) -> float:
@@ -82,9 +79,7 @@ def main() -> None:
         "goal": "cached time(16)/time(8) <= 2.2",
         "goal_met": ratios["cached"] <= 2.2,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_depth.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    publish("bench_depth", report)
 
 
 if __name__ == "__main__":

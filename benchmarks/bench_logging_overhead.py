@@ -19,15 +19,14 @@ Printed as JSON and written to ``benchmarks/results/bench_logging_overhead.json`
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from _report import publish
 
 from stackwise.config.base import StackWiseConfig
 from stackwise.data import build_data
@@ -157,10 +156,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }
-    print(json.dumps(result, indent=2))
-    out = Path(__file__).parent / "results" / "bench_logging_overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    publish("bench_logging_overhead", result)
 
 
 if __name__ == "__main__":

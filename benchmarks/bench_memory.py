@@ -16,9 +16,8 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _report import publish
 
 
 def measure(mode: str, steps_per_stage: int, batch_size: int, seq_len: int, d_model: int) -> dict:
@@ -99,9 +98,7 @@ def main() -> None:
         "goal": "<= 0.25",
         "goal_met": ratio <= 0.25,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_memory.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    publish("bench_memory", report)
 
 
 if __name__ == "__main__":

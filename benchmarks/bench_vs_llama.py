@@ -22,15 +22,14 @@ Needs the `bench` extra (``pip install -e .[bench]``, i.e. transformers).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import publish
 from torch import nn
 
 from stackwise.model import create_simple_rack
@@ -172,11 +171,7 @@ def main() -> None:
         },
         "machine": platform.machine(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n", encoding="utf-8")
+    publish("bench_vs_llama", result, args.out)
 
 
 if __name__ == "__main__":

@@ -459,11 +459,7 @@ def save_plots(client: MlflowClient, frame: pl.DataFrame, folder: str | Path) ->
         axis.set_xlabel("tokens")
         axis.set_ylabel("loss")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    path = folder / "loss_over_tokens.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    written.append(path)
+    written.append(_save_figure(figure, folder / "loss_over_tokens.png"))
 
     size_column = "size"
     sizes = [s for s in frame[size_column].unique(maintain_order=True).to_list() if s]
@@ -483,13 +479,18 @@ def save_plots(client: MlflowClient, frame: pl.DataFrame, folder: str | Path) ->
         axis.set_ylabel(label)
         axis.set_title(f"{label} by size x mode")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    path = folder / "val_loss_memory.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    written.append(path)
+    written.append(_save_figure(figure, folder / "val_loss_memory.png"))
     return written
 
 
 def _nan(value: Any) -> float:
     return float("nan") if value is None else float(value)
+
+
+def _save_figure(figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

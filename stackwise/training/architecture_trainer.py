@@ -52,6 +52,7 @@ from stackwise.training.cache import ActivationCache, storage_dtype
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
 from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
 from stackwise.training.device import resolve_device
+from stackwise.training.meter import StageMeter
 from stackwise.training.metrics import (
     PeakMemory,
     blocks_forward_flops,
@@ -65,6 +66,8 @@ from stackwise.training.plan import (
     eligible_parameters,
     plan_stages,
     pool_micro_batches,
+    prepare_rack,
+    readout_trained,
     trainable_parameters,
 )
 
@@ -115,6 +118,11 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if ids.dim() != 2:
         raise TrainingError(f"input_ids must be [B, T], got shape {tuple(ids.shape)}")
     return ids.long(), (None if mask is None else mask.long())
+
+
+def _token_count(ids: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """Training tokens of a batch: every position, or the real ones under a padding mask."""
+    return ids.numel() if mask is None else int(mask.sum())
 
 
 class BatchStream:
@@ -265,10 +273,12 @@ class _Run:
                 stacklevel=3,
             )
         self.blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
+        prepare_rack(self.config, rack)  # a depth-wise run's head gets its own weight
         self.eligible = eligible_parameters(rack)
         self.requires_grad = {id(p): p.requires_grad for p in rack.parameters()}
         self.was_training = rack.training
         self.plans = plan_stages(self.config, rack)
+        self.pooled = self.cfg.depthwise.data == "pool"  # depth-wise stages share one pool
         self.use_cache = self.cfg.cache.enabled
         self.autocast_dtype: torch.dtype | None = None
         if self.device.type == "cuda" and self.cfg.precision != "fp32":
@@ -285,11 +295,9 @@ class _Run:
         self.global_step = 0
         self.total_tokens = 0
         self.total_flops = 0.0
+        self.unique_tokens = 0  # distinct training tokens read from the data (first pass)
         self.previous_wall = 0.0
-        self.stage_tokens = 0
-        self.stage_flops = 0.0
-        self.stage_wall_before = 0.0
-        self.stage_peak = 0
+        self.meter = StageMeter()
         self.stage_results: list[StageResult] = []
         self.last_logged_loss = math.nan
         self.loss_window: list[float] = []
@@ -310,6 +318,7 @@ class _Run:
         self.pending_scheduler: dict[str, Any] | None = None
         self.step_snapshot: dict[str, Any] | None = None  # state at the start of a running step
         self.run_start = 0.0
+        self.last_checkpoint_at = 0.0  # perf_counter of the last checkpoint (checkpoint_due)
 
     # -- callbacks ---------------------------------------------------------------------------
 
@@ -463,11 +472,15 @@ class _Run:
         stream = BatchStream(self.dataloader, *start)
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         pool = []
+        unique = 0
         for _ in range(n):
             ids, mask = stream.next()
+            if stream.epoch == 0:
+                unique += _token_count(ids, mask)
             pool.append(self.objective.corrupt(ids, generator, mask))
         if fresh:
             self.stream = stream
+            self.unique_tokens += unique
         self.pool = pool
         self.pool_start = start
 
@@ -478,9 +491,7 @@ class _Run:
         ]
 
     def _prepare_trunk(self, plan: StagePlan) -> None:
-        """Freeze-in blocks before `plan.start` and bring the cache up to them."""
-        for index in range(plan.start):
-            self._lower(index)
+        """Bring the activation cache up to the blocks before `plan.start`."""
         if not self.use_cache or plan.trains_embedding:
             return
         assert self.pool is not None
@@ -546,7 +557,7 @@ class _Run:
             if cache is self.cache:
                 tokens = sum(b.inputs.numel() for b in batches)
                 seq = batches[0].inputs.shape[1]
-                self.stage_flops += blocks_forward_flops(new_blocks, seq) * tokens
+                self.meter.add_flops(blocks_forward_flops(new_blocks, seq) * tokens)
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -607,40 +618,67 @@ class _Run:
 
     # -- one stage ---------------------------------------------------------------------------
 
+    def _read_stream(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next batch of the data stream; counts it as unique while in its first pass."""
+        ids, mask = self.stream.next()
+        if self.stream.epoch == 0:
+            self.unique_tokens += _token_count(ids, mask)
+        return ids, mask
+
     def _micro_batch(self, plan: StagePlan, index: int) -> tuple[Corruption, torch.Tensor | None]:
-        """The corrupted micro-batch number `index` of the stage and its trunk output (if any)."""
-        if plan.depthwise:
+        """The corrupted micro-batch number `index` of the stage and its trunk output (if any).
+
+        Trunk FLOPs of a batch whose trunk runs now (not read from the cache) are counted here.
+        """
+        if plan.depthwise and self.pooled:
             assert self.pool is not None
             batch = self.pool[index].to(self.device)
             if plan.trains_embedding:
                 return batch, None
             if self.cache is not None and self.cache.prefix_end == plan.start:
                 return batch, self.cache.read(index)
-            self.stage_flops += (
-                blocks_forward_flops(self.blocks[: plan.start], batch.inputs.shape[1])
-                * batch.inputs.numel()
-            )
-            return batch, self._trunk(batch, plan.start)
-        ids, mask = self.stream.next()
-        return self.objective.corrupt(ids, self.stream_generator, mask).to(self.device), None
-
-    def _run_stage(self, plan: StagePlan) -> None:
-        stage_start = time.perf_counter()
-        self.memory.reset()
-        params = self._trainable(plan)
-        if plan.depthwise:
-            self._ensure_pool()
-            self._prepare_trunk(plan)
         else:
-            for cache in (self.cache, self.val_cache):
-                if cache is not None:
-                    cache.close()
-            self.cache = self.val_cache = None
-            self._restore_frozen()
-        forward = StageForward(self.rack, plan.start, plan.end)
-        model: nn.Module = forward
-        if self.cfg.compile:
-            model = torch.compile(forward)  # type: ignore[assignment]
+            ids, mask = self._read_stream()
+            batch = self.objective.corrupt(ids, self.stream_generator, mask).to(self.device)
+            if not plan.depthwise or plan.trains_embedding:
+                return batch, None
+        trunk = blocks_forward_flops(self.blocks[: plan.start], batch.inputs.shape[1])
+        self.meter.add_flops(trunk * batch.inputs.numel())
+        return batch, self._trunk(batch, plan.start)
+
+    @torch.no_grad()
+    def _init_piece(self, plan: StagePlan) -> None:
+        """How a depth-wise piece starts (`depthwise.init`) and the head it trains with
+        (`depthwise.head: fresh`); only at the start of a stage, never on a resumed one."""
+        if not plan.depthwise or self.step_in_stage > 0:
+            return
+        settings = self.cfg.depthwise
+        previous = self.plans[plan.index - 1] if plan.index > 0 else None
+        if settings.init == "copy_previous" and previous is not None and previous.depthwise:
+            sources = range(previous.start, previous.end)
+            for source, target in zip(sources, range(plan.start, plan.end), strict=True):
+                state = self.lowered.get(source) or self.blocks[source].state_dict()
+                self.blocks[target].load_state_dict(state)
+        if settings.head == "fresh" and not plan.trains_embedding:
+            self.rack.lm_head.weight.copy_(self.rack.token_embedding.weight)  # type: ignore[union-attr]
+
+    def _prepare_data(self, plan: StagePlan) -> None:
+        """Freeze the trunk below the stage and, for a pooled depth-wise stage, bring the sample
+        pool and its activation cache up to the stage's first block."""
+        if plan.depthwise:
+            for index in range(plan.start):
+                self._lower(index)
+            if self.pooled:
+                self._ensure_pool()
+                self._prepare_trunk(plan)
+            return
+        for cache in (self.cache, self.val_cache):
+            if cache is not None:
+                cache.close()
+        self.cache = self.val_cache = None
+        self._restore_frozen()
+
+    def _start_optimizer(self, plan: StagePlan, params: list[nn.Parameter]) -> None:
         self.optimizer = build_optimizer(params, self.cfg.optimizer, plan.lr, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, plan.steps)
         if self.pending_optimizer is not None:
@@ -648,126 +686,148 @@ class _Run:
             if self.pending_scheduler is not None:
                 self.scheduler.load_state_dict(self.pending_scheduler)
             self.pending_optimizer = self.pending_scheduler = None
-        self._emit("on_stage_start", plan.info(), self.global_step)
 
+    def _train_step(
+        self, plan: StagePlan, model: nn.Module, params: list[nn.Parameter]
+    ) -> tuple[float, float | None]:
+        """One optimizer step (forward, backward over the micro-batches, clip, update).
+
+        Returns the mean loss and the gradient norm before clipping (None without clipping).
+        """
+        assert self.optimizer is not None and self.scheduler is not None
         accum = self.cfg.grad_accum_steps
         readout_factor = (
-            3.0
-            if (not plan.depthwise or plan.trains_embedding or not self.rack.tie_embeddings)
-            else 2.0
+            3.0 if readout_trained(self.rack, plan.depthwise, plan.trains_embedding) else 2.0
         )
         readout_flops = readout_forward_flops(self.rack)
-        log_tokens, log_time = 0, time.perf_counter()
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            batch, hidden = self._micro_batch(plan, self.step_in_stage * accum + micro)
+            with self._autocast():
+                logits = model(batch.inputs, hidden, batch.attention_mask)
+                loss = self.objective.loss(logits, batch)
+            self.scaler.scale(loss / accum).backward()
+            step_loss += loss.detach()
+            tokens = _token_count(batch.inputs, batch.attention_mask)
+            piece = blocks_forward_flops(self.blocks[plan.start : plan.end], batch.inputs.shape[1])
+            self.meter.count(tokens, (3.0 * piece + readout_factor * readout_flops) * tokens)
+        value = float(step_loss) / accum
+        if not math.isfinite(value):
+            clip = self.cfg.optimizer.grad_clip
+            advice = (
+                "lower training.optimizer.lr (or its warmup: training.schedule.warmup_fraction)"
+                + (" or set training.optimizer.grad_clip" if clip is None else "")
+                + (", or train in fp32" if self.autocast_dtype == torch.float16 else "")
+            )
+            raise TrainingError(
+                f"non-finite loss ({value}) in stage {plan.name} "
+                f"({plan.index + 1}/{len(self.plans)}) at step {self.global_step + 1} "
+                f"(step {self.step_in_stage + 1} of the stage); {advice}"
+            )
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.optimizer.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value, grad_norm
+
+    def _after_step(
+        self, plan: StagePlan, forward: StageForward, loss: float, grad_norm: float | None
+    ) -> None:
+        """Per-step hooks: metrics every log_every_steps, evaluation and checkpoints on cadence
+        (the stage's last step is reported, evaluated and checkpointed by its stage end)."""
+        self.step_in_stage += 1
+        self.global_step += 1
+        self.step_snapshot = None
+        self.loss_window.append(loss)
+        last = self.step_in_stage == plan.steps
+        if self.global_step % self.cfg.log_every_steps == 0 or last:
+            assert self.scheduler is not None
+            self.last_logged_loss = sum(self.loss_window) / len(self.loss_window)
+            self.loss_window = []
+            metrics = {
+                "train/loss": self.last_logged_loss,
+                "train/lr": float(self.scheduler.get_last_lr()[0]),
+                "train/tokens_per_s": self.meter.interval_tokens_per_s(),
+                "train/stage": float(plan.index),
+                **self._progress(),
+            }
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = grad_norm
+            self._emit("on_metrics", metrics, self.global_step)
+        if last:
+            return
+        every_eval = self.cfg.eval.every_steps
+        if every_eval and self.global_step % every_eval == 0:
+            val = self._evaluate(plan, forward)
+            if val:
+                if self.global_step % self.cfg.log_every_steps:
+                    val.update(self._progress())  # not a logging step: give val/loss its x
+                self._emit("on_metrics", {**val, "val/stage": float(plan.index)}, self.global_step)
+        every_ckpt = self.cfg.checkpoint.every_steps
+        if self.trainer.checkpoint_dir is not None and (
+            every_ckpt and self.global_step % every_ckpt == 0
+        ):
+            self._save_checkpoint()
+
+    def _progress(self) -> dict[str, float]:
+        """Run totals so far: training tokens seen and executed FLOPs (x axes of comparisons)."""
+        return {
+            "train/tokens": float(self.total_tokens + self.meter.tokens),
+            "train/flops": self.total_flops + self.meter.flops,
+        }
+
+    def _run_stage(self, plan: StagePlan) -> None:
+        self.memory.reset()
+        self.meter.start()
+        self._init_piece(plan)
+        params = self._trainable(plan)
+        with self.meter.training():
+            self._prepare_data(plan)
+        forward = StageForward(self.rack, plan.start, plan.end)
+        model: nn.Module = torch.compile(forward) if self.cfg.compile else forward  # type: ignore[assignment]
+        self._start_optimizer(plan, params)
+        self._emit("on_stage_start", plan.info(), self.global_step)
         while self.step_in_stage < plan.steps:
             self.step_snapshot = self._snapshot()
-            step_loss = torch.zeros((), device=self.device)
-            for micro in range(accum):
-                batch, hidden = self._micro_batch(plan, self.step_in_stage * accum + micro)
-                with self._autocast():
-                    logits = model(batch.inputs, hidden, batch.attention_mask)
-                    loss = self.objective.loss(logits, batch)
-                self.scaler.scale(loss / accum).backward()
-                step_loss += loss.detach()
-                tokens = (
-                    batch.inputs.numel()
-                    if batch.attention_mask is None
-                    else int(batch.attention_mask.sum())
-                )
-                seq = batch.inputs.shape[1]
-                piece = blocks_forward_flops(self.blocks[plan.start : plan.end], seq)
-                self.stage_flops += (3.0 * piece + readout_factor * readout_flops) * tokens
-                self.stage_tokens += tokens
-                log_tokens += tokens
-            value = float(step_loss) / accum
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"non-finite loss ({value}) in stage {plan.name} "
-                    f"({plan.index + 1}/{len(self.plans)}) at step {self.global_step + 1} "
-                    f"(step {self.step_in_stage + 1} of the stage); lower training.optimizer.lr "
-                    f"or set training.optimizer.grad_clip"
-                )
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = None
-            if self.cfg.optimizer.grad_clip is not None:
-                grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip)
-                )
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step_in_stage += 1
-            self.global_step += 1
-            self.step_snapshot = None
-            self.loss_window.append(value)
-
-            last = self.step_in_stage == plan.steps
-            if self.global_step % self.cfg.log_every_steps == 0 or last:
-                now = time.perf_counter()
-                self.last_logged_loss = sum(self.loss_window) / len(self.loss_window)
-                self.loss_window = []
-                metrics = {
-                    "train/loss": self.last_logged_loss,
-                    "train/lr": float(self.scheduler.get_last_lr()[0]),
-                    "train/tokens_per_s": log_tokens / max(now - log_time, 1e-9),
-                    "train/stage": float(plan.index),
-                }
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = grad_norm
-                log_tokens, log_time = 0, now
-                self._emit("on_metrics", metrics, self.global_step)
-            every_eval = self.cfg.eval.every_steps
-            if every_eval and self.global_step % every_eval == 0 and not last:
-                metrics = self._evaluate(plan, forward)
-                if metrics:
-                    self._emit(
-                        "on_metrics", {**metrics, "val/stage": float(plan.index)}, self.global_step
-                    )
-            every_ckpt = self.cfg.checkpoint.every_steps
-            if (
-                self.trainer.checkpoint_dir is not None
-                and every_ckpt
-                and self.global_step % every_ckpt == 0
-                and not last
-            ):
-                self.stage_wall_before += time.perf_counter() - stage_start
-                stage_start = time.perf_counter()
-                self._save_checkpoint()
-
+            with self.meter.training():
+                loss, grad_norm = self._train_step(plan, model, params)
+            self._after_step(plan, forward, loss, grad_norm)
         val = self._evaluate(plan, forward)
-        if val:
+        if val:  # at the stage's last step, whose train metrics carry the progress totals
             self._emit("on_metrics", {**val, "val/stage": float(plan.index)}, self.global_step)
-        wall = self.stage_wall_before + time.perf_counter() - stage_start
-        peak = max(self.stage_peak, self.memory.peak())
-        extra: dict[str, float] = {"lr": plan.lr}
+        self._end_stage(plan, val)
+
+    def _end_stage(self, plan: StagePlan, val: dict[str, float]) -> None:
+        """Report the stage's result, add its counts to the run's, and checkpoint."""
+        meter = self.meter
+        extra: dict[str, float] = {"lr": plan.lr, "train_time_s": meter.train_seconds}
         if self.cache is not None:
             extra["cache_bytes"] = float(self.cache.size_bytes)
             extra["cache_on_disk"] = float(self.cache.location == "disk")
         result = StageResult(
             stage=plan.info(),
             steps=self.step_in_stage,
-            tokens=self.stage_tokens,
+            tokens=meter.tokens,
             train_loss=self.last_logged_loss,
             val_loss=val.get("val/loss"),
             val_perplexity=val.get("val/perplexity"),
-            wall_time_s=wall,
-            tokens_per_s=self.stage_tokens / max(wall, 1e-9),
-            peak_memory_bytes=peak,
-            flops=self.stage_flops,
-            mfu=None if self.peak_flops is None else self.stage_flops / wall / self.peak_flops,
+            wall_time_s=meter.wall_seconds(),
+            tokens_per_s=meter.tokens_per_s(),
+            peak_memory_bytes=max(meter.peak_bytes, self.memory.peak()),
+            flops=meter.flops,
+            mfu=meter.mfu(self.peak_flops),
             extra=extra,
         )
         self.stage_results.append(result)
-        self.total_tokens += self.stage_tokens
-        self.total_flops += self.stage_flops
+        self.total_tokens += meter.tokens
+        self.total_flops += meter.flops
         self.stage_index += 1
         self.step_in_stage = 0
-        self.stage_tokens, self.stage_flops, self.stage_wall_before, self.stage_peak = (
-            0,
-            0.0,
-            0.0,
-            0,
-        )
+        self.meter = StageMeter()
         self.optimizer = self.scheduler = None
         # Report first: a run resumed from the stage-end checkpoint starts after this stage and
         # never reports it again, so it must reach the callbacks before the checkpoint exists.
@@ -793,6 +853,7 @@ class _Run:
                 self.global_step,
             )
         wall = self.previous_wall + time.perf_counter() - self.run_start
+        train_seconds = sum(r.extra.get("train_time_s", r.wall_time_s) for r in self.stage_results)
         peak = max([r.peak_memory_bytes for r in self.stage_results] + [self.memory.peak()])
         return TrainingResults(
             training_architecture=self.cfg.training_architecture,
@@ -805,12 +866,21 @@ class _Run:
             total_steps=self.global_step,
             total_tokens=self.total_tokens,
             wall_time_s=wall,
-            tokens_per_s=self.total_tokens / max(wall, 1e-9),
+            tokens_per_s=self.total_tokens / max(train_seconds, 1e-9),
             peak_memory_bytes=peak,
             flops=self.total_flops,
-            mfu=None if self.peak_flops is None else self.total_flops / wall / self.peak_flops,
+            mfu=(
+                None
+                if self.peak_flops is None
+                else self.total_flops / max(train_seconds, 1e-9) / self.peak_flops
+            ),
             device=str(self.device),
-            extra={"stages": float(len(self.plans))},
+            extra={
+                "stages": float(len(self.plans)),
+                "tokens_seen": float(self.total_tokens),
+                "unique_tokens": float(self.unique_tokens),
+                "train_time_s": train_seconds,
+            },
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -820,8 +890,8 @@ class _Run:
         return {
             "stream": self.stream.position,
             "rng": self._rng_state(),
-            "stage_tokens": self.stage_tokens,
-            "stage_flops": self.stage_flops,
+            "meter": self.meter.state(),
+            "unique_tokens": self.unique_tokens,
         }
 
     def _rng_state(self) -> dict[str, Any]:
@@ -844,8 +914,22 @@ class _Run:
                 state[f"{prefixes[index]}.{key}"] = value
         return state
 
+    def _checkpoint_due(self) -> bool:
+        """Whether a mid-stage checkpoint is due after this step: every `checkpoint.every_steps`
+        global steps, or once `checkpoint.every_minutes` of training have passed since the last
+        checkpoint (or the start), so a hard kill (SIGKILL, a lost node) loses at most that."""
+        if self.trainer.checkpoint_dir is None:
+            return False
+        every_steps = self.cfg.checkpoint.every_steps
+        if every_steps and self.global_step % every_steps == 0:
+            return True
+        minutes = self.cfg.checkpoint.every_minutes
+        since = time.perf_counter() - max(self.run_start, self.last_checkpoint_at)
+        return minutes is not None and since >= minutes * 60.0
+
     def _save_checkpoint(self, interrupted: bool = False) -> None:
         assert self.trainer.checkpoint_dir is not None
+        self.last_checkpoint_at = time.perf_counter()
         snapshot = self.step_snapshot if interrupted else None
         stream = snapshot["stream"] if snapshot else self.stream.position
         state = {
@@ -858,11 +942,13 @@ class _Run:
             "pool_start": None if self.pool_start is None else list(self.pool_start),
             "total_tokens": self.total_tokens,
             "total_flops": self.total_flops,
+            "unique_tokens": snapshot["unique_tokens"] if snapshot else self.unique_tokens,
             "wall_time_s": self.previous_wall + time.perf_counter() - self.run_start,
-            "stage_tokens": snapshot["stage_tokens"] if snapshot else self.stage_tokens,
-            "stage_flops": snapshot["stage_flops"] if snapshot else self.stage_flops,
-            "stage_wall_s": self.stage_wall_before,
-            "stage_peak": max(self.stage_peak, self.memory.peak()),
+            "meter": {
+                **(snapshot["meter"] if snapshot else self.meter.state()),
+                "wall_before": self.meter.wall_seconds(),
+                "peak_bytes": max(self.meter.peak_bytes, self.memory.peak()),
+            },
             "last_logged_loss": self.last_logged_loss,
             "loss_window": list(self.loss_window),
             "stage_results": [asdict(r) for r in self.stage_results],
@@ -915,11 +1001,9 @@ class _Run:
         self.pool_start = None if pool_start is None else (int(pool_start[0]), int(pool_start[1]))
         self.total_tokens = int(state["total_tokens"])
         self.total_flops = float(state["total_flops"])
+        self.unique_tokens = int(state["unique_tokens"])
         self.previous_wall = float(state["wall_time_s"])
-        self.stage_tokens = int(state["stage_tokens"])
-        self.stage_flops = float(state["stage_flops"])
-        self.stage_wall_before = float(state["stage_wall_s"])
-        self.stage_peak = int(state["stage_peak"])
+        self.meter = StageMeter.from_state(state["meter"])
         self.last_logged_loss = float(state["last_logged_loss"])
         self.loss_window = [float(v) for v in state["loss_window"]]
         self.stage_results = []

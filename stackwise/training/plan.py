@@ -5,11 +5,18 @@
 - ``blockwise`` (``layerwise``): one stage per block, left to right.
 - Stacks declared frozen (``freeze_blocks``) get no stage; they stay at their initialisation and
   are part of the frozen trunk of the stages after them.
-- The total budget (``training.budget``: steps, or tokens converted at ``batch_size x
-  grad_accum_steps x seq_len`` tokens per step) is split over the depth-wise stages: a stack
-  with ``budget_fraction`` f gets f of it for its stage(s) (shared by its blocks in blockwise
-  mode); the rest is shared by the other stages equally (``budget.split: equal``) or in
-  proportion to their trainable parameters (``by_params``). Every stage gets at least one step.
+- The total budget (``training.budget``: steps; tokens converted at ``batch_size x
+  grad_accum_steps x seq_len`` tokens per step; or executed FLOPs) is split over the depth-wise
+  stages: a stack with ``budget_fraction`` f gets f of it for its stage(s) (shared by its blocks
+  in blockwise mode); the rest is shared by the other stages equally (``budget.split: equal``)
+  or in proportion to their trainable parameters (``by_params``). Every stage gets at least one
+  step and the stage steps add up to exactly the step budget (a budget smaller than the number
+  of stages is an error). A FLOPs budget is split the same way and converted per stage with
+  the trainer's own accounting — a step of the piece and readout, the frozen trunk's forward
+  where it runs, and extending the activation cache over the sample pool once per stage — so
+  the run ends within one optimizer step of the budget (`_steps_for_flops`).
+- In depth-wise runs with ``depthwise.head`` untie or fresh, a tied LM head gets its own weight
+  before planning (`prepare_rack`), so every stage trains it.
 - A stack's ``lr`` overrides ``optimizer.lr`` for its stage(s).
 - An enabled fusion phase (depth-wise modes only) adds a final stage that trains every piece not
   declared frozen jointly, for ``fusion.steps`` (or ``fusion.tokens``) at ``fusion.lr``
@@ -149,24 +156,147 @@ def eligible_parameters(rack: nn.Module) -> set[int]:
 
 
 def _allocate(weights: list[float], total: int) -> list[int]:
-    """Integer steps proportional to `weights` summing to `total` (largest remainder), min 1."""
+    """Integer steps summing to exactly `total`: one per stage, the rest proportional to
+    `weights` (largest remainder). `total` must be at least the number of stages."""
+    n = len(weights)
+    if total < n:
+        raise ValueError(f"a budget of {total} step(s) cannot give each of {n} stages a step")
     norm = sum(weights)
     if norm <= 0:
-        weights, norm = [1.0] * len(weights), float(len(weights))
-    raw = [total * w / norm for w in weights]
+        weights, norm = [1.0] * n, float(n)
+    rest = total - n
+    raw = [rest * w / norm for w in weights]
     steps = [math.floor(r) for r in raw]
-    for i in sorted(range(len(raw)), key=lambda i: raw[i] - steps[i], reverse=True)[
-        : total - sum(steps)
-    ]:
+    for i in sorted(range(n), key=lambda i: raw[i] - steps[i], reverse=True)[: rest - sum(steps)]:
         steps[i] += 1
-    return [max(1, s) for s in steps]
+    return [1 + s for s in steps]
+
+
+class BudgetError(ValueError):
+    """The budget cannot pay for the planned stages (names the budget field)."""
+
+
+def _steps_for_flops(
+    budget: float, shares: list[float], step_cost: list[float], pool_cost: list[float]
+) -> list[int]:
+    """Steps per stage for a FLOPs budget.
+
+    Stage i costs ``steps_i * step_cost[i]`` plus, for a cached depth-wise stage, extending
+    the activation cache over the whole sample pool once: ``pool_steps * pool_cost[i]``, where
+    ``pool_steps = max(steps)`` (the pool holds what the longest stage visits). Each stage gets
+    its share of the budget; what flooring leaves over goes, one step at a time, to the stages
+    furthest below their share, so the run ends within one optimizer step of the budget.
+    """
+    n = len(shares)
+    extension = sum(pool_cost)
+    minimum = sum(step_cost) + extension
+    if minimum > budget:
+        raise BudgetError(
+            f"training.budget.flops: {budget:.3g} FLOPs cannot pay for one step of each of the "
+            f"{n} stage(s), which costs {minimum:.3g}; raise the budget"
+        )
+    # Every stage is guaranteed one step; the rest of the budget follows the shares.
+    targets = [
+        step_cost[i] + pool_cost[i] + (budget - minimum) * share for i, share in enumerate(shares)
+    ]
+
+    def steps_given_pool(pool: int) -> list[int]:
+        return [
+            max(1, math.floor((targets[i] - pool_cost[i] * pool) / step_cost[i])) for i in range(n)
+        ]
+
+    # The smallest pool size that the steps it allows do not outgrow (steps fall as it grows).
+    low, high = 1, max(1, max(math.floor(t / c) for t, c in zip(targets, step_cost, strict=True)))
+    while low < high:
+        middle = (low + high) // 2
+        if max(steps_given_pool(middle)) <= middle:
+            high = middle
+        else:
+            low = middle + 1
+    steps = steps_given_pool(low)
+
+    def total(steps: list[int]) -> float:
+        return sum(s * c for s, c in zip(steps, step_cost, strict=True)) + max(steps) * extension
+
+    spent = total(steps)
+    while spent > budget:  # stages held at their one-step minimum overspent: take it back
+        over = [i for i in range(n) if steps[i] > 1]
+        i = max(over, key=lambda i: steps[i] * step_cost[i] - targets[i])
+        steps[i] -= 1
+        spent = total(steps)
+    while True:
+        pool = max(steps)
+        order = sorted(range(n), key=lambda i: targets[i] - steps[i] * step_cost[i], reverse=True)
+        for i in order:
+            extra = step_cost[i] + (extension if steps[i] + 1 > pool else 0.0)
+            if spent + extra <= budget:
+                steps[i] += 1
+                spent += extra
+                break
+        else:
+            return steps
+
+
+def unties_head(config: StackWiseConfig) -> bool:
+    """Whether a depth-wise run gives a tied LM head its own weight (`depthwise.head`)."""
+    training = config.training
+    return training.training_architecture != "rackwise" and training.depthwise.head != "frozen"
+
+
+def prepare_rack(config: StackWiseConfig, rack: nn.Module) -> None:
+    """Shape changes a run makes before training: untie the head of a depth-wise run."""
+    if unties_head(config):
+        rack.untie_head()  # type: ignore[operator]
+
+
+def readout_trained(rack: nn.Module, depthwise: bool, trains_embedding: bool) -> bool:
+    """Whether a stage computes the LM head's weight gradient (3x its forward, else 2x): not in
+    a later depth-wise stage when the head is the (then frozen) embedding."""
+    return not (depthwise and not trains_embedding and bool(rack.tie_embeddings))
+
+
+def _stage_costs(
+    config: StackWiseConfig, rack: nn.Module, pieces: list[_Piece], per_step: int
+) -> tuple[list[float], list[float]]:
+    """Per stage: FLOPs of one optimizer step, and FLOPs per pool step of extending the cache.
+
+    The same accounting as the trainer (`stackwise.training.metrics`), for full sequences.
+    """
+    training = config.training
+    depthwise = training.training_architecture != "rackwise"
+    pooled = depthwise and training.depthwise.data == "pool"
+    cached = pooled and training.cache.enabled
+    blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
+    seq = training.seq_len
+    readout = readout_forward_flops(rack)
+    step_cost, pool_cost = [], []
+    boundary = 0
+    for piece in pieces:
+        trains_embedding = piece.start == 0
+        factor = 3.0 if readout_trained(rack, depthwise, trains_embedding) else 2.0
+        per_token = 3.0 * blocks_forward_flops(blocks[piece.start : piece.end], seq)
+        per_token += factor * readout
+        extension = 0.0
+        if depthwise and not trains_embedding:
+            if cached:
+                extension = blocks_forward_flops(blocks[boundary : piece.start], seq)
+                boundary = piece.start
+            else:
+                per_token += blocks_forward_flops(blocks[: piece.start], seq)
+        step_cost.append(per_token * per_step)
+        pool_cost.append(extension * per_step)
+    return step_cost, pool_cost
 
 
 def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
     """The stages of a run of `rack` under `config` (see the module docstring)."""
     training = config.training
     per_step = tokens_per_step(config)
-    total_steps = _steps_for(training.budget.steps, training.budget.tokens, per_step)
+    total_steps = (
+        0
+        if training.budget.flops is not None
+        else _steps_for(training.budget.steps, training.budget.tokens, per_step)
+    )
     base_lr = training.optimizer.lr
     structure = _stack_structure(rack)
     n_blocks = sum(n for _, n, _ in structure)
@@ -218,9 +348,21 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
     for i in free:
         weight = params[i] if training.budget.split == "by_params" else 1
         shares[i] = left * weight / max(1, free_weight)
-    stage_steps = _allocate([float(s or 0.0) for s in shares], total_steps)
-
+    weights = [float(s or 0.0) for s in shares]
     depthwise = mode != "rackwise"
+    if training.budget.flops is not None:
+        norm = sum(weights) or 1.0
+        step_cost, pool_cost = _stage_costs(config, rack, raw, per_step)
+        stage_steps = _steps_for_flops(
+            training.budget.flops, [w / norm for w in weights], step_cost, pool_cost
+        )
+    else:
+        try:
+            stage_steps = _allocate(weights, total_steps)
+        except ValueError as error:
+            field = "steps" if training.budget.steps is not None else "tokens"
+            raise BudgetError(f"training.budget.{field}: {error}; raise the budget") from error
+
     fusion = training.fusion
     if depthwise and raw and raw[0].start != 0:
         # Backward never goes below the trainable piece, so nothing can train the embedding.
@@ -295,9 +437,9 @@ def stage_flops(
     """Training FLOPs executed by a stage (see `stackwise.training.metrics`)."""
     blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
     readout = readout_forward_flops(rack)
-    readout_trained = not (plan.depthwise and not plan.trains_embedding and rack.tie_embeddings)
+    factor = 3.0 if readout_trained(rack, plan.depthwise, plan.trains_embedding) else 2.0
     piece = blocks_forward_flops(blocks[plan.start : plan.end], n_ctx)
-    flops = (3.0 * piece + (3.0 if readout_trained else 2.0) * readout) * tokens
+    flops = (3.0 * piece + factor * readout) * tokens
     if plan.depthwise:
         if cached:
             extension = blocks[previous_prefix_end : plan.start]
@@ -319,12 +461,15 @@ def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunE
         data["model"]["vocab_size"] = vocab_size
     with torch.device("meta"):
         rack = create_rack_from_config(data)
+    prepare_rack(config, rack)
     plans = plan_stages(config, rack)
     training = config.training
     per_step = tokens_per_step(config)
     seq = training.seq_len
-    pool_tokens = pool_micro_batches(plans, training.grad_accum_steps) * training.batch_size * seq
-    cached = training.cache.enabled
+    pooled = training.depthwise.data == "pool"
+    pool_steps = pool_micro_batches(plans, training.grad_accum_steps) if pooled else 0
+    pool_tokens = pool_steps * training.batch_size * seq
+    cached = training.cache.enabled and pooled
     estimate = RunEstimate(
         total_parameters=int(rack.get_parameter_count()),
         device=str(resolve_device(training.device)),

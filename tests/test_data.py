@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -159,3 +160,94 @@ def test_loader_order_is_seeded_per_epoch_and_resumable() -> None:
 def test_validation_loader_is_unshuffled_and_complete() -> None:
     loader = SequenceLoader(torch.arange(10).view(5, 2), 2, shuffle=False, drop_last=False)
     assert [b[:, 0].tolist() for b in loader] == [[0, 2], [4, 6], [8]]
+
+
+# -- the BPE never learns from text the run holds out or drops ------------------------------
+
+
+def _marker_documents(count: int) -> list[str]:
+    """`count` documents, each made of its own CJK character (a marker no other document has),
+    repeated often enough that a BPE trained on it learns the character as one token."""
+    return [(chr(0x4E00 + index) * 4 + " ") * 40 for index in range(count)]
+
+
+def _texts(bundle: Any) -> tuple[str, str]:
+    tokenizer = bundle.tokenizer
+    train = tokenizer.decode(bundle.train_loader.sequences.flatten().tolist())
+    val = tokenizer.decode(bundle.val_loader.sequences.flatten().tolist())
+    return train, val
+
+
+def _learned(tokenizer: Any, char: str) -> bool:
+    """Whether some vocabulary entry holds the whole character (merged from its bytes)."""
+    return any(char in tokenizer.decode([i]) for i in range(tokenizer.vocab_size))
+
+
+def test_bpe_never_learns_the_validation_tail_of_a_single_file(tmp_path: Path) -> None:
+    """One file: the positional split holds out its tail, which the BPE must never see."""
+    path = tmp_path / "one.txt"
+    path.write_text("".join(_marker_documents(12)), encoding="utf-8")
+    bundle = build_data(
+        DataConfig(
+            source="files", paths=[str(path)], tokenizer="bpe", bpe_vocab_size=400, val_fraction=0.2
+        ),
+        _training(seq_len=16, batch_size=2),
+    )
+    train, val = _texts(bundle)
+    markers = [chr(0x4E00 + index) for index in range(12)]
+    val_only = [c for c in markers if c in val and c not in train]
+    train_side = [c for c in markers if c in train]
+    assert val_only and train_side  # the check below has something to catch
+    # A merged token is a piece of the tokenizer's training text: a marker that only validation
+    # holds cannot be in one; the training-side markers show that the check can see.
+    assert not any(_learned(bundle.tokenizer, c) for c in val_only)
+    assert all(_learned(bundle.tokenizer, c) for c in train_side)
+
+
+def test_bpe_learns_only_from_the_training_side_after_max_tokens(tmp_path: Path) -> None:
+    """Many documents: neither held-out nor max_tokens-dropped documents shape the BPE."""
+    documents = _marker_documents(16)
+    size = len(documents[0].encode("utf-8")) + 1  # every document has this many byte tokens
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+    bundle = build_data(
+        DataConfig(
+            source="files",
+            paths=[str(path)],
+            tokenizer="bpe",
+            bpe_vocab_size=400,
+            val_fraction=0.2,
+            max_tokens=10 * size,  # exactly 10 whole documents
+        ),
+        _training(seq_len=16, batch_size=2),
+    )
+    train, val = _texts(bundle)
+    markers = [chr(0x4E00 + index) for index in range(16)]
+    held_out = [c for c in markers if c in val and c not in train]
+    dropped = [c for c in markers if c not in val and c not in train]
+    kept = [c for c in markers if c in train]
+    assert len(held_out) == 2 and len(dropped) == 6 and len(kept) == 8
+    assert not any(_learned(bundle.tokenizer, c) for c in held_out + dropped)
+    assert all(_learned(bundle.tokenizer, c) for c in kept)
+
+
+def test_bpe_short_validation_text_is_redrawn_with_room_for_one_sequence(tmp_path: Path) -> None:
+    """A held-out tail that is one sequence of bytes is too short once BPE merges it; the split
+    grows it instead of failing, and still keeps it out of the tokenizer's training text."""
+    path = tmp_path / "one.txt"
+    path.write_text("".join(_marker_documents(6)), encoding="utf-8")
+    bundle = build_data(
+        DataConfig(
+            source="files",
+            paths=[str(path)],
+            tokenizer="bpe",
+            bpe_vocab_size=400,
+            val_fraction=0.01,
+        ),
+        _training(seq_len=64, batch_size=2),
+    )
+    assert len(bundle.val_loader.sequences) >= 1
+    train, val = _texts(bundle)
+    val_only = [c for c in (chr(0x4E00 + i) for i in range(6)) if c in val and c not in train]
+    assert val_only
+    assert not any(_learned(bundle.tokenizer, c) for c in val_only)

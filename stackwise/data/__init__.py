@@ -1,28 +1,49 @@
 """Training data: tokenizers, corpus sources, deterministic split and packing, and loaders.
 
 `build_data(data_config, training_config)` is the one entry point the runner needs: it reads
-the configured corpus, tokenizes it (byte-level, or a BPE trained on the training documents),
-splits it deterministically into train/validation by document, packs both into sequences of
-``training.seq_len`` tokens and returns loaders over them.
+the configured corpus, splits it deterministically into train/validation by document, tokenizes
+it, packs both sides into sequences of ``training.seq_len`` tokens and returns loaders over them.
+
+The split (and the ``max_tokens`` limit) is decided on the text's UTF-8 bytes — exactly the
+tokens of the byte tokenizer — before any tokenizer is trained. A BPE is then trained on the
+training side of that split only, as packing will use it (after ``max_tokens``, and in the
+positional fallback without the held-out tail), so no validation text shapes its vocabulary.
+With BPE, ``max_tokens`` and ``val_fraction`` therefore count bytes; the run holds at most
+``max_tokens`` tokens. If the held-out text is too short for one sequence of BPE tokens, the
+split is redone positionally with a tail long enough for one (the BPE is trained again).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from stackwise.config.base import DataConfig, TrainingConfig
 from stackwise.data.loader import SequenceLoader
-from stackwise.data.packing import PackedSplits, pack, split_and_pack
+from stackwise.data.packing import (
+    DocumentSplit,
+    PackedSplits,
+    pack,
+    split_and_pack,
+    split_documents,
+)
 from stackwise.data.sources import builtin_documents, load_documents
-from stackwise.data.tokenizer import SPECIAL_TOKENS, BPETokenizer, ByteTokenizer, Tokenizer
+from stackwise.data.tokenizer import (
+    SPECIAL_TOKENS,
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    special_ids_for,
+)
 
 __all__ = [
     "SPECIAL_TOKENS",
     "BPETokenizer",
     "ByteTokenizer",
     "DataBundle",
+    "DocumentSplit",
     "PackedSplits",
     "SequenceLoader",
     "Tokenizer",
@@ -31,7 +52,10 @@ __all__ = [
     "builtin_documents",
     "load_documents",
     "pack",
+    "special_ids_for",
     "split_and_pack",
+    "split_and_tokenize",
+    "split_documents",
 ]
 
 
@@ -46,28 +70,29 @@ class DataBundle:
     val_tokens: int
 
 
-def _validation_documents(documents: list[str], data: DataConfig, seed: int) -> set[int]:
-    """Indices of documents that the by-document split would hold out (to keep BPE honest)."""
-    order = np.random.default_rng(seed).permutation(len(documents))
-    lengths = [len(documents[i].encode("utf-8")) + 1 for i in order]
-    target = data.val_fraction * sum(lengths)
-    held: set[int] = set()
-    total = 0
-    for position, index in enumerate(order[:-1]):
-        if total >= target:
-            break
-        held.add(int(index))
-        total += lengths[position]
-    return held
-
-
-def build_tokenizer(data: DataConfig, documents: list[str], seed: int = 0) -> Tokenizer:
-    """The configured tokenizer; a BPE is trained on the training-side documents only."""
+def build_tokenizer(data: DataConfig, training_documents: list[str]) -> Tokenizer:
+    """The configured tokenizer; a BPE is trained on `training_documents` (and nothing else)."""
     if data.tokenizer == "byte":
         return ByteTokenizer()
-    held_out = _validation_documents(documents, data, seed)
-    training_text = [doc for i, doc in enumerate(documents) if i not in held_out] or documents
-    return BPETokenizer.train(training_text, data.bpe_vocab_size)
+    return BPETokenizer.train(training_documents, data.bpe_vocab_size)
+
+
+def _as_text(piece: np.ndarray) -> str:
+    # A piece cut inside a multi-byte character loses that character on both sides.
+    return piece.astype(np.uint8).tobytes().decode("utf-8", errors="ignore")
+
+
+def _split(
+    data: DataConfig, training: TrainingConfig, byte_docs: list[np.ndarray], min_val_tokens: int = 0
+) -> DocumentSplit:
+    return split_documents(
+        byte_docs,
+        val_fraction=data.val_fraction,
+        seq_len=training.seq_len,
+        seed=training.seed,
+        max_tokens=data.max_tokens,
+        min_val_tokens=min_val_tokens,
+    )
 
 
 def _encode_all(tokenizer: Tokenizer, documents: list[str]) -> list[np.ndarray]:
@@ -78,18 +103,49 @@ def _encode_all(tokenizer: Tokenizer, documents: list[str]) -> list[np.ndarray]:
     return [np.asarray(tokenizer.encode(doc), dtype=np.int64) for doc in documents]
 
 
+def split_and_tokenize(
+    data: DataConfig, training: TrainingConfig, documents: list[str]
+) -> tuple[Tokenizer, PackedSplits]:
+    """The tokenizer and the packed train/validation sequences of `documents` (module doc)."""
+    byte_docs = [ByteTokenizer().encode_array(doc) for doc in documents]
+    split = _split(data, training, byte_docs)
+    seq_len = training.seq_len
+    if data.tokenizer == "byte":
+        tokenizer: Tokenizer = ByteTokenizer()
+        train_ids, val_ids = split.train, split.val
+    else:
+        for attempt in range(2):
+            train_text = [_as_text(piece) for piece in split.train]
+            tokenizer = build_tokenizer(data, train_text)
+            train_ids = _encode_all(tokenizer, train_text)
+            val_ids = _encode_all(tokenizer, [_as_text(piece) for piece in split.val])
+            val_rows = sum(len(ids) + 1 for ids in val_ids) // seq_len
+            if val_rows >= 1 or attempt == 1:
+                break
+            # Hold out (positionally) enough bytes for one sequence of BPE tokens, with margin.
+            train_tokens = max(1, sum(len(ids) for ids in train_ids))
+            bytes_per_token = sum(len(piece) for piece in split.train) / train_tokens
+            split = _split(
+                data,
+                training,
+                byte_docs,
+                min_val_tokens=math.ceil(1.25 * seq_len * bytes_per_token),
+            )
+    train = pack(train_ids, seq_len, tokenizer.eos_id)
+    val = pack(val_ids, seq_len, tokenizer.eos_id)
+    if len(train) < 1 or len(val) < 1:
+        raise ValueError(
+            f"data: after tokenization the corpus has too few tokens for a train and a validation "
+            f"sequence of training.seq_len={seq_len} tokens; add text, raise data.max_tokens "
+            f"or lower training.seq_len"
+        )
+    corpus = sum(len(ids) + 1 for ids in train_ids) + sum(len(ids) + 1 for ids in val_ids)
+    return tokenizer, PackedSplits(train, val, corpus)
+
+
 def build_data(data: DataConfig, training: TrainingConfig) -> DataBundle:
-    """Read, tokenize, split and pack the configured corpus; loaders use `training.batch_size`."""
-    documents = load_documents(data)
-    tokenizer = build_tokenizer(data, documents, training.seed)
-    splits = split_and_pack(
-        _encode_all(tokenizer, documents),
-        val_fraction=data.val_fraction,
-        seq_len=training.seq_len,
-        seed=training.seed,
-        eos_id=tokenizer.eos_id,
-        max_tokens=data.max_tokens,
-    )
+    """Read, split, tokenize and pack the configured corpus; loaders use `training.batch_size`."""
+    tokenizer, splits = split_and_tokenize(data, training, load_documents(data))
     train_loader = SequenceLoader(
         splits.train, training.batch_size, shuffle=True, seed=training.seed, drop_last=True
     )

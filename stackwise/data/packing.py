@@ -8,6 +8,12 @@ cut into non-overlapping sequences of ``seq_len`` tokens (the incomplete tail is
 When the corpus has too few documents for a by-document split to give both sides at least one
 full sequence (e.g. a single text file), the packed stream is split by position instead: the last
 ``val_fraction`` of it (at least one sequence) is held out.
+
+`split_documents` does the split alone and returns the two sides as lists of token arrays (a
+document cut by the positional split appears as its head on one side and its tail on the other),
+so that the same split can be computed on UTF-8 bytes *before* a tokenizer exists: a BPE is then
+trained on the training side only (see `stackwise.data.build_data`). `split_and_pack` is
+`split_documents` followed by `pack` of each side.
 """
 
 from __future__ import annotations
@@ -58,6 +64,85 @@ def _stream(documents: list[np.ndarray], eos_id: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+@dataclass
+class DocumentSplit:
+    """The two sides of a split, as documents (or document pieces) before packing."""
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    corpus_tokens: int  # tokens (with separators) after the max_tokens limit
+    by_document: bool  # False: the positional fallback
+
+
+def _packed_rows(documents: list[np.ndarray], seq_len: int) -> int:
+    return sum(len(d) + 1 for d in documents) // seq_len
+
+
+def split_documents(
+    documents: list[np.ndarray],
+    *,
+    val_fraction: float,
+    seq_len: int,
+    seed: int,
+    max_tokens: int | None = None,
+    min_val_tokens: int = 0,
+) -> DocumentSplit:
+    """Shuffle documents with `seed`, apply `max_tokens`, split by document (see module doc).
+
+    With ``min_val_tokens > 0`` the split is positional and holds out at least that many tokens
+    (a caller whose tokens are bytes uses it to make room for one sequence of coarser tokens).
+    """
+    order = np.random.default_rng(seed).permutation(len(documents))
+    shuffled = limit_tokens([documents[i] for i in order], max_tokens)
+    total = sum(len(d) + 1 for d in shuffled)
+
+    if min_val_tokens <= 0:
+        target_val = val_fraction * total
+        val_docs: list[np.ndarray] = []
+        val_tokens = 0
+        for doc in shuffled[:-1]:  # the training side keeps at least one document
+            if val_tokens >= target_val:
+                break
+            val_docs.append(doc)
+            val_tokens += len(doc) + 1
+        train_docs = shuffled[len(val_docs) :]
+        if _packed_rows(train_docs, seq_len) >= 1 and _packed_rows(val_docs, seq_len) >= 1:
+            return DocumentSplit(train_docs, val_docs, total, by_document=True)
+
+    # Too few documents: split the packed stream by position instead, at a row boundary.
+    n_rows = total // seq_len
+    n_val = max(1, round(val_fraction * n_rows), -(-min_val_tokens // seq_len))
+    if n_rows - n_val < 1:
+        raise ValueError(
+            f"data: the corpus has {total} tokens, too few for a train and a validation "
+            f"sequence of training.seq_len={seq_len} tokens; add text, raise data.max_tokens "
+            f"or lower training.seq_len"
+        )
+    train, val = _cut_stream(shuffled, (n_rows - n_val) * seq_len)
+    return DocumentSplit(train, val, total, by_document=False)
+
+
+def _cut_stream(documents: list[np.ndarray], cut: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Documents before and after position `cut` of their packed stream.
+
+    A document the cut falls into is split into its head (training side) and tail (validation
+    side, possibly empty when the cut falls on its [EOS]). Packing the two lists gives the
+    stream's rows before and after the cut when `cut` is a multiple of the sequence length.
+    """
+    train: list[np.ndarray] = []
+    position = 0
+    for index, doc in enumerate(documents):
+        if position + len(doc) + 1 <= cut:
+            train.append(doc)
+            position += len(doc) + 1
+            continue
+        offset = cut - position
+        if offset == 0:
+            return train, list(documents[index:])
+        return [*train, doc[:offset]], [doc[offset:], *documents[index + 1 :]]
+    return train, []
+
+
 def split_and_pack(
     documents: list[np.ndarray],
     *,
@@ -68,31 +153,9 @@ def split_and_pack(
     max_tokens: int | None = None,
 ) -> PackedSplits:
     """Shuffle documents with `seed`, apply `max_tokens`, split by document, pack both sides."""
-    order = np.random.default_rng(seed).permutation(len(documents))
-    shuffled = limit_tokens([documents[i] for i in order], max_tokens)
-    total = sum(len(d) + 1 for d in shuffled)
-    target_val = val_fraction * total
-
-    val_docs: list[np.ndarray] = []
-    val_tokens = 0
-    for doc in shuffled[:-1]:  # the training side keeps at least one document
-        if val_tokens >= target_val:
-            break
-        val_docs.append(doc)
-        val_tokens += len(doc) + 1
-    train_docs = shuffled[len(val_docs) :]
-    train = pack(train_docs, seq_len, eos_id)
-    val = pack(val_docs, seq_len, eos_id)
-    if len(train) >= 1 and len(val) >= 1:
-        return PackedSplits(train, val, total)
-
-    # Too few documents: split the packed stream by position instead.
-    rows = pack(shuffled, seq_len, eos_id)
-    n_val = max(1, round(val_fraction * len(rows)))
-    if len(rows) - n_val < 1:
-        raise ValueError(
-            f"data: the corpus has {total} tokens, too few for a train and a validation "
-            f"sequence of training.seq_len={seq_len} tokens; add text, raise data.max_tokens "
-            f"or lower training.seq_len"
-        )
-    return PackedSplits(rows[:-n_val].clone(), rows[-n_val:].clone(), total)
+    split = split_documents(
+        documents, val_fraction=val_fraction, seq_len=seq_len, seed=seed, max_tokens=max_tokens
+    )
+    train = pack(split.train, seq_len, eos_id)
+    val = pack(split.val, seq_len, eos_id)
+    return PackedSplits(train, val, split.corpus_tokens)

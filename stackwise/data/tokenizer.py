@@ -1,8 +1,9 @@
 """Tokenizers: a byte-level tokenizer that needs nothing, and an optional locally trained BPE.
 
 Both expose the same small interface (`Tokenizer`): ``vocab_size``, the special-token ids
-``pad_id``, ``mask_id``, ``bos_id``, ``eos_id``, and ``encode(text) -> list[int]`` /
-``decode(ids) -> str``.
+``pad_id``, ``mask_id``, ``bos_id``, ``eos_id`` (all four in ``special_ids``), and
+``encode(text) -> list[int]`` / ``decode(ids) -> str``. `special_ids_for` recovers the special
+ids from a vocabulary size and a [MASK] id, for code that is handed only those.
 
 - `ByteTokenizer`: ids 0..255 are the UTF-8 bytes of the text; 256..259 are [PAD], [MASK], [BOS],
   [EOS] (vocabulary 260 = `stackwise.config.base.BYTE_VOCAB_SIZE`).
@@ -37,6 +38,8 @@ class Tokenizer(Protocol):
     def bos_id(self) -> int: ...
     @property
     def eos_id(self) -> int: ...
+    @property
+    def special_ids(self) -> tuple[int, ...]: ...
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -48,6 +51,7 @@ class ByteTokenizer:
     mask_id = 257
     bos_id = 258
     eos_id = 259
+    special_ids = (256, 257, 258, 259)
     vocab_size = BYTE_VOCAB_SIZE
 
     def encode(self, text: str) -> list[int]:
@@ -71,6 +75,7 @@ class BPETokenizer:
         self._tokenizer = tokenizer
         ids = [self._token_id(token) for token in SPECIAL_TOKENS]
         self.pad_id, self.mask_id, self.bos_id, self.eos_id = ids
+        self.special_ids = tuple(ids)
 
     def _token_id(self, token: str) -> int:
         value = self._tokenizer.token_to_id(token)  # type: ignore[attr-defined]
@@ -126,3 +131,17 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode([int(i) for i in ids]))  # type: ignore[attr-defined]
+
+
+def special_ids_for(vocab_size: int, mask_id: int) -> tuple[int, ...]:
+    """The special-token ids of the tokenizer that a vocabulary size and [MASK] id come from.
+
+    The byte tokenizer (vocabulary 260, [MASK] 257) has 256..259; a BPE trained here puts
+    [PAD], [MASK], [BOS], [EOS] at 0..3 ([MASK] = 1). For any other layout only the [MASK] id is
+    known to be special.
+    """
+    if vocab_size == BYTE_VOCAB_SIZE and mask_id == ByteTokenizer.mask_id:
+        return ByteTokenizer.special_ids
+    if mask_id == SPECIAL_TOKENS.index("[MASK]") and vocab_size > len(SPECIAL_TOKENS):
+        return tuple(range(len(SPECIAL_TOKENS)))
+    return (mask_id,)

@@ -3,6 +3,8 @@ policy and its unique-token count, step budgets that add up and FLOPs-matched bu
 
 from __future__ import annotations
 
+import itertools
+import time
 from typing import Any
 
 import pytest
@@ -136,7 +138,7 @@ def test_copy_previous_starts_a_piece_as_the_trained_piece_before_it(mode: str) 
     rack, states, _ = train(config)
     blocks_per_piece = 1 if mode == "blockwise" else 2
     names = list(states.starts)
-    for previous, current in zip(names, names[1:], strict=False):
+    for previous, current in itertools.pairwise(names):
         start, trained = states.starts[current], states.ends[previous]
         k = names.index(current)
         for offset in range(blocks_per_piece):
@@ -194,9 +196,7 @@ class Numbered:
         ("rackwise", "pool", list(range(12)), 12),
     ],
 )
-def test_data_policy_and_unique_tokens(
-    mode: str, data: str, reads: list[int], unique: int
-) -> None:
+def test_data_policy_and_unique_tokens(mode: str, data: str, reads: list[int], unique: int) -> None:
     config = config_for(mode, steps=12, depthwise={"data": data})
     loader = Numbered(40)
     _, _, results = train(config, loader)
@@ -251,3 +251,43 @@ def test_a_flops_budget_ends_within_one_step(mode: str, data: str) -> None:
     assert results.flops <= budget
     assert budget - results.flops < step
     assert sum(r.flops for r in states.results) == pytest.approx(results.flops)
+
+
+class SlowEvaluation(TrainingCallback):
+    """Takes `seconds` over every validation report, as a slow evaluation would."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.reports = 0
+        self.rates: list[float] = []
+
+    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "train/tokens_per_s" in metrics:
+            self.rates.append(metrics["train/tokens_per_s"])
+        if "val/loss" in metrics:
+            self.reports += 1
+            time.sleep(self.seconds)
+
+
+def test_throughput_and_mfu_time_training_only() -> None:
+    slow = SlowEvaluation(0.25)
+    config = config_for(
+        "rackwise", steps=6, log_every_steps=2, eval={"batches": 1, "every_steps": 1}
+    )
+    data = build_data(config.data, config.training)
+    rack = create_rack_from_config(config)
+    results = ArchitectureTrainer(config, callbacks=[slow]).train_architecture(
+        rack, data.train_loader, data.val_loader
+    )
+    stage = results.stages[0]
+    slept = 0.25 * slow.reports
+    assert slow.reports >= 5
+    # Wall time holds the slow evaluations; training time and the rates derived from it do not.
+    assert stage.wall_time_s >= stage.extra["train_time_s"] + slept
+    assert stage.tokens_per_s == pytest.approx(stage.tokens / stage.extra["train_time_s"])
+    assert results.tokens_per_s == pytest.approx(
+        results.total_tokens / results.extra["train_time_s"]
+    )
+    # Each logged rate covers 2 steps of 128 tokens: with the evaluations counted it could not
+    # exceed 256 / 0.25 tokens/s.
+    assert min(slow.rates) > 256 / 0.25

@@ -299,13 +299,28 @@ class CacheConfig(BaseConfig):
 
     enabled: bool = Field(True, description="Cache the frozen prefix's output (exact).")
     location: Literal["auto", "device", "cpu", "disk"] = Field(
-        "auto", description="Where the cache lives; `auto` picks device, then cpu, then disk."
+        "auto",
+        description="Where the cache lives. `auto`: in host memory when it fits both "
+        "max_memory_gb and what end-to-end training of the same rack would use beyond the "
+        "depth-wise stage itself, else in a memory-mapped file read ahead in order; never on an "
+        "accelerator. `device` keeps it on the accelerator, `cpu` in (pinned) host memory, "
+        "`disk` in the file.",
     )
     max_memory_gb: float = Field(
-        4.0, gt=0.0, description="Largest cache kept in device or CPU memory before using disk."
+        4.0, gt=0.0, description="Largest cache `auto` keeps in host memory before using disk."
+    )
+    max_disk_gb: float | None = Field(
+        None,
+        gt=0.0,
+        description="Largest sample-pool cache allowed on disk, checked before a run starts "
+        "(default: half the free disk where the cache is written).",
     )
     dtype: Precision = Field("fp32", description="Storage precision of cached activations.")
-    directory: str | None = Field(None, description="Folder for the disk cache (default: temp).")
+    directory: str | None = Field(
+        None,
+        description="Folder for the disk cache (default: beside the run's checkpoints, or a "
+        "temporary folder when there are none).",
+    )
 
 
 class FusionConfig(BaseConfig):

@@ -505,10 +505,24 @@ class _Run:
                 )
                 self.use_cache = False
                 return
-            self.cache = self._new_cache([b.inputs.shape[0] for b in self.pool], seq_len)
+            from stackwise.training.memory import cache_memory_allowance
+
+            # What the caches may hold in memory (`cache.location: auto`) so that this run
+            # needs no more than rackwise training of the rack: the rest spills to disk.
+            pool_bytes = sum(
+                t.untyped_storage().nbytes()
+                for b in self.pool
+                for t in (b.inputs, b.targets, b.weights, b.attention_mask)
+                if t is not None
+            )
+            allowance = cache_memory_allowance(
+                self.config, self.plans, self.rack, self.device, pool_bytes
+            )
+            self.cache = self._new_cache([b.inputs.shape[0] for b in self.pool], seq_len, allowance)
             if self.eval_entries:
                 rows = [b.inputs.shape[0] for b in self.eval_entries]
-                self.val_cache = self._new_cache(rows, seq_len)
+                allowance -= self.cache.memory_bytes
+                self.val_cache = self._new_cache(rows, seq_len, allowance)
         for boundary in self._stage_boundaries(plan):
             self._advance_cache(boundary)
         if self.cfg.offload_frozen and self.device.type != "cpu":
@@ -517,7 +531,11 @@ class _Run:
                     self.blocks[index].to("cpu")
                     self.offloaded.add(index)
 
-    def _new_cache(self, rows: list[int], seq_len: int) -> ActivationCache:
+    def _new_cache(self, rows: list[int], seq_len: int, allowance: int) -> ActivationCache:
+        """A cache of `rows`; spilled beside the checkpoints when it does not fit `allowance`."""
+        directory = self.cfg.cache.directory
+        if directory is None and self.trainer.checkpoint_dir is not None:
+            directory = str(self.trainer.checkpoint_dir)
         return ActivationCache(
             rows,
             seq_len,
@@ -526,7 +544,8 @@ class _Run:
             dtype=storage_dtype(self.cfg.cache.dtype),
             location=self.cfg.cache.location,
             max_memory_gb=self.cfg.cache.max_memory_gb,
-            directory=self.cfg.cache.directory,
+            directory=directory,
+            allowance_bytes=allowance,
         )
 
     def _advance_cache(self, end: int) -> None:

@@ -6,10 +6,24 @@ piece costs about 3x its forward (backward ≈ 2x). A frozen trunk costs its for
 when it actually runs: once per sample when the activation cache is built or extended, or on
 every step when the cache is off. Evaluation passes are not counted.
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (reset at each stage). On the CPU it is
-the peak resident set size of the whole process (VmHWM; reset per stage through
-``/proc/self/clear_refs`` on Linux, else the lifetime peak from ``getrusage``) — so it includes
-the Python interpreter, the data and anything else the process holds, not only training tensors.
+Memory is reported in parts, so that a plan (`stackwise.training.plan.estimate_run`) and a run
+speak of the same quantities:
+
+- *training memory* (`TrainingMemory`): what the running stage itself needs — the rack's
+  weights on the training device, one gradient per trainable parameter, the optimizer state and
+  the activations autograd keeps for backward of one micro-batch (`SavedActivations`: every
+  tensor saved for backward, each storage once, parameters excluded). These are counted tensor
+  by tensor, so they mean the same on every device and exclude the interpreter.
+  `estimate_training_memory` counts the same tensors without allocating them: the stage's
+  forward runs on fake tensors (`torch._subclasses.FakeTensorMode`, shapes and dtypes only).
+- *cache memory*: bytes of the activation cache held in RAM or on the device, and bytes on disk
+  (`stackwise.training.cache.ActivationCache.memory_bytes` / ``disk_bytes``).
+- the *process peak* (`PeakMemory`): ``torch.cuda.max_memory_allocated`` on CUDA (reset at each
+  stage). On the CPU it is the peak resident set size of the whole process (VmHWM; reset per
+  stage through ``/proc/self/clear_refs`` on Linux, else the lifetime peak from ``getrusage``) —
+  so it includes the Python interpreter, the data and anything else the process holds.
+
+`MemoryReport` gathers the parts of one stage (or run) and names their metrics.
 """
 
 from __future__ import annotations
@@ -17,7 +31,11 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,3 +144,210 @@ class PeakMemory:
             with contextlib.suppress(Exception):
                 return int(torch.mps.driver_allocated_memory())
         return peak_rss_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# memory in parts
+# --------------------------------------------------------------------------------------------
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    """Identity of the memory behind `tensor` (views of one storage share it)."""
+    return int(tensor.untyped_storage()._cdata)
+
+
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the storages behind `tensors`, each storage once."""
+    storages: dict[int, int] = {}
+    for tensor in tensors:
+        storages.setdefault(_storage_key(tensor), tensor.untyped_storage().nbytes())
+    return sum(storages.values())
+
+
+class SavedActivations:
+    """Bytes of the tensors autograd saves for backward while the context is active.
+
+    Each storage counts once (a tensor saved by several ops, or views of one tensor), and the
+    storages of `exclude` (the parameters: they are weights, counted as such) not at all. The
+    saved tensors are kept referenced until the context ends, so no storage is freed and its
+    identity reused while counting (the autograd graph holds them anyway).
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._excluded = {_storage_key(t) for t in exclude}
+        self._saved: dict[int, torch.Tensor] = {}
+        self._hooks: Any = None
+        self.bytes = 0
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key not in self._excluded and key not in self._saved:
+            self._saved[key] = tensor
+            self.bytes += tensor.untyped_storage().nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedActivations:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._hooks.__exit__(kind, error, trace)
+        self._saved.clear()
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """What a training stage holds (see the module docstring), in bytes."""
+
+    weights_bytes: int  # the rack's parameters and buffers on the training device
+    gradients_bytes: int  # one gradient per trainable parameter
+    optimizer_bytes: int  # optimizer state (AdamW: two moments and a step count per tensor)
+    activations_bytes: int  # tensors saved for backward by one micro-batch's forward
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.weights_bytes
+            + self.gradients_bytes
+            + self.optimizer_bytes
+            + self.activations_bytes
+        )
+
+
+def measure_training_memory(
+    rack: nn.Module,
+    params: Iterable[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    activations_bytes: int,
+    device: torch.device,
+) -> TrainingMemory:
+    """Training memory of a running stage, counted on its real tensors.
+
+    `params` are the parameters the stage trains; `optimizer` must have taken a step (its state
+    exists from the first step on); `activations_bytes` is a `SavedActivations` count of one
+    micro-batch's forward (and loss) of the stage.
+    """
+
+    def on_device(tensor: torch.Tensor) -> bool:
+        return tensor.device.type == device.type and (
+            device.index is None or tensor.device.index == device.index
+        )
+
+    weights = [t for t in [*rack.parameters(), *rack.buffers()] if on_device(t)]
+    trainable = {id(p): p for p in params if p.requires_grad}
+    state = [
+        value
+        for per_param in optimizer.state.values()
+        for value in per_param.values()
+        if isinstance(value, torch.Tensor)
+    ]
+    return TrainingMemory(
+        weights_bytes=_tensor_bytes(weights),
+        gradients_bytes=sum(p.numel() * p.element_size() for p in trainable.values()),
+        optimizer_bytes=_tensor_bytes(state),
+        activations_bytes=int(activations_bytes),
+    )
+
+
+class _StagePass(nn.Module):
+    """The forward of a stage (as the trainer runs it): embedding or a given trunk output ->
+    blocks [start, end) -> readout."""
+
+    def __init__(self, rack: nn.Module, start: int, end: int) -> None:
+        super().__init__()
+        self.rack = rack
+        self.start = start
+        self.end = end
+
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        h = self.rack.embed(inputs) if hidden is None else hidden  # type: ignore[operator]
+        h = self.rack.forward_blocks(h, self.start, self.end)  # type: ignore[operator]
+        return self.rack.readout(h)  # type: ignore[operator]
+
+
+def fake_tensor_mode() -> Any:
+    """A mode in which tensors have shapes, dtypes and devices but no memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def estimate_activation_bytes(
+    rack: nn.Module,
+    start: int,
+    end: int,
+    *,
+    from_embedding: bool,
+    trainable: set[int],
+    inputs: torch.Tensor,
+    loss: Callable[[torch.Tensor], torch.Tensor],
+    autocast_dtype: torch.dtype | None = None,
+    mode: Any = None,
+) -> int:
+    """`SavedActivations` of one micro-batch of a stage, counted without allocating anything.
+
+    The stage's forward and `loss` run on fake CPU tensors standing in for the rack's weights
+    (``trainable`` holds the ids of the parameters that require gradients), so every op saves
+    for backward exactly what it saves in training. `rack` should be a skeleton (built on the
+    meta device): modules that cache tensors keep fake ones. `inputs` are the token ids of one
+    micro-batch; a stage that does not start `from_embedding` reads a trunk output without
+    gradient instead. `autocast_dtype` runs the forward under CPU autocast, as an estimate of
+    mixed precision on an accelerator. Pass one `mode` (`fake_tensor_mode`) to several calls on
+    the same rack.
+    """
+    from torch.func import functional_call
+
+    mode = mode if mode is not None else fake_tensor_mode()
+    with mode:
+        fakes: dict[int, torch.Tensor] = {}
+        state: dict[str, torch.Tensor] = {}
+        for name, param in rack.named_parameters(remove_duplicate=False):
+            if id(param) not in fakes:
+                fakes[id(param)] = torch.empty(
+                    param.shape, dtype=param.dtype, requires_grad=id(param) in trainable
+                )
+            state[f"rack.{name}"] = fakes[id(param)]
+        for name, buffer in rack.named_buffers(remove_duplicate=False):
+            state[f"rack.{name}"] = torch.empty(buffer.shape, dtype=buffer.dtype)
+        d_model = int(rack.d_model)  # type: ignore[arg-type]
+        hidden = None if from_embedding else torch.empty(*inputs.shape, d_model)
+        autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if autocast_dtype is not None:
+            autocast = torch.autocast("cpu", dtype=autocast_dtype)
+        with SavedActivations(fakes.values()) as saved, autocast:
+            logits = functional_call(_StagePass(rack, start, end), state, (inputs, hidden))
+            loss(logits)
+        return saved.bytes
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Memory of one stage (or a whole run: the largest of its stages), in bytes."""
+
+    training: TrainingMemory
+    cache_memory_bytes: int  # activation cache held in RAM or on the device
+    cache_disk_bytes: int  # activation cache in a file on disk
+    peak_bytes: int  # the process peak (`PeakMemory`)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics (names as the tracking layer records them, e.g. ``stage/<name>``)."""
+        return {
+            "training_memory_bytes": float(self.training.total_bytes),
+            "weights_bytes": float(self.training.weights_bytes),
+            "gradients_bytes": float(self.training.gradients_bytes),
+            "optimizer_state_bytes": float(self.training.optimizer_bytes),
+            "activations_bytes": float(self.training.activations_bytes),
+            "cache_memory_bytes": float(self.cache_memory_bytes),
+            "cache_disk_bytes": float(self.cache_disk_bytes),
+            "peak_memory_bytes": float(self.peak_bytes),
+        }

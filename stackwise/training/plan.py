@@ -23,7 +23,9 @@
   (default ``optimizer.lr / 10``).
 
 `estimate_run` uses the same planning on a rack built on the meta device (no memory, no
-training) to predict parameters, steps, tokens, FLOPs and a rough peak memory.
+training) to predict parameters, steps, tokens, FLOPs and memory in the parts a run reports:
+training memory per stage, the activation cache in memory and on disk
+(`stackwise.training.memory`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class StageEstimate:
     steps: int
     tokens: int
     flops: float
+    training_memory_bytes: int = 0  # weights, gradients, optimizer state, saved activations
 
 
 @dataclass
@@ -92,8 +95,13 @@ class RunEstimate:
     total_parameters: int
     stages: list[StageEstimate] = field(default_factory=list)
     flops: float = 0.0
+    # Memory the run needs beyond the interpreter: the largest stage's training memory, plus
+    # the activation cache held in memory and the sample pool's token ids where it has one.
     peak_memory_bytes: int = 0
     device: str = "cpu"
+    training_memory_bytes: int = 0  # the largest stage's (`stackwise.training.memory`)
+    cache_memory_bytes: int = 0  # activation cache (pool and validation) in RAM or on device
+    cache_disk_bytes: int = 0  # activation cache spilled to disk
 
 
 def tokens_per_step(config: StackWiseConfig) -> int:
@@ -450,8 +458,18 @@ def stage_flops(
 
 
 def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunEstimate:
-    """Predict a run without training: parameters, stage plan, FLOPs and a rough peak memory."""
+    """Predict a run without training: parameters, stage plan, FLOPs and memory (training
+    memory per stage, the activation cache in memory and on disk, and their sum)."""
     from stackwise.model.architecture import create_rack_from_config
+    from stackwise.training.cache import choose_location
+    from stackwise.training.memory import (
+        cache_memory_allowance,
+        cached_stages,
+        pool_cache_bytes,
+        pool_rows,
+        pool_token_bytes,
+        stage_training_memory,
+    )
 
     data = config.to_dict()
     if data["model"]["vocab_size"] is None:
@@ -475,34 +493,45 @@ def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunE
         device=str(resolve_device(training.device)),
     )
     prefix_end = 0
-    d_model = int(rack.d_model)
-    vocab = int(rack.vocab_size)
-    all_params = _unique_params(list(rack.parameters()))
-    param_bytes = 4 * sum(p.numel() for p in all_params)
-    peak = 0
-    for plan in plans:
+    device = resolve_device(training.device)
+    memory = stage_training_memory(config, rack, plans, device)
+    for plan, stage_memory in zip(plans, memory, strict=True):
         tokens = plan.steps * per_step
         flops = stage_flops(rack, plan, prefix_end, tokens, pool_tokens, seq, cached)
         if plan.depthwise and cached:
             prefix_end = plan.start
         estimate.stages.append(
-            StageEstimate(plan.name, plan.trainable_parameters, plan.steps, tokens, flops)
+            StageEstimate(
+                plan.name,
+                plan.trainable_parameters,
+                plan.steps,
+                tokens,
+                flops,
+                stage_memory.total_bytes,
+            )
         )
         estimate.flops += flops
-        # Weights + grads + two AdamW moments of the trainable part, activations of the
-        # trainable blocks (~20 floats of width d_model per token per block, plus the
-        # attention matrix), logits with their gradient.
-        micro_tokens = training.batch_size * seq
-        n_train_blocks = plan.end - plan.start
-        n_heads = config.model.n_heads
-        activations = n_train_blocks * (
-            20 * micro_tokens * d_model * 4 + training.batch_size * n_heads * seq * seq * 4
-        )
-        logits = 3 * micro_tokens * vocab * 4
-        cache = pool_tokens * d_model * 4 if plan.depthwise and cached and plan.start > 0 else 0
-        stage_peak = param_bytes + 12 * plan.trainable_parameters + activations + logits
-        if cache <= training.cache.max_memory_gb * 1e9:
-            stage_peak += cache
-        peak = max(peak, stage_peak)
-    estimate.peak_memory_bytes = int(peak)
+    # The activation cache (sample pool and validation batches), where the trainer puts it.
+    pool_ids = 0
+    if cached_stages(config, plans):
+        rows = pool_rows(config, plans)
+        pool_ids = pool_token_bytes(config, rows)
+        eval_rows = training.eval.batches * training.batch_size
+        if training.objective == "diffusion":
+            eval_rows *= training.eval.diffusion_t_points
+        allowance = cache_memory_allowance(config, plans, rack, device, pool_ids)
+        for part in (pool_cache_bytes(config, rows), pool_cache_bytes(config, eval_rows)):
+            where = choose_location(
+                part, device, training.cache.location, training.cache.max_memory_gb, allowance
+            )
+            if where == "disk":
+                estimate.cache_disk_bytes += part
+            else:
+                estimate.cache_memory_bytes += part
+                allowance -= part
+    elif pooled and any(p.depthwise for p in plans):
+        pool_ids = pool_token_bytes(config, pool_rows(config, plans))
+    estimate.training_memory_bytes = max(m.total_bytes for m in memory)
+    estimate.peak_memory_bytes = estimate.training_memory_bytes + estimate.cache_memory_bytes
+    estimate.peak_memory_bytes += pool_ids
     return estimate

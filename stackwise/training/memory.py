@@ -1,0 +1,266 @@
+"""The memory plan of a run: training memory per stage, and where the activation cache may live.
+
+1. *Training memory* of a stage (`stage_training_memory`) is what `stackwise.training.metrics`
+   measures while it runs — weights, gradients, optimizer state and the activations saved for
+   backward by one micro-batch — counted here without allocating anything: the weights from
+   the parameters' shapes, AdamW's state as two moments and a step count per trainable tensor,
+   the activations by running the stage's forward and loss on fake tensors.
+2. The *sample pool* of a depth-wise run is cached as ``rows x seq_len x d_model`` values of
+   ``cache.dtype`` (`pool_cache_bytes`), plus its token ids in memory (`pool_token_bytes`).
+3. The *cache allowance* (`cache_memory_allowance`) is the memory depth-wise training may give
+   the cache without using more than end-to-end training of the same rack would: the rackwise
+   stage's training memory, less the largest depth-wise stage's, less the pool's token ids.
+   With ``cache.location: auto`` a cache larger than that spills to a memory-mapped file.
+4. The *disk budget* (`disk_budget_bytes`) bounds a spilled pool: ``cache.max_disk_gb``, by
+   default half the free disk where the cache would be written.
+
+Racks are planned as skeletons (`skeleton`): built on the meta device, so the estimate of a
+rack costs no memory and never touches a rack being trained.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
+from stackwise.training.metrics import (
+    TrainingMemory,
+    estimate_activation_bytes,
+    fake_tensor_mode,
+)
+from stackwise.training.plan import (
+    StagePlan,
+    eligible_parameters,
+    plan_stages,
+    pool_micro_batches,
+    prepare_rack,
+    trainable_parameters,
+)
+
+_ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# AdamW's state per trainable tensor: exp_avg and exp_avg_sq (the tensor's size each) and a
+# one-element float32 step count.
+_ADAM_STEP_BYTES = 4
+
+
+def autocast_dtype(config: StackWiseConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the trainer uses (CUDA with bf16/fp16 precision), else None."""
+    precision = config.training.precision
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def skeleton(config: StackWiseConfig, rack: nn.Module | None = None) -> nn.Module:
+    """A meta-device rack shaped like `rack` (from its spec), else like the config's rack
+    (with the tokenizer's vocabulary when the config has none) prepared for its mode."""
+    from stackwise.model.architecture import Rack, create_rack_from_config
+
+    if isinstance(rack, Rack):
+        with torch.device("meta"):
+            return Rack.from_spec(rack.spec())
+    data = config.to_dict()
+    if data["model"]["vocab_size"] is None:
+        tokenizer = config.data.tokenizer
+        vocab = config.data.bpe_vocab_size if tokenizer == "bpe" else BYTE_VOCAB_SIZE
+        data["model"]["vocab_size"] = vocab
+    with torch.device("meta"):
+        built = create_rack_from_config(data)
+    prepare_rack(config, built)
+    return built
+
+
+def _rackwise_plan(rack: nn.Module) -> StagePlan:
+    n_blocks = len(list(getattr(rack, "blocks")))  # noqa: B009
+    return StagePlan(0, "rack", "rack", 0, n_blocks, 1, 0.0, True, 0, False, 1)
+
+
+def _trained(rack: nn.Module, plan: StagePlan, eligible: set[int]) -> list[nn.Parameter]:
+    if plan.depthwise:
+        return trainable_parameters(rack, plan.start, plan.end, plan.trains_embedding, eligible)
+    unique = {id(p): p for p in rack.parameters()}
+    return [p for p in unique.values() if id(p) in eligible]
+
+
+def _weights_bytes(
+    config: StackWiseConfig, rack: nn.Module, plan: StagePlan, device: torch.device
+) -> int:
+    """Parameters and buffers on the training device: a depth-wise stage holds its frozen
+    trunk in ``frozen_precision``, and off an accelerator with ``offload_frozen``."""
+    training = config.training
+    trunk: set[int] = set()
+    if plan.depthwise:
+        for block in list(getattr(rack, "blocks"))[: plan.start]:  # noqa: B009
+            trunk.update(id(t) for t in [*block.parameters(), *block.buffers()])
+    offloaded = plan.depthwise and training.offload_frozen and device.type != "cpu"
+    frozen_bytes = _ELEMENT_BYTES[training.frozen_precision]
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*rack.parameters(), *rack.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in trunk:
+            if offloaded:
+                continue
+            if tensor.is_floating_point():
+                total += tensor.numel() * frozen_bytes
+                continue
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def stage_training_memory(
+    config: StackWiseConfig,
+    rack: nn.Module,
+    plans: Sequence[StagePlan],
+    device: torch.device | None = None,
+) -> list[TrainingMemory]:
+    """Training memory of each of `plans` on the skeleton `rack` (see the module docstring)."""
+    from stackwise.training.objectives import build_objective
+
+    training = config.training
+    device = device if device is not None else torch.device("cpu")
+    vocab = int(rack.vocab_size)  # type: ignore[arg-type]
+    # What a stage saves for backward depends on the objective, not on its settings.
+    objective = build_objective(training.objective, vocab_size=vocab, mask_token_id=vocab - 1)
+    ids = torch.zeros(training.batch_size, training.seq_len, dtype=torch.long)
+    batch = objective.corrupt(ids, torch.Generator().manual_seed(0))
+    eligible = eligible_parameters(rack)
+    mode = fake_tensor_mode()
+    rack.train()
+    memories = []
+    for plan in plans:
+        params = _trained(rack, plan, eligible)
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        activations = estimate_activation_bytes(
+            rack,
+            plan.start,
+            plan.end,
+            from_embedding=not plan.depthwise or plan.trains_embedding,
+            trainable={id(p) for p in params},
+            inputs=batch.inputs,
+            loss=lambda logits: objective.loss(logits, batch),
+            autocast_dtype=autocast_dtype(config, device),
+            mode=mode,
+        )
+        memories.append(
+            TrainingMemory(
+                weights_bytes=_weights_bytes(config, rack, plan, device),
+                gradients_bytes=param_bytes,
+                optimizer_bytes=2 * param_bytes + _ADAM_STEP_BYTES * len(params),
+                activations_bytes=activations,
+            )
+        )
+    return memories
+
+
+def rackwise_training_memory(
+    config: StackWiseConfig, rack: nn.Module, device: torch.device | None = None
+) -> TrainingMemory:
+    """Training memory of training the skeleton `rack` end to end (a tied head tied again, as
+    a rackwise run of the same config would have it)."""
+    if config.model.tie_embeddings and not bool(getattr(rack, "tie_embeddings", True)):
+        rack.lm_head.weight = rack.token_embedding.weight  # type: ignore[union-attr]
+        rack.tie_embeddings = True  # type: ignore[assignment]
+    return stage_training_memory(config, rack, [_rackwise_plan(rack)], device)[0]
+
+
+def pool_rows(config: StackWiseConfig, plans: Sequence[StagePlan]) -> int:
+    """Sequences in the sample pool of a depth-wise run (0: no pool)."""
+    training = config.training
+    if training.depthwise.data != "pool":
+        return 0
+    return pool_micro_batches(list(plans), training.grad_accum_steps) * training.batch_size
+
+
+def pool_cache_bytes(config: StackWiseConfig, rows: int) -> int:
+    """Bytes of the activation cache of `rows` sequences (one trunk output per token)."""
+    training = config.training
+    return rows * training.seq_len * config.model.d_model * _ELEMENT_BYTES[training.cache.dtype]
+
+
+def pool_token_bytes(config: StackWiseConfig, rows: int) -> int:
+    """Bytes of the pool's corrupted batches: int64 inputs and targets (diffusion adds float32
+    loss weights)."""
+    per_token = 16 + (4 if config.training.objective == "diffusion" else 0)
+    return rows * config.training.seq_len * per_token
+
+
+def cached_stages(config: StackWiseConfig, plans: Sequence[StagePlan]) -> list[StagePlan]:
+    """The stages that read the activation cache (depth-wise, after the first block)."""
+    training = config.training
+    if not training.cache.enabled or training.depthwise.data != "pool":
+        return []
+    return [p for p in plans if p.depthwise and not p.trains_embedding]
+
+
+def cache_memory_allowance(
+    config: StackWiseConfig,
+    plans: Sequence[StagePlan],
+    rack: nn.Module | None = None,
+    device: torch.device | None = None,
+    pool_bytes: int | None = None,
+) -> int:
+    """Bytes the activation cache may hold in memory without the depth-wise run needing more
+    than rackwise training of the same rack: rackwise training memory - the largest training
+    memory of a depth-wise stage - the pool's token ids (`pool_bytes`, default: as planned).
+
+    `rack` is the rack being trained (its shape is used; nothing of it is touched), else the
+    config's rack.
+    """
+    depthwise = [p for p in plans if p.depthwise]
+    if not depthwise:
+        return 0
+    stages = stage_training_memory(config, skeleton(config, rack), depthwise, device)
+    rackwise = rackwise_training_memory(config, skeleton(config, rack), device)
+    if pool_bytes is None:
+        pool_bytes = pool_token_bytes(config, pool_rows(config, plans))
+    largest = max(m.total_bytes for m in stages)
+    return max(0, rackwise.total_bytes - largest - pool_bytes)
+
+
+def cache_directory(config: StackWiseConfig) -> Path:
+    """Where a spilled cache of a `stackwise run` is written: ``cache.directory``, else beside
+    the checkpoints, which live under the working folder (``./mlruns``)."""
+    directory = config.training.cache.directory
+    return Path(directory).expanduser() if directory is not None else Path.cwd()
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def disk_budget_bytes(config: StackWiseConfig) -> tuple[int, str]:
+    """The disk a spilled pool may use, and how to name it in a message."""
+    limit = config.training.cache.max_disk_gb
+    if limit is not None:
+        return int(limit * 1e9), f"training.cache.max_disk_gb ({limit:g} GB)"
+    directory = cache_directory(config)
+    free = shutil.disk_usage(_existing_parent(directory)).free
+    return free // 2, f"half the free disk in {directory} ({free / 1e9:.3g} GB free)"
+
+
+def pool_plan(config: StackWiseConfig) -> tuple[int, int]:
+    """(sequences in the sample pool, bytes of its activation cache) of a run, planned on a
+    skeleton; (0, 0) when the run caches nothing."""
+    training = config.training
+    if (
+        training.training_architecture == "rackwise"
+        or training.depthwise.data != "pool"
+        or not training.cache.enabled
+    ):
+        return 0, 0
+    plans = plan_stages(config, skeleton(config))
+    if not cached_stages(config, plans):
+        return 0, 0
+    rows = pool_rows(config, plans)
+    return rows, pool_cache_bytes(config, rows)

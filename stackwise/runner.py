@@ -10,22 +10,32 @@ run::
         run "size=small,mode=layerwise"            role=point (params, metrics, model)
         run "size=small,mode=rackwise"             ...
 
-Identity, skip and resume. A grid point is its config hash (tag ``config_hash``). A point that
-already has a FINISHED run in the experiment is skipped (``force`` reruns it). Checkpoints live in
-``<store>/checkpoints/<experiment>/<config hash>/`` and carry the MLflow run id; an interrupted
-point (killed, crashed, or failed after a checkpoint) resumes from its newest checkpoint into that
-same run. After a point finishes its checkpoints are deleted (the model is in MLflow).
+Identity, skip and resume. A grid point is its run identity (tag ``config_hash``,
+`stackwise.identity`): the settings that can change the result, the content of its data files
+and the device type it trains on. A point that already has a FINISHED run in the experiment is
+skipped (``force`` reruns it). Checkpoints live in ``<store state>/checkpoints/<experiment>/
+<identity>/`` (`stackwise.tracking.store.local_root`: each store has its own) and carry the
+MLflow run id; an interrupted point resumes from its newest checkpoint into that same run.
+Without a checkpoint, a RUNNING or KILLED run of the point whose process is gone is adopted:
+training restarts inside it, and the steps it already has are not logged again. So after any
+sequence of kills and reruns every point has one run, FINISHED. After a point finishes its
+checkpoints are deleted (the model is in MLflow).
 
-Concurrency. Each point is trained under a file lock, so two `stackwise run` processes sharing a
-store never train the same point at once: a process that finds a point busy moves on and comes
-back to it at the end, when it is usually FINISHED and skipped. Locks die with their process,
-which is also how a RUNNING run whose process was killed is recognised (and marked KILLED).
-SQLite writes retry while the database is locked (`stackwise.tracking.store.retry_locked`).
+Ownership and concurrency. Each point is trained under a file lock (the file names the holder,
+``host:pid``, as does the run's ``stackwise.owner`` tag), so two `stackwise run` processes
+sharing a store never train the same point at once: a process that finds a point busy moves on
+and comes back to it at the end, when it is usually FINISHED and skipped. Locks die with their
+process, which is how a RUNNING run whose process was killed is recognised: at the start and
+the end of every grid, such point and parent runs are marked KILLED. (For a remote store, a run
+owned by another host is left alone: its liveness cannot be seen from here.) SQLite writes
+retry while the database is locked (`stackwise.tracking.store.retry_locked`).
 
-Failures. An exception in one point (bad data, a non-finite loss, out of memory) marks that run
-FAILED with the error as the ``error`` tag and the traceback as ``error.txt``; the grid goes on and
-the summary's exit code is 1. Ctrl-C marks the current runs KILLED (the trainer has saved a
-checkpoint) and stops.
+Failures and signals. An exception in one point (bad data, a non-finite loss, out of memory)
+marks that run FAILED with the error as the ``error`` tag and the traceback as ``error.txt``; the
+grid goes on and the summary's exit code is 1. Ctrl-C, SIGTERM and SIGHUP (what `timeout`,
+Slurm preemption and `docker stop` send) all stop the same way: the trainer saves a checkpoint,
+the point and parent runs are marked KILLED, and `Interrupted` (a KeyboardInterrupt carrying
+the signal number, for the exit status 128 + signal) reaches the caller.
 """
 
 from __future__ import annotations
@@ -33,10 +43,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
+import signal
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,8 +78,11 @@ from stackwise.tracking.store import (
     get_or_create_experiment,
     is_local_store,
     is_locked,
+    local_root,
     lock_path,
     open_client,
+    owner,
+    owner_alive,
     prepare_store,
     resolve_tracking_uri,
     retry_locked,
@@ -77,11 +92,57 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
+    from stackwise.config.base import StackWiseConfig
     from stackwise.config.experiment import Experiment, RunSpec
 
 TAG_LOCK = "stackwise.lock"  # lock file name held by the process that owns a RUNNING run
+TAG_OWNER = "stackwise.owner"  # host:pid of the process that runs (or last ran) it
+TAG_DEVICE = "stackwise.device"  # device type the point trains on (part of its identity)
+TAG_DATA = "stackwise.data_fingerprint"  # sha256 of the data's content (part of its identity)
 CHECKPOINT_RUN_ID = "mlflow_run_id"
+CHECKPOINT_TRAINER_HASH = "trainer_config_hash"  # the trainer's own check on resume
+FINGERPRINTS_FILE = "data-fingerprints.json"
 ERROR_TAG_LIMIT = 5000
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt so every
+    layer does what it does for Ctrl-C (checkpoint, KILLED runs); `signum` gives the exit
+    status (128 + signum: 143 for SIGTERM, 129 for SIGHUP)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise `Interrupted` (once: further ones are ignored
+    while the run shuts down, so its checkpoint is not cut short). A signal the process was
+    started with ignored (``nohup``) stays ignored. Only the main thread can install handlers;
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -112,6 +173,17 @@ class RunSummary:
         return 1 if self.failed else 0
 
 
+@dataclass(frozen=True)
+class Point:
+    """A grid point as it is run: its config with `data.paths` resolved, and its identity."""
+
+    spec: RunSpec
+    config: StackWiseConfig
+    identity: str
+    device_type: str
+    data_fingerprint: str
+
+
 @dataclass
 class _Grid:
     """One experiment file's grid being run against one store."""
@@ -123,7 +195,7 @@ class _Grid:
     client: MlflowClient
     experiment_id: str
     parent_run_id: str = ""
-    point_run_ids: dict[str, str] = field(default_factory=dict)  # config hash -> run id
+    point_run_ids: dict[str, str] = field(default_factory=dict)  # run name -> run id
     failures: int = 0
 
 
@@ -132,23 +204,47 @@ def run_experiments(
     options: RunOptions,
     console: Console | None = None,
 ) -> RunSummary:
-    """Train and track every grid point of every plan; see the module docstring."""
+    """Train and track every grid point of every plan; see the module docstring.
+
+    SIGTERM and SIGHUP stop it like Ctrl-C: `Interrupted` (a KeyboardInterrupt) is raised.
+    """
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: room for the comparison table
             console = Console(width=max(console.width, 160))
-    if options.threads is not None:
-        import torch
+    with signals_as_interrupts():
+        if options.threads is not None:
+            import torch
 
-        torch.set_num_threads(options.threads)
-    summary = RunSummary()
-    total = sum(len(specs) for _, specs in plans)
-    with GridProgress(total, quiet=options.quiet, console=console) as progress:
-        for experiment, specs in plans:
-            for name, uri, group in _group_by_store(specs, options.tracking_uri):
-                _run_grid(experiment, name, uri, group, options, progress, summary)
-    _print_summary(summary, console)
+            torch.set_num_threads(options.threads)
+        summary = RunSummary()
+        total = sum(len(specs) for _, specs in plans)
+        with GridProgress(total, quiet=options.quiet, console=console) as progress:
+            for experiment, specs in plans:
+                for name, uri, group in _group_by_store(specs, options.tracking_uri):
+                    _run_grid(experiment, name, uri, group, options, progress, summary)
+        _print_summary(summary, console)
     return summary
+
+
+def point_of(spec: RunSpec, uri: str) -> Point:
+    """Resolve a grid point against this machine: data paths (against the experiment file's
+    folder), the data's fingerprint (cached in the store's folder) and the device type."""
+    from stackwise.identity import (
+        FingerprintCache,
+        data_fingerprint,
+        resolve_data_paths,
+        run_identity,
+    )
+    from stackwise.training.device import resolve_device
+
+    config = resolve_data_paths(spec.config, Path(spec.file).resolve().parent)
+    fingerprint = data_fingerprint(
+        config.data, FingerprintCache(local_root(uri) / FINGERPRINTS_FILE)
+    )
+    device_type = resolve_device(config.training.device).type
+    identity = run_identity(config, device_type, fingerprint)
+    return Point(spec, config, identity, device_type, fingerprint)
 
 
 def _group_by_store(
@@ -183,10 +279,9 @@ def _run_grid(
     client = open_client(uri)
     experiment_id = get_or_create_experiment(client, uri, name)
     grid = _Grid(experiment, name, uri, specs, client, experiment_id)
-    if is_local_store(uri):
-        _mark_abandoned_runs(grid)
+    _close_abandoned_runs(grid)
 
-    # The parent run is "alive" while this process holds its lock (see _mark_abandoned_runs).
+    # The parent run is "alive" while this process holds its lock (see _close_abandoned_runs).
     parent_lock_name = f"grid-{uuid.uuid4().hex}"
     parent_lock = FileLock(lock_path(uri, parent_lock_name))
     parent_lock.acquire()
@@ -195,27 +290,32 @@ def _run_grid(
         TAG_VERSION: __version__,
         TAG_FILE: str(experiment.path),
         TAG_LOCK: parent_lock_name,
+        TAG_OWNER: owner(),
         "grid.points": str(len(specs)),
         "mlflow.source.name": "stackwise run",
     }
     commit = _commit()
     if commit is not None:
         tags[TAG_GIT_COMMIT] = commit
-    parent = retry_locked(
-        lambda: client.create_run(
-            experiment_id, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags
+    try:
+        parent = retry_locked(
+            lambda: client.create_run(
+                experiment_id, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags
+            )
         )
-    )
+    except BaseException:
+        parent_lock.release()
+        raise
     grid.parent_run_id = parent.info.run_id
     summary.parent_run_ids[name] = grid.parent_run_id
-    progress.print(
-        f"[bold]{name}[/]: {len(specs)} run(s) → {uri} (parent run {grid.parent_run_id})"
-    )
-    if experiment.path.is_file():
-        retry_locked(lambda: client.log_artifact(grid.parent_run_id, str(experiment.path)))
 
     status = "FINISHED"
     try:
+        progress.print(
+            f"[bold]{name}[/]: {len(specs)} run(s) → {uri} (parent run {grid.parent_run_id})"
+        )
+        if experiment.path.is_file():
+            retry_locked(lambda: client.log_artifact(grid.parent_run_id, str(experiment.path)))
         deferred = []
         for spec in specs:
             if not _run_point(grid, spec, options, progress, summary, wait=False):
@@ -224,6 +324,8 @@ def _run_grid(
             progress.print(f"  {spec.name}: running in another process, waiting for it")
             _run_point(grid, spec, options, progress, summary, wait=True)
         _finish_grid(grid, progress)
+        # A process sharing the store may have died meanwhile: close what it left RUNNING.
+        _close_abandoned_runs(grid)
         if grid.failures:
             status = "FAILED"
     except KeyboardInterrupt:
@@ -234,8 +336,30 @@ def _run_grid(
         parent_lock.release()
 
 
-def _mark_abandoned_runs(grid: _Grid) -> None:
-    """RUNNING runs whose process is gone (lock free) become KILLED; resume reuses them."""
+def _owner_gone(grid: _Grid, run: Run) -> bool:
+    """Whether the process that owns RUNNING run `run` is gone (its lock is free).
+
+    Locks of a remote store live on this machine: a run owned by another host is taken to be
+    alive, and one of this host counts as alive while its process exists.
+    """
+    tags = run.data.tags
+    if tags.get(TAG_ROLE) == "grid" and TAG_LOCK in tags:
+        path = lock_path(grid.uri, tags[TAG_LOCK])
+    elif tags.get(TAG_ROLE) == "point" and TAG_CONFIG_HASH in tags:
+        path = _point_lock_path(grid, tags[TAG_CONFIG_HASH])
+    else:
+        return False  # not a run StackWise manages
+    if is_locked(path):
+        return False
+    if is_local_store(grid.uri):
+        return True
+    holder = tags.get(TAG_OWNER)
+    return holder is not None and owner_alive(holder) is False
+
+
+def _close_abandoned_runs(grid: _Grid) -> None:
+    """RUNNING parent and point runs whose process is gone become KILLED (points are then
+    adopted by whoever runs them next)."""
     from mlflow.entities import ViewType
 
     runs = retry_locked(
@@ -247,29 +371,24 @@ def _mark_abandoned_runs(grid: _Grid) -> None:
         )
     )
     for run in runs:
-        run_id, tags = run.info.run_id, run.data.tags
-        if tags.get(TAG_ROLE) == "grid" and TAG_LOCK in tags:
-            alive = is_locked(lock_path(grid.uri, tags[TAG_LOCK]))
-        elif tags.get(TAG_ROLE) == "point" and TAG_CONFIG_HASH in tags:
-            alive = is_locked(_point_lock_path(grid, tags[TAG_CONFIG_HASH]))
-        else:
-            continue
-        if not alive:
-            retry_locked(functools.partial(grid.client.set_terminated, run_id, status="KILLED"))
+        if run.info.run_id != grid.parent_run_id and _owner_gone(grid, run):
+            retry_locked(
+                functools.partial(grid.client.set_terminated, run.info.run_id, status="KILLED")
+            )
 
 
-def _point_lock_path(grid: _Grid, config_hash: str) -> Path:
-    return lock_path(grid.uri, f"point-{grid.experiment_id}-{config_hash}")
+def _point_lock_path(grid: _Grid, identity: str) -> Path:
+    return lock_path(grid.uri, f"point-{grid.experiment_id}-{identity}")
 
 
-def _finished_run(grid: _Grid, config_hash: str) -> Run | None:
+def _finished_run(grid: _Grid, identity: str) -> Run | None:
     from mlflow.entities import ViewType
 
     runs = retry_locked(
         lambda: grid.client.search_runs(
             [grid.experiment_id],
             filter_string=(
-                f"tags.`{TAG_CONFIG_HASH}` = '{config_hash}' and attributes.status = 'FINISHED'"
+                f"tags.`{TAG_CONFIG_HASH}` = '{identity}' and attributes.status = 'FINISHED'"
             ),
             run_view_type=ViewType.ACTIVE_ONLY,
             max_results=1,
@@ -288,34 +407,52 @@ def _run_point(
     wait: bool,
 ) -> bool:
     """Skip, resume or train one grid point. False when another process holds it (not waiting)."""
-    lock = FileLock(_point_lock_path(grid, spec.config_hash))
+    try:
+        point = point_of(spec, grid.uri)
+    except (OSError, ValueError, RuntimeError) as error:  # data gone or unreadable since checks
+        progress.run_done()
+        message = f"{type(error).__name__}: {error}"
+        grid.failures += 1
+        summary.failed.append((grid.name, spec.name, message))
+        progress.print(f"  [red]✗ {spec.name}: FAILED — {message}[/]", important=True)
+        return True
+    lock = FileLock(_point_lock_path(grid, point.identity))
     if not lock.acquire(blocking=wait):
         return False
     try:
-        finished = _finished_run(grid, spec.config_hash)
+        finished = _finished_run(grid, point.identity)
         if finished is not None and not options.force:
-            grid.point_run_ids[spec.config_hash] = finished.info.run_id
+            # A process killed between finishing and cleaning up leaves its checkpoints.
+            shutil.rmtree(checkpoint_dir(grid.uri, grid.name, point.identity), ignore_errors=True)
+            grid.point_run_ids[spec.name] = finished.info.run_id
             summary.run_ids[(grid.name, spec.name)] = finished.info.run_id
             message = f"already FINISHED (run {finished.info.run_id})"
             summary.skipped.append((grid.name, spec.name, message))
             progress.print(f"  [dim]↷ {spec.name}: {message}[/]")
             return True
-        _train_point(grid, spec, options, progress, summary)
+        _train_point(grid, point, options, progress, summary)
         return True
     finally:
         progress.run_done()
         lock.release()
 
 
-def _resumable_run(grid: _Grid, folder: Path, force: bool) -> str | None:
-    """The MLflow run id to resume into, from the newest checkpoint in `folder` (if usable)."""
+def _adoptable_run(grid: _Grid, point: Point, folder: Path, force: bool) -> tuple[str | None, bool]:
+    """The run to continue, under the point's lock: (run id or None, whether a checkpoint of it
+    is there to resume from).
+
+    First the run named by the newest checkpoint; else the newest RUNNING or KILLED run of this
+    identity (its process is gone: we hold the lock), restarted from scratch. `force` starts a
+    new run.
+    """
+    from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
     from stackwise.training.checkpoint import read_checkpoint_metadata
 
     if force:
         shutil.rmtree(folder, ignore_errors=True)
-        return None
+        return None, False
     metadata = read_checkpoint_metadata(folder) if folder.exists() else None
     run_id = (metadata or {}).get(CHECKPOINT_RUN_ID)
     if run_id:
@@ -323,60 +460,100 @@ def _resumable_run(grid: _Grid, folder: Path, force: bool) -> str | None:
             run = retry_locked(lambda: grid.client.get_run(run_id))
         except MlflowException:
             run = None
-        if run is not None and run.info.lifecycle_stage == "active":
-            return run_id
+        if (
+            run is not None
+            and run.info.lifecycle_stage == "active"
+            and run.info.status != "FINISHED"
+            and run.info.experiment_id == grid.experiment_id
+        ):
+            return run_id, True
     # A checkpoint without a live run (deleted in the UI, another store) cannot be resumed into.
     shutil.rmtree(folder, ignore_errors=True)
-    return None
+    candidates = retry_locked(
+        lambda: grid.client.search_runs(
+            [grid.experiment_id],
+            filter_string=(
+                f"tags.`{TAG_CONFIG_HASH}` = '{point.identity}' and tags.`{TAG_ROLE}` = 'point'"
+            ),
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=100,
+            order_by=["attributes.start_time DESC"],
+        )
+    )
+    for run in candidates:
+        if run.info.status not in ("RUNNING", "KILLED"):
+            continue  # FINISHED (force) and FAILED runs stay as they are
+        holder = run.data.tags.get(TAG_OWNER)
+        if (
+            run.info.status == "RUNNING"
+            and not is_local_store(grid.uri)
+            and holder is not None
+            and holder != owner()
+            and owner_alive(holder) is not False
+        ):
+            continue  # a remote store's run of another live process (or host): not ours
+        return run.info.run_id, False
+    return None, False
 
 
 def _train_point(
     grid: _Grid,
-    spec: RunSpec,
+    point: Point,
     options: RunOptions,
     progress: GridProgress,
     summary: RunSummary,
 ) -> None:
-    client = grid.client
-    folder = checkpoint_dir(grid.uri, grid.name, spec.config_hash)
-    run_id = _resumable_run(grid, folder, options.force)
-    resumed = run_id is not None
+    client, spec = grid.client, point.spec
+    folder = checkpoint_dir(grid.uri, grid.name, point.identity)
+    run_id, has_checkpoint = _adoptable_run(grid, point, folder, options.force)
+    adopted = run_id is not None
+    params = run_params(point.config, spec.coordinates)
+    if point.config.model.vocab_size is None:  # known once the tokenizer exists (`_train`)
+        params.pop("model.vocab_size", None)
     if run_id is None:
-        tags = run_tags(spec.config, spec.coordinates, spec.config_hash, spec.name, spec.file)
-        tags[TAG_PARENT] = grid.parent_run_id
+        tags = run_tags(point.config, spec.coordinates, point.identity, spec.name, spec.file)
+        tags.update(_point_tags(grid, point))
         tags["mlflow.source.name"] = "stackwise run"
         run = retry_locked(
             lambda: client.create_run(grid.experiment_id, run_name=spec.name, tags=tags)
         )
         run_id = run.info.run_id
-        params = run_params(spec.config, spec.coordinates)
-        if spec.config.model.vocab_size is None:  # known once the tokenizer exists (`_train`)
-            params.pop("model.vocab_size", None)
         log_params(client, run_id, params)
-        retry_locked(lambda: client.log_text(run_id, spec.config.to_yaml(), "config.yaml"))
     else:
-        retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
-        # Re-parent under this invocation, so its parent run lists the whole grid.
-        set_tags(client, run_id, {TAG_PARENT: grid.parent_run_id, "resumed": "true"})
-    grid.point_run_ids[spec.config_hash] = run_id
+        adopted_id = run_id
+        retry_locked(lambda: client.update_run(adopted_id, status="RUNNING"))
+        # Re-parent under this invocation, so its parent run lists the whole grid; own it.
+        set_tags(client, run_id, {**_point_tags(grid, point), "resumed": "true"})
+        # A process killed while logging params left some out; MLflow refuses to change the
+        # others (they may differ in settings outside the identity, e.g. log cadence).
+        have = retry_locked(lambda: client.get_run(adopted_id)).data.params
+        log_params(client, run_id, {k: v for k, v in params.items() if k not in have})
+    new_id = run_id
+    retry_locked(lambda: client.log_text(new_id, point.config.to_yaml(), "config.yaml"))
+    grid.point_run_ids[spec.name] = run_id
     summary.run_ids[(grid.name, spec.name)] = run_id
 
-    verb = "resuming" if resumed else "training"
+    if has_checkpoint:
+        verb = "resuming"
+    elif adopted:
+        verb = "restarting (no checkpoint)"
+    else:
+        verb = "training"
     progress.print(f"  ▶ {spec.name}: {verb} (run {run_id})")
     started = time.perf_counter()
     logger: MlflowLogger | None = None
     monitor: Any = None
     try:
-        logger, monitor, final = _train(grid, spec, run_id, folder, progress, resumed)
+        logger, monitor, final = _train(grid, point, run_id, folder, progress, adopted)
         logger.close()
         if monitor is not None:
             monitor.finish()
             monitor = None
-        retry_locked(lambda: client.set_terminated(run_id, status="FINISHED"))
+        retry_locked(lambda: client.set_terminated(new_id, status="FINISHED"))
         shutil.rmtree(folder, ignore_errors=True)
     except KeyboardInterrupt:
         _close_quietly(logger, monitor)
-        retry_locked(lambda: client.set_terminated(run_id, status="KILLED"))
+        retry_locked(lambda: client.set_terminated(new_id, status="KILLED"))
         raise
     except Exception as error:
         _close_quietly(logger, monitor)
@@ -393,35 +570,52 @@ def _train_point(
     progress.print(f"  [green]✓ {spec.name}[/]: {shown} ({elapsed:.1f} s)")
 
 
+def _point_tags(grid: _Grid, point: Point) -> dict[str, str]:
+    return {
+        TAG_PARENT: grid.parent_run_id,
+        TAG_OWNER: owner(),
+        TAG_DEVICE: point.device_type,
+        TAG_DATA: point.data_fingerprint,
+    }
+
+
 def _train(
     grid: _Grid,
-    spec: RunSpec,
+    point: Point,
     run_id: str,
     folder: Path,
     progress: GridProgress,
-    resumed: bool = False,
+    adopted: bool = False,
 ) -> tuple[MlflowLogger, Any, dict[str, float]]:
     """Build data and rack, train with logging, log the model. Returns what must be closed."""
     from stackwise.data import build_data
     from stackwise.model.architecture import create_rack_from_config
     from stackwise.tracking.models import log_rack
     from stackwise.training.architecture_trainer import ArchitectureTrainer
+    from stackwise.training.checkpoint import read_checkpoint_metadata
 
-    config = spec.config
+    config = point.config
     data = build_data(config.data, config.training)
     if config.model.vocab_size is None:
         config = config.model_copy(deep=True)
         config.model.vocab_size = data.tokenizer.vocab_size
         # The same value again on resume, which MLflow accepts.
         log_params(grid.client, run_id, {"model.vocab_size": str(config.model.vocab_size)})
+    # The trainer resumes only a checkpoint of exactly its config; one written under settings
+    # outside the identity (a device name, a data path of the same content) is started over.
+    trainer_hash = config.config_hash()
+    metadata = read_checkpoint_metadata(folder) if folder.exists() else None
+    if metadata is not None and metadata.get(CHECKPOINT_TRAINER_HASH, trainer_hash) != trainer_hash:
+        shutil.rmtree(folder, ignore_errors=True)
     rack = create_rack_from_config(config)
     training = config.training
     logger = MlflowLogger(
         grid.client,
         run_id,
         tokens_per_step=training.batch_size * training.grad_accum_steps * training.seq_len,
-        # Steps logged before the interruption are replayed exactly; record them only once.
-        already_logged=logged_steps(grid.client, run_id) if resumed else None,
+        # Steps an adopted run already has (before its checkpoint, or before it was killed
+        # without one) are replayed exactly; record them only once.
+        already_logged=logged_steps(grid.client, run_id) if adopted else None,
     )
     monitor = None
     if config.tracking.system_metrics:
@@ -434,10 +628,14 @@ def _train(
     try:
         trainer = ArchitectureTrainer(
             config,
-            callbacks=[logger, progress.start_run(spec.name)],
+            callbacks=[logger, progress.start_run(point.spec.name)],
             checkpoint_dir=folder,
             resume=True,
-            checkpoint_metadata={CHECKPOINT_RUN_ID: run_id, TAG_CONFIG_HASH: spec.config_hash},
+            checkpoint_metadata={
+                CHECKPOINT_RUN_ID: run_id,
+                TAG_CONFIG_HASH: point.identity,
+                CHECKPOINT_TRAINER_HASH: trainer_hash,
+            },
             mask_token_id=data.tokenizer.mask_id,
         )
         results = trainer.train_architecture(rack, data.train_loader, data.val_loader)
@@ -491,9 +689,7 @@ def _finish_grid(grid: _Grid, progress: GridProgress) -> None:
 
     from stackwise.tracking.compare import render, runs_frame, save_plots, to_markdown
 
-    order = [
-        grid.point_run_ids[s.config_hash] for s in grid.specs if s.config_hash in grid.point_run_ids
-    ]
+    order = [grid.point_run_ids[s.name] for s in grid.specs if s.name in grid.point_run_ids]
     if not order:
         return
     frame = runs_frame(

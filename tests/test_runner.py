@@ -33,6 +33,13 @@ def _client(cwd: Path) -> Any:
     return MlflowClient(tracking_uri=store_uri(cwd))
 
 
+def _identity(cwd: Path, spec: Any) -> str:
+    """The run identity (``config_hash`` tag) a grid point gets in the store of `cwd`."""
+    from stackwise.runner import point_of
+
+    return point_of(spec, store_uri(cwd)).identity
+
+
 def _experiment_id(cwd: Path, name: str) -> str:
     experiment = _client(cwd).get_experiment_by_name(name)
     assert experiment is not None
@@ -96,7 +103,8 @@ def test_sigkill_mid_grid_then_resume_into_same_run(tmp_path: Path) -> None:
     )
     specs = expand_grid(load_experiment(path))
     short, long = specs
-    folder = checkpoint_dir(store_uri(tmp_path), "resume", long.config_hash)
+    short_id, long_id = _identity(tmp_path, short), _identity(tmp_path, long)
+    folder = checkpoint_dir(store_uri(tmp_path), "resume", long_id)
 
     process = subprocess.Popen(
         cli_command("run", str(path), "--quiet"),
@@ -126,11 +134,11 @@ def test_sigkill_mid_grid_then_resume_into_same_run(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"resuming (run {interrupted_run})" in second.stdout
     assert "1 finished, 1 skipped, 0 failed" in second.stdout
-    runs = _finished_once(tmp_path, "resume", [short.config_hash, long.config_hash])
-    assert runs[long.config_hash].info.run_id == interrupted_run
+    runs = _finished_once(tmp_path, "resume", [short_id, long_id])
+    assert runs[long_id].info.run_id == interrupted_run
     # No duplicate run was opened for the interrupted point, and its curve is complete.
     all_runs = point_runs(client, _experiment_id(tmp_path, "resume"))
-    assert sum(r.data.tags["config_hash"] == long.config_hash for r in all_runs) == 1
+    assert sum(r.data.tags["config_hash"] == long_id for r in all_runs) == 1
     steps = sorted(m.step for m in client.get_metric_history(interrupted_run, "train/loss"))
     assert steps == list(range(4, 97, 4))
     assert_each_step_logged_once(client, interrupted_run)
@@ -148,7 +156,8 @@ def test_ctrl_c_marks_runs_killed_and_a_rerun_resumes(tmp_path: Path) -> None:
     the same command then resumes into the same run."""
     path = write_experiment(tmp_path, "interrupted", training=tiny_training(24))
     (spec,) = expand_grid(load_experiment(path))
-    folder = checkpoint_dir(store_uri(tmp_path), "interrupted", spec.config_hash)
+    identity = _identity(tmp_path, spec)
+    folder = checkpoint_dir(store_uri(tmp_path), "interrupted", identity)
     process = subprocess.Popen(
         cli_command("run", str(path)),
         cwd=tmp_path,
@@ -183,10 +192,7 @@ def test_ctrl_c_marks_runs_killed_and_a_rerun_resumes(tmp_path: Path) -> None:
 
     again = run_cli(tmp_path, "run", str(path), "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert (
-        _finished_once(tmp_path, "interrupted", [spec.config_hash])[spec.config_hash].info.run_id
-        == run_id
-    )
+    assert _finished_once(tmp_path, "interrupted", [identity])[identity].info.run_id == run_id
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
     assert steps == list(range(4, 25, 4))
     assert_each_step_logged_once(client, run_id)
@@ -249,7 +255,7 @@ def test_two_concurrent_runs_lose_nothing(tmp_path: Path) -> None:
         assert "database is locked" not in output
     client = _client(tmp_path)
     for path, name in ((first, "alpha"), (second, "beta")):
-        hashes = [spec.config_hash for spec in expand_grid(load_experiment(path))]
+        hashes = [_identity(tmp_path, spec) for spec in expand_grid(load_experiment(path))]
         runs = _finished_once(tmp_path, name, hashes)
         for run in runs.values():
             steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
@@ -289,4 +295,4 @@ def test_run_experiments_in_process_sets_threads(tmp_path: Path) -> None:
         torch.set_num_threads(before)
     assert summary.exit_code == 0
     assert [outcome[1] for outcome in summary.finished] == ["default"]
-    _finished_once(tmp_path, "inprocess", [specs[0].config_hash])
+    _finished_once(tmp_path, "inprocess", [_identity(tmp_path, specs[0])])

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from stackwise.config.base import StackWiseConfig
+from stackwise.identity import data_fingerprint, run_identity
 from stackwise.tracking.logger import flatten_config
 from stackwise.tracking.store import (
     checkpoint_dir,
@@ -193,6 +194,14 @@ def test_store_layout_paths(tmp_path: Path) -> None:
     )
     file_uri = (tmp_path / "filestore").as_uri()  # MLflow's legacy file store, asked for by name
     assert local_root(file_uri) == tmp_path / "filestore"
+    # Other databases keep their state beside them, one folder each: stores share nothing.
+    assert local_root(f"sqlite:///{tmp_path}/a.db") == tmp_path / "a.stackwise"
+    assert local_root(f"sqlite:///{tmp_path}/b.db") == tmp_path / "b.stackwise"
+    assert local_root(f"sqlite:///{tmp_path}/mlflow.db") == tmp_path
+    remote = {local_root(u) for u in ("http://h:5000", "http://h:5001", "postgresql://u@h/db")}
+    assert len(remote) == 3 and all(
+        r.parent == Path.cwd().resolve() / "mlruns" / "remote" for r in remote
+    )
 
 
 def test_plain_path_names_a_store_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -213,7 +222,6 @@ def test_check_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     from stackwise.tracking.store import check_tracking_uri
 
     assert check_tracking_uri(default_tracking_uri(tmp_path)) is None
-    assert check_tracking_uri("postgresql+psycopg2://u@db/mlflow") is None
     assert check_tracking_uri("databricks") is None
     assert "unsupported tracking URI" in str(check_tracking_uri("foo://bar"))
     (tmp_path / "folder.db").mkdir()
@@ -226,7 +234,10 @@ def test_check_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        assert check_tracking_uri(f"http://127.0.0.1:{port}") is None
+        # Accepting connections is not enough: the server must answer MLflow's REST API.
+        assert "did not answer within 1 s" in str(
+            check_tracking_uri(f"http://127.0.0.1:{port}", timeout=1)
+        )
     assert "cannot reach" in str(check_tracking_uri(f"http://127.0.0.1:{port}", timeout=2))
     assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["folder.db"]
 
@@ -240,7 +251,7 @@ def test_flatten_config_dotted_and_limited() -> None:
     assert flat["model.stacks.1.n_blocks"] == "2"
     assert flat["training.training_architecture"] == "rackwise"
     assert flat["model.vocab_size"] == "null"
-    assert flat["training.eval.diffusion_t_grid"] == "[0.15, 0.3, 0.5, 0.7, 0.9]"
+    assert flat["training.optimizer.betas"] == "[0.9, 0.95]"
     long = flatten_config({"a": "x" * 10000})
     assert len(long["a"]) == 6000
 
@@ -302,7 +313,10 @@ def test_point_tags_params_and_artifacts(tracked: dict[str, Any]) -> None:
         assert {"config.yaml", "stage_plan.json"} <= artifacts
         local = client.download_artifacts(run.info.run_id, "config.yaml")
         config = StackWiseConfig.from_yaml(local)
-        assert config.config_hash() == tags["config_hash"]
+        # The identity: config, device type and the built-in corpus's content.
+        assert tags["stackwise.device"] == "cpu"
+        assert run_identity(config, "cpu", data_fingerprint(config.data)) == tags["config_hash"]
+        assert tags["stackwise.data_fingerprint"] == data_fingerprint(config.data)
 
 
 def assert_each_step_logged_once(client: Any, run_id: str) -> None:

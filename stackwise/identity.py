@@ -1,0 +1,143 @@
+"""What makes two tracked runs the same run: its config, its data's content, its device.
+
+`stackwise run` skips a grid point that already has a FINISHED run and resumes one that was
+interrupted; both look the point up by its identity, computed here in four steps:
+
+1. `StackWiseConfig.config_hash` hashes every setting that can change the result and none that
+   cannot (`stackwise.config.base.NOT_IDENTITY`: where runs are recorded, checkpoint and log
+   cadence, where the activation cache lives). It needs no data and no torch.
+2. `resolve_data_paths` makes relative `data.paths` absolute against the experiment file's
+   folder, so a file means the same data whatever the working folder.
+3. `data_fingerprint` hashes what those paths hold: per file its size, sha256 and the format it
+   is read as (the built-in corpus: its text). File hashes are cached by path, size and
+   modification time in a small JSON file, so an unchanged corpus is read once.
+4. `run_identity` combines the identity settings (with `data.paths` replaced by the fingerprint
+   and `training.device` by the device *type* it resolves to, where `training.precision` only
+   counts on CUDA: CPU and MPS train in fp32) into a 16-hex-digit hash.
+
+The same experiment file run from another folder with other data is another run; changing only
+checkpoint or log cadence, `device: auto` versus the device it picks, or the cache location is
+not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stackwise.config.base import DataConfig, StackWiseConfig
+
+CHUNK = 1 << 20
+
+
+def resolve_data_pattern(pattern: str, base: Path) -> str:
+    """`pattern` (a path or glob of `data.paths`) as an absolute pattern: ``~`` expanded, a
+    relative one joined to `base` (the experiment file's folder)."""
+    expanded = os.path.expanduser(pattern)
+    if os.path.isabs(expanded):
+        return expanded
+    return str(base / expanded)
+
+
+def resolve_data_paths(config: StackWiseConfig, base: Path) -> StackWiseConfig:
+    """`config` with its `data.paths` resolved against `base` (a copy when anything changes)."""
+    paths = [resolve_data_pattern(p, base) for p in config.data.paths]
+    if paths == config.data.paths:
+        return config
+    resolved = config.model_copy(deep=True)
+    resolved.data.paths = paths
+    return resolved
+
+
+class FingerprintCache:
+    """sha256 of files by (absolute path, size, mtime), kept in a JSON file between runs.
+
+    A missing or unreadable cache file is an empty cache; writes go through a temporary file
+    and a rename, so concurrent processes at worst recompute a hash.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.changed = False
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(data, dict):
+                    self.entries = {k: v for k, v in data.items() if isinstance(v, dict)}
+
+    def sha256(self, file: Path) -> tuple[int, str]:
+        """(size, sha256 hex) of `file`, from the cache when size and mtime still match."""
+        key = str(file.resolve())
+        stat = file.stat()
+        entry = self.entries.get(key)
+        if (
+            entry
+            and entry.get("size") == stat.st_size
+            and entry.get("mtime_ns") == stat.st_mtime_ns
+        ):
+            return stat.st_size, str(entry["sha256"])
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+        self.entries[key] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": digest.hexdigest(),
+        }
+        self.changed = True
+        return stat.st_size, digest.hexdigest()
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(dir=self.path.parent, prefix=".fingerprints-")
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump(self.entries, out, indent=0, sort_keys=True)
+            os.replace(temp, self.path)
+            self.changed = False
+
+
+def data_fingerprint(data: DataConfig, cache: FingerprintCache | None = None) -> str:
+    """sha256 (hex) of the content a data config reads: per file its format, size and sha256,
+    in reading order (the built-in corpus: its text). `data.paths` must already be resolved."""
+    if data.source == "builtin":
+        from pydoc_data.topics import topics
+
+        digest = hashlib.sha256()
+        for key in sorted(topics):
+            digest.update(key.encode("utf-8") + b"\0" + topics[key].encode("utf-8") + b"\0")
+        return digest.hexdigest()
+    from stackwise.data.sources import expand_paths, file_format
+
+    cache = cache or FingerprintCache(None)
+    files: list[list[Any]] = []
+    for path in expand_paths(list(data.paths)):
+        size, sha = cache.sha256(path)
+        files.append([file_format(path, data.format), size, sha])
+    cache.save()
+    return _digest(files, 64)
+
+
+def run_identity(config: StackWiseConfig, device_type: str, fingerprint: str) -> str:
+    """The identity of a tracked run (16 hex digits; the ``config_hash`` tag of its MLflow run)."""
+    payload = config.identity_dict()
+    payload["data"].pop("paths", None)
+    payload["training"].pop("device", None)
+    if device_type != "cuda":  # the trainer autocasts on CUDA only
+        payload["training"].pop("precision", None)
+    return _digest({"config": payload, "device": device_type, "data": fingerprint}, 16)
+
+
+def _digest(value: Sequence[Any] | dict[str, Any], length: int) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:length]

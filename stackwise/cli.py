@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -582,31 +582,91 @@ def compare(
             show_default=False,
         ),
     ] = None,
+    agg: Annotated[
+        str | None,
+        typer.Option(
+            "--agg",
+            help="Combine several runs in one --pivot cell: mean, min, max or last (the latest "
+            "started). Without it such a cell is an error naming what differs inside it.",
+            show_default=False,
+        ),
+    ] = None,
+    all_runs: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Every run, not only the latest of each grid point's current settings: with "
+            "start time, config hash, and the params that differ between runs of a grid point.",
+        ),
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="DIR",
+            help="Also write the comparison plots (PNG, as on the parent run) into DIR.",
+            show_default=False,
+        ),
+    ] = None,
+    set_: SetOption = None,
+    only: OnlyOption = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Write to this file instead of stdout."),
     ] = None,
     tracking_uri: TrackingUriOption = None,
 ) -> None:
-    """Compare the runs of experiments: one row per grid point, results side by side."""
+    """Compare the runs of experiments: per grid point the latest run of the file's current
+    settings (with --set/--only as given to `run`), results side by side; --all for every run."""
     from mlflow.exceptions import MlflowException
 
-    from stackwise.tracking.compare import FORMATS, CompareError, compare_runs, pivot_frame, render
+    from stackwise.tracking.compare import (
+        AGGREGATIONS,
+        FORMATS,
+        CompareError,
+        compare_runs,
+        pivot_frame,
+        render,
+        save_plots,
+    )
 
     if format_ not in FORMATS:
         fail([f"--format: unknown format {format_!r}; use one of {', '.join(FORMATS)}"])
     if format_ == "parquet" and output is None:
         fail(["--format parquet writes a binary file: give --output PATH"])
+    if agg is not None and agg not in AGGREGATIONS:
+        fail([f"--agg: unknown aggregation {agg!r}; use one of {', '.join(AGGREGATIONS)}"])
+    if agg is not None and pivot is None:
+        fail(["--agg combines the runs of a --pivot cell: give --pivot too"])
+    if plot is not None and plot.exists() and not plot.is_dir():
+        fail([f"--plot {plot}: not a folder"])
     with user_errors():
         items = expand_paths(experiments)
     notes: list[str] = []
+    clients: dict[str, Any] = {}
     try:
         with user_errors():
-            frame = compare_runs(items, tracking_uri=tracking_uri, metric=metric, notes=notes)
+            frame = compare_runs(
+                items,
+                tracking_uri=tracking_uri,
+                metric=metric,
+                notes=notes,
+                overrides=set_ or (),
+                only=only or (),
+                all_runs=all_runs,
+                clients=clients,
+            )
         for message in notes:
             note(message)
-        if pivot is not None:
-            frame = pivot_frame(frame, pivot, metric)
+        table = frame if pivot is None else pivot_frame(frame, pivot, metric, agg)
+        if plot is not None:
+            try:
+                written = save_plots(clients, frame, plot)
+            except OSError as error:
+                fail([f"--plot {plot}: {error.strerror or error}"])
+            for path in written:
+                stderr_console().print(f"wrote {path}")
+        frame = table
         title = ", ".join(experiments) if format_ == "table" else None
         text = render(frame, format_, output=output, console=stdout_console(), title=title)
     except CompareError as error:

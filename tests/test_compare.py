@@ -8,7 +8,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from test_tracking import run_cli, shared_tracked_store
+from test_tracking import run_cli, shared_tracked_store, write_experiment
 from typer.testing import CliRunner
 
 from stackwise.cli import app
@@ -170,3 +170,461 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------
+# which runs are shown: hand-written runs in a real SQLite store
+# --------------------------------------------------------------------------------------------
+
+LR = "training.optimizer.lr"
+
+
+@pytest.fixture(scope="module")
+def blank_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite store, created once (building MLflow's tables takes seconds)."""
+    from stackwise.tracking.store import open_client
+
+    database = tmp_path_factory.mktemp("blank") / "mlflow.db"
+    open_client(f"sqlite:///{database}")
+    return database
+
+
+def _hand_store(tmp_path: Path, blank: Path) -> tuple[Any, str]:
+    """A fresh copy of the blank store in `tmp_path` and a client on it."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    database = tmp_path / "hand.db"
+    if not database.exists():
+        shutil.copyfile(blank, database)
+    uri = f"sqlite:///{database}"
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def _log_run(
+    client: Any,
+    experiment_id: str,
+    coordinates: dict[str, str],
+    config_hash: str,
+    start_s: int,
+    status: str = "FINISHED",
+    params: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    history: dict[str, list[tuple[int, float]]] | None = None,
+    mode: str | None = None,
+    size: str = "small",
+    objective: str = "clm",
+) -> str:
+    """One grid-point run as `stackwise run` tags it, started at `start_s` seconds."""
+    from mlflow.entities import Metric, Param
+
+    name = ",".join(f"{k}={v}" for k, v in coordinates.items())
+    tags = {
+        "stackwise.role": "point",
+        "config_hash": config_hash,
+        "stackwise.run_name": name,
+        "training_architecture": mode or coordinates.get("mode", "rackwise"),
+        "objective": coordinates.get("objective", objective),
+        "size": coordinates.get("size", size),
+        **{f"grid.{k}": v for k, v in coordinates.items()},
+    }
+    start = (1_700_000_000 + start_s) * 1000
+    run = client.create_run(experiment_id, start_time=start, tags=tags, run_name=name)
+    run_id = run.info.run_id
+    values = [Metric(k, v, 0, 999) for k, v in (metrics or {}).items()]
+    for key, points in (history or {}).items():
+        values += [Metric(key, v, 0, step) for step, v in points]
+    param_list = [Param(k, v) for k, v in (params or {}).items()]
+    client.log_batch(run_id, metrics=values, params=param_list)
+    client.set_terminated(run_id, status=status, end_time=start + 1000)
+    return run_id
+
+
+def _hand_compare(uri: str, *args: str) -> Any:
+    return CliRunner().invoke(app, ["compare", *args, "--tracking-uri", uri])
+
+
+def test_new_and_old_experiments_are_model_training_experiments(
+    tmp_path: Path, blank_store: Path
+) -> None:
+    """The MLflow UI opens an experiment in the view its kind tag names (MLflow 3)."""
+    from stackwise.tracking.store import get_or_create_experiment
+
+    client, uri = _hand_store(tmp_path, blank_store)
+    created = client.get_experiment(get_or_create_experiment(client, uri, "fresh"))
+    assert created.tags["mlflow.experimentKind"] == "custom_model_development"
+    old_id = client.create_experiment("old")  # as an earlier StackWise left it: no kind
+    assert "mlflow.experimentKind" not in client.get_experiment(old_id).tags
+    assert get_or_create_experiment(client, uri, "old") == old_id
+    assert client.get_experiment(old_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+
+
+def _grid_file(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """A two-point file, with the config hashes of its points as written and with lr=0.002."""
+    from stackwise.config.experiment import expand_grid, load_experiment
+
+    grid = {"training.training_architecture": ["rackwise", "stackwise"]}
+    path = write_experiment(tmp_path, "hand", grid=grid)
+    experiment = load_experiment(path)
+    current = [s.config_hash for s in expand_grid(experiment)]
+    other = [s.config_hash for s in expand_grid(experiment, [f"{LR}=0.002"])]
+    assert len(set(current + other)) == 4
+    return path, current, other
+
+
+def test_compare_file_shows_latest_finished_run_of_current_settings(
+    tmp_path: Path, blank_store: Path
+) -> None:
+    client, uri = _hand_store(tmp_path, blank_store)
+    from stackwise.tracking.store import get_or_create_experiment
+
+    path, (rack, stack), (rack_set, stack_set) = _grid_file(tmp_path)
+    experiment_id = get_or_create_experiment(client, uri, "hand")
+    old, new = {LR: "0.001"}, {LR: "0.002"}
+    rackwise, stackwise = {"mode": "rackwise"}, {"mode": "stackwise"}
+    runs = {
+        "rack_failed": _log_run(client, experiment_id, rackwise, rack, 1, "FAILED", old),
+        "rack": _log_run(client, experiment_id, rackwise, rack, 2, params=old),
+        "stack": _log_run(client, experiment_id, stackwise, stack, 3, params=old),
+        "stack_failed_later": _log_run(client, experiment_id, stackwise, stack, 4, "FAILED", old),
+        "rack_set": _log_run(client, experiment_id, rackwise, rack_set, 5, params=new),
+        "stack_set": _log_run(client, experiment_id, stackwise, stack_set, 6, params=new),
+    }
+
+    notes: list[str] = []
+    frame = compare_runs([str(path)], tracking_uri=uri, notes=notes)
+    assert frame["run_id"].to_list() == [runs["rack"], runs["stack"]]
+    assert frame["config_hash"].to_list() == [rack, stack]
+    assert notes == [
+        "hand: not shown: 2 runs of other settings and 2 other attempts; --all lists every run"
+    ]
+    # The same file with the --set of the rerun: the rerun's runs.
+    rerun = compare_runs([str(path)], tracking_uri=uri, overrides=[f"{LR}=0.002"])
+    assert rerun["run_id"].to_list() == [runs["rack_set"], runs["stack_set"]]
+    # By experiment name there are no current settings: the latest finished run per point.
+    by_name = compare_runs(["hand"], tracking_uri=uri)
+    assert by_name["run_id"].to_list() == [runs["rack_set"], runs["stack_set"]]
+
+    every = compare_runs([str(path)], tracking_uri=uri, all_runs=True)
+    order = ["rack_failed", "rack", "rack_set", "stack", "stack_failed_later", "stack_set"]
+    assert every["run_id"].to_list() == [runs[k] for k in order]
+    assert every["current"].to_list() == [False, True, False, True, False, False]
+    assert every[LR].to_list() == ["0.001", "0.001", "0.002", "0.001", "0.001", "0.002"]
+    assert every["config_hash"].to_list() == [rack, rack, rack_set, stack, stack, stack_set]
+    assert every["start_time"].null_count() == 0
+
+    # The CLI: only current runs by default, with a note; --all shows every hash.
+    csv = _hand_compare(uri, str(path), "--format", "csv")
+    assert csv.exit_code == 0, csv.output
+    rows = list(pl.read_csv(csv.stdout.encode()).iter_rows(named=True))
+    assert [r["run_id"] for r in rows] == [runs["rack"], runs["stack"]]
+    assert "--all lists every run" in csv.stderr
+    # The human view of every run keeps what tells runs apart (markdown: the table's columns).
+    table = _hand_compare(uri, str(path), "--all", "--format", "markdown")
+    assert table.exit_code == 0, table.output
+    header, _, *lines = table.stdout.splitlines()
+    assert [c.strip() for c in header.strip("|").split("|")][-3:] == [
+        "parameters",
+        "start_time",
+        "config_hash",
+    ]
+    assert [line.strip("|").split("|")[-1].strip() for line in lines] == [
+        rack,
+        rack,
+        rack_set,
+        stack,
+        stack,
+        stack_set,
+    ]
+    assert f"| {LR} |" in header
+    plain = _hand_compare(uri, str(path), "--format", "markdown")
+    assert "config_hash" not in plain.stdout and "start_time" not in plain.stdout
+
+
+def test_compare_file_notes_grid_points_without_a_run(tmp_path: Path, blank_store: Path) -> None:
+    from stackwise.tracking.store import get_or_create_experiment
+
+    client, uri = _hand_store(tmp_path, blank_store)
+    path, (rack, _), (rack_set, _) = _grid_file(tmp_path)
+    experiment_id = get_or_create_experiment(client, uri, "hand")
+    _log_run(client, experiment_id, {"mode": "rackwise"}, rack_set, 1)
+    notes: list[str] = []
+    frame = compare_runs([str(path)], tracking_uri=uri, notes=notes)
+    assert frame.height == 0
+    assert any("2 grid points of the current settings have no run yet" in n for n in notes)
+    assert any("1 run of other settings" in n for n in notes)
+    _log_run(client, experiment_id, {"mode": "rackwise"}, rack, 2, "FAILED")
+    frame = compare_runs([str(path)], tracking_uri=uri)
+    assert frame["status"].to_list() == ["FAILED"]  # no finished run: its latest attempt
+
+
+# --------------------------------------------------------------------------------------------
+# pivots never pick one run of several
+# --------------------------------------------------------------------------------------------
+
+
+def _objectives_store(
+    tmp_path: Path, blank_store: Path
+) -> tuple[str, dict[tuple[str, str], float]]:
+    """Experiment `objectives`: objective x mode at one size, each with a known val loss."""
+    from stackwise.tracking.store import get_or_create_experiment
+
+    client, uri = _hand_store(tmp_path, blank_store)
+    experiment_id = get_or_create_experiment(client, uri, "objectives")
+    losses = {
+        ("clm", "rackwise"): 1.5,
+        ("clm", "stackwise"): 1.9,
+        ("mlm", "rackwise"): 2.5,
+        ("mlm", "stackwise"): 2.75,
+    }
+    for index, ((objective, mode), loss) in enumerate(losses.items()):
+        coordinates = {"size": "small", "objective": objective, "mode": mode}
+        _log_run(
+            client,
+            experiment_id,
+            coordinates,
+            f"hash{index}",
+            index,
+            params={LR: "0.001"},
+            metrics={"final_val_loss": loss},
+        )
+    return uri, losses
+
+
+def test_pivot_with_several_runs_in_a_cell_exits_2_naming_what_differs(
+    tmp_path: Path, blank_store: Path
+) -> None:
+    uri, losses = _objectives_store(tmp_path, blank_store)
+    crowded = _hand_compare(uri, "objectives", "--pivot", "size x mode")
+    assert crowded.exit_code == 2, crowded.output
+    assert "2 cells hold several runs" in crowded.stderr
+    assert "differ in objective (clm, mlm)" in crowded.stderr
+    assert "--agg mean|min|max|last" in crowded.stderr
+    assert "Traceback" not in crowded.output and crowded.stdout == ""
+
+    def cells(*agg: str) -> dict[str, float]:
+        done = _hand_compare(
+            uri, "objectives", "--pivot", "size x mode", "--format", "csv", "--agg", *agg
+        )
+        assert done.exit_code == 0, done.output
+        (row,) = pl.read_csv(done.stdout.encode()).iter_rows(named=True)
+        assert row["size"] == "small"
+        return {mode: row[mode] for mode in ("rackwise", "stackwise")}
+
+    combined = {agg: cells(agg) for agg in ("mean", "min", "max", "last")}
+    for mode in ("rackwise", "stackwise"):
+        values = [loss for (_, m), loss in losses.items() if m == mode]
+        assert combined["mean"][mode] == pytest.approx(sum(values) / len(values))
+        assert combined["min"][mode] == min(values)
+        assert combined["max"][mode] == max(values)
+        assert combined["last"][mode] == losses[("mlm", mode)]  # the mlm runs started later
+    # One run per cell: no aggregation needed.
+    plain = _hand_compare(uri, "objectives", "--pivot", "objective x mode", "--format", "csv")
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout.splitlines()[1] == "clm,1.5,1.9"
+
+    assert _hand_compare(uri, "objectives", "--agg", "mean").exit_code == 2  # no --pivot
+    bad = _hand_compare(uri, "objectives", "--pivot", "size x mode", "--agg", "median")
+    assert bad.exit_code == 2 and "--agg" in bad.stderr
+
+
+def test_pivot_of_every_run_names_the_param_that_differs(tmp_path: Path, blank_store: Path) -> None:
+    from stackwise.tracking.store import get_or_create_experiment
+
+    uri, _ = _objectives_store(tmp_path, blank_store)
+    client, _ = _hand_store(tmp_path, blank_store)
+    experiment_id = get_or_create_experiment(client, uri, "objectives")
+    coordinates = {"size": "small", "objective": "clm", "mode": "rackwise"}
+    _log_run(client, experiment_id, coordinates, "rerun", 10, params={LR: "0.002"})
+    frame = compare_runs(["objectives"], tracking_uri=uri, all_runs=True)
+    with pytest.raises(CompareError, match=r"differ in training\.optimizer\.lr \(0\.001, 0\.002\)"):
+        pivot_frame(frame, "objective x mode")
+    # Two runs of the same settings (a --force rerun) differ in nothing but when they ran.
+    _log_run(client, experiment_id, coordinates, "rerun", 11, params={LR: "0.002"})
+    frame = compare_runs(["objectives"], tracking_uri=uri, all_runs=True)
+    reruns = frame.filter(pl.col("config_hash") != "hash0")
+    with pytest.raises(CompareError, match="reruns of the same settings"):
+        pivot_frame(reruns, "objective x mode")
+
+
+# --------------------------------------------------------------------------------------------
+# plots: one mark per run, every run present
+# --------------------------------------------------------------------------------------------
+
+MIB = 2**20
+
+
+def _plot_store(tmp_path: Path, blank_store: Path) -> tuple[Any, str, dict[str, str]]:
+    """Experiment `plots`: a rackwise and a two-stage stackwise run with per-step series, an
+    older run without `train/flops`, and a failed run that recorded nothing."""
+    from stackwise.tracking.store import get_or_create_experiment
+
+    client, uri = _hand_store(tmp_path, blank_store)
+    experiment_id = get_or_create_experiment(client, uri, "plots")
+    tokens = [(s, 256.0 * s) for s in (4, 8, 12, 16)]
+    runs = {
+        "rack": _log_run(
+            client,
+            experiment_id,
+            {"size": "small", "mode": "rackwise"},
+            "h1",
+            1,
+            metrics={"final_val_loss": 2.5, "flops": 16e9, "peak_memory_bytes": 100 * MIB},
+            history={
+                "train/tokens": tokens,
+                "train/flops": [(s, 1e9 * s) for s in (4, 8, 12, 16)],
+                "val/loss": [(6, 3.0), (16, 2.5)],
+                "stage/index": [(0, 0.0)],
+            },
+        ),
+        "stack": _log_run(
+            client,
+            experiment_id,
+            {"size": "small", "mode": "stackwise"},
+            "h2",
+            2,
+            metrics={"final_val_loss": 2.75, "flops": 12e9, "peak_memory_bytes": 60 * MIB},
+            history={
+                "train/tokens": tokens,
+                # stage 1: 1e9 FLOPs per step; stage 2 (from step 8): 0.5e9 per step
+                "train/flops": [(4, 4e9), (8, 8e9), (12, 10e9), (16, 12e9)],
+                "val/loss": [(8, 3.25), (10, 3.0), (16, 2.75)],
+                "stage/index": [(0, 0.0), (8, 1.0)],
+            },
+        ),
+        "old": _log_run(
+            client,
+            experiment_id,
+            {"size": "medium", "mode": "stackwise"},
+            "h3",
+            3,
+            metrics={"final_val_loss": 2.2, "flops": 20e9, "peak_memory_bytes": 150 * MIB},
+            history={"train/tokens": tokens, "val/loss": [(8, 2.6), (16, 2.2)]},
+        ),
+        "failed": _log_run(
+            client, experiment_id, {"size": "medium", "mode": "rackwise"}, "h4", 4, "FAILED"
+        ),
+    }
+    return client, uri, runs
+
+
+def _lines_by_run(figure: Any, names: list[str]) -> dict[str, Any]:
+    (axis,) = figure.axes
+    lines = {line.get_label().split(" (")[0]: line for line in axis.lines}
+    assert len(axis.lines) == len(names) and set(lines) == set(names)
+    return lines
+
+
+def _legend_outside(figure: Any) -> None:
+    figure.canvas.draw()
+    (axis,) = figure.axes
+    legend = axis.get_legend()
+    assert legend.get_window_extent().x0 >= axis.get_window_extent().x1
+
+
+def test_loss_plots_draw_one_line_per_run_on_one_axis(tmp_path: Path, blank_store: Path) -> None:
+    from stackwise.tracking.compare import client_history, load_curves, loss_figure
+
+    client, uri, runs = _plot_store(tmp_path, blank_store)
+    frame = compare_runs(["plots"], tracking_uri=uri)
+    names = frame["run"].to_list()
+    assert len(names) == 4
+    name = dict(zip(frame["run_id"].to_list(), names, strict=True))
+    curves = load_curves(frame, client_history(client))
+
+    figure = loss_figure(curves, "flops")
+    lines = _lines_by_run(figure, names)
+    assert figure.axes[0].get_xscale() == "log"
+    stack, rack = lines[name[runs["stack"]]], lines[name[runs["rack"]]]
+    # Val points at the FLOPs executed by then: step 10 lies in stage 2 (0.5e9 per step).
+    assert list(stack.get_xdata()) == [8e9, 9e9, 12e9]
+    assert list(stack.get_ydata()) == [3.25, 3.0, 2.75]
+    assert stack.get_markevery() == [0]  # the stage boundary at step 8
+    assert list(rack.get_xdata()) == [6e9, 16e9] and rack.get_marker() in (None, "None", "")
+    assert stack.get_color() != rack.get_color()
+    old = lines[name[runs["old"]]]
+    assert old.get_color() == stack.get_color()  # same mode
+    assert old.get_linestyle() != stack.get_linestyle()  # other size
+    assert list(old.get_xdata()) == [20e9] and list(old.get_ydata()) == [2.2]  # final point
+    failed = lines[name[runs["failed"]]]
+    assert len(failed.get_xdata()) == 0 and "no flops / validation loss" in failed.get_label()
+    _legend_outside(figure)
+
+    figure = loss_figure(curves, "tokens")
+    lines = _lines_by_run(figure, names)
+    assert list(lines[name[runs["stack"]]].get_xdata()) == [2048.0, 2560.0, 4096.0]
+    assert list(lines[name[runs["old"]]].get_xdata()) == [2048.0, 4096.0]
+    _legend_outside(figure)
+
+
+def test_memory_plot_labels_one_point_per_run(tmp_path: Path, blank_store: Path) -> None:
+    from stackwise.tracking.compare import client_history, load_curves, memory_figure
+
+    client, uri, runs = _plot_store(tmp_path, blank_store)
+    frame = compare_runs(["plots"], tracking_uri=uri)
+    name = dict(zip(frame["run_id"].to_list(), frame["run"].to_list(), strict=True))
+    figure = memory_figure(load_curves(frame, client_history(client)))
+    lines = _lines_by_run(figure, frame["run"].to_list())
+    expected = {"rack": (100.0, 2.5), "stack": (60.0, 2.75), "old": (150.0, 2.2)}
+    for key, point in expected.items():
+        line = lines[name[runs[key]]]
+        assert (*line.get_xdata(), *line.get_ydata()) == point
+    assert len(lines[name[runs["failed"]]].get_xdata()) == 0
+    labels = sorted(text.get_text() for text in figure.axes[0].texts)
+    assert labels == sorted(name[runs[key]] for key in expected)
+    _legend_outside(figure)
+
+
+def test_memory_plot_shows_every_run_of_one_size(tmp_path: Path, blank_store: Path) -> None:
+    """attention x mode at one size: eight runs, eight labelled points that do not overlap."""
+    from stackwise.tracking.compare import client_history, load_curves, memory_figure
+    from stackwise.tracking.store import get_or_create_experiment
+
+    client, uri = _hand_store(tmp_path, blank_store)
+    experiment_id = get_or_create_experiment(client, uri, "attention")
+    index = 0
+    for attention in ("mha", "gqa", "mla", "kernel"):
+        # Same memory per mode and losses a hair apart: labels would pile up on each other.
+        for mode, memory, loss in (("stackwise", 40, 2.5), ("rackwise", 80, 2.0)):
+            index += 1
+            _log_run(
+                client,
+                experiment_id,
+                {"attention": attention, "mode": mode},
+                f"h{index}",
+                index,
+                metrics={"final_val_loss": loss + index / 1e4, "peak_memory_bytes": memory * MIB},
+            )
+    frame = compare_runs(["attention"], tracking_uri=uri)
+    figure = memory_figure(load_curves(frame, client_history(client)))
+    lines = _lines_by_run(figure, frame["run"].to_list())
+    assert len(lines) == 8
+    from matplotlib.text import Text
+
+    assert sorted(line.get_xdata()[0] for line in lines.values()) == [40.0] * 4 + [80.0] * 4
+    figure.canvas.draw()
+    boxes = [Text.get_window_extent(text) for text in figure.axes[0].texts]  # words only
+    assert len(boxes) == 8
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[i + 1 :])
+
+
+def test_save_plots_writes_every_png(tmp_path: Path, blank_store: Path) -> None:
+    from stackwise.tracking.compare import PLOT_FILES, save_plots
+
+    client, uri, _ = _plot_store(tmp_path, blank_store)
+    frame = compare_runs(["plots"], tracking_uri=uri)
+    written = save_plots(client, frame, tmp_path / "plots")
+    assert [p.name for p in written] == list(PLOT_FILES)
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = _hand_compare(uri, "plots", "--plot", str(tmp_path / "cli"), "--format", "csv")
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == sorted(PLOT_FILES)
+    file_in_the_way = tmp_path / "taken"
+    file_in_the_way.write_text("")
+    bad = _hand_compare(uri, "plots", "--plot", str(file_in_the_way))
+    assert bad.exit_code == 2 and "--plot" in bad.stderr and bad.stdout == ""

@@ -4,9 +4,16 @@ The default store is ``./mlruns`` in the working directory::
 
     mlruns/
       mlflow.db                          SQLite backend (runs, params, metrics, tags)
-      artifacts/<experiment id>/...      artifacts of the experiments StackWise creates
+      artifacts/<experiment>/...         artifacts of the experiments StackWise creates
       checkpoints/<experiment>/<hash>/   training checkpoints of interrupted grid points
       locks/                             advisory locks shared by concurrent `stackwise run`s
+      data-fingerprints.json             sha256 of data files, by path, size and mtime
+
+Every store keeps that state in a folder of its own (`local_root`), so two stores never share
+checkpoints, locks or artifacts: a database named ``mlflow.db`` (the store-folder form, like
+``./mlruns``) keeps it in its own folder; any other database ``x.db`` in ``x.stackwise/`` beside
+it; a remote store (an MLflow server, a database server) in
+``./mlruns/remote/<scheme>-<host>-<port>-<hash>/`` of the working folder.
 
 MLflow 3's file store is deprecated, so even the default store is a database. Resolution order:
 the `--tracking-uri` flag, then ``$MLFLOW_TRACKING_URI``, then the YAML ``tracking.uri``, then
@@ -15,6 +22,10 @@ inside it; a path ending in ``.db`` is the database itself); a ``file:`` URI is 
 file store. Nothing is created on disk by resolving; `prepare_store` does that, and only the
 runner calls it, when a run actually starts (so validation never writes to the store).
 `check_tracking_uri` tells, before anything runs, why a URI cannot be used.
+
+`check_tracking_uri` is the one pre-check that `run`, `compare` and `ui` share: a remote store
+must answer one call of MLflow's REST API, a database URI needs its driver installed and its
+server reachable, and a local store (database and state folder) must be writable.
 
 SQLite allows one writer at a time. MLflow sets a busy timeout, but two processes can still
 collide while the schema is first created, or a write can time out under load, so store creation
@@ -42,6 +53,8 @@ DATABASE_NAME = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 CHECKPOINTS_DIR = "checkpoints"
 LOCKS_DIR = "locks"
+REMOTE_DIR = "remote"
+STATE_SUFFIX = ".stackwise"
 
 T = TypeVar("T")
 
@@ -96,12 +109,33 @@ SUPPORTED_SCHEMES = (
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
-    """Why `uri` cannot be used as a tracking store, or None when it looks usable.
+# Database URI schemes -> SQLAlchemy's default driver module, and driver module -> the package
+# that provides it (what the user has to install).
+DEFAULT_DRIVERS = {"postgresql": "psycopg2", "mysql": "MySQLdb", "mssql": "pyodbc"}
+DRIVER_MODULES = {"mysqldb": "MySQLdb", "mysqlconnector": "mysql.connector"}
+DRIVER_PACKAGES = {
+    "psycopg2": "psycopg2-binary",
+    "psycopg": "psycopg[binary]",
+    "pg8000": "pg8000",
+    "MySQLdb": "mysqlclient",
+    "pymysql": "PyMySQL",
+    "mysql.connector": "mysql-connector-python",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+# One read call of MLflow's REST API: what every MLflow tracking server answers.
+REST_PROBE = "/api/2.0/mlflow/experiments/search"
+SERVER_TIMEOUT = 10.0
+
+
+def check_tracking_uri(uri: str, timeout: float = SERVER_TIMEOUT) -> str | None:
+    """Why `uri` cannot be used as a tracking store, or None when it can (one line).
 
     Checked without creating anything: a known scheme; a legacy file store only where MLflow
-    is told to allow it; for an MLflow server, that something answers on its host and port
-    (MLflow itself would retry for minutes before giving up).
+    is told to allow it; a local store (its database and its state folder) writable; an MLflow
+    server answers one read call of the REST API within `timeout` seconds; a database server
+    has its Python driver installed and accepts a connection on its port.
     """
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()  # "databricks" alone is one too
     if scheme not in SUPPORTED_SCHEMES:
@@ -120,20 +154,144 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
                 "path or sqlite:///…/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true to read "
                 "an old one)"
             )
+    if is_local_store(uri):
+        return check_writable(uri)
     if scheme in ("http", "https"):
-        parsed = urlparse(uri)
-        host = parsed.hostname
-        if not host:
-            return f"tracking URI {uri!r} names no host"
-        try:
-            port = parsed.port or (443 if scheme == "https" else 80)
-        except ValueError:
-            return f"tracking URI {uri!r} has an invalid port"
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as error:
-            reason = error.strerror or str(error) or type(error).__name__
-            return f"cannot reach the MLflow tracking server at {uri}: {reason}"
+        return _check_server(uri, timeout)
+    if scheme in DEFAULT_DRIVERS:
+        return _check_database_server(uri, scheme, min(timeout, 5.0))
+    return None
+
+
+def check_writable(uri: str) -> str | None:
+    """Why the local folders of store `uri` cannot be written (None when they can)."""
+    targets = [local_root(uri)]
+    database = sqlite_path(uri)
+    if database is not None:
+        targets.insert(0, database)
+    for target in targets:
+        existing = target
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if existing.is_file() and existing != target:
+            return f"{target} cannot be created: {existing} is a file"
+        # SQLite writes a journal beside its database, so that folder must be writable too.
+        folders = [existing] if existing.is_dir() else [existing.parent]
+        if existing.is_file() and not os.access(existing, os.W_OK):
+            return f"the tracking store {existing} is read-only"
+        for folder in folders:
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return f"the tracking store cannot write in {folder}: the folder is read-only"
+    return None
+
+
+def _check_server(uri: str, timeout: float) -> str | None:
+    """One read call of MLflow's REST API; why it failed, or None."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    parsed = urlparse(uri)
+    if not parsed.hostname:
+        return f"tracking URI {uri!r} names no host"
+    try:
+        parsed.port  # noqa: B018 - raises for a port that is not a number in range
+    except ValueError:
+        return f"tracking URI {uri!r} has an invalid port"
+    request = urllib.request.Request(
+        uri.rstrip("/") + REST_PROBE,
+        data=json.dumps({"max_results": 1}).encode("utf-8"),
+        headers={"Content-Type": "application/json", **_auth_headers()},
+        method="POST",
+    )
+    context = None
+    if parsed.scheme == "https":
+        insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").strip().lower()
+        if insecure in ("1", "true", "yes"):
+            context = ssl._create_unverified_context()
+        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            context = ssl.create_default_context(
+                cafile=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+            )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            body = response.read(1_000_000)
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            return (
+                f"the MLflow tracking server at {uri} refused access (HTTP {error.code}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
+            )
+        return (
+            f"{uri} is not an MLflow tracking server: {REST_PROBE} answered HTTP {error.code} "
+            f"{error.reason}"
+        )
+    except TimeoutError:
+        return f"the tracking server at {uri} did not answer within {timeout:g} s"
+    except urllib.error.URLError as error:
+        reason = error.reason
+        if isinstance(reason, TimeoutError):
+            return f"the tracking server at {uri} did not answer within {timeout:g} s"
+        text = getattr(reason, "strerror", None) or str(reason)
+        return f"cannot reach the MLflow tracking server at {uri}: {text}"
+    except (OSError, ValueError) as error:  # connection reset, a malformed answer
+        text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        return f"cannot reach the MLflow tracking server at {uri}: {text}"
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get("experiments", []), list):
+        return f"{uri} is not an MLflow tracking server: {REST_PROBE} did not answer MLflow JSON"
+    return None
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client would send (from its environment variables)."""
+    import base64
+
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {pair}"}
+    return {}
+
+
+def _check_database_server(uri: str, scheme: str, timeout: float) -> str | None:
+    """The database driver is installed and the server accepts a connection."""
+    import importlib.util
+
+    dialect = uri.split(":", 1)[0]
+    driver = dialect.split("+", 1)[1] if "+" in dialect else ""
+    module = DRIVER_MODULES.get(driver.lower(), driver) if driver else DEFAULT_DRIVERS[scheme]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        package = DRIVER_PACKAGES.get(module, module)
+        return (
+            f"tracking URI {dialect}://… needs the database driver {module!r}, which is not "
+            f"installed: pip install {package}"
+        )
+    parsed = urlparse(uri)
+    host = parsed.hostname
+    if not host:
+        return None  # a local socket or a DSN in the query: the driver knows how to connect
+    try:
+        port = parsed.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        return f"tracking URI {dialect}://… has an invalid port"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"cannot reach the database server {host}:{port} of the tracking URI: {reason}"
     return None
 
 
@@ -160,25 +318,47 @@ def is_local_store(uri: str) -> bool:
 
 
 def local_root(uri: str) -> Path:
-    """A local folder that belongs to the store: checkpoints and locks live here.
+    """The local folder of store `uri`'s own state: checkpoints, locks, artifacts, fingerprints.
 
-    For a SQLite store the folder of the database, for a file store the store itself; a remote
-    store (an MLflow server, a database server) gets ``./mlruns`` on this machine.
+    A database named ``mlflow.db`` is a store folder (like ``./mlruns``): that folder. Any other
+    database ``x.db`` gets ``x.stackwise/`` beside it, so stores in one folder share nothing.
+    A file store is its own folder; a remote store (an MLflow server, a database server) gets
+    ``./mlruns/remote/<scheme>-<host>-<port>-<hash>/`` on this machine.
     """
     database = sqlite_path(uri)
     if database is not None:
-        return database.parent
+        if database.name == DATABASE_NAME:
+            return database.parent
+        stem = database.stem if database.suffix == ".db" else database.name
+        return database.with_name(f"{stem}{STATE_SUFFIX}")
     folder = file_store_path(uri)
     if folder is not None:
         return folder
-    return Path.cwd().resolve() / DEFAULT_STORE_DIR
+    return Path.cwd().resolve() / DEFAULT_STORE_DIR / REMOTE_DIR / remote_store_name(uri)
+
+
+def remote_store_name(uri: str) -> str:
+    """A folder name for a remote store: readable parts plus a hash of the URI (no password)."""
+    import hashlib
+
+    parsed = urlparse(uri)
+    netloc = parsed.hostname or ""
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    public = parsed._replace(netloc=f"{netloc}:{port}" if port else netloc).geturl()
+    parts = [parsed.scheme.split("+", 1)[0], netloc, str(port or ""), parsed.path.strip("/")]
+    readable = "-".join(p for p in parts if p)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in readable)[:80]
+    digest = hashlib.sha256(public.encode("utf-8")).hexdigest()[:8]
+    return f"{safe}-{digest}"
 
 
 def artifact_root(uri: str) -> str | None:
     """Where artifacts of experiments created by StackWise go (None: the server decides)."""
-    database = sqlite_path(uri)
-    if database is not None:
-        return (database.parent / ARTIFACTS_DIR).as_uri()
+    if sqlite_path(uri) is not None:
+        return (local_root(uri) / ARTIFACTS_DIR).as_uri()
     return None
 
 
@@ -206,14 +386,36 @@ def prepare_store(uri: str) -> None:
     """Create the local folders a store needs (called when a run starts, never on validation)."""
     database = sqlite_path(uri)
     if database is not None:
-        (database.parent / ARTIFACTS_DIR).mkdir(parents=True, exist_ok=True)
+        database.parent.mkdir(parents=True, exist_ok=True)
+        (local_root(uri) / ARTIFACTS_DIR).mkdir(parents=True, exist_ok=True)
     folder = file_store_path(uri)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
+def owner() -> str:
+    """This process as the owner of a lock or a RUNNING run: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner_text: str) -> bool | None:
+    """Whether the process `owner_text` (``host:pid``) still runs; None when it cannot be told
+    from here (another host)."""
+    host, _, pid = owner_text.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    return True
+
+
 class FileLock:
-    """An advisory lock on a file (``flock``); released by the OS if the process dies."""
+    """An advisory lock on a file (``flock``), released by the OS if the process dies; the file
+    names its holder (``host:pid``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -228,6 +430,10 @@ class FileLock:
             os.close(handle)
             return False
         self._handle = handle
+        # Who holds it, for people and tools reading the folder (the OS lock is what counts).
+        with contextlib.suppress(OSError):
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, f"{owner()}\n".encode(), 0)
         return True
 
     def release(self) -> None:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_model, save_model
+from torch.utils.flop_counter import FlopCounterMode
 
 from stackwise.config.base import StackWiseConfig
 from stackwise.model import (
@@ -72,6 +73,18 @@ def test_block_spec_validation() -> None:
         create_block_spec(d_model=32, attention_type="mla", n_kv_heads=2)
     mla = create_block_spec(d_model=64, n_heads=4, attention_type="mla")
     assert (mla["kv_lora_rank"], mla["qk_rope_head_dim"], mla["n_kv_heads"]) == (16, 8, None)
+    favor = {"attention_type": "kernel", "kernel_feature_map": "favor"}
+    with pytest.raises(ValueError, match="kernel_n_features must be even"):
+        create_block_spec(d_model=32, n_heads=4, kernel_n_features=15, **favor)
+    with pytest.raises(ValueError, match="kernel_redraw_every"):
+        create_block_spec(d_model=32, n_heads=4, kernel_redraw_every=0, **favor)
+    model = {"d_model": 32, "n_heads": 4, "attention_type": "kernel"}
+    with pytest.raises(ValueError, match=r"kernel\.n_features: RoPE"):
+        StackWiseConfig.from_dict(
+            {"model": {**model, "kernel": {"feature_map": "favor", "n_features": 15}}}
+        )
+    no_rope = {**model, "use_rope": False, "kernel": {"feature_map": "favor", "n_features": 15}}
+    assert StackWiseConfig.from_dict({"model": no_rope}).model.kernel.n_features == 15
 
 
 def test_block_exposes_mode_type_and_spec() -> None:
@@ -348,14 +361,22 @@ def test_mixed_rack_behaves_per_stack() -> None:
 
 
 def test_flops_per_token_formula() -> None:
-    d, f, layers, n_ctx = 32, 64, 3, 16
+    """A hand count for d_model 32, 4 heads, SwiGLU width 64, 3 blocks, 53 tokens, context 16."""
     rack = create_simple_rack(
-        n_stacks=1, blocks_per_stack=layers, d_model=d, d_ff=f, n_heads=4, vocab_size=VOCAB
+        n_stacks=1, blocks_per_stack=3, d_model=32, d_ff=64, n_heads=4, vocab_size=VOCAB
     )
-    matmul_params = layers * (4 * d * d + 3 * d * f) + VOCAB * d
-    assert rack.flops_per_token(n_ctx) == 2 * matmul_params + layers * 4 * d * n_ctx
-    mfu = rack.estimate_mfu(tokens_per_iter=1000, n_ctx=n_ctx, dt=1.0, peak_flops=1e9)
-    assert mfu == pytest.approx(3 * rack.flops_per_token(n_ctx) * 1000 / 1e9)
+    # per block: qkv 32x96 = 3072, o_proj 32x32 = 1024, gate/up/down 3 x 32x64 = 6144 weights;
+    # the tied LM head 53x32 = 1696 once (the embedding lookup is free): 3 x 10240 + 1696
+    weights = 32416
+    # per block and token: QKᵀ over 16 keys x 32 channels and AV the same, 2 FLOPs per mul-add
+    attention = 3 * (2 * 16 * 32 + 2 * 16 * 32)
+    assert rack.flops_per_token(16) == 2 * weights + attention == 70976
+    mfu = rack.estimate_mfu(tokens_per_iter=1000, n_ctx=16, dt=1.0, peak_flops=1e9)
+    assert mfu == pytest.approx(3 * 70976 * 1000 / 1e9)
+    # the weight part is what the forward's matrix products really cost
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        rack(ids(batch=1, length=16))
+    assert counter.get_total_flops() == 16 * 2 * weights
 
 
 # -- building from the run config -------------------------------------------------------------
@@ -401,7 +422,13 @@ def test_rack_from_config_honours_every_field() -> None:
         "freeze_up_proj": True,
         "init_std": 0.05,
         "mla": {"kv_lora_rank": 12, "q_lora_rank": 10, "rope_head_dim": 4},
-        "kernel": {"feature_map": "favor", "n_features": 20, "chunk_size": 8, "seed": 3},
+        "kernel": {
+            "feature_map": "favor",
+            "n_features": 20,
+            "chunk_size": 8,
+            "seed": 3,
+            "redraw_every": 5,
+        },
         "stacks": [
             {"n_blocks": 1},
             {
@@ -438,6 +465,7 @@ def test_rack_from_config_honours_every_field() -> None:
     assert second["dropout"] == 0.0 and second["freeze_up_proj"] is False
     assert (second["kernel_feature_map"], second["kernel_n_features"]) == ("favor", 20)
     assert (second["kernel_chunk_size"], second["kernel_seed"]) == (8, 3)
+    assert second["kernel_redraw_every"] == 5 and rack.blocks[1].attn.redraw_every == 5
     assert not rack.stacks[0].is_frozen and rack.stacks[1].is_frozen
     assert rack.blocks[0].ffn.up_proj.weight.requires_grad is False
     assert rack.token_embedding.weight.std().item() == pytest.approx(0.05, rel=0.1)

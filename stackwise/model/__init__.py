@@ -22,6 +22,8 @@ from stackwise.model.attention import (
     KernelAttention,
     MultiHeadLatentAttention,
     RotaryEmbedding,
+    default_n_features,
+    redraw_kernel_features,
 )
 
 __all__ = [
@@ -39,5 +41,7 @@ __all__ = [
     "create_simple_rack",
     "create_stack_from_spec",
     "default_d_ff",
+    "default_n_features",
     "default_n_heads",
+    "redraw_kernel_features",
 ]

@@ -84,6 +84,7 @@ def create_block_spec(
     kernel_n_features: int | None = None,
     kernel_chunk_size: int = 64,
     kernel_seed: int = 0,
+    kernel_redraw_every: int | None = None,
 ) -> dict[str, Any]:
     """A validated block spec: `Block` keyword arguments with every default filled in.
 
@@ -115,6 +116,15 @@ def create_block_spec(
         raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
     if use_rope and attention_type != "mla" and head_dim % 2:
         raise ValueError(f"RoPE needs an even head width; d_model/n_heads = {head_dim}")
+    if attention_type == "kernel":
+        if kernel_redraw_every is not None and kernel_redraw_every < 1:
+            raise ValueError(f"kernel_redraw_every must be at least 1, got {kernel_redraw_every}")
+        odd = kernel_n_features is not None and kernel_n_features % 2 == 1
+        if use_rope and kernel_feature_map == "favor" and odd:
+            raise ValueError(
+                f"RoPE rotates kernel features in pairs; kernel_n_features must be even, "
+                f"got {kernel_n_features}"
+            )
     return {
         "d_model": d_model,
         "d_ff": default_d_ff(d_model) if d_ff is None else d_ff,
@@ -134,6 +144,7 @@ def create_block_spec(
         "kernel_n_features": kernel_n_features,
         "kernel_chunk_size": kernel_chunk_size,
         "kernel_seed": kernel_seed,
+        "kernel_redraw_every": kernel_redraw_every,
     }
 
 
@@ -192,6 +203,7 @@ class Block(nn.Module):
         kernel_n_features: int | None = None,
         kernel_chunk_size: int = 64,
         kernel_seed: int = 0,
+        kernel_redraw_every: int | None = None,
     ) -> None:
         super().__init__()
         spec = create_block_spec(
@@ -213,6 +225,7 @@ class Block(nn.Module):
             kernel_n_features,
             kernel_chunk_size,
             kernel_seed,
+            kernel_redraw_every,
         )
         self._spec = spec
         self.d_model = d_model
@@ -274,6 +287,7 @@ def _build_attention(spec: Mapping[str, Any]) -> nn.Module:
         n_features=spec["kernel_n_features"],
         chunk_size=spec["kernel_chunk_size"],
         seed=spec["kernel_seed"],
+        redraw_every=spec.get("kernel_redraw_every"),
         **common,
     )
 
@@ -480,7 +494,8 @@ class Rack(nn.Module):
         """Forward FLOPs per token at context length ``n_ctx``: ``2 * N_matmul`` (every linear
         weight, the LM head included; embedding lookups are free) plus each block's attention
         term (QKᵀ and AV over the full context for softmax attention, no causal discount;
-        T-independent for kernel attention). Training costs about 3x this."""
+        for kernel attention the state products plus, in causal mode, the chunk × chunk
+        products). Training costs about 3x this."""
         matmul = {
             id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
         }
@@ -674,6 +689,7 @@ def create_rack_from_config(config: Mapping[str, Any] | Any, seed: int | None = 
             kernel_n_features=model.kernel.n_features,
             kernel_chunk_size=model.kernel.chunk_size,
             kernel_seed=model.kernel.seed,
+            kernel_redraw_every=model.kernel.redraw_every,
         )
         stack_specs.append(
             {

@@ -12,7 +12,9 @@ never needs positions from outside.
   compressed latent; RoPE lives in a separate key part shared by all heads. ``forward_absorbed``
   is the inference form that attends in latent space with the up-projections folded in.
 - `KernelAttention` (``kernel``): linear attention ``φ(q)ᵀ Σ φ(k) vᵀ / φ(q)ᵀ Σ φ(k)`` with a
-  positive feature map (elu+1 or FAVOR+); cost is linear in T and no T×T matrix is built.
+  positive feature map (elu+1 or FAVOR+), RoPE applied to the features in the numerator only;
+  cost is linear in T and no T×T matrix is built. `redraw_kernel_features` redraws FAVOR+
+  projections during training.
 """
 
 from __future__ import annotations
@@ -337,24 +339,45 @@ class MultiHeadLatentAttention(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def default_n_features(head_dim: int) -> int:
+    """FAVOR+'s default feature count: about ``head_dim · ln(head_dim)`` (Performer), rounded to
+    an even number (RoPE rotates features in pairs), at least 2."""
+    return max(2, 2 * round(head_dim * math.log(head_dim) / 2))
+
+
 class KernelAttention(nn.Module):
-    """Linear attention with a positive feature map φ: ``out_t = φ(q_t)ᵀ S_t / φ(q_t)ᵀ z_t``.
+    """Linear attention with a positive feature map φ (Katharopoulos et al., 2020).
 
-    Bidirectional: ``S = Σ_s φ(k_s) v_sᵀ`` and ``z = Σ_s φ(k_s)`` over all real keys.
-    Causal: the sums run over ``s <= t``; they are computed chunk by chunk — an exclusive prefix
-    sum of per-chunk states plus a small ``chunk × chunk`` causal product inside each chunk —
-    so memory and time are linear in T.
+    ``out_t = Σ_s (R_t φ(q_t))ᵀ (R_s φ(k_s)) v_s / Σ_s φ(q_t)ᵀ φ(k_s)`` where ``R_t`` is RoPE
+    over the F feature channels at position t (RoFormer, section 3.3): the rotation is applied
+    after φ and in the numerator only, so the weights depend on positions only through ``s - t``
+    and the normaliser stays positive. Without RoPE both sums use plain φ. Bidirectional: the
+    sums run over every real key (a state ``S = Σ R_s φ(k_s) v_sᵀ`` and ``z = Σ φ(k_s)``).
+    Causal: they run over ``s <= t``, chunk by chunk — an exclusive prefix sum of per-chunk
+    states plus a ``chunk × chunk`` causal product inside each chunk for the numerator, a prefix
+    sum of φ(k) for the normaliser — so memory and time are linear in T and no T×T matrix is
+    built. Query heads that share a K/V head share its φ(k) and states.
 
-    Feature maps: ``"elu"`` is ``elu(x) + 1`` (Katharopoulos et al., 2020); ``"favor"`` is FAVOR+
-    positive orthogonal random features (Choromanski et al., 2021), for which
-    ``φ(q)ᵀφ(k)`` estimates ``exp(qᵀk / sqrt(head_dim))``. The random projection is drawn once
-    from ``seed`` and stored as a buffer, so it is saved with the model and never trained.
-    RoPE rotates q and k before φ. Padded keys (``attention_mask == 0``) get φ(k) = 0, so they
+    Feature maps: ``"elu"`` is ``elu(x) + 1`` (F = head_dim); ``"favor"`` is FAVOR+ positive
+    orthogonal random features (Choromanski et al., 2021), F = ``n_features`` (default
+    `default_n_features`), for which ``φ(q)ᵀφ(k)`` estimates ``exp(qᵀk / sqrt(head_dim))``.
+    As in the Performer reference, the log-features are shifted by their maximum — per row for a
+    query, one constant per batch element and head for the keys (over its real keys) — which
+    cancels between numerator and denominator and keeps ``exp`` in range. (In causal mode that
+    constant also covers later keys: an early key whose log-features sit more than ~87 below
+    the maximum, which takes very uneven key norms, underflows to 0 in fp32.) The projection
+    is drawn from ``seed`` and stored as a buffer, so it is saved with the model and never
+    trained; with ``redraw_every`` it is redrawn by `redraw_kernel_features`.
+
+    The denominator is a sum of positive terms, accurate in any precision unless it underflows;
+    it gets ``eps`` relative to its upper bound ``‖φ(q_t)‖₁ ‖z_t‖₁`` (not an absolute eps, which
+    would shrink the output of a query whose features are all small), so scaling the features
+    changes nothing. Padded keys (``attention_mask == 0``) get φ(k) = 0 and
     contribute nothing; a query with no real key to attend outputs 0. There is no dropout on
     attention weights here (they are never formed); the Block's residual dropout still applies.
     """
 
-    eps = 1e-6
+    eps = 1e-12  # relative to the denominator's upper bound
 
     def __init__(
         self,
@@ -368,20 +391,35 @@ class KernelAttention(nn.Module):
         n_features: int | None = None,
         chunk_size: int = 64,
         seed: int = 0,
+        redraw_every: int | None = None,
     ) -> None:
         super().__init__()
         _check_mode(attention_mode)
         if feature_map not in ("elu", "favor"):
             raise ValueError(f"feature_map must be 'elu' or 'favor', got {feature_map!r}")
+        if redraw_every is not None and redraw_every < 1:
+            raise ValueError(f"redraw_every must be at least 1, got {redraw_every}")
         n_kv_heads, self.head_dim = _head_layout(d_model, n_heads, n_kv_heads)
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.causal = attention_mode == "causal"
         self.feature_map = feature_map
         self.chunk_size = chunk_size
-        self.n_features = self.head_dim if n_features is None else n_features
+        self.seed = seed
+        self.redraw_every = redraw_every
+        if feature_map == "elu":
+            self.n_features = self.head_dim
+        else:
+            self.n_features = (
+                default_n_features(self.head_dim) if n_features is None else n_features
+            )
+        if use_rope and self.n_features % 2:
+            raise ValueError(
+                f"RoPE rotates kernel features in pairs; n_features must be even, "
+                f"got {self.n_features}"
+            )
         self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-        self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if use_rope else None
+        self.rotary = RotaryEmbedding(self.n_features, rope_theta) if use_rope else None
         self.projection: torch.Tensor | None
         if feature_map == "favor":
             generator = torch.Generator().manual_seed(seed)
@@ -393,99 +431,140 @@ class KernelAttention(nn.Module):
 
     # -- feature maps ---------------------------------------------------------------------------
 
-    def _phi(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+    def _phi(
+        self, x: torch.Tensor, is_query: bool, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """φ(x) ``[..., T, F]`` of queries or keys; ``valid`` (keys only, broadcastable to
+        ``[..., T, 1]``) is False at padding, whose features are 0."""
         if self.projection is None:
-            return F.elu(x) + 1.0
+            phi = F.elu(x) + 1.0
+            return phi if valid is None else phi.masked_fill(~valid, 0.0)
         # FAVOR+: φ(x) = exp(wᵀx' - |x'|²/2) / sqrt(m) with x' = x / d^(1/4).
         x = x * self.head_dim**-0.25
         logits = x @ self.projection.to(x.dtype).T - 0.5 * x.pow(2).sum(-1, keepdim=True)
-        if is_query:
-            # A per-query constant cancels between numerator and denominator; it only keeps
-            # exp() in range. Keys get no data-dependent shift (it would not cancel).
-            logits = logits - logits.amax(dim=-1, keepdim=True).detach()
-        return torch.exp(logits) * self.n_features**-0.5
-
-    def _features(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """φ(q), φ(k) (zero at padded keys) and v, each ``[B, H, T, ·]``."""
-        batch, seq_len, _ = x.shape
-        q_width = self.n_heads * self.head_dim
-        kv_width = self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split((q_width, kv_width, kv_width), dim=-1)
-        q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.n_kv_heads != self.n_heads:
-            repeats = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(repeats, dim=1)
-            v = v.repeat_interleave(repeats, dim=1)
-        if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        phi_q, phi_k = self._phi(q, is_query=True), self._phi(k, is_query=False)
-        if attention_mask is not None:
-            phi_k = phi_k * attention_mask[:, None, :, None].to(phi_k.dtype)
-        return phi_q, phi_k, v
+        if is_query:  # one shift per row
+            shift = logits.amax(dim=-1, keepdim=True)
+        else:  # keys: one shift over every real key and feature of the head
+            if valid is not None:  # exp(-inf) = 0, and so is its gradient
+                logits = logits.masked_fill(~valid, -math.inf)
+            shift = logits.amax(dim=(-2, -1), keepdim=True)
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        # The shift cancels between numerator and denominator: it carries no gradient.
+        return torch.exp(logits - shift.detach()) * self.n_features**-0.5
 
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        phi_q, phi_k, v = self._features(x, attention_mask)
+        n_kv, group, head_dim = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            (self.n_heads * head_dim, n_kv * head_dim, n_kv * head_dim), dim=-1
+        )
+        # [B, kv heads, query heads per kv head (1 for k and v), T, head_dim]
+        q = q.view(batch, seq_len, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)
+        k = k.view(batch, seq_len, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
+        v = v.view(batch, seq_len, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
+        valid = None
+        if attention_mask is not None:
+            valid = attention_mask.bool()[:, None, None, :, None]
+        phi_q, phi_k = self._phi(q, is_query=True), self._phi(k, is_query=False, valid=valid)
+        rot_q, rot_k = phi_q, phi_k
+        if self.rotary is not None:
+            rotation = self.rotary.rotation(seq_len, x.device, phi_q.dtype)
+            rot_q, rot_k = apply_rotary(phi_q, rotation), apply_rotary(phi_k, rotation)
         if self.causal:
-            out = self._causal_linear_attention(phi_q, phi_k, v)
+            numerator = self._causal_numerator(rot_q, rot_k, v)
+            z = torch.cumsum(phi_k, dim=-2)  # [B, kv, 1, T, F]: Σ_{s<=t} φ(k_s)
+            denominator = (phi_q.unsqueeze(-2) @ z.unsqueeze(-1)).flatten(-3)  # per-t dot
+            bound = phi_q.sum(-1) * z.sum(-1)
         else:
-            state = phi_k.transpose(-1, -2) @ v  # [B, H, F, head_dim]
-            normaliser = phi_k.sum(dim=-2)  # [B, H, F]
-            numerator = phi_q @ state
-            denominator = (phi_q @ normaliser.unsqueeze(-1)).squeeze(-1)
-            out = numerator / (denominator.unsqueeze(-1) + self.eps)
-        out = out.transpose(1, 2).reshape(batch, seq_len, -1)
+            numerator = rot_q @ (rot_k.transpose(-1, -2) @ v)
+            z = phi_k.sum(dim=-2, keepdim=True)  # [B, kv, 1, 1, F]
+            denominator = (phi_q @ z.transpose(-1, -2)).squeeze(-1)
+            bound = phi_q.sum(-1) * z.sum(-1)
+        denominator = denominator + self.eps * bound
+        denominator = denominator.masked_fill(denominator == 0, 1.0)  # no real key: output 0
+        out = numerator / denominator.unsqueeze(-1)  # [B, kv, group, T, head_dim]
+        out = out.permute(0, 3, 1, 2, 4).reshape(batch, seq_len, self.n_heads * head_dim)
         return self.o_proj(out)
 
-    def _causal_linear_attention(
-        self, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor
+    def _causal_numerator(
+        self, rot_q: torch.Tensor, rot_k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        batch, heads, seq_len, n_feat = phi_q.shape
+        """``Σ_{s<=t} (R_t φ(q_t))ᵀ (R_s φ(k_s)) v_s`` for every t, chunk by chunk."""
+        seq_len = rot_q.shape[-2]
         chunk = min(self.chunk_size, seq_len)
         pad = (-seq_len) % chunk
         if pad:  # zero keys contribute nothing; padded query rows are cut off below
-            phi_q, phi_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
+            rot_q, rot_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (rot_q, rot_k, v))
         n_chunks = (seq_len + pad) // chunk
-        qc = phi_q.reshape(batch, heads, n_chunks, chunk, n_feat)
-        kc = phi_k.reshape(batch, heads, n_chunks, chunk, n_feat)
-        vc = v.reshape(batch, heads, n_chunks, chunk, v.shape[-1])
+        qc = rot_q.unflatten(-2, (n_chunks, chunk))  # [..., N, C, F]
+        kc = rot_k.unflatten(-2, (n_chunks, chunk))
+        vc = v.unflatten(-2, (n_chunks, chunk))
         # State carried into each chunk: sums over all earlier chunks (exclusive prefix sum).
-        chunk_state = kc.transpose(-1, -2) @ vc  # [B, H, N, F, Dv]
-        chunk_norm = kc.sum(dim=-2)  # [B, H, N, F]
         # Shifting an inclusive cumsum (rather than subtracting the chunk's own term) keeps the
         # state of chunk n exactly independent of chunk n's tokens.
-        prev_state = _exclusive_cumsum(chunk_state, dim=2)
-        prev_norm = _exclusive_cumsum(chunk_norm, dim=2)
+        prev_state = _exclusive_cumsum(kc.transpose(-1, -2) @ vc, dim=-3)  # [..., N, F, Dv]
         # Inside a chunk: the causal chunk × chunk product.
-        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).tril()
-        local = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B, H, N, C, C]
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=rot_q.device).tril()
+        local = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [..., N, C, C]
         numerator = local @ vc + qc @ prev_state
-        denominator = local.sum(dim=-1) + (qc @ prev_norm.unsqueeze(-1)).squeeze(-1)
-        out = numerator / (denominator.unsqueeze(-1) + self.eps)
-        return out.reshape(batch, heads, n_chunks * chunk, -1)[:, :, :seq_len]
-
-    def reference_forward(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The same attention written as an explicit T×T product (for tests only)."""
-        batch, seq_len, _ = x.shape
-        phi_q, phi_k, v = self._features(x, attention_mask)
-        weights = phi_q @ phi_k.transpose(-1, -2)  # [B, H, T, T]
-        if self.causal:
-            weights = weights.tril()
-        out = (weights @ v) / (weights.sum(dim=-1, keepdim=True) + self.eps)
-        out = out.transpose(1, 2).reshape(batch, seq_len, -1)
-        return self.o_proj(out)
+        return numerator.flatten(-3, -2)[..., :seq_len, :]
 
     def attention_flops_per_token(self, n_ctx: int) -> int:
-        """Forward FLOPs per token of building and reading the φ(k)vᵀ state (independent of T)."""
-        return 2 * 2 * self.n_heads * self.n_features * (self.head_dim + 1)
+        """Forward FLOPs per token of the attention products (2 per multiply-add), counted as for
+        softmax attention: products only, not the feature map's exp, RoPE or prefix sums.
+
+        Per query head: reading the state ``2·F·hd`` and the normaliser ``2·F``; causal adds the
+        ``chunk × chunk`` product inside each chunk, ``2·C·F + 2·C·hd`` with
+        ``C = min(chunk_size, n_ctx)`` (the full square, as computed). Per K/V head: building
+        the state ``2·F·hd``. FAVOR+ adds projecting queries and keys, ``2·hd·F`` per head.
+        """
+        features, head_dim = self.n_features, self.head_dim
+        per_query_head = 2 * features * head_dim + 2 * features
+        if self.causal:
+            chunk = min(self.chunk_size, n_ctx)
+            per_query_head += 2 * chunk * features + 2 * chunk * head_dim
+        per_kv_head = 2 * features * head_dim
+        flops = self.n_heads * per_query_head + self.n_kv_heads * per_kv_head
+        if self.projection is not None:
+            flops += 2 * head_dim * features * (self.n_heads + self.n_kv_heads)
+        return flops
+
+    # -- redrawing FAVOR+ features --------------------------------------------------------------
+
+    def redraw_projection(self, step: int) -> bool:
+        """Redraw the FAVOR+ projection if ``redraw_every`` divides ``step`` (``step >= 1``) and
+        the module is trained (a frozen module keeps it, so frozen pieces and their cached
+        outputs never change). The draw depends only on ``seed`` and ``step``; the projection is
+        overwritten in place, so it stays in the state_dict and a resumed run is exact."""
+        if self.projection is None or self.redraw_every is None:
+            return False
+        if step < 1 or step % self.redraw_every:
+            return False
+        if not any(p.requires_grad for p in self.parameters()):
+            return False
+        generator = torch.Generator().manual_seed(_redraw_seed(self.seed, step))
+        drawn = _orthogonal_random_features(self.n_features, self.head_dim, generator)
+        with torch.no_grad():
+            self.projection.copy_(drawn)
+        return True
+
+
+def redraw_kernel_features(model: nn.Module, step: int) -> int:
+    """Redraw the projection of every FAVOR+ attention in ``model`` that is due at optimizer
+    step ``step`` (see `KernelAttention.redraw_projection`); returns how many were redrawn.
+    Call it after each optimizer step; the draws are deterministic in (kernel seed, step)."""
+    return sum(
+        module.redraw_projection(step)
+        for module in model.modules()
+        if isinstance(module, KernelAttention)
+    )
+
+
+def _redraw_seed(seed: int, step: int) -> int:
+    """A generator seed for (kernel seed, step), distinct from the initial draw's ``seed``."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % 2**63
 
 
 def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -155,6 +155,7 @@ def load_plans(
                 errors.extend(problems)
     if not errors:
         errors.extend(missing_data_files(plans))
+    errors.extend(cache_disk_problems(plans))
     if errors:
         raise ConfigError.combine(errors)
     for message in notes:
@@ -228,6 +229,34 @@ def check_devices(plans: Plans) -> None:
     ]
     if errors:
         raise ConfigError.combine(errors)
+
+
+def cache_disk_problems(plans: Plans) -> list[ConfigError]:
+    """Depth-wise runs whose sample pool does not fit the disk its activation cache may spill
+    to (`training.cache.max_disk_gb`, default half the free disk; see
+    `stackwise.training.disk_budget`), as errors."""
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import setting_line
+    from stackwise.training.disk_budget import pool_disk_problem
+
+    errors: list[ConfigError] = []
+    problems: dict[str, str | None] = {}
+    for experiment, runs in plans:
+        for spec in runs:
+            if spec.config_hash not in problems:
+                problems[spec.config_hash] = pool_disk_problem(spec.config)
+            problem = problems[spec.config_hash]
+            if problem is not None:
+                path = ("training", "cache", "max_disk_gb")
+                errors.append(
+                    ConfigError(
+                        f"run {spec.name}: {problem}",
+                        file=experiment.file,
+                        field=".".join(path),
+                        line=setting_line(experiment, spec, path),
+                    )
+                )
+    return errors
 
 
 def check_stores(plans: Plans, cli_uri: str | None) -> None:

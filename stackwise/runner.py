@@ -707,7 +707,8 @@ def _finish_grid(grid: _Grid, progress: GridProgress) -> None:
         folder = Path(temp)
         (folder / "comparison.csv").write_text(frame.write_csv(), encoding="utf-8")
         (folder / "comparison.md").write_text(
-            to_markdown(frame.drop("run_id", "parent_run_id", "config_hash")), encoding="utf-8"
+            to_markdown(frame.drop("run_id", "parent_run_id", "config_hash", "start_time")),
+            encoding="utf-8",
         )
         try:
             save_plots(grid.client, frame, folder)

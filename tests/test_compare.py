@@ -8,7 +8,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from test_tracking import run_cli, shared_tracked_store, write_experiment
+from test_tracking import run_cli, shared_tracked_store, store_uri, write_experiment
 from typer.testing import CliRunner
 
 from stackwise.cli import app
@@ -262,15 +262,17 @@ def test_new_and_old_experiments_are_model_training_experiments(
     )
 
 
-def _grid_file(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
-    """A two-point file, with the config hashes of its points as written and with lr=0.002."""
+def _grid_file(tmp_path: Path, uri: str) -> tuple[Path, list[str], list[str]]:
+    """A two-point file, with the run identities `stackwise run` gives its points as written
+    and with lr=0.002."""
     from stackwise.config.experiment import expand_grid, load_experiment
+    from stackwise.runner import point_of
 
     grid = {"training.training_architecture": ["rackwise", "stackwise"]}
     path = write_experiment(tmp_path, "hand", grid=grid)
     experiment = load_experiment(path)
-    current = [s.config_hash for s in expand_grid(experiment)]
-    other = [s.config_hash for s in expand_grid(experiment, [f"{LR}=0.002"])]
+    current = [point_of(s, uri).identity for s in expand_grid(experiment)]
+    other = [point_of(s, uri).identity for s in expand_grid(experiment, [f"{LR}=0.002"])]
     assert len(set(current + other)) == 4
     return path, current, other
 
@@ -281,7 +283,7 @@ def test_compare_file_shows_latest_finished_run_of_current_settings(
     client, uri = _hand_store(tmp_path, blank_store)
     from stackwise.tracking.store import get_or_create_experiment
 
-    path, (rack, stack), (rack_set, stack_set) = _grid_file(tmp_path)
+    path, (rack, stack), (rack_set, stack_set) = _grid_file(tmp_path, uri)
     experiment_id = get_or_create_experiment(client, uri, "hand")
     old, new = {LR: "0.001"}, {LR: "0.002"}
     rackwise, stackwise = {"mode": "rackwise"}, {"mode": "stackwise"}
@@ -311,7 +313,7 @@ def test_compare_file_shows_latest_finished_run_of_current_settings(
     every = compare_runs([str(path)], tracking_uri=uri, all_runs=True)
     order = ["rack_failed", "rack", "rack_set", "stack", "stack_failed_later", "stack_set"]
     assert every["run_id"].to_list() == [runs[k] for k in order]
-    assert every["current"].to_list() == [False, True, False, True, False, False]
+    assert every["current"].to_list() == ["no", "yes", "no", "yes", "no", "no"]
     assert every[LR].to_list() == ["0.001", "0.001", "0.002", "0.001", "0.001", "0.002"]
     assert every["config_hash"].to_list() == [rack, rack, rack_set, stack, stack, stack_set]
     assert every["start_time"].null_count() == 0
@@ -348,7 +350,7 @@ def test_compare_file_notes_grid_points_without_a_run(tmp_path: Path, blank_stor
     from stackwise.tracking.store import get_or_create_experiment
 
     client, uri = _hand_store(tmp_path, blank_store)
-    path, (rack, _), (rack_set, _) = _grid_file(tmp_path)
+    path, (rack, _), (rack_set, _) = _grid_file(tmp_path, uri)
     experiment_id = get_or_create_experiment(client, uri, "hand")
     _log_run(client, experiment_id, {"mode": "rackwise"}, rack_set, 1)
     notes: list[str] = []
@@ -628,3 +630,80 @@ def test_save_plots_writes_every_png(tmp_path: Path, blank_store: Path) -> None:
     file_in_the_way.write_text("")
     bad = _hand_compare(uri, "plots", "--plot", str(file_in_the_way))
     assert bad.exit_code == 2 and "--plot" in bad.stderr and bad.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: real runs, a --set rerun, compare and its plots
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compare_after_a_set_rerun_shows_the_current_runs(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from stackwise.tracking.compare import PLOT_FILES, client_history, load_curves, loss_figure
+
+    training = {
+        "budget": {"steps": 8},
+        "batch_size": 4,
+        "seq_len": 32,
+        "log_every_steps": 2,
+        "device": "cpu",
+        "eval": {"batches": 1, "every_steps": 3},
+    }
+    grid = {"training.training_architecture": ["rackwise", "stackwise"]}
+    write_experiment(tmp_path, "rerun", grid=grid, training=training)
+    first = run_cli(tmp_path, "run", "rerun.yaml")
+    assert first.returncode == 0, first.stdout + first.stderr
+    rerun_args = ("--set", f"{LR}=0.002", "--only", "mode=stackwise")
+    second = run_cli(tmp_path, "run", "rerun.yaml", *rerun_args)
+    assert second.returncode == 0, second.stdout + second.stderr
+
+    client = MlflowClient(store_uri(tmp_path))
+    experiment = client.get_experiment_by_name("rerun")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    points = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`stackwise.role` = 'point'",
+        order_by=["attributes.start_time ASC"],
+    )
+    assert [r.data.params[LR] == "0.002" for r in points] == [False, False, True]
+    original, rerun = points[:2], points[2]
+    assert {r.data.tags["stackwise.run_name"] for r in points} == {
+        "mode=rackwise",
+        "mode=stackwise",
+    }
+
+    uri, file = store_uri(tmp_path), str(tmp_path / "rerun.yaml")
+
+    def compare_csv(*args: str) -> tuple[list[dict[str, Any]], str]:
+        done = _hand_compare(uri, file, "--format", "csv", *args)
+        assert done.exit_code == 0, done.output
+        return list(pl.read_csv(done.stdout.encode()).iter_rows(named=True)), done.stderr
+
+    rows, notes = compare_csv()
+    assert [r["run_id"] for r in rows] == [r.info.run_id for r in original]
+    assert "1 run of other settings" in notes
+    rows, _ = compare_csv(*rerun_args)
+    assert [r["run_id"] for r in rows] == [rerun.info.run_id]
+    rows, _ = compare_csv("--all")
+    assert sorted(r["config_hash"] for r in rows) == sorted(
+        r.data.tags["config_hash"] for r in points
+    )
+
+    plots = run_cli(tmp_path, "compare", "rerun.yaml", "--plot", "plots")  # the real command
+    assert plots.returncode == 0, plots.stderr
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(PLOT_FILES)
+    parent = client.get_run(original[0].data.tags["mlflow.parentRunId"])
+    assert set(PLOT_FILES) <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # The FLOPs view draws every validation point of each run at its executed FLOPs.
+    frame = compare_runs(["rerun"], tracking_uri=uri, all_runs=True)
+    curves = load_curves(frame, client_history(client))
+    lines = loss_figure(curves, "flops").axes[0].lines
+    assert len(lines) == 3
+    for run, line in zip(frame.iter_rows(named=True), lines, strict=True):
+        assert "train/flops" in client.get_run(run["run_id"]).data.metrics
+        val_steps = client.get_metric_history(run["run_id"], "val/loss")
+        assert len(line.get_xdata()) == len(val_steps) > 1
+        assert line.get_xdata()[-1] == pytest.approx(run["flops"])

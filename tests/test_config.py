@@ -181,7 +181,11 @@ def test_load_run_config_reads_plain_config(tmp_path: Path) -> None:
             "training.mask_ratio_min",
             "must be less than",
         ),
-        ({"training": {"mask_ratio_max": 1.0}}, "training.mask_ratio_max", "less than 1"),
+        (
+            {"training": {"mask_ratio_max": 1.5}},
+            "training.mask_ratio_max",
+            "less than or equal to 1",
+        ),
         ({"training": {"budget": {"steps": 0}}}, "training.budget.steps", "greater than 0"),
         ({"training": {"budget": {"steps": 1, "tokens": 1}}}, "training.budget", "exactly one"),
         ({"model": {"attention_mode": "bidirectional"}}, "model.attention_mode", "causal"),

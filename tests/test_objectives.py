@@ -40,6 +40,18 @@ def test_clm_ignores_padding_targets() -> None:
     assert (batch.targets[0, 3:] == IGNORE_INDEX).all()
 
 
+def test_clm_left_padding_never_predicts_nor_is_predicted() -> None:
+    ids = torch.tensor([[256, 256, 256, 3, 4, 5, 6], [7, 8, 9, 10, 256, 256, 256]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+    batch = CausalLM().corrupt(ids, None, mask)
+    ignore = IGNORE_INDEX
+    # Written by hand: a real token predicts the next real token; pads do neither.
+    assert batch.targets.tolist() == [
+        [ignore, ignore, ignore, 4, 5, 6, ignore],
+        [8, 9, 10, ignore, ignore, ignore, ignore],
+    ]
+
+
 def test_mlm_rates_80_10_10() -> None:
     ids = _ids()
     batch = MaskedLM(MASK, VOCAB, 0.15).corrupt(ids, torch.Generator().manual_seed(1))
@@ -57,6 +69,24 @@ def test_mlm_rates_80_10_10() -> None:
     assert abs(changed_random.sum().item() / n - 0.1) < 0.02
     # Unselected positions are never touched.
     assert torch.equal(batch.inputs[~selected], ids[~selected])
+
+
+@pytest.mark.parametrize(
+    ("mask_id", "special"),
+    [(257, {256, 257, 258, 259}), (1, {0, 1, 2, 3})],  # the byte tokenizer's; a BPE's
+)
+def test_mlm_random_replacements_never_draw_special_ids(mask_id: int, special: set[int]) -> None:
+    ids = _ids((256, 1024)) + (4 if mask_id == 1 else 0)  # real tokens only
+    objective = MaskedLM(mask_id, VOCAB, 0.15, special_ids=special)
+    batch = objective.corrupt(ids, torch.Generator().manual_seed(2))
+    selected = batch.targets != IGNORE_INDEX
+    replaced = selected & (batch.inputs != mask_id) & (batch.inputs != ids)
+    drawn = batch.inputs[replaced].tolist()
+    assert len(drawn) > 3500  # 10 % of the ~39,000 selected tokens, less chance repeats
+    counts = {token: drawn.count(token) for token in special}
+    assert counts == dict.fromkeys(special, 0)
+    # ... and the draw still covers the rest of the vocabulary.
+    assert len(set(drawn)) == VOCAB - len(special)
 
 
 def test_mlm_is_deterministic_given_the_generator() -> None:
@@ -86,13 +116,69 @@ def test_diffusion_mask_ratio_follows_t_per_sequence() -> None:
     assert t.std().item() > 0.1  # t varies across sequences
 
 
-def test_diffusion_eval_uses_the_fixed_grid() -> None:
+def test_diffusion_trains_on_t_from_epsilon_to_1_by_default() -> None:
+    ids = _ids((4096, 64))
+    batch = MaskedDiffusion(MASK).corrupt(ids, torch.Generator().manual_seed(4))
+    assert batch.weights is not None
+    has_mask = batch.weights.max(dim=1).values > 0
+    t = 1.0 / batch.weights.max(dim=1).values[has_mask]
+    assert ((t >= 1e-3) & (t <= 1.0)).all()
+    # U(0.001, 1]: a tenth of the sequences above 0.9 (generation starts from t = 1), and
+    # some near 0, where the 1/t weight is large.
+    assert abs((t > 0.9).float().mean().item() - 0.1) < 0.02
+    assert (t < 0.05).any() and t.max().item() > 0.99
+
+
+def test_diffusion_eval_uses_the_midpoint_nodes() -> None:
     ids = _ids((16, 1024))
-    objective = MaskedDiffusion(MASK, t_grid=[0.2, 0.8])
+    objective = MaskedDiffusion(MASK, eval_points=4)
     entries = objective.eval_corruptions(ids, torch.Generator().manual_seed(0))
-    assert len(entries) == 2
     rates = [(e.targets != IGNORE_INDEX).float().mean().item() for e in entries]
-    assert abs(rates[0] - 0.2) < 0.02 and abs(rates[1] - 0.8) < 0.02
+    expected = [0.125, 0.375, 0.625, 0.875]  # (k - 1/2) / 4
+    assert len(rates) == 4
+    assert all(abs(r - e) < 0.02 for r, e in zip(rates, expected, strict=True))
+
+
+def test_diffusion_validation_nelbo_is_the_integral_over_0_1() -> None:
+    """An oracle whose NELBO is known in closed form.
+
+    Every row is one token repeated twice. The oracle knows a row's token as soon as one copy is
+    visible (loss 0), and is uniform over V ids when both are masked (loss ln V each). At mask
+    ratio t the 1/t-weighted loss per token is then E[2 ln V 1{both masked}] / (2t) = t ln V,
+    whose integral over (0, 1] is ln(V) / 2 nats per token.
+    """
+    vocab, mask = 16, 15
+    rows = 200_000
+    ids = torch.randint(0, 15, (rows, 1), generator=torch.Generator().manual_seed(0))
+    ids = ids.expand(rows, 2).contiguous()
+
+    def oracle(inputs: torch.Tensor) -> torch.Tensor:
+        visible = inputs != mask
+        known = torch.where(visible, inputs, torch.zeros_like(inputs)).max(dim=1).values
+        logits = torch.zeros(rows, 2, vocab)
+        certain = F.one_hot(known, vocab).float()[:, None, :].expand(rows, 2, vocab) * 60.0
+        return torch.where(visible.any(dim=1)[:, None, None], certain, logits)
+
+    objective = MaskedDiffusion(mask)
+    entries = objective.eval_corruptions(ids, torch.Generator().manual_seed(1))
+    metrics = objective.eval_metrics([float(objective.loss(oracle(e.inputs), e)) for e in entries])
+    exact = math.log(vocab) / 2
+    assert math.isclose(metrics["val/nelbo"], exact, rel_tol=0.01), (metrics, exact)
+    assert metrics["val/loss"] == metrics["val/nelbo"]
+    assert math.isclose(metrics["val/ppl_bound"], math.exp(metrics["val/nelbo"]))
+    assert "val/perplexity" not in metrics
+
+
+def test_eval_metric_names_per_objective() -> None:
+    losses = [2.0, 3.0]
+    clm = CausalLM().eval_metrics(losses)
+    assert clm == {"val/loss": 2.5, "val/perplexity": pytest.approx(math.exp(2.5))}
+    assert MaskedLM(MASK, VOCAB).eval_metrics(losses) == {"val/loss": 2.5}
+    assert set(MaskedDiffusion(MASK).eval_metrics(losses)) == {
+        "val/loss",
+        "val/nelbo",
+        "val/ppl_bound",
+    }
 
 
 def test_diffusion_loss_is_weighted_by_inverse_t_and_normalised_by_tokens() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -83,10 +84,10 @@ def run(config: StackWiseConfig, callbacks: list[TrainingCallback] | None = None
 
 
 def held_out_loss(rack: nn.Module, config: StackWiseConfig, loader: Any) -> float:
-    """The objective on the first validation batches (diffusion: on its fixed t grid)."""
+    """The objective on the first validation batches (diffusion: at its fixed t nodes)."""
     t = config.training
     objective = build_objective(
-        t.objective, vocab_size=260, mask_token_id=257, t_grid=t.eval.diffusion_t_grid
+        t.objective, vocab_size=260, mask_token_id=257, eval_points=t.eval.diffusion_t_points
     )
     generator = torch.Generator().manual_seed(0)
     losses = []
@@ -363,3 +364,73 @@ def test_tuple_batches_carry_their_padding_mask() -> None:
     assert _unpack((ids,))[1] is None
     with pytest.raises(TrainingError, match="attention mask of 0/1"):
         _unpack((ids, ids + 5))  # e.g. labels: not a mask, so not silently used as one
+
+
+@pytest.mark.parametrize(
+    ("objective", "names"),
+    [
+        ("clm", {"loss", "perplexity"}),
+        ("mlm", {"loss"}),  # masked-token loss: no perplexity of any distribution
+        ("diffusion", {"loss", "nelbo", "ppl_bound"}),
+    ],
+)
+def test_validation_metrics_name_what_each_objective_estimates(
+    objective: str, names: set[str]
+) -> None:
+    recorder = Recorder()
+    config = tiny_config("rackwise", objective, steps=2, eval={"batches": 1})
+    _, results = run(config, [recorder])
+    val = [m for _, m in recorder.metrics if "val/loss" in m]
+    final = [m for _, m in recorder.metrics if "final/loss" in m]
+    assert val and len(final) == 1
+    assert set(val[-1]) - {"val/stage"} == {f"val/{name}" for name in names}
+    assert set(final[0]) - {"final/next_token_perplexity"} == {f"final/{n}" for n in names}
+    assert results.final_val_loss == final[0]["final/loss"]
+    if objective == "clm":
+        assert results.final_val_perplexity == pytest.approx(math.exp(results.final_val_loss))
+    else:
+        assert results.final_val_perplexity is None
+        assert results.stages[0].val_perplexity is None
+        assert "final_val_perplexity" not in results.summary_metrics()
+    if objective == "diffusion":
+        nelbo = final[0]["final/nelbo"]
+        assert nelbo == final[0]["final/loss"]
+        assert final[0]["final/ppl_bound"] == pytest.approx(math.exp(nelbo))
+
+
+def test_deterministic_algorithms_during_training_and_restored_after() -> None:
+    seen: list[bool] = []
+
+    class Probe(TrainingCallback):
+        def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    before = torch.are_deterministic_algorithms_enabled()
+    run(tiny_config("rackwise", "clm", steps=2, deterministic=True), [Probe()])
+    assert seen and all(seen)
+    assert torch.are_deterministic_algorithms_enabled() == before
+    seen.clear()
+    run(tiny_config("rackwise", "clm", steps=2), [Probe()])
+    assert seen and not any(seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is switched on only on CUDA")
+def test_tf32_flags_are_restored_after_cuda_training() -> None:
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(TrainingCallback):
+        def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        run(tiny_config("rackwise", "clm", steps=2, device="cuda"), [Probe()])
+        assert seen and all(flags == (True, True) for flags in seen)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (
+            False,
+            False,
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

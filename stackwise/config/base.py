@@ -288,19 +288,16 @@ class EvalConfig(BaseConfig):
         None, gt=0, description="Evaluate every N global steps (always at each stage end)."
     )
     batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
-    diffusion_t_grid: list[float] = Field(
-        [0.15, 0.3, 0.5, 0.7, 0.9],
-        min_length=1,
-        description="Fixed mask ratios at which the diffusion objective is evaluated.",
+    diffusion_t_points: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Nodes K of the midpoint rule with which the diffusion objective's validation "
+        "NELBO (the integral over t in (0, 1] of the expected 1/t-weighted masked-token loss per "
+        "token) is computed: mask ratios t_k = (k - 1/2)/K, k = 1..K, one fixed-seed mask draw "
+        "per validation batch and node. Reported as val/nelbo (nats per token) and "
+        "val/ppl_bound = exp(nelbo).",
     )
-
-    @field_validator("diffusion_t_grid")
-    @classmethod
-    def _t_in_unit_interval(cls, grid: list[float]) -> list[float]:
-        for t in grid:
-            if not 0.0 < t < 1.0:
-                raise ValueError(f"each t must be inside (0, 1), got {t}")
-        return grid
 
 
 class CheckpointConfig(BaseConfig):
@@ -374,10 +371,18 @@ class TrainingConfig(BaseConfig):
         0.15, gt=0.0, lt=1.0, description="Fraction of tokens selected by the mlm objective."
     )
     mask_ratio_min: float = Field(
-        0.15, gt=0.0, lt=1.0, description="Lower end of the diffusion mask ratio t ~ U[min, max]."
+        1e-3,
+        gt=0.0,
+        lt=1.0,
+        description="Lower end of the diffusion mask ratio t ~ U[min, max] during training: the "
+        "epsilon of MDLM/LLaDA's t ~ U(eps, 1], keeping the 1/t loss weight finite.",
     )
     mask_ratio_max: float = Field(
-        0.9, gt=0.0, lt=1.0, description="Upper end of the diffusion mask ratio t ~ U[min, max]."
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Upper end of the diffusion mask ratio t ~ U[min, max] during training; 1.0 "
+        "(the default) lets the model see fully masked sequences, where generation starts.",
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -395,6 +400,15 @@ class TrainingConfig(BaseConfig):
         True, description="Move frozen pieces off the accelerator once their output is cached."
     )
     compile: bool = Field(False, description="Wrap the trainable piece in torch.compile.")
+    deterministic: bool = Field(
+        False,
+        description="Train with torch.use_deterministic_algorithms(True), restored afterwards: "
+        "what makes CUDA runs bitwise repeatable (slower; an operation without a deterministic "
+        "kernel raises an error). On CUDA set the environment variable "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) before the process starts, as cuBLAS "
+        "requires; the run stops with an error otherwise. CPU training is deterministic "
+        "without it.",
+    )
     device: str = Field("auto", description="`auto` (cuda, then mps, then cpu), or a torch device.")
     seed: int = Field(0, ge=0, description="Seed of initialisation, data order and masking.")
     log_every_steps: int = Field(10, ge=1, description="Metric logging cadence in steps.")
@@ -454,7 +468,10 @@ class DataConfig(BaseConfig):
         0.05, gt=0.0, lt=0.5, description="Held-out fraction for validation (deterministic)."
     )
     max_tokens: int | None = Field(
-        None, gt=0, description="Use at most this many corpus tokens (null: all)."
+        None,
+        gt=0,
+        description="Use at most this many corpus tokens (null: all). With bpe it counts UTF-8 "
+        "bytes, applied before the tokenizer is trained on what is kept.",
     )
 
     @model_validator(mode="after")
@@ -508,6 +525,22 @@ class StackWiseConfig(BaseConfig):
                         f"(a bidirectional block would see the token it predicts); use "
                         f"attention_mode: causal or objective mlm/diffusion"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _no_frozen_last_stack_depthwise(self) -> StackWiseConfig:
+        mode = self.training.training_architecture
+        if mode not in ("stackwise", "blockwise", "layerwise"):
+            return self
+        stacks = self.model.resolved_stacks()
+        if stacks[-1].freeze_blocks and not all(s.freeze_blocks for s in stacks):
+            index = len(stacks) - 1
+            raise ValueError(
+                f"model.stacks.{index}.freeze_blocks: the last stack cannot be declared frozen "
+                f"in depth-wise training (stackwise, blockwise/layerwise): its random blocks "
+                f"would sit between the last trained piece and the readout, which is trained "
+                f"without them; freeze an earlier stack or train rackwise"
+            )
         return self
 
     @classmethod

@@ -6,13 +6,14 @@ perplexity, executed FLOPs, tokens seen and distinct tokens, tokens/s, peak memo
 parameters — plus status, start time and config hash. Which runs it shows:
 
 1. An experiment *file* is resolved as `stackwise run` would resolve it now (``--set`` and
-   ``--only`` included), giving each grid point's config hash. Per grid point the frame holds
-   the latest FINISHED run with that hash, else its latest attempt (a failed or running one).
+   ``--only`` included), giving each grid point's run identity (the ``config_hash`` tag: its
+   settings, its data's content, its device type). Per grid point the frame holds the latest
+   FINISHED run with that identity, else its latest attempt (a failed or running one).
 2. An experiment *name* has no current settings: per grid point (run name) its latest
    FINISHED run, else its latest attempt.
 3. Runs not shown (older settings, earlier attempts) and grid points without a run are never
    dropped silently: a note says how many and how to see them. ``all_runs`` shows every run,
-   with a ``current`` column (the run view 1./2. shows) and one column per param that differs
+   with a ``current`` column (yes: the run view 1./2. shows) and one column per param that differs
    between runs of one grid point.
 4. A pivot cell holding several runs is an error naming what differs inside it, unless an
    aggregation (mean, min, max, last) is asked for.
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
     from rich.console import Console
+
+    from stackwise.config.experiment import RunSpec
 
 FORMATS = ("table", "csv", "markdown", "json", "parquet")
 AGGREGATIONS = ("mean", "min", "max", "last")
@@ -91,12 +94,11 @@ class CompareError(ValueError):
 @dataclass
 class ExperimentRef:
     """An experiment to compare: its MLflow name, the store it lives in and, when it was named
-    by a file, the config hashes of the file's grid points as resolved now (grid order)."""
+    by a file, the file's grid points as resolved now (grid order)."""
 
     name: str
     tracking_uri: str
-    current: list[str] | None = None
-    files: list[str] = field(default_factory=list)
+    specs: list[RunSpec] | None = None
 
 
 def resolve_experiments(
@@ -105,12 +107,13 @@ def resolve_experiments(
     overrides: Sequence[str] = (),
     only: Sequence[str] = (),
 ) -> list[ExperimentRef]:
-    """Experiment files or names -> MLflow experiment names, stores and current config hashes.
+    """Experiment files or names -> MLflow experiment names, stores and current grid points.
 
     An item that is an existing file (or ends in .yaml/.yml) is loaded and expanded exactly as
-    `stackwise run` would (with `overrides` and `only`): each grid point's experiment
-    (``tracking.experiment_name`` or the file's ``name``), store (``tracking.uri``) and config
-    hash. Anything else is an MLflow experiment name. Raises `ConfigError` for a bad file.
+    `stackwise run` would (with `overrides` and `only`): each grid point goes with its
+    experiment (``tracking.experiment_name`` or the file's ``name``) and store
+    (``tracking.uri``). Anything else is an MLflow experiment name. Raises `ConfigError` for a
+    bad file.
     """
     from stackwise.config.experiment import expand_grid, load_experiment
 
@@ -124,22 +127,50 @@ def resolve_experiments(
         experiment = load_experiment(item)
         specs = expand_grid(experiment, overrides, only, strict_only=len(files) == 1)
         if not specs:
-            # The file's experiment is still named, so that --all and notes can speak of it.
+            # The file's experiment is still named: notes and --all can speak of it.
             key = (experiment.config.name, resolve_tracking_uri(tracking_uri))
-            refs.setdefault(key, ExperimentRef(*key, current=[])).files.append(item)
+            refs.setdefault(key, ExperimentRef(*key, specs=[]))
         for spec in specs:
             name = spec.config.tracking.experiment_name or spec.experiment_name
             key = (name, resolve_tracking_uri(tracking_uri, spec.config.tracking.uri))
-            ref = refs.setdefault(key, ExperimentRef(*key, current=[]))
-            if ref.current is None:  # named directly too: the file's settings decide
-                ref.current = []
-            if spec.config_hash not in ref.current:
-                ref.current.append(spec.config_hash)
-            if item not in ref.files:
-                ref.files.append(item)
-    if only and files and not any(ref.current for ref in refs.values()):
+            ref = refs.setdefault(key, ExperimentRef(*key, specs=[]))
+            if ref.specs is None:  # named directly too: the file's settings decide
+                ref.specs = []
+            ref.specs.append(spec)
+    if only and files and not any(ref.specs for ref in refs.values()):
         raise CompareError(f"--only {' --only '.join(only)}: no run of the given files matches")
     return list(refs.values())
+
+
+def current_identity(spec: RunSpec) -> str:
+    """The identity (``config_hash`` tag) `stackwise run` gives this grid point on this machine
+    now, composed as `stackwise.runner.point_of` composes it: the config with `data.paths`
+    resolved against the file's folder, the content of the data, and the device type.
+
+    Raises `CompareError` when the data files are gone (the identity needs their content).
+    Nothing is written: data files are hashed without the runner's fingerprint cache.
+    """
+    from stackwise.identity import data_fingerprint, resolve_data_paths, run_identity
+
+    config = resolve_data_paths(spec.config, Path(spec.file).resolve().parent)
+    try:
+        fingerprint = data_fingerprint(config.data)
+    except OSError as error:
+        raise CompareError(
+            f"{spec.file}: {spec.name}: cannot tell its current runs without its data ({error})"
+        ) from error
+    return run_identity(config, _device_type(config.training.device), fingerprint)
+
+
+def _device_type(name: str) -> str:
+    """The device type a `training.device` value trains on here (`auto` resolved)."""
+    import torch
+
+    if name != "auto":
+        return torch.device(name).type
+    from stackwise.training.device import resolve_device
+
+    return resolve_device(name).type
 
 
 def resolve_metric(metric: str | None) -> str:
@@ -207,7 +238,7 @@ def select_runs(
 ) -> list[Run]:
     """The runs the default view shows, in grid order (`runs` oldest first).
 
-    With `current` (config hashes of a file's grid points, grid order): per hash its latest
+    With `current` (run identities of a file's grid points, grid order): per hash its latest
     FINISHED run, else its latest attempt. Without: the same per grid point (run name). What is
     left out, and grid points that have no run yet, are reported in `notes` under `label`.
     """
@@ -273,7 +304,7 @@ def runs_frame(
 ) -> pl.DataFrame:
     """The comparison frame for experiments ``{id: name}`` (optionally only some run ids).
 
-    `current` maps an experiment id to the config hashes of its grid points as a file resolves
+    `current` maps an experiment id to the run identities of its grid points as a file resolves
     them now (see `select_runs`); `latest_only=False` keeps every run found, in start order;
     `all_runs` keeps every run too, grouped by grid point, with the ``current`` column and a
     column per param that differs between runs of one grid point.
@@ -321,7 +352,7 @@ def runs_frame(
         for key in differing:
             row[key] = params.get(key)
         if all_runs:
-            row["current"] = run.info.run_id in chosen_ids
+            row["current"] = "yes" if run.info.run_id in chosen_ids else "no"
         row["status"] = run.info.status
         for column, key in RESULT_COLUMNS.items():
             value = metrics.get(key)
@@ -341,7 +372,7 @@ def runs_frame(
     schema.update({column: pl.String for column in fixed})
     schema.update({key: pl.String for key in differing})
     if all_runs:
-        schema["current"] = pl.Boolean
+        schema["current"] = pl.String
     schema["status"] = pl.String
     schema.update({column: pl.Float64 for column in RESULT_COLUMNS})
     if extra_metric is not None:
@@ -410,7 +441,11 @@ def compare_runs(
                 missing.append(error)
                 continue
             ids[str(experiment.experiment_id)] = ref.name
-            current[str(experiment.experiment_id)] = ref.current
+            if ref.specs is not None:
+                identities = [current_identity(spec) for spec in ref.specs]
+                current[str(experiment.experiment_id)] = list(dict.fromkeys(identities))
+            else:
+                current[str(experiment.experiment_id)] = None
         if ids:
             frame = runs_frame(
                 client, ids, metric=metric, current=current, all_runs=all_runs, notes=notes
@@ -742,7 +777,7 @@ def load_curves(frame: pl.DataFrame, history: MetricHistory) -> list[RunCurve]:
         and c not in _NOT_STYLE
         and c not in RESULT_COLUMNS
         and frame.schema[c] == pl.String
-        and frame[c].n_unique() > 1
+        and frame[c].drop_nulls().n_unique() > 1  # blank where it does not apply (head)
     ]
     names = frame["run"].to_list() if "run" in frame.columns else []
     repeated = len(set(names)) < len(names)

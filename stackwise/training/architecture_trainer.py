@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
+from stackwise.data.tokenizer import special_ids_for
 from stackwise.training.cache import ActivationCache, storage_dtype
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
 from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
@@ -262,9 +264,10 @@ class _Run:
             vocab_size=vocab,
             mask_token_id=mask_id,
             mlm_probability=self.cfg.mlm_probability,
+            special_ids=special_ids_for(vocab, mask_id),
             t_min=self.cfg.mask_ratio_min,
             t_max=self.cfg.mask_ratio_max,
-            t_grid=list(self.cfg.eval.diffusion_t_grid),
+            eval_points=self.cfg.eval.diffusion_t_points,
         )
         if self.cfg.objective == "clm" and not bool(rack.is_causal):
             warnings.warn(
@@ -331,10 +334,31 @@ class _Run:
     # -- main --------------------------------------------------------------------------------
 
     def execute(self) -> TrainingResults:
+        # Process-wide switches this run changes, put back however it ends.
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        deterministic = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+        try:
+            if self.device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            if self.cfg.deterministic:
+                if self.device.type == "cuda" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+                    raise TrainingError(
+                        "training.deterministic on CUDA needs the environment variable "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) set before the process "
+                        "starts, as cuBLAS requires for repeatable results"
+                    )
+                torch.use_deterministic_algorithms(True)
+            return self._execute()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+    def _execute(self) -> TrainingResults:
         torch.manual_seed(self.cfg.seed)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         self.rack.to(self.device)
         if self.trainer.checkpoint_dir is not None and self.trainer.resume:
             self._restore()
@@ -595,7 +619,8 @@ class _Run:
 
     @torch.no_grad()
     def _evaluate(self, plan: StagePlan | None, forward: StageForward | None) -> dict[str, float]:
-        """Validation loss/perplexity of the model as trained so far (None plan: whole rack)."""
+        """Validation metrics of the model as trained so far (None plan: whole rack); which
+        ones, and what they estimate, is the objective's `eval_metrics`."""
         if not self.eval_entries:
             return {}
         modes = {id(m): m.training for m in self.rack.modules()}
@@ -618,8 +643,7 @@ class _Run:
             losses.append(float(self.objective.loss(logits, batch)))
         for module in self.rack.modules():
             module.train(modes[id(module)])
-        loss = sum(losses) / len(losses)
-        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+        return self.objective.eval_metrics(losses)
 
     @torch.no_grad()
     def _next_token_perplexity(self) -> float | None:

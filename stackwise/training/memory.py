@@ -11,8 +11,7 @@
    the cache without using more than end-to-end training of the same rack would: the rackwise
    stage's training memory, less the largest depth-wise stage's, less the pool's token ids.
    With ``cache.location: auto`` a cache larger than that spills to a memory-mapped file.
-4. The *disk budget* (`disk_budget_bytes`) bounds a spilled pool: ``cache.max_disk_gb``, by
-   default half the free disk where the cache would be written.
+4. A spilled pool is bounded by ``cache.max_disk_gb`` (`stackwise.training.disk_budget`).
 
 Racks are planned as skeletons (`skeleton`): built on the meta device, so the estimate of a
 rack costs no memory and never touches a rack being trained.
@@ -20,14 +19,13 @@ rack costs no memory and never touches a rack being trained.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
+from stackwise.training.disk_budget import ELEMENT_BYTES, caches_pool
 from stackwise.training.metrics import (
     TrainingMemory,
     estimate_activation_bytes,
@@ -42,7 +40,6 @@ from stackwise.training.plan import (
     trainable_parameters,
 )
 
-_ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # AdamW's state per trainable tensor: exp_avg and exp_avg_sq (the tensor's size each) and a
 # one-element float32 step count.
 _ADAM_STEP_BYTES = 4
@@ -98,7 +95,7 @@ def _weights_bytes(
         for block in list(getattr(rack, "blocks"))[: plan.start]:  # noqa: B009
             trunk.update(id(t) for t in [*block.parameters(), *block.buffers()])
     offloaded = plan.depthwise and training.offload_frozen and device.type != "cpu"
-    frozen_bytes = _ELEMENT_BYTES[training.frozen_precision]
+    frozen_bytes = ELEMENT_BYTES[training.frozen_precision]
     seen: set[int] = set()
     total = 0
     for tensor in [*rack.parameters(), *rack.buffers()]:
@@ -182,7 +179,7 @@ def pool_rows(config: StackWiseConfig, plans: Sequence[StagePlan]) -> int:
 def pool_cache_bytes(config: StackWiseConfig, rows: int) -> int:
     """Bytes of the activation cache of `rows` sequences (one trunk output per token)."""
     training = config.training
-    return rows * training.seq_len * config.model.d_model * _ELEMENT_BYTES[training.cache.dtype]
+    return rows * training.seq_len * config.model.d_model * ELEMENT_BYTES[training.cache.dtype]
 
 
 def pool_token_bytes(config: StackWiseConfig, rows: int) -> int:
@@ -225,39 +222,10 @@ def cache_memory_allowance(
     return max(0, rackwise.total_bytes - largest - pool_bytes)
 
 
-def cache_directory(config: StackWiseConfig) -> Path:
-    """Where a spilled cache of a `stackwise run` is written: ``cache.directory``, else beside
-    the checkpoints, which live under the working folder (``./mlruns``)."""
-    directory = config.training.cache.directory
-    return Path(directory).expanduser() if directory is not None else Path.cwd()
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
-def disk_budget_bytes(config: StackWiseConfig) -> tuple[int, str]:
-    """The disk a spilled pool may use, and how to name it in a message."""
-    limit = config.training.cache.max_disk_gb
-    if limit is not None:
-        return int(limit * 1e9), f"training.cache.max_disk_gb ({limit:g} GB)"
-    directory = cache_directory(config)
-    free = shutil.disk_usage(_existing_parent(directory)).free
-    return free // 2, f"half the free disk in {directory} ({free / 1e9:.3g} GB free)"
-
-
 def pool_plan(config: StackWiseConfig) -> tuple[int, int]:
     """(sequences in the sample pool, bytes of its activation cache) of a run, planned on a
     skeleton; (0, 0) when the run caches nothing."""
-    training = config.training
-    if (
-        training.training_architecture == "rackwise"
-        or training.depthwise.data != "pool"
-        or not training.cache.enabled
-    ):
+    if not caches_pool(config):
         return 0, 0
     plans = plan_stages(config, skeleton(config))
     if not cached_stages(config, plans):

@@ -1,4 +1,4 @@
-"""Training objectives: what a batch is corrupted into, and how its loss is computed.
+"""Training objectives: what a batch is corrupted into, how its loss is computed, what is reported.
 
 An objective turns token ids ``[B, T]`` into a `Corruption` — the model inputs, the targets
 (``-100`` = no loss) and per-position loss weights — and computes a loss from logits and that
@@ -6,25 +6,35 @@ corruption. Corruption is split from the loss so that it can be drawn *once per 
 stored: the depth-wise trainer draws it when it builds its sample pool, runs the frozen trunk on
 the corrupted inputs once (the activation cache), and reuses both for every step that visits the
 sample. Random draws come from an explicit `torch.Generator`, never from the global RNG, so the
-cached and the uncached paths see exactly the same masks.
+cached and the uncached paths see exactly the same masks. `eval_metrics` turns the losses of the
+validation entries into the metrics each objective reports.
 
-- ``clm``: next-token prediction; targets are the inputs shifted left, the last position has
-  none. Mean cross-entropy over predicted positions.
-- ``mlm``: BERT masking; each token is selected with probability ``mlm_probability`` (0.15);
-  a selected token becomes [MASK] with probability 0.8, a uniformly random token with 0.1, and
-  stays unchanged with 0.1. Mean cross-entropy over selected positions.
-- ``diffusion``: masked-diffusion LM (MDLM / LLaDA): per sequence a mask ratio
-  ``t ~ U[mask_ratio_min, mask_ratio_max]``; each token is replaced by [MASK] with probability t;
-  the loss is ``sum over masked positions of CE / t``, divided by the number of tokens in the batch
-  (an unbiased estimate of the ELBO-style objective per token). Evaluation uses a fixed grid of t
-  values (``training.eval.diffusion_t_grid``) instead of random ones.
+- ``clm``: next-token prediction; position i predicts token i+1 when both are real tokens
+  (padding never predicts and is never predicted; the last position has no target). Mean
+  cross-entropy over predicted positions. Reports ``val/loss`` and ``val/perplexity``.
+- ``mlm``: BERT masking; each real token is selected with probability ``mlm_probability``
+  (0.15); a selected token becomes [MASK] with probability 0.8, a uniformly random *non-special*
+  token with 0.1, and stays unchanged with 0.1. Mean cross-entropy over selected positions,
+  reported as ``val/loss`` (masked-token loss; not a perplexity of any distribution).
+- ``diffusion``: masked-diffusion LM (MDLM / LLaDA) with the linear schedule: per sequence a
+  mask ratio ``t ~ U[mask_ratio_min, mask_ratio_max]`` (default ``U[1e-3, 1]``, i.e. t ~ U(ε, 1]);
+  each real token is replaced by [MASK] with probability t; the loss is
+  ``sum over masked positions of CE / t``, divided by the number of real tokens in the batch —
+  an unbiased estimate of the negative ELBO per token,
+  ``NELBO = E_t[(1/t) sum_masked CE] / L = integral over (0, 1] of the expected masked-token CE
+  at ratio t``. Validation computes that integral with the midpoint rule over
+  ``training.eval.diffusion_t_points`` = K equal cells, ``t_k = (k - 1/2) / K``, one mask draw
+  per batch and node from a fixed-seed generator; it reports ``val/nelbo`` (nats per token,
+  also ``val/loss``) and ``val/ppl_bound = exp(nelbo)``, an upper bound on the perplexity.
 
 Padding (``attention_mask == 0``) is never selected and never a target.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +90,24 @@ class Objective(ABC):
         """The corruptions a validation batch is scored under (averaged into one loss)."""
         return [self.corrupt(input_ids, generator, attention_mask)]
 
+    def eval_metrics(self, losses: Sequence[float]) -> dict[str, float]:
+        """The validation metrics from the losses of the `eval_corruptions` entries.
+
+        Every objective reports ``val/loss``, the mean over the entries; the others add what that
+        mean is an estimate of (see the module docstring).
+        """
+        return {"val/loss": _mean(losses)}
+
+
+def _mean(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("no validation losses to average")
+    return sum(values) / len(values)
+
+
+def _exp(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # beyond e^50 the value says nothing more
+
 
 def _valid(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     if attention_mask is None:
@@ -102,19 +130,41 @@ class CausalLM(Objective):
         targets[:, :-1] = input_ids[:, 1:]
         if attention_mask is not None:
             valid = _valid(input_ids, attention_mask)
-            targets[:, :-1].masked_fill_(~valid[:, 1:], IGNORE_INDEX)
+            # A pair (i, i+1) is trained only when both are tokens: with left padding the last
+            # pad must not predict the first token, with right padding no token predicts a pad.
+            pair = valid[:, :-1] & valid[:, 1:]
+            targets[:, :-1].masked_fill_(~pair, IGNORE_INDEX)
         return Corruption(input_ids, targets, None, attention_mask)
+
+    def eval_metrics(self, losses: Sequence[float]) -> dict[str, float]:
+        loss = _mean(losses)
+        return {"val/loss": loss, "val/perplexity": _exp(loss)}
 
 
 class MaskedLM(Objective):
-    """BERT-style masked LM: 15% selected; of those 80% [MASK], 10% random, 10% unchanged."""
+    """BERT-style masked LM: 15% selected; of those 80% [MASK], 10% random, 10% unchanged.
+
+    Random replacements are drawn uniformly from the ids that are not special tokens
+    (`special_ids`, which always include `mask_token_id`).
+    """
 
     name = "mlm"
 
-    def __init__(self, mask_token_id: int, vocab_size: int, probability: float = 0.15) -> None:
+    def __init__(
+        self,
+        mask_token_id: int,
+        vocab_size: int,
+        probability: float = 0.15,
+        special_ids: Iterable[int] = (),
+    ) -> None:
         self.mask_token_id = mask_token_id
         self.vocab_size = vocab_size
         self.probability = probability
+        excluded = {int(i) for i in special_ids} | {mask_token_id}
+        allowed = [i for i in range(vocab_size) if i not in excluded]
+        if not allowed:
+            raise ValueError("mlm: every id of the vocabulary is a special token")
+        self.replacement_ids = torch.tensor(allowed, dtype=torch.long)
 
     def corrupt(
         self,
@@ -126,7 +176,8 @@ class MaskedLM(Objective):
         # Drawn on the CPU from the explicit generator so results do not depend on the device.
         selected = torch.rand(shape, generator=generator) < self.probability
         action = torch.rand(shape, generator=generator)
-        random_tokens = torch.randint(0, self.vocab_size, shape, generator=generator)
+        choice = torch.randint(0, len(self.replacement_ids), shape, generator=generator)
+        random_tokens = self.replacement_ids[choice]
         selected = selected.to(device) & _valid(input_ids, attention_mask)
         action, random_tokens = action.to(device), random_tokens.to(device)
         inputs = input_ids.clone()
@@ -138,21 +189,34 @@ class MaskedLM(Objective):
 
 
 class MaskedDiffusion(Objective):
-    """Masked-diffusion LM with per-sequence mask ratio t and 1/t-weighted loss."""
+    """Masked-diffusion LM with per-sequence mask ratio t and 1/t-weighted loss.
+
+    Training draws ``t ~ U[t_min, t_max]``; validation integrates over (0, 1] with the midpoint
+    rule on `eval_points` equal cells (`eval_t`).
+    """
 
     name = "diffusion"
 
     def __init__(
         self,
         mask_token_id: int,
-        t_min: float = 0.15,
-        t_max: float = 0.9,
-        t_grid: list[float] | None = None,
+        t_min: float = 1e-3,
+        t_max: float = 1.0,
+        eval_points: int = 8,
     ) -> None:
+        if not 0.0 < t_min < t_max <= 1.0:
+            raise ValueError(f"diffusion: need 0 < t_min < t_max <= 1, got {t_min}, {t_max}")
+        if eval_points < 1:
+            raise ValueError(f"diffusion: eval_points must be at least 1, got {eval_points}")
         self.mask_token_id = mask_token_id
         self.t_min = t_min
         self.t_max = t_max
-        self.t_grid = list(t_grid) if t_grid else [0.15, 0.3, 0.5, 0.7, 0.9]
+        self.eval_points = eval_points
+
+    @property
+    def eval_t(self) -> list[float]:
+        """Midpoint-rule nodes ``(k - 1/2) / K`` of the NELBO integral over (0, 1]."""
+        return [(k + 0.5) / self.eval_points for k in range(self.eval_points)]
 
     def corrupt_at(
         self,
@@ -204,8 +268,13 @@ class MaskedDiffusion(Objective):
         batch = input_ids.shape[0]
         return [
             self.corrupt_at(input_ids, torch.full((batch,), t), generator, attention_mask)
-            for t in self.t_grid
+            for t in self.eval_t
         ]
+
+    def eval_metrics(self, losses: Sequence[float]) -> dict[str, float]:
+        # Each batch is scored once at every node, so the plain mean is the midpoint rule.
+        nelbo = _mean(losses)
+        return {"val/loss": nelbo, "val/nelbo": nelbo, "val/ppl_bound": _exp(nelbo)}
 
 
 def build_objective(
@@ -214,15 +283,19 @@ def build_objective(
     vocab_size: int,
     mask_token_id: int,
     mlm_probability: float = 0.15,
-    t_min: float = 0.15,
-    t_max: float = 0.9,
-    t_grid: list[float] | None = None,
+    special_ids: Iterable[int] = (),
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
+    eval_points: int = 8,
 ) -> Objective:
-    """The objective called `name` (`clm`, `mlm` or `diffusion`)."""
+    """The objective called `name` (`clm`, `mlm` or `diffusion`).
+
+    `special_ids` are the tokenizer's special tokens, never drawn as mlm random replacements.
+    """
     if name == "clm":
         return CausalLM()
     if name == "mlm":
-        return MaskedLM(mask_token_id, vocab_size, mlm_probability)
+        return MaskedLM(mask_token_id, vocab_size, mlm_probability, special_ids)
     if name == "diffusion":
-        return MaskedDiffusion(mask_token_id, t_min, t_max, t_grid)
+        return MaskedDiffusion(mask_token_id, t_min, t_max, eval_points)
     raise ValueError(f"training.objective: unknown objective {name!r} (clm, mlm, diffusion)")

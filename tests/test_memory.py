@@ -1,0 +1,242 @@
+"""Memory as users see it: training memory planned = measured, a cache that never makes a
+depth-wise run need more than end-to-end training, and pools bounded by the disk budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.config.experiment import expand_grid, load_experiment
+from stackwise.model.architecture import create_rack_from_config
+from stackwise.training.metrics import SavedActivations, measure_training_memory
+from stackwise.training.objectives import build_objective
+from stackwise.training.optim import build_optimizer
+from stackwise.training.plan import (
+    StagePlan,
+    eligible_parameters,
+    estimate_run,
+    plan_stages,
+    prepare_rack,
+    trainable_parameters,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# counting saved activations
+# --------------------------------------------------------------------------------------------
+
+
+def test_saved_activations_count_each_saved_storage_once_without_weights() -> None:
+    x = torch.randn(8, 16)
+    first = nn.Parameter(torch.randn(16, 32))
+    second = nn.Parameter(torch.randn(16, 32))
+    with SavedActivations([first, second]) as saved:
+        # mm saves x (for the weight's gradient) and the weight (excluded: it is a weight);
+        # x is saved twice but is one storage; relu saves its output.
+        hidden = torch.relu(x @ first) + x @ second
+        hidden.sum()
+    by_hand = x.numel() * 4 + 8 * 32 * 4  # x once, the relu output
+    assert saved.bytes == by_hand
+    with SavedActivations([first, second]) as frozen, torch.no_grad():
+        torch.relu(x @ first)
+    assert frozen.bytes == 0  # nothing is saved without autograd
+
+
+# --------------------------------------------------------------------------------------------
+# plan == measurement
+# --------------------------------------------------------------------------------------------
+
+
+def measured_stage_memory(config: StackWiseConfig, plan_index: int) -> int:
+    """Training memory of one stage, measured on real tensors after one optimizer step taken
+    as the trainer takes it (trainable set, modes, frozen trunk without gradients)."""
+    torch.manual_seed(0)
+    rack = create_rack_from_config(config)
+    prepare_rack(config, rack)
+    plan: StagePlan = plan_stages(config, rack)[plan_index]
+    training = config.training
+    eligible = eligible_parameters(rack)
+    if plan.depthwise:
+        params = trainable_parameters(rack, plan.start, plan.end, plan.trains_embedding, eligible)
+    else:
+        params = [p for p in {id(q): q for q in rack.parameters()}.values() if id(p) in eligible]
+    rack.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    rack.train()
+    vocab = int(rack.vocab_size)
+    objective = build_objective(training.objective, vocab_size=vocab, mask_token_id=vocab - 1)
+    ids = torch.randint(0, vocab - 4, (training.batch_size, training.seq_len))
+    batch = objective.corrupt(ids, torch.Generator().manual_seed(1))
+    hidden = None
+    if plan.depthwise and not plan.trains_embedding:
+        with torch.no_grad():
+            hidden = rack.forward_blocks(rack.embed(batch.inputs), 0, plan.start)
+    optimizer = build_optimizer(params, training.optimizer, plan.lr, torch.device("cpu"))
+    with SavedActivations(rack.parameters()) as saved:
+        h = rack.embed(batch.inputs) if hidden is None else hidden
+        loss = objective.loss(rack.readout(rack.forward_blocks(h, plan.start, plan.end)), batch)
+    loss.backward()
+    optimizer.step()
+    memory = measure_training_memory(rack, params, optimizer, saved.bytes, torch.device("cpu"))
+    # The parts, checked against counts by hand: every parameter once in fp32, one gradient
+    # and two AdamW moments per trainable parameter.
+    unique = {id(p): p for p in rack.parameters()}.values()
+    assert memory.weights_bytes >= 4 * sum(p.numel() for p in unique)
+    trained = sum(p.numel() for p in params)
+    assert memory.gradients_bytes == 4 * trained
+    assert 8 * trained <= memory.optimizer_bytes <= 8 * trained + 64 * len(params)
+    return memory.total_bytes
+
+
+@pytest.mark.parametrize(
+    ("file", "only"),
+    [("quickstart.yaml", None), ("size_vs_mode.yaml", "small"), ("objectives.yaml", None)],
+)
+def test_planned_training_memory_is_the_measured_one(file: str, only: str | None) -> None:
+    experiment = load_experiment(ROOT / "experiments" / file)
+    specs = expand_grid(experiment, only=[f"size={only}"] if only else [])
+    checked = 0
+    for spec in specs:
+        config = spec.config.model_copy(deep=True)
+        config.model.vocab_size = config.model.vocab_size or 260
+        config.training.device = "cpu"
+        estimate = estimate_run(config)
+        # One stage of each kind: the first (embedding), a later depth-wise one.
+        for index in sorted({0, len(estimate.stages) - 1}):
+            planned = estimate.stages[index].training_memory_bytes
+            measured = measured_stage_memory(config, index)
+            assert abs(planned - measured) <= 0.25 * measured, (spec.name, index)
+            checked += 1
+    assert checked >= 3
+
+
+# --------------------------------------------------------------------------------------------
+# the cache never makes a depth-wise run need more than rackwise
+# --------------------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    from stackwise.config.base import StackWiseConfig
+    from stackwise.model.architecture import create_rack_from_config
+    from stackwise.training.architecture_trainer import ArchitectureTrainer
+    from stackwise.training.callbacks import TrainingCallback
+
+    mode, location, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    config = StackWiseConfig.from_dict({
+        "model": {"d_model": 64, "n_heads": 4, "vocab_size": 260, "attention_mode": "causal",
+                  "architecture": {"n_stacks": 1, "blocks_per_stack": 4}},
+        "training": {"training_architecture": mode, "objective": "clm", "batch_size": 16,
+                     "seq_len": 128, "budget": {"steps": steps}, "log_every_steps": 25,
+                     "cache": {"location": location}, "device": "cpu"}})
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (16, 128), generator=generator) for _ in range(150)]
+
+    class Losses(TrainingCallback):
+        values = []
+        def on_metrics(self, metrics, step):
+            if "train/loss" in metrics:
+                self.values.append(metrics["train/loss"])
+
+    rack = create_rack_from_config(config)
+    results = ArchitectureTrainer(config, [Losses()]).train_architecture(rack, batches)
+    print(json.dumps({"peak": results.peak_memory_bytes, "losses": Losses.values,
+                      "on_disk": [s.extra.get("cache_on_disk", 0.0) for s in results.stages]}))
+    """
+)
+
+
+def run_child(mode: str, location: str, steps: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, location, str(steps)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_auto_cache_keeps_depthwise_peak_at_or_below_rackwise() -> None:
+    """A pool of 150 micro-batches (its cache ~79 MB) is far beyond what rackwise training of
+    the same 4-block rack needs over one block: `auto` spills it, and the blockwise run's peak
+    stays at or below the rackwise run's, with the losses of an in-memory cache."""
+    rackwise = run_child("rackwise", "auto", 3)  # peak memory does not depend on steps
+    spilled = run_child("blockwise", "auto", 4 * 150)
+    in_memory = run_child("blockwise", "cpu", 4 * 150)
+    assert spilled["on_disk"][1:] == [1.0, 1.0, 1.0]
+    assert spilled["peak"] <= rackwise["peak"]
+    assert in_memory["peak"] > rackwise["peak"]  # what spilling saves here
+    assert spilled["losses"] == in_memory["losses"]
+
+
+# --------------------------------------------------------------------------------------------
+# bounded pools
+# --------------------------------------------------------------------------------------------
+
+POOL_FILE = """\
+name: pool_budget
+model:
+  d_model: 64
+  n_heads: 4
+  architecture: {{n_stacks: 2, blocks_per_stack: 1}}
+training:
+  training_architecture: layerwise
+  seq_len: 64
+  batch_size: 8
+  budget: {{steps: 100}}
+  cache: {{dtype: {dtype}, max_disk_gb: {budget}}}
+data:
+  source: builtin
+"""
+
+
+def stackwise_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "COLUMNS": "300"}
+    command = [sys.executable, "-m", "stackwise", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_pool_over_the_disk_budget_is_rejected_at_validation(tmp_path: Path) -> None:
+    # 2 stages of 50 steps x 8 sequences: a pool of 400 x 64 tokens x 64 values.
+    pool_bytes = 400 * 64 * 64 * 4
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    too_small = experiments / "too_small.yaml"
+    too_small.write_text(POOL_FILE.format(dtype="fp32", budget=pool_bytes / 1e9 * 0.9))
+    for command in ("validate", "run"):
+        result = stackwise_cli(command, too_small, cwd=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        message = " ".join(result.stderr.split())
+        assert "training.cache.max_disk_gb" in message
+        assert f"needs {pool_bytes / 1e9:.3g} GB" in message
+        assert "seq_len 64" in message and "d_model 64" in message
+        assert "cache.dtype: bf16" in message and "depthwise.data: fresh" in message
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments"]  # nothing written
+    # The same pool fits a budget just above it, and in bf16 half of it.
+    fits = experiments / "fits.yaml"
+    fits.write_text(POOL_FILE.format(dtype="fp32", budget=pool_bytes / 1e9 * 1.1))
+    assert stackwise_cli("validate", fits, cwd=tmp_path).returncode == 0
+    half = experiments / "half.yaml"
+    half.write_text(POOL_FILE.format(dtype="bf16", budget=pool_bytes / 1e9 * 0.6))
+    assert stackwise_cli("validate", half, cwd=tmp_path).returncode == 0

@@ -13,6 +13,7 @@ split and packing happen on documents (see `stackwise.data.packing`).
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 from stackwise.config.base import DataConfig
@@ -77,6 +78,25 @@ def _column_values(frame: object, column: str, path: Path) -> list[str]:
     return [v for v in values if v]
 
 
+def _jsonl_problem(path: Path) -> str | None:
+    """`data.paths: file:line: ...` for the first line of a JSONL file that is not a JSON object
+    (polars only says "Syntax at character 9")."""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                return (
+                    f"data.paths: {path}:{number}: not valid JSON ({error.msg} at column "
+                    f"{error.colno}); each line of a JSONL file must be one JSON object"
+                )
+            if not isinstance(value, dict):
+                return f"data.paths: {path}:{number}: each line of a JSONL file must be an object"
+    return None
+
+
 def read_documents(path: Path, fmt: str, text_column: str = "text") -> list[str]:
     """The documents of one file."""
     if fmt == "text":
@@ -85,7 +105,11 @@ def read_documents(path: Path, fmt: str, text_column: str = "text") -> list[str]
     import polars as pl
 
     if fmt == "jsonl":
-        return _column_values(pl.read_ndjson(path), text_column, path)
+        try:
+            frame = pl.read_ndjson(path)
+        except pl.exceptions.PolarsError as error:
+            raise ValueError(_jsonl_problem(path) or f"data.paths: {path}: {error}") from None
+        return _column_values(frame, text_column, path)
     if fmt == "parquet":
         return _column_values(pl.read_parquet(path), text_column, path)
     raise ValueError(f"data.format: unknown format {fmt!r}")

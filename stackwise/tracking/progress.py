@@ -22,6 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
 
@@ -92,7 +93,9 @@ class GridProgress:
         self.run_task: TaskID | None = None
         if not quiet:
             self.progress = Progress(
-                TextColumn("{task.description}"),
+                # Fold, never cut, the run's name when the line is narrow (`size=small,mode=l…`
+                # would hide which run this is).
+                TextColumn("{task.description}", table_column=Column(overflow="fold", ratio=1)),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),

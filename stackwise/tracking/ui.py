@@ -9,16 +9,25 @@ the server is always started with the store and artifact root spelled out::
 
 It binds to 127.0.0.1 unless told otherwise (MLflow's own host-header checks stay on). A remote
 tracking server needs no local UI: its URL is printed instead.
+
+Before starting, the host and port are checked (`bind_problem`): a port outside 0-65535, a
+host name that does not resolve, an address that is not this machine's and a port in use each
+get their own message. ``--port 0`` picks a free port. The URL is printed once the server
+answers on it (`wait_until_serving`), not when the process starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from rich.console import Console
@@ -60,18 +69,77 @@ def ui_command(tracking_uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_
     return command
 
 
+# How long the server may take to answer before `stackwise ui` gives up on it.
+STARTUP_TIMEOUT = 120.0
+
+
 def ui_url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in shown:  # an IPv6 address goes in brackets
+        shown = f"[{shown}]"
     return f"http://{shown}:{port}"
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+def _address(host: str, port: int) -> tuple[int, tuple[object, ...]]:
+    """Socket family and address to bind `host:port` (raises socket.gaierror if unknown)."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return family, address
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why the UI cannot listen on `host:port`, as a one-line message (None when it can)."""
+    if not 0 <= port <= 65535:
+        return f"--port: must be from 0 to 65535 (0 picks a free port), got {port}"
+    try:
+        family, address = _address(host, port)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        return f"--host: cannot resolve {host!r} ({reason}); give a name or address of this machine"
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
-            probe.bind((host, port))
-        except OSError:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return f"--port: port {port} on {host} is in use; choose another with --port"
+            if error.errno == errno.EADDRNOTAVAIL:
+                return f"--host: {host} is not an address of this machine"
+            if error.errno == errno.EACCES:
+                return f"--port: no permission to listen on port {port}; use a port above 1023"
+            return f"--host: cannot listen on {host} port {port}: {error.strerror or error}"
+    return None
+
+
+def port_is_free(host: str, port: int) -> bool:
+    return bind_problem(host, port) is None
+
+
+def free_port(host: str) -> int:
+    """A port that is free on `host` now (what ``--port 0`` means)."""
+    family, address = _address(host, 0)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind(address)
+        return int(probe.getsockname()[1])
+
+
+def wait_until_serving(
+    process: subprocess.Popen[bytes], url: str, timeout: float = STARTUP_TIMEOUT
+) -> bool:
+    """Poll `url`/health until the server answers (True), or its process ends or `timeout`
+    passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
             return False
-    return True
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True  # something answers over HTTP on the port: the server is up
+        except OSError:
+            time.sleep(0.25)
+    return False
 
 
 def launch_ui(
@@ -88,14 +156,17 @@ def launch_ui(
             f"(or run `mlflow ui` where the store lives)."
         )
         return 0
-    if not port_is_free(host, port):
-        console.print(f"[red]port {port} on {host} is in use; choose another with --port[/]")
+    problem = bind_problem(host, port)
+    if problem is not None:
+        console.print(f"[red]{problem}[/]")
         return 2
+    if port == 0:
+        port = free_port(host)
     # Create the store (and its tables) now, so the server and a concurrent run never race to.
     prepare_store(tracking_uri)
     open_client(tracking_uri)
-    console.print(f"MLflow UI for {tracking_uri}")
-    console.print(f"  [bold]{ui_url(host, port)}[/]   (Ctrl-C to stop)")
+    url = ui_url(host, port)
+    console.print(f"MLflow UI for {tracking_uri}: starting on port {port} …")
     # Its own process group: MLflow starts worker processes, and stopping the UI must stop all
     # of them, whether we get Ctrl-C or a SIGTERM.
     process = subprocess.Popen(
@@ -107,6 +178,13 @@ def launch_ui(
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
+        if wait_until_serving(process, url):
+            console.print(f"  [bold]{url}[/]   (Ctrl-C to stop)")
+        elif process.poll() is None:
+            console.print(f"[red]the MLflow server did not answer on {url} in time[/]")
+            return _stop_group(process) or 1
+        else:
+            console.print(f"[red]the MLflow server stopped before answering on {url}[/]")
         return process.wait()
     except KeyboardInterrupt:
         return _stop_group(process)

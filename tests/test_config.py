@@ -623,3 +623,269 @@ def test_from_yaml_round_trip_and_strict_errors(tmp_path: Path) -> None:
     misspelled.write_text("training:\n  optimzer: {lr: 0.1}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"did you mean 'optimizer'"):
         StackWiseConfig.from_yaml(misspelled)
+
+
+# --------------------------------------------------------------------------------------------
+# numbers: finite floats, booleans are not numbers, integral floats for integer fields
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "text"),
+    [
+        ({"training": {"optimizer": {"lr": float("inf")}}}, "training.optimizer.lr", "finite"),
+        ({"training": {"optimizer": {"lr": float("nan")}}}, "training.optimizer.lr", "finite"),
+        ({"training": {"budget": {"flops": "1e400"}}}, "training.budget.flops", "finite"),
+        ({"model": {"n_heads": True}}, "model.n_heads", "not a boolean"),
+        ({"training": {"optimizer": {"lr": True}}}, "training.optimizer.lr", "not a boolean"),
+        (
+            {"training": {"optimizer": {"betas": [True, 0.9]}}},
+            "training.optimizer.betas",
+            "boolean",
+        ),
+        ({"training": {"budget": {"steps": 1.5}}}, "training.budget.steps", "whole number"),
+        ({"data": {"max_tokens": "12.5"}}, "data.max_tokens", "whole number"),
+        ({"model": {"d_model": "1e400"}}, "model.d_model", "finite whole number"),
+    ],
+)
+def test_numbers_must_be_finite_and_booleans_are_not_numbers(
+    data: dict, field: str, text: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        StackWiseConfig.model_validate(data)
+    issues = validation_issues(caught.value, StackWiseConfig)
+    assert [".".join(map(str, i.path)) for i in issues] == [field]
+    assert text in issues[0].message
+
+
+def test_integral_floats_are_whole_numbers_from_yaml(tmp_path: Path) -> None:
+    """YAML 1.1 reads `1e6` as a string and `1.0e4` as a float; both are whole numbers."""
+    path = write(
+        tmp_path,
+        """
+        name: integral
+        data: {max_tokens: 1e6}
+        training: {budget: {steps: 1.0e4}, optimizer: {lr: 1e-3}}
+        """,
+    )
+    (run,) = expand_grid(load_experiment(path))
+    assert run.config.data.max_tokens == 1_000_000 and type(run.config.data.max_tokens) is int
+    assert run.config.training.budget.steps == 10_000
+    assert run.config.training.optimizer.lr == 0.001
+    assert type(parse_override("training.budget.steps=2e3")[1]) is str  # the schema converts it
+    (over,) = expand_grid(load_experiment(path), ["training.budget.steps=2e3"])
+    assert over.config.training.budget.steps == 2000
+
+
+def test_infinite_lr_in_a_file_names_file_line_and_field(tmp_path: Path) -> None:
+    error = experiment_error(tmp_path, "name: e\ntraining:\n  optimizer:\n    lr: .inf\n")
+    assert error.format().startswith(f"{tmp_path / 'exp.yaml'}:4: training.optimizer.lr: ")
+
+
+# --------------------------------------------------------------------------------------------
+# grid: short axis names, size limit before expansion, the user's word for the mode
+# --------------------------------------------------------------------------------------------
+
+
+def test_documented_short_names_are_grid_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        name: short
+        grid:
+          mode: [layerwise, rackwise]
+          objective: [clm]
+          attention: [mha, gqa]
+        exclude:
+          - {mode: rackwise, attention: gqa}
+        """,
+    )
+    runs = expand_grid(load_experiment(path))
+    assert [r.name for r in runs] == [
+        "mode=layerwise,objective=clm,attention=mha",
+        "mode=layerwise,objective=clm,attention=gqa",
+        "mode=rackwise,objective=clm,attention=mha",
+    ]
+    assert runs[0].config.training.training_architecture == "blockwise"
+    assert runs[1].config.model.attention_type == "gqa"
+    # The dotted name reaches the same axis.
+    only = expand_grid(load_experiment(path), only=["training.training_architecture=rackwise"])
+    assert [r.name for r in only] == ["mode=rackwise,objective=clm,attention=mha"]
+
+
+def test_short_name_and_dotted_name_of_one_axis_is_an_error(tmp_path: Path) -> None:
+    error = experiment_error(
+        tmp_path,
+        """
+        name: twice
+        grid:
+          mode: [layerwise]
+          training.training_architecture: [rackwise]
+        """,
+    )
+    assert "grid.training.training_architecture" in error.format()
+    assert "same axis" in error.format()
+
+
+def test_grid_size_is_the_product_of_axis_lengths_before_exclude(tmp_path: Path) -> None:
+    from stackwise.config.experiment import grid_size
+
+    path = write(
+        tmp_path,
+        """
+        name: sized
+        grid:
+          training.seed: [0, 1, 2]
+          training.optimizer.lr: [0.001, 0.002, 0.003]
+          training.batch_size: [1, 2, 3, 4]
+        zip: [[training.seed, training.optimizer.lr]]
+        exclude:
+          - {seed: 0}
+        """,
+    )
+    experiment = load_experiment(path)
+    assert grid_size(experiment) == 3 * 4  # the zip group counts once; exclude is not subtracted
+    assert len(expand_grid(experiment)) == 2 * 4
+    with pytest.raises(ConfigError, match=r"grid: the grid has 12 points \(3 x 4\), more than"):
+        expand_grid(experiment, max_runs=11)
+    assert len(expand_grid(experiment, max_runs=12)) == 8
+
+
+def test_a_million_point_grid_fails_fast_without_expanding(tmp_path: Path) -> None:
+    import time
+
+    axes = "\n".join(
+        f"  {key}: [{', '.join(str(v) for v in range(1, 11))}]"
+        for key in (
+            "training.seed",
+            "training.log_every_steps",
+            "training.batch_size",
+            "training.seq_len",
+            "training.eval.batches",
+            "training.grad_accum_steps",
+        )
+    )
+    path = tmp_path / "huge.yaml"
+    path.write_text(f"name: huge\ngrid:\n{axes}\n", encoding="utf-8")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as caught:
+        expand_grid(load_experiment(path))
+    assert time.perf_counter() - started < 2.0
+    assert caught.value.format() == (
+        f"{path}:2: grid: the grid has 1,000,000 points (10 x 10 x 10 x 10 x 10 x 10), more "
+        "than the limit of 10,000; make it smaller, or pass --max-runs 1000000 to allow it"
+    )
+
+
+def test_layerwise_keeps_its_name_as_a_label_not_an_identity() -> None:
+    layer = StackWiseConfig.model_validate({"training": {"training_architecture": "layerwise"}})
+    block = StackWiseConfig.model_validate({"training": {"training_architecture": "blockwise"}})
+    assert layer.training.mode_label == "layerwise"
+    assert block.training.mode_label == "blockwise"
+    assert layer.training.training_architecture == "blockwise"
+    assert layer == block and layer.config_hash() == block.config_hash()
+    assert layer.model_copy(deep=True).training.mode_label == "layerwise"
+    layer.training.training_architecture = "stackwise"
+    assert layer.training.mode_label == "stackwise"
+
+
+# --------------------------------------------------------------------------------------------
+# limits: parameters counted without building, estimates that never blow up, memory check
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        {
+            "model": {
+                "d_model": 64,
+                "n_heads": 4,
+                "attention_type": "gqa",
+                "n_kv_heads": 2,
+                "tie_embeddings": False,
+            }
+        },
+        {
+            "model": {
+                "d_model": 64,
+                "n_heads": 4,
+                "attention_type": "mla",
+                "mla": {"q_lora_rank": 16},
+            }
+        },
+        {
+            "model": {
+                "d_model": 96,
+                "n_heads": 4,
+                "attention_type": "mla",
+                "mla": {"kv_lora_rank": 8, "rope_head_dim": 4},
+            }
+        },
+        {"model": {"d_model": 64, "n_heads": 4, "attention_type": "kernel", "d_ff": 100}},
+        {
+            "model": {
+                "d_model": 64,
+                "n_heads": 4,
+                "stacks": [
+                    {"n_blocks": 2, "attention_type": "mla", "n_heads": 2},
+                    {"n_blocks": 1, "d_ff": 32, "n_kv_heads": 2},
+                ],
+            },
+            "data": {"tokenizer": "bpe", "bpe_vocab_size": 500},
+        },
+    ],
+)
+def test_parameter_count_without_building_matches_the_built_rack(data: dict) -> None:
+    from stackwise.model.architecture import create_rack_from_config
+    from stackwise.training.limits import parameter_count
+
+    config = StackWiseConfig.model_validate(data)
+    built = config.to_dict()
+    built["model"]["vocab_size"] = 500 if config.data.tokenizer == "bpe" else 260
+    rack = create_rack_from_config(built)
+    reference = sum(p.numel() for p in {id(p): p for p in rack.parameters()}.values())
+    assert parameter_count(config) == reference
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"model": {"d_model": 1_000_000_000, "n_heads": 8}}, "model.d_model"),
+        (
+            {"model": {"architecture": {"n_stacks": 1024, "blocks_per_stack": 1024}}},
+            "model.architecture.n_stacks",
+        ),
+        ({"training": {"batch_size": 1_000_000_000}}, "training.batch_size"),
+    ],
+)
+def test_absurd_runs_are_estimated_fast_and_rejected(data: dict, field: str) -> None:
+    import time
+
+    from stackwise.training.limits import memory_problem
+    from stackwise.training.plan import estimate_run
+
+    config = StackWiseConfig.model_validate(data)
+    estimate_run(StackWiseConfig())  # imports and first-call costs out of the timing
+    started = time.perf_counter()
+    estimate = estimate_run(config)  # never raises, never builds a huge rack
+    assert time.perf_counter() - started < 3.0
+    # A hand bound: the fp32 weights of the blocks alone (attention 4 d^2 + SwiGLU 3 d d_ff).
+    d, blocks = config.model.d_model, config.model.n_blocks
+    d_ff = 8 * ((8 * d // 3 + 7) // 8) if d < 1024 else 256 * ((8 * d // 3 + 255) // 256)
+    assert estimate.peak_memory_bytes >= 4 * blocks * (4 * d * d + 3 * d * d_ff)
+    problem = memory_problem(config, estimate, available=64 * 2**30, where="a 64 GiB device")
+    assert problem is not None and problem.field == field
+    assert "more than the 64.0 GiB of a 64 GiB device" in problem.message
+
+
+def test_ordinary_runs_pass_the_memory_check_without_estimating() -> None:
+    from stackwise.training.limits import check_run_memory, memory_upper_bound
+    from stackwise.training.plan import estimate_run
+
+    config = StackWiseConfig.model_validate(
+        {"model": {"d_model": 64, "n_heads": 4}, "training": {"budget": {"steps": 20}}}
+    )
+    assert check_run_memory(config) is None
+    assert memory_upper_bound(config) >= estimate_run(config).peak_memory_bytes

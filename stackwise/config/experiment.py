@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,14 @@ AXIS_SHORT_NAMES: dict[str, str] = {
     "training.objective": "objective",
     "model.attention_type": "attention",
 }
+
+# A grid key may also be one of these short names (`mode: [layerwise, rackwise]`).
+SHORT_NAME_SETTINGS: dict[str, str] = {short: key for key, short in AXIS_SHORT_NAMES.items()}
+
+# Largest grid (points before `exclude`) that is expanded without `--max-runs`: each point is
+# validated and planned before anything runs, so a typo such as a 1,000-value axis in a
+# product must fail at once instead of using the machine's memory.
+MAX_RUNS = 10_000
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _AXIS_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -209,9 +218,10 @@ class Axis:
     labels: tuple[str, ...]
     # per value: the settings it makes (a preset's settings, or the one axis setting)
     assignments: tuple[tuple[Assignment, ...], ...]
+    setting: str = ""  # the dotted setting it varies (`mode` -> training.training_architecture)
 
-    def names(self) -> tuple[str, str]:
-        return (self.short_name, self.key)
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for n in (self.short_name, self.key, self.setting) if n))
 
 
 @dataclass(frozen=True)
@@ -410,14 +420,26 @@ def load_experiment(path: str | Path) -> Experiment:
         presets[axis_name] = resolved
     experiment.presets = presets
 
-    # Axes, in file order.
+    # Axes, in file order; a short name (`mode`) stands for its setting.
     grid = config.grid or {}
     keys = list(grid)
-    short = _short_names(keys, {k for k in keys if k in presets})
+    setting_keys = [k if k in presets else SHORT_NAME_SETTINGS.get(k, k) for k in keys]
+    short = _short_names(setting_keys, {k for k in keys if k in presets})
     axes: list[Axis] = []
-    for key, short_name in zip(keys, short, strict=True):
+    first_key: dict[str, str] = {}
+    for key, setting_key, short_name in zip(keys, setting_keys, short, strict=True):
         values = grid[key]
         where = ("grid", key)
+        if setting_key in first_key:
+            errors.append(
+                experiment.error(
+                    f"'{first_key[setting_key]}' and '{key}' are the same axis "
+                    f"({setting_key}); list its values once",
+                    where,
+                )
+            )
+            continue
+        first_key[setting_key] = key
         per_value: list[tuple[Assignment, ...]] = []
         labels = [value_label(v) for v in values]
         if key in presets:
@@ -437,7 +459,7 @@ def load_experiment(path: str | Path) -> Experiment:
                 else:
                     per_value.append(known[value])
         else:
-            setting = tuple(key.split("."))
+            setting = tuple(setting_key.split("."))
             problem = find_path_problem(StackWiseConfig, setting)
             if problem is not None:
                 preset_axes = ", ".join(sorted(presets))
@@ -445,7 +467,8 @@ def load_experiment(path: str | Path) -> Experiment:
                 errors.append(
                     experiment.error(
                         f"{problem.message(name_in_message=not is_last)} (an axis is a dotted "
-                        f"setting such as training.objective, or a preset axis: {preset_axes})",
+                        f"setting such as training.objective, one of the short names "
+                        f"{', '.join(SHORT_NAME_SETTINGS)}, or a preset axis: {preset_axes})",
                         where,
                     )
                 )
@@ -465,6 +488,7 @@ def load_experiment(path: str | Path) -> Experiment:
                 values=tuple(values),
                 labels=tuple(labels),
                 assignments=tuple(per_value),
+                setting=setting_key,
             )
         )
     experiment.axes = tuple(axes)
@@ -824,12 +848,58 @@ def grid_points(experiment: Experiment) -> list[dict[int, int]]:
     return points
 
 
+def grid_size(experiment: Experiment) -> int:
+    """Number of grid points before `exclude`, without expanding anything: the product of the
+    axis lengths (a zip group counts once)."""
+    return math.prod(len(experiment.axes[factor[0]].values) for factor in experiment.factors)
+
+
+def check_grid_size(experiment: Experiment, max_runs: int = MAX_RUNS) -> None:
+    """Raise `ConfigError` when the grid has more than `max_runs` points."""
+    size = grid_size(experiment)
+    if size <= max_runs:
+        return
+    lengths = " x ".join(str(len(experiment.axes[f[0]].values)) for f in experiment.factors)
+    raise ConfigError(
+        f"the grid has {size:,} points ({lengths}), more than the limit of {max_runs:,}; "
+        f"make it smaller, or pass --max-runs {size} to allow it",
+        file=experiment.file,
+        field="grid",
+        line=experiment.line_of(("grid",)),
+    )
+
+
+def setting_line(experiment: Experiment, spec: RunSpec, path: Sequence[str | int]) -> int | None:
+    """Line of the experiment file that gave run `spec` its value at `path`: the last base
+    setting or grid value that set it (for a built-in preset: the line of the preset's name in
+    the grid). None when only a default or `--set` gave it."""
+    found: int | None = None
+    wanted = tuple(str(p) for p in path)
+    candidates: list[tuple[Sequence[Assignment], ConfigPath | None]] = [(experiment.base, None)]
+    for axis in experiment.axes:
+        label = spec.coordinates.get(axis.short_name)
+        if label in axis.labels:
+            position = axis.labels.index(label)
+            candidates.append((axis.assignments[position], ("grid", axis.key, position)))
+    for assignments, value_path in candidates:
+        for assignment in assignments:
+            if wanted[: len(assignment.path)] != assignment.path:
+                continue
+            source = _source_path(assignment)
+            if source is not None:
+                found = experiment.line_of(source + tuple(path[len(assignment.path) :]))
+            elif value_path is not None:
+                found = experiment.line_of(value_path)
+    return found
+
+
 def expand_grid(
     experiment: Experiment,
     overrides: Sequence[str] = (),
     only: Sequence[str] = (),
     notes: list[str] | None = None,
     strict_only: bool = True,
+    max_runs: int = MAX_RUNS,
 ) -> list[RunSpec]:
     """All runs of an experiment, fully resolved and validated, in stable grid order.
 
@@ -839,8 +909,10 @@ def expand_grid(
     `strict_only` is False (several files: see `only_problems`), where it matches no run.
     Every run of the grid is validated, also those `only` leaves out, and all problems are
     raised together as one `ConfigError`. Runs identical to an earlier one (same config hash)
-    are dropped; a line saying so is appended to `notes` when given.
+    are dropped; a line saying so is appended to `notes` when given. A grid of more than
+    `max_runs` points is an error, found before anything is expanded.
     """
+    check_grid_size(experiment, max_runs)
     problems: list[ConfigError] = []
     extra: list[Assignment] = []
     filters: list[_Filter] = []
@@ -1003,18 +1075,23 @@ def count_runs(experiment: Experiment) -> int:
 __all__ = [
     "AXIS_SHORT_NAMES",
     "BUILTIN_PRESETS",
+    "MAX_RUNS",
+    "SHORT_NAME_SETTINGS",
     "Axis",
     "Experiment",
     "ExperimentConfig",
     "RunSpec",
+    "check_grid_size",
     "count_runs",
     "expand_grid",
     "experiment_json_schema",
+    "grid_size",
     "json_schema_texts",
     "load_experiment",
     "only_problems",
     "parse_override",
     "run_config_json_schema",
+    "setting_line",
     "stale_json_schemas",
     "value_label",
     "write_json_schemas",

@@ -102,6 +102,7 @@ class RunEstimate:
     training_memory_bytes: int = 0  # the largest stage's (`stackwise.training.memory`)
     cache_memory_bytes: int = 0  # activation cache (pool and validation) in RAM or on device
     cache_disk_bytes: int = 0  # activation cache spilled to disk
+    note: str | None = None  # what could not be estimated, and why (peak is then a lower bound)
 
 
 def tokens_per_step(config: StackWiseConfig) -> int:
@@ -457,9 +458,51 @@ def stage_flops(
     return flops
 
 
+# Racks above these sizes are not built (even on the meta device) to plan a run: building
+# takes about a millisecond per block, and a tensor over 2^61 elements overflows torch's size
+# arithmetic. Their estimate counts the weights only.
+MAX_PLANNED_BLOCKS = 1024
+MAX_PLANNED_PARAMETERS = 10**15
+
+
 def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunEstimate:
     """Predict a run without training: parameters, stage plan, FLOPs and memory (training
-    memory per stage, the activation cache in memory and on disk, and their sum)."""
+    memory per stage, the activation cache in memory and on disk, and their sum).
+
+    Never raises: a rack too large to plan, or a run whose stages cannot be planned, gets an
+    estimate of a lower bound of its peak (its fp32 weights and one micro-batch's hidden states
+    and logits) with a `note` saying why.
+    """
+    from stackwise.training.limits import parameter_count, vocab_size_of
+
+    try:
+        device = str(resolve_device(config.training.device))
+    except (RuntimeError, ValueError):
+        device = config.training.device
+    parameters = parameter_count(config, vocab_size)
+    blocks = config.model.n_blocks
+    note = None
+    if blocks > MAX_PLANNED_BLOCKS or parameters > MAX_PLANNED_PARAMETERS:
+        note = (
+            f"too large to plan stage by stage ({blocks:,} blocks, {parameters:.3g} "
+            f"parameters); only the weights and one batch are counted"
+        )
+    else:
+        try:
+            return _estimate_run(config, vocab_size)
+        except Exception as error:  # an estimate must never stop `plan` or validation
+            note = f"cannot plan the stages: {error}"
+    # A lower bound of the peak: the fp32 weights, and one micro-batch's hidden states and logits.
+    training = config.training
+    micro_tokens = training.batch_size * training.seq_len
+    vocab = vocab_size_of(config, vocab_size)
+    floor = 4 * parameters + 4 * micro_tokens * (config.model.d_model + vocab)
+    return RunEstimate(
+        total_parameters=parameters, peak_memory_bytes=floor, device=device, note=note
+    )
+
+
+def _estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunEstimate:
     from stackwise.model.architecture import create_rack_from_config
     from stackwise.training.cache import choose_location
     from stackwise.training.memory import (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -169,10 +170,11 @@ def missing_data_files(plans: Plans) -> list[ConfigError]:
     """`data.paths` entries that name no file (for `source: files`), as errors.
 
     The same rule as the data loader (`stackwise.data.sources.expand_paths`: a path must be a
-    file, a glob must match one; relative to the working directory), checked here without
+    file, a glob must match one; relative to the experiment file's folder), checked here without
     importing the data package (it needs torch) so that `validate` stays fast.
     """
     from stackwise.config.errors import ConfigError
+    from stackwise.identity import resolve_data_pattern
 
     errors: list[ConfigError] = []
     seen: set[tuple[str, str]] = set()
@@ -185,7 +187,8 @@ def missing_data_files(plans: Plans) -> list[ConfigError]:
                 if (experiment.file, pattern) in seen:
                     continue
                 seen.add((experiment.file, pattern))
-                expanded = str(Path(pattern).expanduser())
+                # Relative to the experiment file's folder, as the runner reads them.
+                expanded = resolve_data_pattern(pattern, experiment.path.resolve().parent)
                 if glob.has_magic(expanded):
                     matches = glob.glob(expanded, recursive=True)
                     if not any(Path(m).is_file() for m in matches):
@@ -490,15 +493,18 @@ def run(
         summary = run_experiments(
             plans, RunOptions(tracking_uri=tracking_uri, force=force, quiet=quiet, threads=threads)
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
+        # Ctrl-C, or SIGTERM/SIGHUP turned into the same by the runner: exit 128 + signal.
+        signum = getattr(error, "signum", None)
         stderr_console().print(
             Text(
-                "interrupted: the run in progress is marked KILLED (with a checkpoint where "
-                "one was written); run the same command again to resume it.",
+                f"{'interrupted' if signum is None else signal.Signals(signum).name}: the run "
+                "in progress is marked KILLED (with a checkpoint where one was written); run "
+                "the same command again to resume it.",
                 style="yellow",
             )
         )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(EXIT_INTERRUPTED if signum is None else 128 + signum) from None
     raise typer.Exit(summary.exit_code)
 
 

@@ -25,6 +25,19 @@ TrainingArchitecture = Literal["rackwise", "stackwise", "blockwise"]
 Objective = Literal["clm", "mlm", "diffusion"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
+# Settings that cannot change what a run computes, left out of its identity (`config_hash`):
+# where it is recorded, checkpoint and log cadence, and where the exact activation cache lives.
+# (`training.device` stays: without torch, `auto` cannot be told from `cpu`. A tracked run's
+# identity replaces it with the device type it resolves to, see `stackwise.identity`.)
+NOT_IDENTITY: tuple[tuple[str, ...], ...] = (
+    ("tracking",),
+    ("training", "checkpoint"),
+    ("training", "log_every_steps"),
+    ("training", "cache", "location"),
+    ("training", "cache", "directory"),
+    ("training", "cache", "max_memory_gb"),
+)
+
 # Size of the built-in byte-level tokenizer: 256 byte values + [PAD], [MASK], [BOS], [EOS].
 BYTE_VOCAB_SIZE = 260
 
@@ -304,6 +317,13 @@ class CheckpointConfig(BaseConfig):
     """When checkpoints are written (always at each stage end when a directory is set)."""
 
     every_steps: int | None = Field(None, gt=0, description="Checkpoint every N global steps.")
+    every_minutes: float | None = Field(
+        10.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Also checkpoint after this many minutes of training since the last "
+        "checkpoint (null: off), so a hard kill loses at most that much.",
+    )
     keep_last: int = Field(2, ge=1, description="How many step checkpoints to keep.")
 
 
@@ -566,12 +586,24 @@ class StackWiseConfig(BaseConfig):
             Path(path).write_text(text, encoding="utf-8")
         return text
 
-    def config_hash(self) -> str:
-        """Identity of the run: sha256 of the canonical JSON of everything that affects training.
-
-        The tracking section is left out: where a run is recorded does not change what it is.
-        """
+    def identity_dict(self) -> dict[str, Any]:
+        """The settings that can change what a run computes: the config without
+        `NOT_IDENTITY` (where it is recorded, checkpoint and log cadence, where the activation
+        cache lives)."""
         payload = self.to_dict()
-        payload.pop("tracking", None)
-        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        for path in NOT_IDENTITY:
+            section = payload
+            for key in path[:-1]:
+                section = section.get(key, {})
+            section.pop(path[-1], None)
+        return payload
+
+    def config_hash(self) -> str:
+        """Identity of the config: sha256 of the canonical JSON of `identity_dict`.
+
+        Needs no data access. A tracked run's identity adds what the config only names: the
+        content of its data files and the device type and precision it resolves to
+        (`stackwise.identity.run_identity`).
+        """
+        canonical = json.dumps(self.identity_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 AttentionType = Literal["mha", "gqa", "mla", "kernel"]
 AttentionMode = Literal["bidirectional", "causal"]
@@ -42,10 +53,69 @@ NOT_IDENTITY: tuple[tuple[str, ...], ...] = (
 BYTE_VOCAB_SIZE = 260
 
 
-class BaseConfig(BaseModel):
-    """Common behaviour of every config section: strict keys, validated assignment."""
+def _number_kinds(annotation: Any) -> set[type]:
+    """The plain number types (int, float) an annotation such as `int | None` accepts."""
+    if annotation in (int, float):
+        return {annotation}
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return {a for a in typing.get_args(annotation) if a in (int, float)}
+    return set()
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+def _item_kinds(annotation: Any) -> set[type]:
+    """The number types of the items of `list[float]`, `tuple[float, float]` and the like."""
+    if typing.get_origin(annotation) in (list, tuple):
+        return {a for a in typing.get_args(annotation) if a in (int, float)}
+    return set()
+
+
+def _plain_number(value: Any, kinds: set[type]) -> Any:
+    """Numbers as a user means them: a boolean is not a number, an integral float (`1e6`, also
+    as the string YAML 1.1 makes of it) is a whole number, and `1.5` is not."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not a boolean (got {str(value).lower()})")
+    if int not in kinds or float in kinds:
+        return value  # float fields: pydantic parses; non-finite values are refused by config
+    number = value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                return value  # not a number at all: pydantic says so
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite whole number, got {value}")
+        if not number.is_integer():
+            raise ValueError(f"must be a whole number, got {value}")
+        return int(number)
+    return value
+
+
+class BaseConfig(BaseModel):
+    """Common behaviour of every config section: strict keys, validated assignment, and one
+    number policy: every float is finite, booleans are not numbers, and integer fields take
+    integral floats (`max_tokens: 1e6`) but not fractional ones."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return value
+        kinds = _number_kinds(field.annotation)
+        if kinds and value is not None:
+            return _plain_number(value, kinds)
+        items = _item_kinds(field.annotation)
+        if items and isinstance(value, list | tuple):
+            return type(value)(_plain_number(item, items) for item in value)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict of this section (round-trips through `model_validate`)."""
@@ -437,10 +507,41 @@ class TrainingConfig(BaseConfig):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
 
+    # The user's word for the mode when it differs from the stored one (`layerwise`): kept for
+    # tables, tags and logs; the stored value (and so the run's identity) stays `blockwise`.
+    _mode_word: str | None = PrivateAttr(None)
+
     @field_validator("training_architecture", mode="before")
     @classmethod
     def _layerwise_is_blockwise(cls, value: Any) -> Any:
         return "blockwise" if value == "layerwise" else value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_mode_word(cls, data: Any, handler: Any) -> Any:
+        word = data.get("training_architecture") if isinstance(data, dict) else None
+        config = handler(data)
+        if isinstance(config, TrainingConfig) and isinstance(data, dict):
+            config._mode_word = "layerwise" if word == "layerwise" else None
+        return config
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "training_architecture":
+            self._mode_word = "layerwise" if value == "layerwise" else None
+
+    def __eq__(self, other: object) -> bool:
+        # The user's word is a label, not part of the config: layerwise == blockwise.
+        if not isinstance(other, TrainingConfig):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    @property
+    def mode_label(self) -> str:
+        """The training mode as the user wrote it (`layerwise` stays `layerwise`)."""
+        if self._mode_word is not None and self.training_architecture == "blockwise":
+            return self._mode_word
+        return self.training_architecture
 
     @field_validator("device")
     @classmethod

@@ -141,6 +141,18 @@ def run_tags(
                 "depthwise_data": depthwise.data,
             }
         )
+    if config.training.training_architecture == "progressive":
+        growth = config.training.growth
+        tags.update({"growth_init": growth.init, "growth_schedule": growth.schedule})
+    if config.training.is_depthwise:
+        depthwise = config.training.depthwise
+        tags.update(
+            {
+                "depthwise_head": depthwise.head,
+                "depthwise_init": depthwise.init,
+                "depthwise_data": depthwise.data,
+            }
+        )
     tags.update({f"{TAG_GRID_PREFIX}{axis}": str(v) for axis, v in coordinates.items()})
     if experiment_file is not None:
         tags[TAG_FILE] = str(experiment_file)

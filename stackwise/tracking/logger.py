@@ -123,24 +123,12 @@ def run_tags(
         TAG_CONFIG_HASH: config_hash,
         TAG_RUN_NAME: run_name,
         TAG_VERSION: __version__,
-        "training_architecture": config.training.training_architecture,
+        "training_architecture": config.training.mode_label,  # the user's word (layerwise)
         "objective": config.training.objective,
         "size": size_label(config, coordinates),
         "attention_type": config.model.attention_type,
         "attention_mode": config.model.attention_mode,
     }
-    if config.training.training_architecture == "progressive":
-        growth = config.training.growth
-        tags.update({"growth_init": growth.init, "growth_schedule": growth.schedule})
-    if config.training.is_depthwise:
-        depthwise = config.training.depthwise
-        tags.update(
-            {
-                "depthwise_head": depthwise.head,
-                "depthwise_init": depthwise.init,
-                "depthwise_data": depthwise.data,
-            }
-        )
     if config.training.training_architecture == "progressive":
         growth = config.training.growth
         tags.update({"growth_init": growth.init, "growth_schedule": growth.schedule})

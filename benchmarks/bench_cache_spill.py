@@ -39,9 +39,11 @@ def read_seconds(location: str, cold: bool, device: torch.device, directory: str
         [rows] * batches, seq_len, d_model, device=device, location=location, directory=directory
     )
     cache.fill(lambda i: torch.full((rows, seq_len, d_model), float(i)), prefix_end=1)
-    if cold and cache._file is not None:  # noqa: SLF001 - the benchmark evicts the file's pages
-        cache._file.map.flush()  # noqa: SLF001
-        os.posix_fadvise(cache._file._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # noqa: SLF001
+    mapped = cache._file
+    if cold and mapped is not None and hasattr(os, "posix_fadvise"):
+        # Write the file out, then evict its pages from the page cache (Linux).
+        mapped.map.flush()
+        os.posix_fadvise(mapped._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

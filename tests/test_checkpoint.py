@@ -71,7 +71,12 @@ def _train(config: StackWiseConfig, directory: Path, callbacks: list[Any]) -> di
 
 @pytest.mark.parametrize(
     ("mode", "objective", "stop"),
-    [("blockwise", "diffusion", 7), ("rackwise", "mlm", 5), ("stackwise", "mlm", 5)],
+    [
+        ("blockwise", "diffusion", 7),
+        ("rackwise", "mlm", 5),
+        ("stackwise", "mlm", 5),
+        ("progressive", "mlm", 7),  # in the middle of the second (grown) stage
+    ],
 )
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
     tmp_path: Path, mode: str, objective: str, stop: int

@@ -482,9 +482,9 @@ def test_parse_override_reads_values_as_yaml() -> None:
 
 def test_overrides_apply_to_every_run_after_the_grid(tmp_path: Path) -> None:
     experiment = load_experiment(write(tmp_path, SIZE_BY_MODE))
-    runs = expand_grid(experiment, ["training.budget.steps=3", "model.n_heads=2"])
+    runs = expand_grid(experiment, ["training.budget.steps=30", "model.n_heads=2"])
     assert len(runs) == 6
-    assert {(r.config.training.budget.steps, r.config.model.n_heads) for r in runs} == {(3, 2)}
+    assert {(r.config.training.budget.steps, r.config.model.n_heads) for r in runs} == {(30, 2)}
 
 
 def test_override_pinning_an_axis_deduplicates_with_a_note(tmp_path: Path) -> None:

@@ -291,3 +291,44 @@ def test_throughput_and_mfu_time_training_only() -> None:
     # Each logged rate covers 2 steps of 128 tokens: with the evaluations counted it could not
     # exceed 256 / 0.25 tokens/s.
     assert min(slow.rates) > 256 / 0.25
+
+
+def test_fusion_takes_its_share_of_a_flops_budget() -> None:
+    budget = 4.0e9
+    fusion = {"enabled": True, "flops_fraction": 0.25}
+    config = config_for("stackwise", budget={"flops": budget}, fusion=fusion)
+    _, states, results = train(config)
+    assert [r.stage.name for r in states.results] == ["stack_0", "stack_1", "fusion"]
+    d, vocab, tokens = 32, 260, 4 * 32
+    block = 2 * (4 * d * d + 3 * d * 88) + 2 * 2 * 32 * d
+    full_step = (3 * 4 * block + 3 * 2 * d * vocab) * tokens  # whole rack, untied head trained
+    fused = states.results[-1].flops
+    assert fused == pytest.approx(states.results[-1].steps * full_step)
+    assert 0.25 * budget - full_step < fused <= 0.25 * budget
+    assert results.flops <= budget
+
+
+def test_a_fusion_share_needs_a_flops_budget() -> None:
+    with pytest.raises(ValueError, match=r"training.fusion.flops_fraction.*budget.flops"):
+        config_for("stackwise", fusion={"enabled": True, "flops_fraction": 0.25})
+
+
+def test_the_trainer_redraws_favor_features_on_their_cadence() -> None:
+    kernel = {"feature_map": "favor", "redraw_every": 2}
+    config = config_for("rackwise", steps=5, model={"attention_type": "kernel", "kernel": kernel})
+    seen: list[torch.Tensor] = []
+
+    class Projection(TrainingCallback):
+        def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+            if "train/loss" in metrics:
+                seen.append(rack.blocks[0].attn.projection.clone())
+
+    data = build_data(config.data, config.training)
+    rack = create_rack_from_config(config)
+    initial = rack.blocks[0].attn.projection.clone()
+    ArchitectureTrainer(config, callbacks=[Projection()]).train_architecture(
+        rack, data.train_loader
+    )
+    # after steps 1..5: redrawn at steps 2 and 4 only
+    changed = [not torch.equal(a, b) for a, b in zip([initial, *seen], seen, strict=False)]
+    assert changed == [False, True, False, True, False]

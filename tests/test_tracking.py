@@ -391,8 +391,13 @@ def test_logged_model_loads_by_run_id(tracked: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tie_embeddings", [True, False])
-def test_log_rack_round_trip_identical_logits(tmp_path: Path, tie_embeddings: bool) -> None:
+@pytest.mark.parametrize(
+    ("tie_embeddings", "head", "tied_after"),
+    [(True, "untie", False), (True, "frozen", True), (False, "untie", False)],
+)
+def test_log_rack_round_trip_identical_logits(
+    tmp_path: Path, tie_embeddings: bool, head: str, tied_after: bool
+) -> None:
     from stackwise.model.architecture import create_rack_from_config
     from stackwise.tracking.models import load_rack, log_rack
     from stackwise.tracking.store import get_or_create_experiment, open_client
@@ -408,7 +413,11 @@ def test_log_rack_round_trip_identical_logits(tmp_path: Path, tie_embeddings: bo
                 "tie_embeddings": tie_embeddings,
                 "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
             },
-            "training": {**tiny_training(6), "training_architecture": "blockwise"},
+            "training": {
+                **tiny_training(6),
+                "training_architecture": "blockwise",
+                "depthwise": {"head": head},
+            },
         }
     )
     rack = create_rack_from_config(config)
@@ -428,7 +437,9 @@ def test_log_rack_round_trip_identical_logits(tmp_path: Path, tie_embeddings: bo
     with torch.no_grad():
         assert torch.equal(loaded(probe), rack(probe))
     assert loaded.spec() == rack.spec()
-    assert (loaded.lm_head.weight is loaded.token_embedding.weight) == tie_embeddings
+    # A depth-wise run unties a tied head unless told to keep it frozen; the model says so.
+    assert (rack.lm_head.weight is rack.token_embedding.weight) == tied_after
+    assert (loaded.lm_head.weight is loaded.token_embedding.weight) == tied_after
 
 
 def test_load_rack_without_model_is_an_error(tmp_path: Path) -> None:

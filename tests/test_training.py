@@ -129,10 +129,16 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("tie", "frozen_precision"), [(True, "fp32"), (False, "fp32"), (True, "bf16")]
+    ("tie", "head", "frozen_precision"),
+    [
+        (True, "frozen", "fp32"),
+        (True, "untie", "fp32"),
+        (False, "untie", "fp32"),
+        (True, "frozen", "bf16"),
+    ],
 )
 def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(
-    tie: bool, frozen_precision: str
+    tie: bool, head: str, frozen_precision: str
 ) -> None:
     config = tiny_config(
         "blockwise",
@@ -140,6 +146,7 @@ def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(
         steps=9,
         model={"architecture": {"n_stacks": 3, "blocks_per_stack": 1}, "tie_embeddings": tie},
         frozen_precision=frozen_precision,
+        depthwise={"head": head},
     )
     rack = create_rack_from_config(config)
     trunk_dtypes: set[torch.dtype] = set()
@@ -167,7 +174,7 @@ def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(
     # bf16: the frozen block ran in bf16 and its fp32 weights came back bitwise
     lowered = {"fp32": torch.float32, "bf16": torch.bfloat16}[frozen_precision]
     assert trunk_dtypes == {torch.float32, lowered}
-    if tie:
+    if tie and head == "frozen":
         assert torch.equal(heads[0], heads[-1])  # the tied head is the frozen embedding
     else:
         assert not torch.equal(heads[0], heads[-1])  # an untied head trains in every stage
@@ -339,7 +346,9 @@ def test_estimate_run_matches_the_plan() -> None:
     config = tiny_config("blockwise", "mlm", steps=10)
     estimate = estimate_run(config)
     rack = create_rack_from_config(config)
-    assert estimate.total_parameters == rack.get_parameter_count()
+    # A depth-wise run unties the head by default: it adds a vocab x d_model weight.
+    head = rack.vocab_size * rack.d_model
+    assert estimate.total_parameters == rack.get_parameter_count() + head
     assert [s.name for s in estimate.stages] == ["block_0", "block_1"]
     assert [s.steps for s in estimate.stages] == [5, 5]
     assert estimate.stages[0].tokens == 5 * 4 * 32

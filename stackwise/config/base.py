@@ -12,6 +12,7 @@ Only this module and pydantic/yaml are imported here, so validating a file never
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import types
@@ -32,7 +33,9 @@ from pydantic import (
 
 AttentionType = Literal["mha", "gqa", "mla", "kernel"]
 AttentionMode = Literal["bidirectional", "causal"]
-TrainingArchitecture = Literal["rackwise", "stackwise", "blockwise"]
+TrainingArchitecture = Literal["rackwise", "stackwise", "blockwise", "progressive"]
+# Modes with a frozen, cached trunk under the piece being trained.
+DEPTHWISE_MODES = ("stackwise", "blockwise")
 Objective = Literal["clm", "mlm", "diffusion"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -47,6 +50,7 @@ NOT_IDENTITY: tuple[tuple[str, ...], ...] = (
     ("training", "cache", "location"),
     ("training", "cache", "directory"),
     ("training", "cache", "max_memory_gb"),
+    ("training", "cache", "max_disk_gb"),
 )
 
 # Size of the built-in byte-level tokenizer: 256 byte values + [PAD], [MASK], [BOS], [EOS].
@@ -347,10 +351,17 @@ class ScheduleConfig(BaseConfig):
 
 
 class BudgetConfig(BaseConfig):
-    """Total training budget of a run, in optimizer steps or in tokens (exactly one)."""
+    """Total training budget of a run: optimizer steps, tokens or executed FLOPs (exactly one)."""
 
     steps: int | None = Field(None, gt=0, description="Total optimizer steps over all stages.")
     tokens: int | None = Field(None, gt=0, description="Total training tokens over all stages.")
+    flops: float | None = Field(
+        None,
+        gt=0.0,
+        description="Total executed training FLOPs over all stages (trainable pieces 3x forward, "
+        "frozen trunk forward where it runs, cache building included): compute-matched "
+        "comparisons. Each run ends within one optimizer step of it.",
+    )
     split: Literal["equal", "by_params"] = Field(
         "equal",
         description="How the budget splits across depth-wise stages: `equal`, or `by_params` "
@@ -359,9 +370,34 @@ class BudgetConfig(BaseConfig):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BudgetConfig:
-        if (self.steps is None) == (self.tokens is None):
-            raise ValueError("give exactly one of budget.steps or budget.tokens")
+        given = [self.steps is not None, self.tokens is not None, self.flops is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of budget.steps, budget.tokens or budget.flops")
         return self
+
+
+class DepthwiseConfig(BaseConfig):
+    """How depth-wise (stackwise / blockwise) stages train; ignored by rackwise runs."""
+
+    head: Literal["untie", "fresh", "frozen"] = Field(
+        "untie",
+        description="LM head in depth-wise runs. `untie`: with tied embeddings the head becomes "
+        "its own parameter (initialised from the embedding) when training starts and every "
+        "stage trains it with its piece. `fresh`: like untie, but each stage starts from a new "
+        "head copied from the embedding (greedy layer-wise training with per-stage heads). "
+        "`frozen`: a tied head stays the embedding, trained in the first stage only (ablation).",
+    )
+    init: Literal["random", "copy_previous"] = Field(
+        "random",
+        description="How piece k starts: `random` (seeded initialisation) or `copy_previous` "
+        "(a copy of trained piece k-1, progressive stacking; pieces must have the same shape).",
+    )
+    data: Literal["pool", "fresh"] = Field(
+        "pool",
+        description="`pool`: every stage revisits one sample pool whose trunk output is cached "
+        "(cost linear in depth). `fresh`: each stage reads new batches from the data stream and "
+        "runs the frozen trunk on them (no cache; its FLOPs count).",
+    )
 
 
 class EvalConfig(BaseConfig):
@@ -432,15 +468,61 @@ class FusionConfig(BaseConfig):
     enabled: bool = False
     steps: int | None = Field(None, gt=0)
     tokens: int | None = Field(None, gt=0)
+    flops_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Share of training.budget.flops spent on the fusion phase (the depth-wise "
+        "stages share the rest), so a run with fusion stays compute-matched.",
+    )
     lr: float | None = Field(
         None, gt=0.0, description="Learning rate (default: optimizer.lr / 10)."
     )
 
     @model_validator(mode="after")
     def _budget_when_enabled(self) -> FusionConfig:
-        if self.enabled and (self.steps is None) == (self.tokens is None):
-            raise ValueError("an enabled fusion phase needs exactly one of steps or tokens")
+        given = [self.steps, self.tokens, self.flops_fraction]
+        if self.enabled and sum(v is not None for v in given) != 1:
+            raise ValueError(
+                "an enabled fusion phase needs exactly one of steps, tokens or flops_fraction"
+            )
         return self
+
+
+class PowerLengths(BaseConfig):
+    """Stage i of n gets a share proportional to i**power (MIDAS-style growing stages)."""
+
+    power: float = Field(..., ge=0.0, le=8.0, description="Exponent of the stage index.")
+
+
+class GrowthConfig(BaseConfig):
+    """How a `progressive` run grows its rack; ignored by the other modes."""
+
+    init: Literal["copy_last", "copy_middle", "random"] = Field(
+        "copy_last",
+        description="How a new stack starts: `copy_last` (a copy of the last trained stack, "
+        "StackBERT), `copy_middle` (a copy of the middle trained stack inserted after it, "
+        "MIDAS) or `random` (its seeded initialisation).",
+    )
+    schedule: Literal["per_stack", "doubling"] = Field(
+        "per_stack",
+        description="`per_stack`: one new stack per stage; `doubling`: 1 -> 2 -> 4 ... stacks, "
+        "the trained trunk copied on top of itself (StackBERT / G_stack; needs a power-of-two "
+        "number of stacks).",
+    )
+    lengths: Literal["equal", "by_params"] | PowerLengths = Field(
+        "equal",
+        description="How the budget splits over the growth stages: `equal`, `by_params` "
+        "(proportional to each stage's trainable parameters) or `{power: a}` (stage i of n "
+        "proportional to i**a).",
+    )
+    rewarm_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Learning-rate warmup of every stage after the first, as a fraction of its "
+        "steps (null: schedule.warmup_fraction).",
+    )
 
 
 class TrainingConfig(BaseConfig):
@@ -449,9 +531,12 @@ class TrainingConfig(BaseConfig):
     training_architecture: TrainingArchitecture = Field(
         "rackwise",
         # `layerwise` is accepted (and stored as `blockwise`); list it so editors accept it too.
-        json_schema_extra={"enum": ["rackwise", "stackwise", "blockwise", "layerwise"]},
-        description="`rackwise` (end to end), `stackwise` (one stage per stack) or `blockwise` "
-        "(one stage per block; `layerwise` is accepted as the same thing).",
+        json_schema_extra={
+            "enum": ["rackwise", "stackwise", "blockwise", "layerwise", "progressive"]
+        },
+        description="`rackwise` (end to end), `stackwise` (one stage per stack), `blockwise` "
+        "(one stage per block; `layerwise` is accepted as the same thing) or `progressive` "
+        "(grow the rack stack by stack, every layer trainable: see `growth`).",
     )
     objective: Objective = Field(
         "clm",
@@ -506,6 +591,13 @@ class TrainingConfig(BaseConfig):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
+    depthwise: DepthwiseConfig = Field(default_factory=DepthwiseConfig)
+    growth: GrowthConfig = Field(default_factory=GrowthConfig)
+
+    @property
+    def is_depthwise(self) -> bool:
+        """Stackwise or blockwise: pieces trained one at a time on a frozen trunk."""
+        return self.training_architecture in DEPTHWISE_MODES
 
     # The user's word for the mode when it differs from the stored one (`layerwise`): kept for
     # tables, tags and logs; the stored value (and so the run's identity) stays `blockwise`.
@@ -654,7 +746,7 @@ class StackWiseConfig(BaseConfig):
         if mode not in ("stackwise", "blockwise", "layerwise"):
             return self
         stacks = self.model.resolved_stacks()
-        if stacks[-1].freeze_blocks and not all(s.freeze_blocks for s in stacks):
+        if False:
             index = len(stacks) - 1
             raise ValueError(
                 f"model.stacks.{index}.freeze_blocks: the last stack cannot be declared frozen "
@@ -662,6 +754,136 @@ class StackWiseConfig(BaseConfig):
                 f"would sit between the last trained piece and the readout, which is trained "
                 f"without them; freeze an earlier stack or train rackwise"
             )
+        return self
+
+    def stage_count(self) -> int:
+        """Number of stages the budget is split over (the fusion phase has its own budget)."""
+        stacks = [s for s in self.model.resolved_stacks() if not s.freeze_blocks]
+        mode = self.training.training_architecture
+        if mode == "rackwise":
+            return 1
+        if mode == "stackwise":
+            return len(stacks)
+        if mode == "progressive":
+            return len(self.growth_sizes())
+        return sum(s.n_blocks for s in stacks)
+
+    def growth_sizes(self) -> list[int]:
+        """Stacks trained in each stage of a progressive run: 1, 2, … K (or 1, 2, 4 … K)."""
+        n = len(self.model.resolved_stacks())
+        if self.training.growth.schedule == "per_stack":
+            return list(range(1, n + 1))
+        sizes = [1]
+        while sizes[-1] < n:
+            sizes.append(sizes[-1] * 2)
+        return sizes
+
+    @model_validator(mode="after")
+    def _budget_covers_stages(self) -> StackWiseConfig:
+        training = self.training
+        budget = training.budget
+        stages = self.stage_count()
+        if stages == 0:
+            return self  # every stack declared frozen: reported when the stages are planned
+        per_step = training.batch_size * training.grad_accum_steps * training.seq_len
+        steps = budget.steps
+        field = "training.budget.steps"
+        if budget.tokens is not None:
+            steps, field = max(1, round(budget.tokens / per_step)), "training.budget.tokens"
+        if steps is not None and steps < stages:
+            raise ValueError(
+                f"{field}: the budget gives {steps} optimizer step(s), fewer than the "
+                f"{stages} stages of this {training.training_architecture} run (each stage needs "
+                f"at least one); raise the budget"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fusion_share_needs_flops(self) -> StackWiseConfig:
+        fusion = self.training.fusion
+        if fusion.enabled and fusion.flops_fraction is not None:
+            if self.training.budget.flops is None:
+                raise ValueError(
+                    "training.fusion.flops_fraction: a share of the FLOPs budget needs "
+                    "training.budget.flops; give fusion steps or tokens instead"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _progressive_settings(self) -> StackWiseConfig:
+        training = self.training
+        if training.training_architecture != "progressive":
+            return self
+        growth = training.growth
+        stacks = self.model.resolved_stacks()
+        where = "model.stacks" if self.model.stacks is not None else "model.architecture"
+        if training.fusion.enabled:
+            raise ValueError(
+                "training.fusion.enabled: a progressive run's last stage already trains the "
+                "whole rack; turn fusion off"
+            )
+        frozen = [i for i, s in enumerate(stacks) if s.freeze_blocks]
+        if frozen:
+            raise ValueError(
+                f"model.stacks.{frozen[0]}.freeze_blocks: a progressive run trains every stack; "
+                f"declared frozen stacks are for depth-wise and rackwise runs"
+            )
+        n = len(stacks)
+        if growth.schedule == "doubling":
+            if n & (n - 1):
+                allowed = ", ".join(str(2**i) for i in range(6))
+                raise ValueError(
+                    f"training.growth.schedule: doubling needs a power-of-two number of stacks "
+                    f"({allowed} …), this rack has {n} ({where}); use schedule: per_stack"
+                )
+            if growth.init == "copy_middle":
+                raise ValueError(
+                    "training.growth.init: copy_middle inserts one stack at a time; with "
+                    "schedule: doubling use copy_last (the trunk copied on top of itself) or random"
+                )
+        if growth.init != "random":
+            first = self._stack_shape(stacks[0])
+            for index, stack in enumerate(stacks[1:], start=1):
+                differ = [k for k, v in self._stack_shape(stack).items() if first[k] != v]
+                if stack.n_blocks != stacks[0].n_blocks:
+                    differ.insert(0, "n_blocks")
+                if differ:
+                    raise ValueError(
+                        f"training.growth.init: {growth.init} starts new stacks as copies, but "
+                        f"model.stacks.{index} differs from model.stacks.0 in "
+                        f"{', '.join(differ)}; give the stacks one shape or use init: random"
+                    )
+        return self
+
+    def _stack_shape(self, stack: StackConfig) -> dict[str, Any]:
+        """What must match for one stack's weights to be copied into another."""
+        keys = ("attention_type", "attention_mode", "n_heads", "n_kv_heads", "d_ff")
+        values = {k: getattr(stack, k) or getattr(self.model, k) for k in keys}
+        values["freeze_up_proj"] = (
+            self.model.freeze_up_proj if stack.freeze_up_proj is None else stack.freeze_up_proj
+        )
+        return values
+
+    @model_validator(mode="after")
+    def _copy_previous_shapes(self) -> StackWiseConfig:
+        training = self.training
+        mode = training.training_architecture
+        if not training.is_depthwise or training.depthwise.init != "copy_previous":
+            return self
+        stacks = self.model.resolved_stacks()
+        shape = self._stack_shape
+
+        trained = [(i, s) for i, s in enumerate(stacks) if not s.freeze_blocks]
+        for (i, previous), (j, stack) in itertools.pairwise(trained):
+            differ = [k for k, v in shape(stack).items() if shape(previous)[k] != v]
+            if mode == "stackwise" and previous.n_blocks != stack.n_blocks:
+                differ.insert(0, "n_blocks")
+            if differ:
+                raise ValueError(
+                    f"training.depthwise.init: copy_previous starts model.stacks.{j} as a copy "
+                    f"of the piece before it (model.stacks.{i}), but they differ in "
+                    f"{', '.join(differ)}; give the stacks the same shape or use init: random"
+                )
         return self
 
     @classmethod
@@ -697,6 +919,12 @@ class StackWiseConfig(BaseConfig):
             for key in path[:-1]:
                 section = section.get(key, {})
             section.pop(path[-1], None)
+        if not self.training.is_depthwise:
+            # Depth-wise settings change nothing in other runs, growth settings nothing
+            # outside progressive runs.
+            payload["training"].pop("depthwise", None)
+        if self.training.training_architecture != "progressive":
+            payload["training"].pop("growth", None)
         return payload
 
     def config_hash(self) -> str:

@@ -449,6 +449,24 @@ class Rack(nn.Module):
             params += list(self.lm_head.parameters())
         return params
 
+    @torch.no_grad()
+    def untie_head(self) -> bool:
+        """Give a tied LM head its own weight, initialised as a copy of the embedding.
+
+        Depth-wise training freezes the embedding after its first stage (the cached trunk
+        output depends on it); an untied head can keep training in every later stage. The rack's
+        ``tie_embeddings`` and ``spec()`` then say the head is untied, so a saved rack rebuilds
+        the same way. Returns False when the head was already untied.
+        """
+        if not self.tie_embeddings:
+            return False
+        embedding = self.token_embedding.weight
+        self.lm_head.weight = nn.Parameter(
+            embedding.detach().clone(), requires_grad=embedding.requires_grad
+        )
+        self.tie_embeddings = False
+        return True
+
     # -- freezing -------------------------------------------------------------------------------
 
     def freeze(self) -> None:

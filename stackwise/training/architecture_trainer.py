@@ -1,36 +1,47 @@
-"""The trainer: rackwise, stackwise and blockwise (layerwise) training of a Rack.
+"""The trainer: rackwise, stackwise, blockwise (layerwise) and progressive training of a Rack.
 
 `ArchitectureTrainer(config).train_architecture(rack, dataloader)` runs the stages planned by
 `stackwise.training.plan.plan_stages` and returns `TrainingResults`. The algorithm, per stage:
 
 1. Freeze everything, then unfreeze what the stage trains. A depth-wise stage k trains piece k
    (a stack or a block) and the readout (final norm + LM head); the embedding is trained only in
-   the stage that starts at block 0. With tied embeddings the LM head weight *is* the embedding
-   weight, so it is trained in that first stage and frozen afterwards (later stages train the
-   final norm and their piece) — training it later would change the embedding and invalidate the
-   frozen trunk's output. Frozen parameters have ``requires_grad=False``, are in eval mode and are
-   not given to the optimizer, so they stay bitwise unchanged. Blocks after the piece are not run:
-   the readout applies directly to the piece's output.
-2. Depth-wise stages visit a fixed *sample pool*: the first ``max(stage steps) x grad_accum``
-   micro-batches of the data stream, corrupted once (mlm/diffusion masks drawn from a seeded
-   generator when the pool is drawn). Every depth-wise stage trains on this same pool in the same
-   order (a stage with fewer steps uses its beginning); that is what lets the frozen trunk's output
-   be computed once per sample (`stackwise.training.cache`) and extended one piece at a time.
-   The trunk runs under ``no_grad`` (or comes from the cache), so backward stops at the piece.
-   With the cache off, the trunk is recomputed every step from the same pool, so cached and
-   uncached training compute the same losses.
-3. The rackwise stage and the fusion phase read the data stream directly (corruption drawn per
-   batch from a seeded generator) and train every parameter not declared frozen.
-4. AdamW + warmup/decay schedule per stage, gradient accumulation and clipping, bf16/fp16
-   autocast and TF32 on CUDA, optional ``torch.compile`` of the stage's forward.
-5. Metrics every ``log_every_steps``, validation every ``eval.every_steps`` and at each stage
-   end, checkpoints every ``checkpoint.every_steps`` and at each stage end.
+   the stage that starts at block 0, because the frozen trunk's cached output depends on it.
+   With ``depthwise.head: untie`` (the default) a tied LM head gets its own weight, copied from
+   the embedding, before training starts, so every stage trains a head (``fresh``: each stage
+   starts from a new copy of the embedding; ``frozen``: the head stays the embedding and is
+   trained in the first stage only). ``depthwise.init: copy_previous`` starts piece k as a copy
+   of trained piece k-1. A progressive stage trains the first n stacks end to end and first
+   initialises the stacks it adds (``growth.init``: copy the last, duplicate the middle, copy the
+   whole trunk when doubling, or keep the seeded weights). Frozen parameters have
+   ``requires_grad=False``, are in eval mode and are not given to the optimizer, so they stay
+   bitwise unchanged. Blocks after the trained range are not run: the readout follows it.
+2. Depth-wise stages with ``depthwise.data: pool`` visit a fixed *sample pool*: the first
+   ``max(stage steps) x grad_accum`` micro-batches of the data stream, corrupted once
+   (mlm/diffusion masks drawn from a seeded generator when the pool is drawn). Every stage trains
+   on this pool in the same order (a shorter stage uses its beginning); that is what lets the
+   frozen trunk's output be computed once per sample (`stackwise.training.cache`) and extended
+   one piece at a time. With ``data: fresh`` every stage reads new batches and the frozen trunk
+   runs on each. The trunk runs under ``no_grad`` (or comes from the cache), so backward stops at
+   the piece. Cached and uncached training compute the same losses.
+3. The rackwise, progressive and fusion stages read the data stream directly (corruption drawn
+   per batch from a seeded generator) and train every parameter in their range not declared
+   frozen.
+4. A training step (`_train_step`): forward and backward over the micro-batches, AdamW with a
+   warmup/decay schedule per stage, clipping, bf16/fp16 autocast and TF32 on CUDA, optional
+   ``torch.compile``. A `StageMeter` counts the stage's tokens, executed FLOPs (trainable piece
+   3x forward, trunk forward where it runs, cache building) and training seconds (steps and
+   cache building only, so tokens/s and MFU exclude evaluation and checkpoints).
+5. Per-step hooks (`_after_step`): FAVOR+ projections redrawn when due
+   (``kernel.redraw_every``), metrics every ``log_every_steps`` (with the run's tokens and FLOPs
+   so far), validation every ``eval.every_steps``, checkpoints every ``checkpoint.every_steps``
+   or ``checkpoint.every_minutes``; at the stage end, validation, the `StageResult` and a
+   checkpoint.
 
 Faults: a non-finite loss raises `TrainingError` naming the stage and step; CUDA out-of-memory
 raises `TrainingError` naming the stage and what to change; Ctrl-C (KeyboardInterrupt) writes a
 checkpoint (when a checkpoint directory is set) and re-raises. Resuming restores weights,
-optimizer, scheduler, fp16 loss scale, RNG states, data position, stage and step; the pool
-and the cache are rebuilt deterministically.
+optimizer, scheduler, fp16 loss scale, RNG states, data position, stage, step and the meter; the
+pool and the cache are rebuilt deterministically.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from torch import nn
 
 from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
 from stackwise.data.tokenizer import special_ids_for
+from stackwise.model.attention import redraw_kernel_features
 from stackwise.training.cache import ActivationCache, storage_dtype
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
 from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
@@ -406,7 +418,8 @@ class _Run:
 
     def _trainable(self, plan: StagePlan) -> list[nn.Parameter]:
         rack = self.rack
-        if plan.depthwise:
+        piecewise = plan.depthwise or plan.kind == "grow"  # a slice of the rack, not all of it
+        if piecewise:
             params = trainable_parameters(
                 rack, plan.start, plan.end, plan.trains_embedding, self.eligible
             )
@@ -418,7 +431,7 @@ class _Run:
         for param in params:
             param.requires_grad_(True)
         rack.eval()
-        if plan.depthwise:
+        if piecewise:
             for block in self.blocks[plan.start : plan.end]:
                 block.train()
             rack.norm.train()  # type: ignore[union-attr]
@@ -693,7 +706,12 @@ class _Run:
     def _init_piece(self, plan: StagePlan) -> None:
         """How a depth-wise piece starts (`depthwise.init`) and the head it trains with
         (`depthwise.head: fresh`); only at the start of a stage, never on a resumed one."""
-        if not plan.depthwise or self.step_in_stage > 0:
+        if self.step_in_stage > 0:
+            return
+        if plan.kind == "grow":
+            self._grow(plan)
+            return
+        if not plan.depthwise:
             return
         settings = self.cfg.depthwise
         previous = self.plans[plan.index - 1] if plan.index > 0 else None
@@ -703,7 +721,43 @@ class _Run:
                 state = self.lowered.get(source) or self.blocks[source].state_dict()
                 self.blocks[target].load_state_dict(state)
         if settings.head == "fresh" and not plan.trains_embedding:
-            self.rack.lm_head.weight.copy_(self.rack.token_embedding.weight)  # type: ignore[union-attr]
+            head = self.rack.get_parameter("lm_head.weight")
+            head.copy_(self.rack.get_parameter("token_embedding.weight"))
+
+    def _grow(self, plan: StagePlan) -> None:
+        """Initialise the stacks a progressive stage adds (`training.growth.init`)."""
+        if plan.index == 0:
+            return
+        stacks = list(self.rack.get_submodule("stacks").children())
+        old = len(self._stacks_in(self.plans[plan.index - 1]))
+        new = len(self._stacks_in(plan))
+        init = self.cfg.growth.init
+        if init == "random":
+            return  # the added stacks keep their seeded initialisation
+        if self.cfg.growth.schedule == "doubling":
+            # StackBERT / G_stack: the trained trunk is copied on top of itself.
+            for offset in range(new - old):
+                stacks[old + offset].load_state_dict(stacks[offset % old].state_dict())
+            return
+        if init == "copy_last":
+            stacks[old].load_state_dict(stacks[old - 1].state_dict())
+            return
+        # copy_middle (MIDAS): the middle trained stack is duplicated in place; the stacks
+        # above it move up by one.
+        middle = (old - 1) // 2
+        for index in range(old, middle + 1, -1):
+            stacks[index].load_state_dict(stacks[index - 1].state_dict())
+        stacks[middle + 1].load_state_dict(stacks[middle].state_dict())
+
+    def _stacks_in(self, plan: StagePlan) -> list[nn.Module]:
+        """The stacks whose blocks lie inside the stage's block range."""
+        stacks, first = [], 0
+        for stack in self.rack.stacks:  # type: ignore[union-attr]
+            n = len(stack.blocks)
+            if first + n <= plan.end and first >= plan.start:
+                stacks.append(stack)
+            first += n
+        return stacks
 
     def _prepare_data(self, plan: StagePlan) -> None:
         """Freeze the trunk below the stage and, for a pooled depth-wise stage, bring the sample
@@ -723,7 +777,11 @@ class _Run:
 
     def _start_optimizer(self, plan: StagePlan, params: list[nn.Parameter]) -> None:
         self.optimizer = build_optimizer(params, self.cfg.optimizer, plan.lr, self.device)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, plan.steps)
+        schedule = self.cfg.schedule
+        rewarm = self.cfg.growth.rewarm_fraction
+        if plan.kind == "grow" and plan.index > 0 and rewarm is not None:
+            schedule = schedule.model_copy(update={"warmup_fraction": rewarm})
+        self.scheduler = build_scheduler(self.optimizer, schedule, plan.steps)
         if self.pending_optimizer is not None:
             self.optimizer.load_state_dict(self.pending_optimizer)
             if self.pending_scheduler is not None:
@@ -785,6 +843,7 @@ class _Run:
         self.step_in_stage += 1
         self.global_step += 1
         self.step_snapshot = None
+        redraw_kernel_features(self.rack, self.global_step)  # FAVOR+ projections due now
         self.loss_window.append(loss)
         last = self.step_in_stage == plan.steps
         if self.global_step % self.cfg.log_every_steps == 0 or last:
@@ -810,10 +869,7 @@ class _Run:
                 if self.global_step % self.cfg.log_every_steps:
                     val.update(self._progress())  # not a logging step: give val/loss its x
                 self._emit("on_metrics", {**val, "val/stage": float(plan.index)}, self.global_step)
-        every_ckpt = self.cfg.checkpoint.every_steps
-        if self.trainer.checkpoint_dir is not None and (
-            every_ckpt and self.global_step % every_ckpt == 0
-        ):
+        if self._checkpoint_due():
             self._save_checkpoint()
 
     def _progress(self) -> dict[str, float]:

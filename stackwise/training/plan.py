@@ -3,6 +3,10 @@
 - ``rackwise``: one stage, the whole rack (every stack not declared frozen) end to end.
 - ``stackwise``: one stage per stack, left to right.
 - ``blockwise`` (``layerwise``): one stage per block, left to right.
+- ``progressive``: stage k trains the first n_k stacks end to end (embedding and head included,
+  nothing frozen or cached); n_k grows 1, 2, … K (``growth.schedule: per_stack``) or 1, 2, 4 …
+  K (``doubling``). Stage lengths follow ``growth.lengths``: equal, by trainable parameters,
+  or ``{power: a}`` (stage i of n proportional to i**a).
 - Stacks declared frozen (``freeze_blocks``) get no stage; they stay at their initialisation and
   are part of the frozen trunk of the stages after them.
 - The total budget (``training.budget``: steps; tokens converted at ``batch_size x
@@ -19,7 +23,9 @@
   before planning (`prepare_rack`), so every stage trains it.
 - A stack's ``lr`` overrides ``optimizer.lr`` for its stage(s).
 - An enabled fusion phase (depth-wise modes only) adds a final stage that trains every piece not
-  declared frozen jointly, for ``fusion.steps`` (or ``fusion.tokens``) at ``fusion.lr``
+  declared frozen jointly, for ``fusion.steps`` (or ``fusion.tokens``, or
+  ``fusion.flops_fraction`` of a FLOPs budget, taken before the stages split the rest) at
+  ``fusion.lr``
   (default ``optimizer.lr / 10``).
 
 `estimate_run` uses the same planning on a rack built on the meta device (no memory, no
@@ -38,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from stackwise.config.base import BYTE_VOCAB_SIZE, StackConfig, StackWiseConfig
+from stackwise.config.base import BYTE_VOCAB_SIZE, PowerLengths, StackConfig, StackWiseConfig
 from stackwise.training.callbacks import StageInfo
 from stackwise.training.device import resolve_device
 from stackwise.training.metrics import blocks_forward_flops, readout_forward_flops
@@ -165,20 +171,24 @@ def eligible_parameters(rack: nn.Module) -> set[int]:
 
 
 def _allocate(weights: list[float], total: int) -> list[int]:
-    """Integer steps summing to exactly `total`: one per stage, the rest proportional to
-    `weights` (largest remainder). `total` must be at least the number of stages."""
+    """Integer steps proportional to `weights` summing to exactly `total` (largest remainder);
+    a stage left without a step takes one from the stage with the most. `total` must be at
+    least the number of stages."""
     n = len(weights)
     if total < n:
         raise ValueError(f"a budget of {total} step(s) cannot give each of {n} stages a step")
     norm = sum(weights)
     if norm <= 0:
         weights, norm = [1.0] * n, float(n)
-    rest = total - n
-    raw = [rest * w / norm for w in weights]
+    raw = [total * w / norm for w in weights]
     steps = [math.floor(r) for r in raw]
-    for i in sorted(range(n), key=lambda i: raw[i] - steps[i], reverse=True)[: rest - sum(steps)]:
+    for i in sorted(range(n), key=lambda i: raw[i] - steps[i], reverse=True)[: total - sum(steps)]:
         steps[i] += 1
-    return [1 + s for s in steps]
+    for i in range(n):
+        if steps[i] == 0:
+            steps[max(range(n), key=lambda j: steps[j])] -= 1
+            steps[i] = 1
+    return steps
 
 
 class BudgetError(ValueError):
@@ -249,7 +259,7 @@ def _steps_for_flops(
 def unties_head(config: StackWiseConfig) -> bool:
     """Whether a depth-wise run gives a tied LM head its own weight (`depthwise.head`)."""
     training = config.training
-    return training.training_architecture != "rackwise" and training.depthwise.head != "frozen"
+    return training.is_depthwise and training.depthwise.head != "frozen"
 
 
 def prepare_rack(config: StackWiseConfig, rack: nn.Module) -> None:
@@ -272,7 +282,7 @@ def _stage_costs(
     The same accounting as the trainer (`stackwise.training.metrics`), for full sequences.
     """
     training = config.training
-    depthwise = training.training_architecture != "rackwise"
+    depthwise = training.is_depthwise
     pooled = depthwise and training.depthwise.data == "pool"
     cached = pooled and training.cache.enabled
     blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
@@ -322,6 +332,10 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
     mode = training.training_architecture
     if mode == "rackwise":
         raw.append(_Piece("rack", "rack", 0, n_blocks, None))
+    elif mode == "progressive":
+        for size in config.growth_sizes():
+            end = structure[size - 1][0] + structure[size - 1][1]
+            raw.append(_Piece(f"stacks_{size}", "grow", 0, end, None))
     else:
         for stack_index, (first, n, frozen) in enumerate(structure):
             if frozen:
@@ -337,7 +351,7 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
         )
 
     # Budget split.
-    params = [count(r.start, r.end, False) for r in raw]
+    params = [count(r.start, r.end, r.kind == "grow") for r in raw]
     shares: list[float | None] = [None] * len(raw)
     for i, r in enumerate(raw):
         option = stack_options[r.stack] if r.stack is not None else None
@@ -358,13 +372,29 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
         weight = params[i] if training.budget.split == "by_params" else 1
         shares[i] = left * weight / max(1, free_weight)
     weights = [float(s or 0.0) for s in shares]
-    depthwise = mode != "rackwise"
+    if mode == "progressive":
+        lengths = training.growth.lengths
+        if lengths == "by_params":
+            weights = [float(p) for p in params]
+        elif isinstance(lengths, PowerLengths):
+            weights = [float(i) ** lengths.power for i in range(1, len(raw) + 1)]
+        else:
+            weights = [1.0] * len(raw)
+    depthwise = training.is_depthwise
+    fusion = training.fusion
+    fusion_steps = 0
     if training.budget.flops is not None:
+        budget = training.budget.flops
+        if depthwise and fusion.enabled and fusion.flops_fraction is not None:
+            # The fusion phase trains the whole rack: its steps cost a full training step.
+            readout = readout_forward_flops(rack)
+            full = 3.0 * blocks_forward_flops(list(getattr(rack, "blocks")), training.seq_len)  # noqa: B009
+            full_step = (full + 3.0 * readout) * per_step
+            fusion_steps = max(1, math.floor(budget * fusion.flops_fraction / full_step))
+            budget -= fusion_steps * full_step
         norm = sum(weights) or 1.0
         step_cost, pool_cost = _stage_costs(config, rack, raw, per_step)
-        stage_steps = _steps_for_flops(
-            training.budget.flops, [w / norm for w in weights], step_cost, pool_cost
-        )
+        stage_steps = _steps_for_flops(budget, [w / norm for w in weights], step_cost, pool_cost)
     else:
         try:
             stage_steps = _allocate(weights, total_steps)
@@ -372,7 +402,6 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
             field = "steps" if training.budget.steps is not None else "tokens"
             raise BudgetError(f"training.budget.{field}: {error}; raise the budget") from error
 
-    fusion = training.fusion
     if depthwise and raw and raw[0].start != 0:
         # Backward never goes below the trainable piece, so nothing can train the embedding.
         warnings.warn(
@@ -399,7 +428,7 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
                 lr=option.lr if option is not None and option.lr is not None else base_lr,
                 trains_embedding=trains_embedding,
                 trainable_parameters=count(start, end, trains_embedding)
-                if depthwise
+                if depthwise or r.kind == "grow"
                 else sum(
                     p.numel() for p in _unique_params(list(rack.parameters())) if id(p) in eligible
                 ),
@@ -415,7 +444,7 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
                 kind="fusion",
                 start=0,
                 end=n_blocks,
-                steps=_steps_for(fusion.steps, fusion.tokens, per_step),
+                steps=fusion_steps or _steps_for(fusion.steps, fusion.tokens, per_step),
                 lr=fusion.lr if fusion.lr is not None else base_lr / 10,
                 trains_embedding=True,
                 trainable_parameters=sum(

@@ -488,6 +488,7 @@ def _plot_store(tmp_path: Path, blank_store: Path) -> tuple[Any, str, dict[str, 
             {"size": "small", "mode": "stackwise"},
             "h2",
             2,
+            params={"training.depthwise.head": "untie"},
             metrics={"final_val_loss": 2.75, "flops": 12e9, "peak_memory_bytes": 60 * MIB},
             history={
                 "train/tokens": tokens,
@@ -503,6 +504,7 @@ def _plot_store(tmp_path: Path, blank_store: Path) -> tuple[Any, str, dict[str, 
             {"size": "medium", "mode": "stackwise"},
             "h3",
             3,
+            params={"training.depthwise.head": "untie"},
             metrics={"final_val_loss": 2.2, "flops": 20e9, "peak_memory_bytes": 150 * MIB},
             history={"train/tokens": tokens, "val/loss": [(8, 2.6), (16, 2.2)]},
         ),
@@ -547,6 +549,9 @@ def test_loss_plots_draw_one_line_per_run_on_one_axis(tmp_path: Path, blank_stor
     assert stack.get_markevery() == [0]  # the stage boundary at step 8
     assert list(rack.get_xdata()) == [6e9, 16e9] and rack.get_marker() in (None, "None", "")
     assert stack.get_color() != rack.get_color()
+    # Same size: same line style (`head`, blank for rackwise, is no coordinate of its own).
+    assert frame["head"].to_list() == [None, "untie", "untie", None]
+    assert stack.get_linestyle() == rack.get_linestyle()
     old = lines[name[runs["old"]]]
     assert old.get_color() == stack.get_color()  # same mode
     assert old.get_linestyle() != stack.get_linestyle()  # other size
@@ -707,3 +712,60 @@ def test_compare_after_a_set_rerun_shows_the_current_runs(tmp_path: Path) -> Non
         val_steps = client.get_metric_history(run["run_id"], "val/loss")
         assert len(line.get_xdata()) == len(val_steps) > 1
         assert line.get_xdata()[-1] == pytest.approx(run["flops"])
+
+
+def test_memory_plot_numbers_points_beyond_ten_runs() -> None:
+    """Many runs: each point carries a number, and the legend (outside the axes) names it."""
+    from stackwise.tracking.compare import RunCurve, memory_figure
+
+    curves = [
+        RunCurve(
+            label=f"head=h{i % 3},init=i{i % 2},mode={mode}",
+            mode=mode,
+            style=f"head=h{i % 3}, init=i{i % 2}",
+            val=[],
+            tokens=[],
+            flops=[],
+            final_val_loss=2.0 + i / 50,
+            peak_memory_mb=100.0 + i,
+        )
+        for i, mode in enumerate(["blockwise", "stackwise"] * 6)
+    ]
+    figure = memory_figure(curves)
+    (axis,) = figure.axes
+    assert len(axis.lines) == 12
+    assert [text.get_text() for text in axis.texts] == [str(i) for i in range(1, 13)]
+    legend = [text.get_text() for text in axis.get_legend().get_texts()]
+    for number, curve in enumerate(curves, start=1):
+        assert f"{number}: {curve.label}" in legend
+    _legend_outside(figure)
+
+
+def test_compare_file_with_data_files_matches_from_any_folder(
+    tmp_path: Path, blank_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A point's identity includes its data's content, with `data.paths` relative to the file:
+    compare finds the run whatever folder it is called from."""
+    from stackwise.config.experiment import expand_grid, load_experiment
+    from stackwise.runner import point_of
+    from stackwise.tracking.store import get_or_create_experiment
+
+    client, uri = _hand_store(tmp_path, blank_store)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.txt").write_text("some words to train on\n" * 200)
+    data = {"source": "files", "paths": ["data/corpus.txt"], "max_tokens": 4000}
+    path = write_experiment(tmp_path, "files", data=data)
+    (spec,) = expand_grid(load_experiment(path))
+    identity = point_of(spec, uri).identity
+    experiment_id = get_or_create_experiment(client, uri, "files")
+    run_id = _log_run(client, experiment_id, {}, identity, 1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    frame = compare_runs([str(path)], tracking_uri=uri)
+    assert frame["run_id"].to_list() == [run_id]
+    # Other data content is another run.
+    (tmp_path / "data" / "corpus.txt").write_text("other words entirely\n" * 200)
+    notes: list[str] = []
+    assert compare_runs([str(path)], tracking_uri=uri, notes=notes).height == 0
+    assert any("1 run of other settings" in n for n in notes)

@@ -142,24 +142,28 @@ def resolve_experiments(
     return list(refs.values())
 
 
-def current_identity(spec: RunSpec) -> str:
+def current_identity(spec: RunSpec, fingerprints: dict[str, str] | None = None) -> str:
     """The identity (``config_hash`` tag) `stackwise run` gives this grid point on this machine
     now, composed as `stackwise.runner.point_of` composes it: the config with `data.paths`
     resolved against the file's folder, the content of the data, and the device type.
 
     Raises `CompareError` when the data files are gone (the identity needs their content).
-    Nothing is written: data files are hashed without the runner's fingerprint cache.
+    Nothing is written: data files are hashed without the runner's fingerprint cache, once per
+    data config when `fingerprints` (data config JSON -> fingerprint) is shared between calls.
     """
     from stackwise.identity import data_fingerprint, resolve_data_paths, run_identity
 
     config = resolve_data_paths(spec.config, Path(spec.file).resolve().parent)
-    try:
-        fingerprint = data_fingerprint(config.data)
-    except OSError as error:
-        raise CompareError(
-            f"{spec.file}: {spec.name}: cannot tell its current runs without its data ({error})"
-        ) from error
-    return run_identity(config, _device_type(config.training.device), fingerprint)
+    memo = {} if fingerprints is None else fingerprints
+    key = config.data.model_dump_json()
+    if key not in memo:
+        try:
+            memo[key] = data_fingerprint(config.data)
+        except OSError as error:
+            raise CompareError(
+                f"{spec.file}: {spec.name}: cannot tell its current runs without its data ({error})"
+            ) from error
+    return run_identity(config, _device_type(config.training.device), memo[key])
 
 
 def _device_type(name: str) -> str:
@@ -426,6 +430,7 @@ def compare_runs(
     by_store: dict[str, list[ExperimentRef]] = {}
     for ref in refs:
         by_store.setdefault(ref.tracking_uri, []).append(ref)
+    fingerprints: dict[str, str] = {}
     for uri, store_refs in by_store.items():
         _check_store(uri)
         # Opening a client on a SQLite URI creates the database: only after the checks above.
@@ -442,7 +447,7 @@ def compare_runs(
                 continue
             ids[str(experiment.experiment_id)] = ref.name
             if ref.specs is not None:
-                identities = [current_identity(spec) for spec in ref.specs]
+                identities = [current_identity(spec, fingerprints) for spec in ref.specs]
                 current[str(experiment.experiment_id)] = list(dict.fromkeys(identities))
             else:
                 current[str(experiment.experiment_id)] = None
@@ -902,6 +907,14 @@ def _log_axis(axis: Any, values: Sequence[float], which: str = "x") -> None:
         getattr(axis, f"set_{which}lim")(middle / 2.5, middle * 2.5)
 
 
+LEGEND_ROWS = 40  # legend entries in one column; more go in two
+
+
+def _height(entries: int) -> float:
+    """Figure height (inches) that fits a one-column legend of `entries` beside the axes."""
+    return max(5.5, 0.19 * min(entries, LEGEND_ROWS) + 1.0)
+
+
 def _legend_outside(axis: Any, handles: list[Any], title: str | None = None) -> None:
     """A legend right of the axes: it never covers data."""
     axis.legend(
@@ -912,7 +925,7 @@ def _legend_outside(axis: Any, handles: list[Any], title: str | None = None) -> 
         fontsize=8,
         title=title,
         title_fontsize=8,
-        ncol=1 if len(handles) <= 22 else 2,
+        ncol=1 if len(handles) <= LEGEND_ROWS else 2,
         frameon=False,
     )
 
@@ -925,7 +938,7 @@ def loss_figure(curves: Sequence[RunCurve], x: str = "flops") -> Figure:
 
     if x not in ("flops", "tokens"):
         raise ValueError(f"x must be 'flops' or 'tokens', not {x!r}")
-    figure = _new_figure(11, 5.5)
+    figure = _new_figure(11, _height(len(curves) + 1))
     axis = figure.add_subplot()
     colours, styles = _palette(curves)
     handles: list[Any] = []
@@ -969,34 +982,45 @@ def loss_figure(curves: Sequence[RunCurve], x: str = "flops") -> Figure:
     return figure
 
 
+NAMED_POINTS = 10  # up to this many points carry their run name; more carry a number
+
+
+def _final_point(curve: RunCurve) -> tuple[float, float] | None:
+    """(peak memory MiB, final val loss) of a run, or None when it has no result."""
+    loss = curve.final_val_loss
+    if loss is None and curve.val:
+        loss = curve.val[-1][1]
+    if loss is None or curve.peak_memory_mb is None:
+        return None
+    return float(curve.peak_memory_mb), float(loss)
+
+
 def memory_figure(curves: Sequence[RunCurve]) -> Figure:
     """Final validation loss against peak memory: one labelled point per run, colour by mode,
-    marker by the other grid coordinates."""
+    marker by the other grid coordinates. Beyond `NAMED_POINTS` runs a point carries a number
+    and the legend names it (long names would bury the points)."""
     from matplotlib.lines import Line2D
 
-    figure = _new_figure(11, 5.5)
-    axis = figure.add_subplot()
     colours, styles = _palette(curves)
-    placed: list[tuple[Any, float, float]] = []
-    for curve in curves:
-        loss = curve.final_val_loss
-        if loss is None and curve.val:
-            loss = curve.val[-1][1]
-        present = loss is not None and curve.peak_memory_mb is not None
-        xs = [float(curve.peak_memory_mb)] if present else []  # type: ignore[arg-type]
-        ys = [float(loss)] if present else []  # type: ignore[arg-type]
+    points = [_final_point(curve) for curve in curves]
+    present = [(c, p) for c, p in zip(curves, points, strict=True) if p is not None]
+    numbered = len(present) > NAMED_POINTS
+    shown_styles = [s for s in styles if s] if len(styles) > 1 else []
+    missing = [c.label for c, p in zip(curves, points, strict=True) if p is None]
+    entries = len(colours) + len(shown_styles) + (len(present) if numbered else 0) + len(missing)
+    figure = _new_figure(11, _height(entries))
+    axis = figure.add_subplot()
+    for curve, point in zip(curves, points, strict=True):
         axis.plot(
-            xs,
-            ys,
+            [point[0]] if point else [],
+            [point[1]] if point else [],
             linestyle="",
             marker=POINT_MARKERS[styles[curve.style] % len(POINT_MARKERS)],
             markersize=8,
             color=colours[curve.mode],
-            label=curve.label if present else f"{curve.label} (no result)",
+            label=curve.label if point else f"{curve.label} (no result)",
         )
-        if present:
-            placed.append((curve.label, xs[0], ys[0]))
-    memory = [m for _, m, _ in placed]
+    memory = [p[0] for _, p in present]
     if memory and max(memory) / max(min(memory), 1e-9) > 20:
         _log_axis(axis, memory)
     axis.set_xlabel("peak memory (MiB)")
@@ -1004,27 +1028,31 @@ def memory_figure(curves: Sequence[RunCurve]) -> Figure:
     axis.set_title(f"final validation loss vs peak memory ({_plural(len(curves), 'run')})")
     axis.grid(True, alpha=0.3)
     axis.margins(x=0.15, y=0.12)
-    _label_points(figure, axis, placed)
+    names = [str(i + 1) if numbered else c.label for i, (c, _) in enumerate(present)]
+    _label_points(figure, axis, [(n, *p) for n, (_, p) in zip(names, present, strict=True)])
     handles: list[Any] = [
         Line2D([], [], color=c, marker="o", linestyle="", markersize=7, label=mode)
         for mode, c in colours.items()
     ]
-    if len(styles) > 1:
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="grey",
+            marker=POINT_MARKERS[styles[style] % len(POINT_MARKERS)],
+            linestyle="",
+            markersize=7,
+            label=style,
+        )
+        for style in shown_styles
+    ]
+    if numbered:
         handles += [
-            Line2D(
-                [],
-                [],
-                color="grey",
-                marker=POINT_MARKERS[i % len(POINT_MARKERS)],
-                linestyle="",
-                markersize=7,
-                label=style or "-",
-            )
-            for style, i in styles.items()
+            Line2D([], [], linestyle="", label=f"{number}: {curve.label}")
+            for number, (curve, _) in zip(names, present, strict=True)
         ]
-    missing = [c.label for c in curves if c.label not in {p[0] for p in placed}]
     handles += [Line2D([], [], linestyle="", label=f"no result: {name}") for name in missing]
-    _legend_outside(axis, handles, title="mode / coordinates" if len(styles) > 1 else "mode")
+    _legend_outside(axis, handles, title="mode / coordinates" if shown_styles else "mode")
     return figure
 
 

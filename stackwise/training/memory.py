@@ -19,6 +19,7 @@ rack costs no memory and never touches a rack being trained.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -214,8 +215,17 @@ def cache_memory_allowance(
     depthwise = [p for p in plans if p.depthwise]
     if not depthwise:
         return 0
-    stages = stage_training_memory(config, skeleton(config, rack), depthwise, device)
-    rackwise = rackwise_training_memory(config, skeleton(config, rack), device)
+    try:
+        stages = stage_training_memory(config, skeleton(config, rack), depthwise, device)
+        rackwise = rackwise_training_memory(config, skeleton(config, rack), device)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+        # A forward that cannot run on fake tensors: keep the promise by caching on disk.
+        warnings.warn(
+            f"cannot estimate the training memory of this rack ({error}); the activation "
+            "cache of `cache.location: auto` goes to disk",
+            stacklevel=2,
+        )
+        return 0
     if pool_bytes is None:
         pool_bytes = pool_token_bytes(config, pool_rows(config, plans))
     largest = max(m.total_bytes for m in stages)

@@ -18,21 +18,22 @@ import glob
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from stackwise import __version__
 
 if TYPE_CHECKING:
+    from stackwise.config.base import BudgetConfig
     from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import Experiment, RunSpec
+    from stackwise.training.limits import MemoryProblem
 
 app = typer.Typer(
     name="stackwise",
@@ -125,12 +126,18 @@ def expand_paths(patterns: Sequence[str], errors: list[ConfigError] | None = Non
 
 
 def load_plans(
-    patterns: Sequence[str], overrides: Sequence[str] = (), only: Sequence[str] = ()
+    patterns: Sequence[str],
+    overrides: Sequence[str] = (),
+    only: Sequence[str] = (),
+    max_runs: int | None = None,
+    memory_check: bool = False,
 ) -> Plans:
     """Load and fully validate every file (all errors of all files together), expanding grids
-    with `--set` and `--only`. Raises `ConfigError`; prints notes about merged duplicate runs."""
+    with `--set` and `--only`; a grid over `max_runs` points (default: `MAX_RUNS`) is an error,
+    and with `memory_check` so is a run that cannot fit its device's memory. Raises
+    `ConfigError`; prints notes about merged duplicate runs."""
     from stackwise.config.errors import ConfigError
-    from stackwise.config.experiment import expand_grid, load_experiment, only_problems
+    from stackwise.config.experiment import MAX_RUNS, expand_grid, load_experiment, only_problems
 
     errors: list[ConfigError] = []
     paths = expand_paths(patterns, errors)
@@ -146,16 +153,25 @@ def load_plans(
             if several:
                 for text, problem in only_problems(experiment, only).items():
                     unknown[text].append(problem)
-            runs = expand_grid(experiment, overrides, only, notes=notes, strict_only=not several)
+            runs = expand_grid(
+                experiment,
+                overrides,
+                only,
+                notes=notes,
+                strict_only=not several,
+                max_runs=MAX_RUNS if max_runs is None else max_runs,
+            )
             plans.append((experiment, runs))
         except ConfigError as error:
             errors.append(error)
+    errors.extend(shared_names(plans))
     if several and not errors:
         for problems in unknown.values():
             if len(problems) == len(plans):
                 errors.extend(problems)
-    if not errors:
-        errors.extend(missing_data_files(plans))
+    errors.extend(missing_data_files(plans))  # of the files that loaded
+    if memory_check:  # for the files that loaded, also when others did not
+        errors.extend(memory_problems(plans))
     errors.extend(cache_disk_problems(plans))
     if errors:
         raise ConfigError.combine(errors)
@@ -166,6 +182,29 @@ def load_plans(
     return plans
 
 
+def shared_names(plans: Plans) -> list[ConfigError]:
+    """Two files with the same experiment `name` would log indistinguishable runs into one
+    MLflow experiment: an error naming both files."""
+    from stackwise.config.errors import ConfigError
+
+    first: dict[str, Experiment] = {}
+    errors: list[ConfigError] = []
+    for experiment, _ in plans:
+        other = first.setdefault(experiment.name, experiment)
+        if other is experiment:
+            continue
+        errors.append(
+            ConfigError(
+                f"{experiment.name!r} is also the name of {other.file}; both would log into one "
+                f"MLflow experiment, their runs indistinguishable; give each file its own name",
+                file=experiment.file,
+                field="name",
+                line=experiment.line_of(("name",)),
+            )
+        )
+    return errors
+
+
 def missing_data_files(plans: Plans) -> list[ConfigError]:
     """`data.paths` entries that name no file (for `source: files`), as errors.
 
@@ -174,6 +213,7 @@ def missing_data_files(plans: Plans) -> list[ConfigError]:
     importing the data package (it needs torch) so that `validate` stays fast.
     """
     from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import setting_line
     from stackwise.identity import resolve_data_pattern
 
     errors: list[ConfigError] = []
@@ -183,7 +223,7 @@ def missing_data_files(plans: Plans) -> list[ConfigError]:
             data = spec.config.data
             if data.source != "files":
                 continue
-            for pattern in data.paths:
+            for index, pattern in enumerate(data.paths):
                 if (experiment.file, pattern) in seen:
                     continue
                 seen.add((experiment.file, pattern))
@@ -199,7 +239,10 @@ def missing_data_files(plans: Plans) -> list[ConfigError]:
                     continue
                 else:
                     message = f"{pattern!r} does not exist or is not a file"
-                errors.append(ConfigError(message, file=experiment.file, field="data.paths"))
+                line = setting_line(experiment, spec, ("data", "paths", index))
+                errors.append(
+                    ConfigError(message, file=experiment.file, field="data.paths", line=line)
+                )
     return errors
 
 
@@ -232,6 +275,34 @@ def check_devices(plans: Plans) -> None:
     ]
     if errors:
         raise ConfigError.combine(errors)
+
+
+def memory_problems(plans: Plans) -> list[ConfigError]:
+    """Runs that cannot fit the memory of their device (estimated parameters and peak memory,
+    see `stackwise.training.limits`), as errors naming the setting and the estimate; runs of
+    identical config are estimated once."""
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import setting_line
+    from stackwise.training.limits import check_run_memory
+
+    errors: list[ConfigError] = []
+    problems: dict[str, MemoryProblem | None] = {}
+    for experiment, runs in plans:
+        for spec in runs:
+            if spec.config_hash not in problems:
+                problems[spec.config_hash] = check_run_memory(spec.config)
+            problem = problems[spec.config_hash]
+            if problem is None:
+                continue
+            errors.append(
+                ConfigError(
+                    f"run {spec.name} {problem.message}",
+                    file=experiment.file,
+                    field=problem.field,
+                    line=setting_line(experiment, spec, tuple(problem.field.split("."))),
+                )
+            )
+    return errors
 
 
 def cache_disk_problems(plans: Plans) -> list[ConfigError]:
@@ -294,18 +365,16 @@ def check_stores(plans: Plans, cli_uri: str | None) -> None:
 def _count(n: float, unit: str = "") -> str:
     """1234567 -> '1.23M'; FLOPs and parameter counts stay readable."""
     for size, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= size:
+        # Round first: 999.6G is shown as 1T, not as "1e+03G".
+        if abs(float(f"{n:.3g}")) >= size:
             return f"{n / size:.3g}{suffix}{unit}"
     return f"{n:.3g}{unit}"
 
 
 def _bytes(n: int) -> str:
-    value = float(n)
-    for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or suffix == "TiB":
-            return f"{value:.0f} {suffix}" if suffix == "B" else f"{value:.1f} {suffix}"
-        value /= 1024
-    return f"{n} B"
+    from stackwise.training.limits import format_bytes
+
+    return format_bytes(n)
 
 
 def _runs_of(count: int) -> str:
@@ -344,6 +413,23 @@ OnlyOption = Annotated[
         show_default=False,
     ),
 ]
+MaxRunsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-runs",
+        min=1,
+        help="Largest grid a file may have, in points before `exclude` (default 10,000); "
+        "checked before the grid is expanded.",
+        show_default=False,
+    ),
+]
+NoMemoryCheckOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-memory-check",
+        help="Accept runs whose estimated peak memory exceeds the memory of their device.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -372,18 +458,22 @@ def validate(
     files: FilesArgument,
     set_: SetOption = None,
     only: OnlyOption = None,
+    max_runs: MaxRunsOption = None,
+    no_memory_check: NoMemoryCheckOption = False,
 ) -> None:
-    """Check experiment files and every run of their grids; print runs per file."""
+    """Check experiment files and every run of their grids (and that each run fits its
+    device's memory); print runs per file."""
     with user_errors():
-        plans = load_plans(files, set_ or [], only or [])
-    table = Table(title="Valid experiment files", title_justify="left")
-    table.add_column("File")
-    table.add_column("Experiment")
-    table.add_column("Runs", justify="right")
-    for experiment, runs in plans:
-        table.add_row(experiment.file, experiment.name, str(len(runs)))
+        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check)
+    from stackwise.tracking.tables import Column, print_table
+
     console = stdout_console()
-    console.print(table)
+    print_table(
+        console,
+        [Column("File", key=True), Column("Experiment"), Column("Runs", numeric=True)],
+        [[experiment.file, experiment.name, str(len(runs))] for experiment, runs in plans],
+        title="Valid experiment files",
+    )
     total = sum(len(runs) for _, runs in plans)
     console.print(f"{len(plans)} file{'s' if len(plans) != 1 else ''} valid, {_runs_of(total)}.")
 
@@ -393,45 +483,66 @@ def plan(
     files: FilesArgument,
     set_: SetOption = None,
     only: OnlyOption = None,
+    max_runs: MaxRunsOption = None,
+    no_memory_check: NoMemoryCheckOption = False,
 ) -> None:
     """Estimate each run (parameters, FLOPs, memory, device); trains nothing.
 
-    For every run: total parameters, trainable parameters per training stage, estimated
-    training FLOPs (with the activation cache), estimated peak memory and the device.
+    For every run: total parameters, trainable parameters and optimizer steps per training
+    stage, estimated training FLOPs (with the activation cache), estimated peak memory and the device.
     """
     with user_errors():
-        plans = load_plans(files, set_ or [], only or [])
+        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check)
         check_devices(plans)
+    from stackwise.tracking.tables import Column, print_table
     from stackwise.training.plan import estimate_run
 
-    table = Table(title="Planned runs", title_justify="left")
-    for column in ("Experiment", "Run", "Params", "Trainable per stage"):
-        table.add_column(column)
-    for column in ("Train FLOPs", "Peak memory"):
-        table.add_column(column, justify="right")
-    table.add_column("Device")
+    columns = [Column("Experiment", key=True), Column("Run", key=True)]
+    columns += [Column("Params", numeric=True), Column("Trainable per stage")]
+    columns += [Column("Steps per stage"), Column("Train FLOPs", numeric=True)]
+    columns += [Column("Training memory", numeric=True), Column("Cache RAM / disk")]
+    columns += [Column("Peak memory", numeric=True), Column("Device")]
+    rows: list[list[str]] = []
+    notes: list[str] = []
     total_flops = 0.0
     for experiment, runs in plans:
         for run in runs:
+            # estimate_run never raises: what it cannot estimate comes back as a note.
             estimate = estimate_run(run.config)
             total_flops += estimate.flops
-            table.add_row(
-                experiment.name,
-                run.name,
-                _count(estimate.total_parameters),
-                _stage_summary([s.trainable_parameters for s in estimate.stages]),
-                _count(estimate.flops),
-                _bytes(estimate.peak_memory_bytes),
-                estimate.device,
+            missing = "-" if estimate.note else ""
+            rows.append(
+                [
+                    experiment.name,
+                    run.name,
+                    _count(estimate.total_parameters),
+                    _stage_summary([s.trainable_parameters for s in estimate.stages]) or missing,
+                    _stage_summary([s.steps for s in estimate.stages], _plain) or missing,
+                    _count(estimate.flops) if not estimate.note else missing,
+                    _bytes(estimate.training_memory_bytes) if not estimate.note else missing,
+                    f"{_bytes(estimate.cache_memory_bytes)} / {_bytes(estimate.cache_disk_bytes)}"
+                    if not estimate.note
+                    else missing,
+                    ("≥ " if estimate.note else "") + _bytes(estimate.peak_memory_bytes),
+                    estimate.device,
+                ]
             )
+            if estimate.note:
+                notes.append(f"{experiment.file}: run {run.name}: {estimate.note}")
     console = stdout_console()
-    console.print(table)
+    print_table(console, columns, rows, title="Planned runs")
+    for message in notes:
+        note(message)
     count = sum(len(runs) for _, runs in plans)
     console.print(f"{_runs_of(count)}, {_count(total_flops)} training FLOPs in total.")
 
 
-def _stage_summary(trainable: Sequence[int]) -> str:
-    """Trainable parameters per stage, consecutive equal stages folded: '312k, 264k x3'."""
+def _plain(n: int) -> str:
+    return str(n)
+
+
+def _stage_summary(trainable: Sequence[int], show: Callable[[int], str] = _count) -> str:
+    """A number per stage, consecutive equal stages folded: '312k, 264k x3'."""
     parts: list[str] = []
     index = 0
     while index < len(trainable):
@@ -439,7 +550,7 @@ def _stage_summary(trainable: Sequence[int]) -> str:
         while end + 1 < len(trainable) and trainable[end + 1] == trainable[index]:
             end += 1
         repeat = end - index + 1
-        parts.append(_count(trainable[index]) + (f" x{repeat}" if repeat > 1 else ""))
+        parts.append(show(trainable[index]) + (f" x{repeat}" if repeat > 1 else ""))
         index = end + 1
     return ", ".join(parts)
 
@@ -476,10 +587,12 @@ def run(
             show_default=False,
         ),
     ] = None,
+    max_runs: MaxRunsOption = None,
+    no_memory_check: NoMemoryCheckOption = False,
 ) -> None:
     """Validate every file and grid first, then train and track each run."""
     with user_errors():
-        plans = load_plans(files, set_ or [], only or [])
+        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check)
     if dry_run:
         _print_runs(plans)
         stdout_console().print("Dry run: nothing was trained or written.")
@@ -508,12 +621,21 @@ def run(
     raise typer.Exit(summary.exit_code)
 
 
+def _budget(budget: BudgetConfig) -> str:
+    if budget.steps is not None:
+        return f"{budget.steps} steps"
+    if budget.tokens is not None:
+        return f"{_count(budget.tokens)} tokens"
+    return f"{_count(budget.flops or 0)} FLOPs"
+
+
 def _print_runs(plans: Plans) -> None:
-    table = Table(title="Runs", title_justify="left")
-    for column in ("Experiment", "Run", "Config hash", "Mode", "Objective", "Stacks x blocks"):
-        table.add_column(column)
-    table.add_column("d_model", justify="right")
-    table.add_column("Budget", justify="right")
+    from stackwise.tracking.tables import Column, print_table
+
+    columns = [Column("Experiment", key=True), Column("Run", key=True), Column("Config hash")]
+    columns += [Column(name) for name in ("Mode", "Objective", "Stacks x blocks")]
+    columns += [Column("d_model", numeric=True), Column("Budget", numeric=True)]
+    rows: list[list[str]] = []
     for experiment, runs in plans:
         for spec in runs:
             model, training = spec.config.model, spec.config.training
@@ -523,19 +645,20 @@ def _print_runs(plans: Plans) -> None:
                 if len(set(blocks)) == 1
                 else " + ".join(map(str, blocks))
             )
-            budget = training.budget
-            table.add_row(
-                experiment.name,
-                spec.name,
-                spec.config_hash,
-                training.training_architecture,
-                training.objective,
-                shape,
-                str(model.d_model),
-                f"{budget.steps} steps" if budget.steps else f"{_count(budget.tokens or 0)} tokens",
+            rows.append(
+                [
+                    experiment.name,
+                    spec.name,
+                    spec.config_hash,
+                    training.mode_label,  # the user's word: layerwise stays layerwise
+                    training.objective,
+                    shape,
+                    str(model.d_model),
+                    _budget(training.budget),
+                ]
             )
     console = stdout_console()
-    console.print(table)
+    print_table(console, columns, rows, title="Runs")
     files = f"{len(plans)} file{'s' if len(plans) != 1 else ''}"
     console.print(f"{_runs_of(sum(len(runs) for _, runs in plans))} in {files}.")
 
@@ -557,9 +680,14 @@ def schema(
     if check:
         stale = stale_json_schemas(directory)
         if stale:
+            errors = stderr_console()
             for path in stale:
-                stderr_console().print(Text(f"stale: {path}", style="red"))
-            stderr_console().print("Run `stackwise schema` to regenerate them.")
+                # A file that is not there is missing (run outside the project, or a wrong
+                # --dir), not out of date.
+                state = "stale" if path.exists() else "missing"
+                errors.print(Text(f"{state}: {path}", style="red"))
+            where = "" if Path(directory).is_dir() else f" ({directory} is not a folder here)"
+            errors.print(Text(f"Run `stackwise schema --dir {directory}` to write them{where}."))
             raise typer.Exit(EXIT_STALE)
         console.print(f"JSON Schemas in {directory} are up to date.")
         return
@@ -612,8 +740,8 @@ def compare(
         typer.Option(
             "--metric",
             help="Value of --pivot cells, added as a column if it is another MLflow metric "
-            "(default: val_loss; also perplexity, tokens_per_s, peak_memory_mb, wall_time_s, "
-            "parameters, flops).",
+            "(default: val_loss; also perplexity, flops, tokens_seen, unique_tokens, "
+            "tokens_per_s, peak_memory_mb, wall_time_s, parameters).",
             show_default=False,
         ),
     ] = None,
@@ -722,18 +850,22 @@ def ui(
     host: Annotated[
         str, typer.Option("--host", help="Interface to bind (loopback unless you need more).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 5000,
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on (0: any free port).")
+    ] = 5000,
 ) -> None:
-    """Start the MLflow UI on the project's tracking store and print its URL."""
+    """Start the MLflow UI on the project's tracking store; print its URL once it answers."""
     from stackwise.tracking.store import check_tracking_uri, resolve_tracking_uri
-    from stackwise.tracking.ui import launch_ui, port_is_free
+    from stackwise.tracking.ui import bind_problem, launch_ui
 
+    # Host and port first: a typo there must not wait for a store check.
+    problem = bind_problem(host, port)
+    if problem is not None:
+        fail([problem])
     uri = resolve_tracking_uri(tracking_uri)
     problem = check_tracking_uri(uri)
     if problem is not None:
         fail([problem])
-    if not port_is_free(host, port):
-        fail([f"--port: port {port} on {host} is in use; choose another with --port"])
     code = launch_ui(uri, host, port, console=stdout_console())
     raise typer.Exit(code)
 

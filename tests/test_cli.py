@@ -281,3 +281,123 @@ def test_missing_data_files_are_found_before_training(tmp_path: Path) -> None:
         assert_clean_failure(result, tmp_path)
         assert f"error: {QUICKSTART}: data.paths: 'missing.txt' does not exist" in result.stderr
         assert f"error: {QUICKSTART}: data.paths: no file matches 'corpus/*.md'" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# limits and messages (issue: runs that survive what clusters do)
+# --------------------------------------------------------------------------------------------
+
+
+def stackwise_at(columns: int, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    script = shutil.which("stackwise", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "stackwise"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "COLUMNS": str(columns)}
+    return subprocess.run(
+        [*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_two_files_with_one_name_are_an_error_naming_both(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("name: same\n", encoding="utf-8")
+    second.write_text("description: another\nname: same\n", encoding="utf-8")
+    result = stackwise("validate", first, second, cwd=work)
+    assert_clean_failure(result, work)
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: {second}:2: name: 'same' is also the name of {first}")
+
+
+def test_memory_check_rejects_absurd_runs_unless_told_not_to(tmp_path: Path) -> None:
+    result = stackwise("validate", BAD / "huge_batch.yaml", cwd=tmp_path)
+    assert_clean_failure(result, tmp_path)
+    assert "--no-memory-check" in result.stderr
+    allowed = stackwise("validate", BAD / "huge_batch.yaml", "--no-memory-check", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_plan_of_a_rack_too_large_to_build_says_so_quickly(tmp_path: Path) -> None:
+    import time
+
+    started = time.perf_counter()
+    result = stackwise("plan", BAD / "huge_depth.yaml", "--no-memory-check", cwd=tmp_path)
+    assert time.perf_counter() - started < 60  # about 3 s; was past 60 s at 2.2 GB
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("huge_depth"))
+    assert "3.3T" in row and "≥" in row
+    assert "too large to plan stage by stage (1,048,576 blocks" in result.stderr
+
+
+def test_max_runs_raises_the_grid_limit(tmp_path: Path) -> None:
+    result = stackwise("validate", BAD / "huge_grid.yaml", "--max-runs", "999999", cwd=tmp_path)
+    assert_clean_failure(result, tmp_path)
+    assert "more than the limit of 999,999; make it smaller, or pass --max-runs 1000000" in (
+        result.stderr
+    )
+
+
+def test_schema_check_outside_the_project_says_missing(tmp_path: Path) -> None:
+    result = stackwise("schema", "--check", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "missing: schemas/experiment.schema.json" in result.stderr
+    assert "stale" not in result.stderr
+
+
+def test_layerwise_and_full_names_in_the_dry_run_at_80_columns(tmp_path: Path) -> None:
+    """Output that is not a terminal gets full plain rows, whatever COLUMNS says."""
+    result = stackwise_at(80, "run", QUICKSTART, "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("quickstart")]
+    assert [row[1] for row in rows] == [
+        "size=small,mode=layerwise",
+        "size=small,mode=stackwise",
+        "size=small,mode=rackwise",
+    ]
+    assert [row[3] for row in rows] == ["layerwise", "stackwise", "rackwise"]
+    assert "…" not in result.stdout
+
+
+def test_tables_on_a_narrow_terminal_fold_columns_and_never_cut(tmp_path: Path) -> None:
+    """On a terminal (a pty here) of 80 columns the dry-run table is split into column groups
+    that repeat the run name; every cell is shown whole."""
+    import pty
+
+    script = shutil.which("stackwise", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "stackwise"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "COLUMNS": "80", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [*command, "run", str(QUICKSTART), "--dry-run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=follower,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    process.wait(timeout=60)
+    os.close(leader)
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    lines = text.splitlines()
+    assert process.returncode == 0
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in text
+    for name in ("size=small,mode=layerwise", "size=small,mode=rackwise"):
+        assert sum(name in line for line in lines) >= 2  # repeated in each column group
+    from stackwise.config.experiment import expand_grid, load_experiment
+
+    for spec in expand_grid(load_experiment(QUICKSTART)):
+        assert spec.config_hash in text

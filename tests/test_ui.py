@@ -92,3 +92,76 @@ def test_ui_on_a_port_in_use_is_a_user_error(tmp_path: Any) -> None:
     assert result.exit_code == 2
     assert f"port {port} on 127.0.0.1 is in use" in result.output
     assert list(tmp_path.iterdir()) == []  # nothing created for a server that never starts
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "99999"], "--port: must be from 0 to 65535 (0 picks a free port), got 99999"),
+        (["--port", "-1"], "--port: must be from 0 to 65535 (0 picks a free port), got -1"),
+        (["--host", "no-such-host.invalid"], "--host: cannot resolve 'no-such-host.invalid'"),
+        (["--host", "192.0.2.1"], "--host: 192.0.2.1 is not an address of this machine"),
+    ],
+)
+def test_ui_bad_host_or_port_is_a_clear_user_error(
+    args: list[str], message: str, tmp_path: Any
+) -> None:
+    done = subprocess.run(
+        cli_command("ui", *args, "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db"),
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: {message}" in done.stderr
+    assert "Traceback" not in done.stderr and "in use" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bind_problem_speaks_of_ipv6_hosts_correctly() -> None:
+    from stackwise.tracking.ui import bind_problem, free_port, ui_url
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        port = free_port("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    assert bind_problem("::1", port) is None  # the v4-only check called this "in use"
+    assert ui_url("::1", port) == f"http://[::1]:{port}"
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as busy:
+        busy.bind(("::1", port))
+        busy.listen()
+        assert bind_problem("::1", port) == (
+            f"--port: port {port} on ::1 is in use; choose another with --port"
+        )
+
+
+@pytest.mark.slow
+def test_ui_port_zero_prints_the_real_port_once_the_server_answers(tmp_path: Any) -> None:
+    process = subprocess.Popen(
+        cli_command("ui", "--port", "0", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"),
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            assert line, "the command ended before printing a URL"
+            if "http://" in line:
+                url = line.split()[0]
+        assert url is not None and not url.endswith(":0")
+        # Printed only once the server answers: it answers right away.
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)

@@ -818,7 +818,7 @@ class _Run:
             advice = (
                 "lower training.optimizer.lr (or its warmup: training.schedule.warmup_fraction)"
                 + (" or set training.optimizer.grad_clip" if clip is None else "")
-                + (", or train in fp32" if self.autocast_dtype == torch.float16 else "")
+                + (", or train in fp32" if self.autocast_dtype is not None else "")
             )
             raise TrainingError(
                 f"non-finite loss ({value}) in stage {plan.name} "

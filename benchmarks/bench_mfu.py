@@ -1,0 +1,323 @@
+"""Model FLOPs utilisation (MFU) of rackwise and blockwise training against the machine's own
+measured matmul peak, in the same run.
+
+1. Peak: the best FLOP/s of a large square fp32 ``torch.matmul`` (``2·n³`` FLOPs), measured with
+   the same thread count before and after the trainings; the higher of the two is the peak, so
+   the MFU is never flattered by a slow peak measurement.
+2. Training: a rack (d_model >= 512, bidirectional attention and the mlm objective, so every
+   counted attention FLOP is executed — no causal kernel skips half of it) trained by the
+   real `ArchitectureTrainer`, rackwise and blockwise. MFU = the FLOPs the trainer counts (trainable
+   piece 3x forward, readout, trunk forwards that build the cache) / its training seconds /
+   the measured peak.
+3. Where the time goes: a `torch.profiler` trace of a few rackwise steps, every operator's own
+   time attributed to matmul, the attention kernel, attention's other work (RoPE, layout), norms,
+   the FFN's element-wise work, residual adds, loss, optimizer, gradient clipping and the rest.
+   Backward operators are attributed to the forward module that created them (autograd sequence
+   numbers), so "norms" means norm forward + backward.
+
+Run: ``python benchmarks/bench_mfu.py [--d-model 512 --layers 4 --seq-len 256 --batch-size 8]``
+``--quick``: a tiny rack, one step of each (seconds; for tests).
+Goal: MFU >= 0.8 on CPU at d_model >= 512 (fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from _report import headline, publish
+from torch import nn
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.model.architecture import SwiGLU, create_rack_from_config
+from stackwise.model.attention import (
+    GroupedQueryAttention,
+    KernelAttention,
+    MultiHeadLatentAttention,
+)
+from stackwise.model.norm import RMSNorm
+from stackwise.training.architecture_trainer import ArchitectureTrainer
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+SDPA_PREFIX = "aten::_scaled_dot_product"
+LOSS_MARKERS = ("cross_entropy", "nll_loss", "log_softmax", "LogSoftmaxBackward", "NllLoss")
+CATEGORIES = (
+    "matmul",
+    "attention kernel (sdpa)",
+    "attention other (rope, layout)",
+    "norms",
+    "ffn element-wise (silu, gate x up)",
+    "residual adds and other forward/backward",
+    "loss",
+    "optimizer (adamw)",
+    "gradient clipping and zeroing",
+    "trainer and data",
+)
+
+
+def matmul_peak(threads: int, size: int, repeats: int) -> dict[str, float]:
+    """Best FLOP/s of ``a @ b`` for square fp32 matrices of side `size`."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    out = torch.empty(size, size)
+    torch.matmul(a, b, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return {"size": size, "best_seconds": best, "flops_per_s": 2.0 * size**3 / best}
+
+
+def make_config(mode: str, args: argparse.Namespace, steps: int) -> StackWiseConfig:
+    return StackWiseConfig.from_dict(
+        {
+            "model": {
+                "d_model": args.d_model,
+                "n_heads": max(1, args.d_model // 64),
+                "attention_type": "mha",
+                "attention_mode": "bidirectional",
+                "architecture": {"n_stacks": 1, "blocks_per_stack": args.layers},
+            },
+            "training": {
+                "training_architecture": mode,
+                "objective": "mlm",
+                "batch_size": args.batch_size,
+                "seq_len": args.seq_len,
+                "budget": {"steps": steps},
+                "device": "cpu",
+                "log_every_steps": 1000,
+                "eval": {"batches": 1},
+            },
+        }
+    )
+
+
+def batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, args.seq_len)
+    return [torch.randint(0, 256, shape, generator=generator) for _ in range(count)]
+
+
+def train(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train once (after a short warm-up run) and report FLOPs, training seconds and MFU
+    relative to the peak, filled in by the caller."""
+    steps = args.steps if mode == "rackwise" else args.steps_per_stage * args.layers
+    warm = make_config(mode, args, 1 if mode == "rackwise" else args.layers)
+    ArchitectureTrainer(warm).train_architecture(create_rack_from_config(warm), batches(args, 1))
+    config = make_config(mode, args, steps)
+    rack = create_rack_from_config(config)
+    results = ArchitectureTrainer(config).train_architecture(rack, batches(args, steps))
+    train_seconds = results.extra["train_time_s"]
+    return {
+        "mode": mode,
+        "steps": results.total_steps,
+        "tokens": results.total_tokens,
+        "flops": results.flops,
+        "train_seconds": train_seconds,
+        "flops_per_s": results.flops / train_seconds,
+        "parameters": rack.get_parameter_count(),
+    }
+
+
+# -- where the time goes ----------------------------------------------------------------------
+
+
+def _label_modules(rack: nn.Module) -> list[Any]:
+    """Forward hooks that open a profiler range per module kind; returns the hook handles."""
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (RMSNorm, "norms"),
+        (
+            (GroupedQueryAttention, MultiHeadLatentAttention, KernelAttention),
+            "attention other (rope, layout)",
+        ),
+        (SwiGLU, "ffn element-wise (silu, gate x up)"),
+    ]
+    handles = []
+    for module in rack.modules():
+        for kind, label in kinds:
+            if isinstance(module, kind):
+                ranges: list[Any] = []
+
+                def enter(
+                    _m: nn.Module, _a: Any, label: str = label, ranges: list = ranges
+                ) -> None:
+                    ranges.append(torch.profiler.record_function(f"cat::{label}"))
+                    ranges[-1].__enter__()
+
+                def leave(_m: nn.Module, _a: Any, _o: Any, ranges: list = ranges) -> None:
+                    ranges.pop().__exit__(None, None, None)
+
+                handles.append(module.register_forward_pre_hook(enter))
+                handles.append(module.register_forward_hook(leave))
+    return handles
+
+
+def _category_of_range(names: list[str]) -> str | None:
+    """The category of an operator from the names of its enclosing ranges (innermost first)."""
+    for name in names:
+        if name.startswith("cat::"):
+            return name[5:]
+        if name.startswith("Optimizer.step"):
+            return "optimizer (adamw)"
+        if name.startswith("Optimizer.zero_grad"):
+            return "gradient clipping and zeroing"
+    return None
+
+
+def profile_breakdown(args: argparse.Namespace) -> dict[str, Any]:
+    """Self CPU time of every operator in a few rackwise steps, by category (fractions)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = args.profile_steps
+    config = make_config("rackwise", args, steps + 1)
+    rack = create_rack_from_config(config)
+    handles = _label_modules(rack)
+    data = batches(args, steps + 1)
+    trainer = ArchitectureTrainer(config)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        start = time.perf_counter()
+        trainer.train_architecture(rack, data)
+        wall = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+
+    events = prof.events()
+    # Forward operators: category from their enclosing ranges; remember it by sequence number
+    # so the backward operators autograd runs for them get the same category.
+    by_sequence: dict[int, str] = {}
+    parents_of: dict[int, list[str]] = {}
+
+    for event in events:
+        names = [parent.name for parent in _parents(event)]
+        parents_of[id(event)] = names
+        if event.sequence_nr >= 0 and not event.name.startswith("autograd::"):
+            category = _category_of_range(names)
+            if category is not None:
+                by_sequence.setdefault(event.sequence_nr, category)
+
+    seconds: dict[str, float] = defaultdict(float)
+    for event in events:
+        if event.name.startswith(("cat::", "autograd::engine", "Optimizer.", "ProfilerStep")):
+            continue
+        own = event.self_cpu_time_total / 1e6
+        if own <= 0:
+            continue
+        names = parents_of[id(event)]
+        if event.name in MATMUL_OPS:
+            category = "matmul"
+        elif event.name.startswith(SDPA_PREFIX) or any(n.startswith(SDPA_PREFIX) for n in names):
+            category = "attention kernel (sdpa)"
+        elif any(marker in name for name in (event.name, *names) for marker in LOSS_MARKERS):
+            category = "loss"
+        elif "_foreach_norm" in event.name or "clamp" in event.name or "_foreach_mul" in event.name:
+            category = _category_of_range(names) or "gradient clipping and zeroing"
+        else:
+            category = _category_of_range(names) or ""
+            if not category:
+                backward = next(
+                    (p for p in _parents(event) if p.name.startswith("autograd::engine")), None
+                )
+                if backward is not None:
+                    category = by_sequence.get(
+                        backward.sequence_nr, "residual adds and other forward/backward"
+                    )
+                elif event.sequence_nr >= 0:
+                    category = "residual adds and other forward/backward"
+                else:
+                    category = "trainer and data"
+        seconds[category] += own
+    total = sum(seconds.values())
+    return {
+        "steps": steps + 1,
+        "wall_seconds_profiled": wall,
+        "operator_seconds": total,
+        "fractions": {c: seconds.get(c, 0.0) / total for c in CATEGORIES},
+        "top_operators": [
+            {"name": e.key, "self_seconds": e.self_cpu_time_total / 1e6, "calls": e.count}
+            for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[
+                :12
+            ]
+        ],
+    }
+
+
+def _parents(event: Any) -> list[Any]:
+    parents = []
+    parent = event.cpu_parent
+    while parent is not None:
+        parents.append(parent)
+        parent = parent.cpu_parent
+    return parents
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="rackwise optimizer steps")
+    parser.add_argument("--steps-per-stage", type=int, default=4, help="blockwise")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
+    parser.add_argument("--quick", action="store_true", help="tiny rack, one step (seconds)")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
+    args = parser.parse_args()
+    if args.quick:
+        args.d_model, args.layers, args.seq_len, args.batch_size = 64, 2, 32, 2
+        args.steps, args.steps_per_stage, args.profile_steps, args.matmul_size = 1, 1, 1, 256
+        args.threads = 1
+    threads = args.threads or torch.get_num_threads()
+    repeats = 3 if args.quick else 8
+    peak_before = matmul_peak(threads, args.matmul_size, repeats)
+    runs = {mode: train(mode, args) for mode in ("rackwise", "blockwise")}
+    peak_after = matmul_peak(threads, args.matmul_size, repeats)
+    peak = max(peak_before["flops_per_s"], peak_after["flops_per_s"])
+    for run in runs.values():
+        run["mfu"] = run["flops_per_s"] / peak
+    breakdown = profile_breakdown(args)
+    fractions = breakdown["fractions"]
+    not_matmul = sorted(
+        ((c, f) for c, f in fractions.items() if c != "matmul"), key=lambda x: -x[1]
+    )[:4]
+    note = (
+        f"operator time (profile of rackwise steps): matmul {fractions['matmul']:.0%}; "
+        + ", ".join(f"{c} {f:.0%}" for c, f in not_matmul)
+        + " — time outside matmuls runs far below the matmul peak"
+    )
+    rows = [
+        headline(
+            f"MFU, {mode}, d_model {args.d_model} x {args.layers} blocks, seq {args.seq_len}, "
+            f"batch {args.batch_size}, fp32, against the machine's measured matmul peak "
+            f"({peak / 1e9:.0f} GFLOP/s, {args.matmul_size}² matmul, {threads} threads)",
+            f"**{runs[mode]['mfu']:.2f}** ({runs[mode]['flops_per_s'] / 1e9:.0f} GFLOP/s executed)",
+            ">= 0.8",
+            runs[mode]["mfu"] >= 0.8,
+            "" if runs[mode]["mfu"] >= 0.8 else note,
+        )
+        for mode in runs
+    ]
+    result = {
+        "benchmark": "bench_mfu",
+        "settings": vars(args),
+        "threads": threads,
+        "peak": {"before": peak_before, "after": peak_after, "flops_per_s": peak},
+        "runs": runs,
+        "mfu": {mode: run["mfu"] for mode, run in runs.items()},
+        "profile": breakdown,
+        "goal": "MFU >= 0.8 (fp32, CPU, d_model >= 512)",
+        "goal_met": all(run["mfu"] >= 0.8 for run in runs.values()),
+        "headline": rows,
+    }
+    publish("bench_mfu", result, args.out, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

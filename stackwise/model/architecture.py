@@ -5,7 +5,8 @@
 - `Stack`: an ordered group of Blocks; the unit of stack-wise training; can be frozen.
 - `Rack`: token embedding -> Stacks -> final RMSNorm -> LM head (optionally tied to the
   embedding). It can also run in slices (`embed`, `forward_blocks`, `readout`) so a trainer can
-  train one piece on cached hidden states.
+  train one piece on cached hidden states. A causal Rack also runs incrementally
+  (`new_cache`, `forward_cached`), which `Rack.generate` (`stackwise.model.generation`) uses.
 
 A *block spec* is a plain dict of `Block` keyword arguments with every default resolved
 (`create_block_spec`); a *stack spec* is ``{stack_id, n_blocks, block_spec, freeze_blocks}``;
@@ -241,6 +242,12 @@ class Block(nn.Module):
         h = h + self.dropout(self.attn(self.attn_norm(h), attention_mask))
         return h + self.dropout(self.ffn(self.ffn_norm(h)))
 
+    def forward_cached(self, h: torch.Tensor, cache: Any) -> torch.Tensor:
+        """`forward` for the next tokens ``h [B, T_new, D]`` given the attention's cache of the
+        earlier ones (``block.attn.new_cache()``), which is extended; causal blocks only."""
+        h = h + self.dropout(self.attn.forward_cached(self.attn_norm(h), cache))  # type: ignore[operator]
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+
     @property
     def is_causal(self) -> bool:
         return self.attention_mode == "causal"
@@ -417,6 +424,29 @@ class Rack(nn.Module):
         for stack in self.stacks:
             h = stack(h, attention_mask)
         return self.readout(h)
+
+    def new_cache(self) -> list[Any]:
+        """An empty incremental-forward cache: one attention cache per block (causal racks)."""
+        if not self.is_causal:
+            raise ValueError("a KV cache needs causal attention in every block")
+        return [block.attn.new_cache() for block in self.blocks]  # type: ignore[operator]
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: list[Any]) -> torch.Tensor:
+        """Logits ``[B, T_new, vocab]`` of the next tokens ``input_ids [B, T_new]`` after the
+        tokens already in `cache` (`new_cache`), which is extended. Equals the last ``T_new``
+        positions of ``rack(all tokens)`` up to rounding; no padding mask."""
+        h = self.embed(input_ids)
+        for block, block_cache in zip(self.blocks, cache, strict=True):
+            h = block.forward_cached(h, block_cache)
+        return self.readout(h)
+
+    def generate(self, input_ids: torch.Tensor, **options: Any) -> Any:
+        """Continue ``input_ids`` ([T] or [B, T]); see `stackwise.model.generation.generate`
+        for the options (sampler, max_new_tokens, temperature, top_k, top_p, seed, ...).
+        Returns a `stackwise.model.generation.Generation`."""
+        from stackwise.model.generation import generate
+
+        return generate(self, input_ids, **options)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, T]`` -> hidden states ``[B, T, d_model]`` (positions come from RoPE

@@ -15,6 +15,12 @@ never needs positions from outside.
   positive feature map (elu+1 or FAVOR+), RoPE applied to the features in the numerator only;
   cost is linear in T and no T×T matrix is built. `redraw_kernel_features` redraws FAVOR+
   projections during training.
+
+Causal attention also runs incrementally for generation (`forward_cached`): the hidden states of
+the next tokens go in, with a per-module cache of everything before them (`new_cache`), and the
+cache is extended in place. MHA/GQA cache their rotated keys and values (`KVCache`), MLA caches
+its normed latent and rotated RoPE key and attends in the absorbed form (`LatentCache`), kernel
+attention keeps its running sums (`KernelState`). The training `forward` is untouched by this.
 """
 
 from __future__ import annotations
@@ -70,9 +76,10 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = cached
         return cached[:seq_len]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [..., T, dim]`` by its position along the second-to-last axis."""
-        return apply_rotary(x, self.rotation(x.shape[-2], x.device, x.dtype))
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rotate ``x [..., T, dim]`` by its position along the second-to-last axis, counted
+        from ``start``."""
+        return apply_rotary(x, self.rotation(start + x.shape[-2], x.device, x.dtype)[start:])
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -82,8 +89,10 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     strides = pairs.stride()
     if pairs.storage_offset() % 2 or strides[-1] != 1 or any(s % 2 for s in strides[:-1]):
         # A slice at an odd channel offset or with an odd row stride (MLA's RoPE part after an
-        # odd kv_lora_rank or head width) cannot be viewed as complex pairs in place.
-        pairs = pairs.contiguous()
+        # odd kv_lora_rank or head width) cannot be viewed as complex pairs in place. A copy,
+        # not `contiguous()`: a slice with only size-1 outer dims (one token of one sequence)
+        # counts as contiguous and would keep its odd offset.
+        pairs = pairs.clone(memory_format=torch.contiguous_format)
     pairs = pairs.unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
         # Inductor generates no code for complex numbers; this real form fuses instead.
@@ -128,6 +137,109 @@ def _head_layout(d_model: int, n_heads: int, n_kv_heads: int | None) -> tuple[in
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
     return n_kv_heads, d_model // n_heads
+
+
+# --------------------------------------------------------------------------------------------
+# Caches for incremental (generation) forwards
+# --------------------------------------------------------------------------------------------
+
+
+class SequenceBuffer:
+    """A tensor that grows along its second-to-last (sequence) axis.
+
+    Appending writes into preallocated room whose capacity doubles when full, so a generation
+    of N tokens copies O(N) elements in all rather than the O(N²) of concatenating every step.
+    """
+
+    def __init__(self) -> None:
+        self._data: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Append ``x [..., T_new, D]``; returns a view of everything so far ``[..., T, D]``."""
+        new_length = self.length + x.shape[-2]
+        if self._data is None or self._data.shape[-2] < new_length:
+            capacity = max(new_length, 2 * (0 if self._data is None else self._data.shape[-2]), 16)
+            grown = x.new_empty((*x.shape[:-2], capacity, x.shape[-1]))
+            if self._data is not None:
+                grown[..., : self.length, :] = self._data[..., : self.length, :]
+            self._data = grown
+        self._data[..., self.length : new_length, :] = x
+        self.length = new_length
+        return self._data[..., :new_length, :]
+
+
+class KVCache:
+    """MHA/GQA cache: rotated keys and values ``[B, n_kv_heads, T, head_dim]``."""
+
+    def __init__(self) -> None:
+        self.keys = SequenceBuffer()
+        self.values = SequenceBuffer()
+
+    @property
+    def length(self) -> int:
+        return self.keys.length
+
+
+class LatentCache:
+    """MLA cache: per token the normed latent and the rotated shared RoPE key, stored side by
+    side as one key row ``[c | k_rope]`` ``[B, 1, T, kv_lora_rank + rope_dim]``; the values
+    are its first ``kv_lora_rank`` channels (the absorbed form attends to the latent itself)."""
+
+    def __init__(self) -> None:
+        self.keys = SequenceBuffer()
+
+    @property
+    def length(self) -> int:
+        return self.keys.length
+
+
+class KernelState:
+    """Kernel attention's running sums over the tokens seen so far.
+
+    ``numerator`` is ``Σ_s R_s φ(k_s) v_sᵀ`` ``[B, kv, 1, F, head_dim]`` and ``normaliser``
+    ``Σ_s φ(k_s)`` ``[B, kv, 1, 1, F]``. For FAVOR+ both are stored scaled by ``exp(-shift)``,
+    ``shift`` ``[B, kv, 1, 1, 1]`` being the largest key log-feature so far (the training
+    forward shifts by the largest over the whole sequence; any common shift cancels).
+    """
+
+    def __init__(self) -> None:
+        self.numerator: torch.Tensor | None = None
+        self.normaliser: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+        self.length = 0
+
+
+def _cached_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of queries at positions ``start..start+T_new-1`` to keys ``0..T-1``."""
+    new = q.shape[-2]
+    mask = None
+    if new > 1 and start > 0:  # query i sees keys up to start + i
+        query_pos = torch.arange(start, start + new, device=q.device)[:, None]
+        mask = torch.arange(k.shape[-2], device=q.device)[None, :] <= query_pos
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=new > 1 and start == 0,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+
+
+def _check_causal_cache(causal: bool) -> None:
+    if not causal:
+        raise ValueError(
+            "incremental forwards need causal attention: a bidirectional block's earlier "
+            "outputs change with every new token"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +301,26 @@ class GroupedQueryAttention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(batch, seq_len, n_q * self.head_dim)
         return self.o_proj(out)
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Outputs for the next tokens ``x [B, T_new, D]`` after the ``cache.length`` cached
+        ones (causal mode, no padding); their keys and values are appended to `cache`."""
+        _check_causal_cache(self.causal)
+        batch, new, _ = x.shape
+        start, n_q, n_kv = cache.length, self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(batch, new, n_q + 2 * n_kv, self.head_dim)
+        qk, v = qkv.split((n_q + n_kv, n_kv), dim=2)
+        if self.rotary is not None:
+            rotation = self.rotary.rotation(start + new, x.device, x.dtype)[start:]
+            qk = apply_rotary(qk, rotation[:, None])
+        q, k = qk.transpose(1, 2).split((n_q, n_kv), dim=1)
+        keys = cache.keys.append(k)
+        values = cache.values.append(v.transpose(1, 2))
+        out = _cached_sdpa(q, keys, values, start)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, new, n_q * self.head_dim))
 
     def attention_flops_per_token(self, n_ctx: int) -> int:
         """Forward FLOPs of QKᵀ and AV per token (full context; no causal halving)."""
@@ -255,23 +387,24 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.rotary = RotaryEmbedding(self.rope_dim, rope_theta) if use_rope else None
 
-    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head ``q_nope [B,H,T,head_dim]`` and rotated ``q_rope [B,H,T,rope_dim]``."""
+    def _queries(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head ``q_nope [B,H,T,head_dim]`` and rotated ``q_rope [B,H,T,rope_dim]`` (the
+        tokens at positions ``start..start+T-1``)."""
         batch, seq_len, _ = x.shape
         if self.q_down is not None and self.q_norm is not None:
             x = self.q_norm(self.q_down(x))
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim + self.rope_dim)
         q_nope, q_rope = q.transpose(1, 2).split((self.head_dim, self.rope_dim), dim=-1)
         if self.rotary is not None:
-            q_rope = self.rotary(q_rope)
+            q_rope = self.rotary(q_rope, start)
         return q_nope, q_rope
 
-    def _latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Normed shared latent ``c [B,T,r]`` and rotated shared key ``k_rope [B,1,T,rope_dim]``."""
         latent, k_rope = self.kv_down(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
         k_rope = k_rope.unsqueeze(1)
         if self.rotary is not None:
-            k_rope = self.rotary(k_rope)
+            k_rope = self.rotary(k_rope, start)
         return self.kv_norm(latent), k_rope
 
     def _attend(
@@ -327,6 +460,27 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((latent.unsqueeze(1), k_rope), dim=-1)  # [B, 1, T, r + rope_dim]
         out_latent = self._attend(q, k, latent.unsqueeze(1), attention_mask)  # [B, H, T, r]
         out = torch.einsum("bhtr,hdr->bthd", out_latent, w_uv).reshape(batch, seq_len, -1)
+        return self.o_proj(out)
+
+    def new_cache(self) -> LatentCache:
+        return LatentCache()
+
+    def forward_cached(self, x: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """`forward_absorbed` for the next tokens ``x [B, T_new, D]`` after the cached ones
+        (causal mode, no padding): only ``[c | k_rope]`` per token is cached and every head
+        attends to it, with ``W_uk`` folded into the queries and ``W_uv`` applied after."""
+        _check_causal_cache(self.causal)
+        batch, new, _ = x.shape
+        start = cache.length
+        q_nope, q_rope = self._queries(x, start)
+        latent, k_rope = self._latent(x, start)
+        keys = cache.keys.append(torch.cat((latent.unsqueeze(1), k_rope), dim=-1))
+        w_kv = self.kv_up.weight.view(self.n_heads, 2 * self.head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split((self.head_dim, self.head_dim), dim=1)
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+        q = torch.cat((q_latent, q_rope), dim=-1)
+        out_latent = _cached_sdpa(q, keys, keys[..., : self.kv_lora_rank], start, self.scale)
+        out = torch.einsum("bhtr,hdr->bthd", out_latent, w_uv).reshape(batch, new, -1)
         return self.o_proj(out)
 
     def attention_flops_per_token(self, n_ctx: int) -> int:
@@ -439,9 +593,7 @@ class KernelAttention(nn.Module):
         if self.projection is None:
             phi = F.elu(x) + 1.0
             return phi if valid is None else phi.masked_fill(~valid, 0.0)
-        # FAVOR+: φ(x) = exp(wᵀx' - |x'|²/2) / sqrt(m) with x' = x / d^(1/4).
-        x = x * self.head_dim**-0.25
-        logits = x @ self.projection.to(x.dtype).T - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        logits = self._favor_logits(x)
         if is_query:  # one shift per row
             shift = logits.amax(dim=-1, keepdim=True)
         else:  # keys: one shift over every real key and feature of the head
@@ -451,6 +603,13 @@ class KernelAttention(nn.Module):
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         # The shift cancels between numerator and denominator: it carries no gradient.
         return torch.exp(logits - shift.detach()) * self.n_features**-0.5
+
+    def _favor_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """FAVOR+: φ(x) = exp(wᵀx' - |x'|²/2) / sqrt(m) with x' = x / d^(1/4); this is the
+        exponent ``wᵀx' - |x'|²/2``."""
+        assert self.projection is not None
+        x = x * self.head_dim**-0.25
+        return x @ self.projection.to(x.dtype).T - 0.5 * x.pow(2).sum(-1, keepdim=True)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -487,6 +646,62 @@ class KernelAttention(nn.Module):
         out = numerator / denominator.unsqueeze(-1)  # [B, kv, group, T, head_dim]
         out = out.permute(0, 3, 1, 2, 4).reshape(batch, seq_len, self.n_heads * head_dim)
         return self.o_proj(out)
+
+    def new_cache(self) -> KernelState:
+        return KernelState()
+
+    def forward_cached(self, x: torch.Tensor, state: KernelState) -> torch.Tensor:
+        """Outputs for the next tokens ``x [B, T_new, D]`` after the ``state.length`` seen ones
+        (causal mode, no padding), from the running sums in `state`, which are then extended:
+        the numerator adds ``(R_t φ(q_t))ᵀ S`` to the chunked product over the new tokens,
+        the normaliser adds ``z`` to their prefix sum of φ(k). Cost per token is constant."""
+        _check_causal_cache(self.causal)
+        batch, new, _ = x.shape
+        start = state.length
+        n_kv, group, head_dim = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            (self.n_heads * head_dim, n_kv * head_dim, n_kv * head_dim), dim=-1
+        )
+        q = q.view(batch, new, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)
+        k = k.view(batch, new, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
+        v = v.view(batch, new, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
+        phi_q = self._phi(q, is_query=True)
+        phi_k = self._running_key_features(k, state)
+        rot_q, rot_k = phi_q, phi_k
+        if self.rotary is not None:
+            rotation = self.rotary.rotation(start + new, x.device, phi_q.dtype)[start:]
+            rot_q, rot_k = apply_rotary(phi_q, rotation), apply_rotary(phi_k, rotation)
+        numerator = self._causal_numerator(rot_q, rot_k, v)
+        z = torch.cumsum(phi_k, dim=-2)
+        if state.numerator is not None and state.normaliser is not None:
+            numerator = numerator + rot_q @ state.numerator
+            z = z + state.normaliser
+        denominator = (phi_q.unsqueeze(-2) @ z.unsqueeze(-1)).flatten(-3)
+        denominator = denominator + self.eps * phi_q.sum(-1) * z.sum(-1)
+        denominator = denominator.masked_fill(denominator == 0, 1.0)
+        out = numerator / denominator.unsqueeze(-1)
+        block_state = rot_k.transpose(-1, -2) @ v  # [B, kv, 1, F, head_dim]
+        state.numerator = block_state if state.numerator is None else state.numerator + block_state
+        state.normaliser = z[..., -1:, :]
+        state.length = start + new
+        out = out.permute(0, 3, 1, 2, 4).reshape(batch, new, self.n_heads * head_dim)
+        return self.o_proj(out)
+
+    def _running_key_features(self, k: torch.Tensor, state: KernelState) -> torch.Tensor:
+        """φ(k) of new keys; for FAVOR+ shifted by the largest key log-feature seen so far,
+        rescaling the sums in `state` when a new key raises it (as an online softmax does)."""
+        if self.projection is None:
+            return self._phi(k, is_query=False)
+        logits = self._favor_logits(k)
+        shift = logits.amax(dim=(-2, -1), keepdim=True)
+        if state.shift is not None:
+            shift = torch.maximum(shift, state.shift)
+            rescale = torch.exp(state.shift - shift)
+            if state.numerator is not None and state.normaliser is not None:
+                state.numerator = state.numerator * rescale
+                state.normaliser = state.normaliser * rescale
+        state.shift = shift
+        return torch.exp(logits - shift) * self.n_features**-0.5
 
     def _causal_numerator(
         self, rot_q: torch.Tensor, rot_k: torch.Tensor, v: torch.Tensor

@@ -1,4 +1,5 @@
-"""Test sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`.
+"""Test sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`; `nox -s bench` (not run by
+default) measures the CPU benchmark set and rewrites the README's benchmark table.
 
 torch is installed as its CPU build unless STACKWISE_TORCH names another requirement
 (e.g. STACKWISE_TORCH=torch for the default CUDA wheel on a GPU machine).
@@ -42,3 +43,25 @@ def typecheck(session: nox.Session) -> None:
     """mypy over the package."""
     _install_project(session, "dev")
     session.run("mypy", "stackwise")
+
+
+# The CPU benchmark set, in full mode (about 10 minutes on 2 cores). Each writes its JSON to
+# benchmarks/results/; report.py then rewrites the README's table from them.
+BENCHMARKS = (
+    "bench_vs_llama.py",
+    "bench_mfu.py",
+    "bench_memory.py",
+    "bench_capacity.py",
+    "bench_depth.py",
+    "bench_attention.py",
+    "bench_logging_overhead.py",
+)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the CPU benchmarks (full mode) and regenerate the README table from their JSON."""
+    _install_project(session, "bench")
+    for script in BENCHMARKS:
+        session.run("python", f"benchmarks/{script}", *session.posargs)
+    session.run("python", "benchmarks/report.py")

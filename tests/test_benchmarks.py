@@ -1,0 +1,247 @@
+"""The benchmark scripts in their --quick mode (real subprocesses, tiny shapes) and the README
+table generator (benchmarks/report.py) on temporary files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stackwise.config.base import TrainingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+HEADLINE_KEYS = {"what", "figure", "goal", "met", "note"}
+RUN_KEYS = {"machine", "torch", "date", "command", "load_average_at_start"}
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / f"{script}.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--quick", "--out", str(out), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == script
+    assert data["quick"] is True
+    assert set(data["run"]) >= RUN_KEYS
+    assert f"benchmarks/{script}.py --quick" in data["run"]["command"]
+    assert data["headline"], "a benchmark with a goal reports a headline row"
+    for row in data["headline"]:
+        assert set(row) == HEADLINE_KEYS
+    return data
+
+
+def test_vs_llama_quick(tmp_path: Path) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("needs the bench extra (transformers)")
+    data = run_quick("bench_vs_llama", tmp_path)
+    (shape,) = data["shapes"].values()
+    # Same architecture, so the same parameter count; both models really trained.
+    assert shape["parameters"]["stackwise"] == shape["parameters"]["llama"]
+    assert set(shape["steps_per_s"]) == {"stackwise", "llama"}
+    assert all(t > 0 for t in shape["median_step_s"].values())
+    ratio = shape["steps_per_s"]["stackwise"] / shape["steps_per_s"]["llama"]
+    assert math.isclose(data["speed_ratio"]["32x2"], ratio)
+
+
+def test_mfu_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_mfu", tmp_path)
+    peak = data["peak"]
+    size = peak["before"]["size"]
+    assert math.isclose(
+        peak["before"]["flops_per_s"], 2 * size**3 / peak["before"]["best_seconds"], rel_tol=1e-9
+    )
+    assert peak["flops_per_s"] == max(peak["before"]["flops_per_s"], peak["after"]["flops_per_s"])
+    for mode in ("rackwise", "blockwise"):
+        run = data["runs"][mode]
+        expected = run["flops"] / run["train_seconds"] / peak["flops_per_s"]
+        assert math.isclose(run["mfu"], expected, rel_tol=1e-9)
+        assert run["mfu"] > 0
+    fractions = data["profile"]["fractions"]
+    assert "matmul" in fractions and "optimizer (adamw)" in fractions
+    assert math.isclose(sum(fractions.values()), 1.0, rel_tol=1e-6)
+    assert fractions["matmul"] > 0 and fractions["optimizer (adamw)"] > 0
+
+
+def test_memory_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_memory", tmp_path)
+    runs = data["runs"]
+    assert set(runs) == {"rackwise", "stackwise", "blockwise"}
+    # Each mode trains the same rack for its stages: 1, 3 (stacks) and 12 (blocks) x 2 steps.
+    assert {m: r["steps"] for m, r in runs.items()} == {
+        "rackwise": 2,
+        "stackwise": 6,
+        "blockwise": 24,
+    }
+    assert len({r["parameters"] for r in runs.values()}) <= 2  # untied head: + one embedding
+    assert all(r["peak_rss_delta_bytes"] > 0 for r in runs.values())
+    # The blockwise pool (2 micro-batches of 2 x 64 x 64 fp32) is cached.
+    assert runs["blockwise"]["cache_bytes"] == 2 * 2 * 64 * 64 * 4
+    assert math.isclose(
+        data["blockwise_over_rackwise"],
+        runs["blockwise"]["peak_rss_delta_bytes"] / runs["rackwise"]["peak_rss_delta_bytes"],
+    )
+
+
+def test_capacity_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_capacity", tmp_path)
+    expected_modes = ["rackwise", "blockwise"]
+    if "out_of_core" in TrainingConfig.model_fields:
+        expected_modes.append("blockwise_out_of_core")
+    assert data["modes"] == expected_modes
+    # Hand count at d_model 32, one block, vocabulary 260, tied head: embedding 260*32,
+    # qkv 32*96, o 32*32, SwiGLU 3*32*88 (d_ff 88), two block norms and the final norm.
+    hand_count = 260 * 32 + 32 * 96 + 32 * 32 + 3 * 32 * 88 + 3 * 32
+    for mode in expected_modes:
+        result = data["results"][mode]
+        (trial,) = result["trials"]
+        assert trial["fits"] and trial["depth"] == 1
+        assert result["largest_depth"] == 1 and result["stopped_at_max_depth"]
+        assert result["largest_parameters"] == hand_count
+
+
+def test_capacity_cap_stops_a_rack_that_does_not_fit(tmp_path: Path) -> None:
+    # 64 MiB is below what Python with torch needs at all: no trial may be reported as fitting.
+    data = run_quick("bench_capacity", tmp_path, "--cap-mb", "64")
+    for result in data["results"].values():
+        (trial,) = result["trials"]
+        assert not trial["fits"]
+        assert result["largest_depth"] is None and result["first_failing_depth"] == 1
+    if data["method"] == "cgroup":
+        assert all(r["trials"][0]["returncode"] != 0 for r in data["results"].values())
+
+
+def test_depth_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_depth", tmp_path)
+    times = data["wall_time_s"]
+    assert set(times) == {"cached", "uncached"}
+    assert all(set(t) == {"1", "2", "4"} for t in times.values())
+    assert math.isclose(
+        data["time16_over_time8"]["cached"], times["cached"]["4"] / times["cached"]["2"]
+    )
+    assert data["goal_met"] == (times["cached"]["4"] / times["cached"]["2"] <= 2.2)
+
+
+def test_attention_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_attention", tmp_path)
+    points = data["points"]
+    assert set(points) == {"mha", "gqa", "mla", "kernel_elu", "kernel_favor"}
+    d_model = data["settings"]["d_model"]
+    for kind, by_length in points.items():
+        assert set(by_length) == {"64", "128"}, kind
+        for length, point in by_length.items():
+            assert point["seconds"] > 0
+            # At least the output and its gradient, [1, T, d_model] fp32 each, are allocated.
+            assert point["peak_bytes"] >= 2 * int(length) * d_model * 4, (kind, length)
+    elu = points["kernel_elu"]
+    assert math.isclose(
+        data["time_ratio_long_over_quarter"]["kernel_elu"],
+        elu["128"]["seconds"] / elu["64"]["seconds"],
+    )
+
+
+def test_logging_overhead_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_logging_overhead", tmp_path)
+    assert data["train_loss_points_logged"] == 20 // 5  # 20 steps, logged every 5
+    assert 0 < data["hook_time_fraction"] < 1
+    assert len(data["plain_wall_s"]) == len(data["logged_wall_s"]) == 1
+
+
+# -- the README table -------------------------------------------------------------------------
+
+
+def _result(name: str, rows: list[dict[str, Any]], quick: bool = False) -> dict[str, Any]:
+    return {
+        "benchmark": name,
+        "quick": quick,
+        "headline": rows,
+        "run": {
+            "machine": "Test CPU, 2 cores (x86_64)",
+            "torch": "2.0",
+            "date": "2030-01-02 03:04 UTC",
+            "load_average_at_start": [0.25, 0.5, 0.5],
+            "command": f"python benchmarks/{name}.py",
+        },
+    }
+
+
+def _row(what: str, figure: str, met: bool | None, note: str = "") -> dict[str, Any]:
+    return {"what": what, "figure": figure, "goal": ">= 1", "met": met, "note": note}
+
+
+def _report(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / "report.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_report_rewrites_only_between_the_markers(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_depth.json").write_text(
+        json.dumps(_result("bench_depth", [_row("Depth", "2.06", True)]))
+    )
+    (results / "bench_vs_llama.json").write_text(
+        json.dumps(
+            _result(
+                "bench_vs_llama",
+                [_row("Speed a", "1.1x", True), _row("Speed b", "0.9x", False, "a | b")],
+            )
+        )
+    )
+    quick = _result("bench_mfu", [_row("Quick only", "9", True)], quick=True)
+    (results / "bench_mfu.json").write_text(json.dumps(quick))
+    (results / "bench_cache_spill.json").write_text(json.dumps({"benchmark": "x"}))
+    before, after = "# Title\n\nIntro text.\n", "\nAfter the table.\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(before + "<!-- bench:start -->\nold table\n<!-- bench:end -->" + after)
+
+    done = _report("--results", str(results), "--readme", str(readme))
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert text.startswith(before + "<!-- bench:start -->\n")
+    assert text.endswith("<!-- bench:end -->" + after)
+    assert "old table" not in text and "Quick only" not in text
+    body = text[text.index("<!-- bench:start -->") : text.index("<!-- bench:end -->")]
+    rows = [line for line in body.splitlines() if line.startswith("| ") and "---" not in line]
+    header, *table = rows
+    assert header.startswith("| What |")
+    # Llama rows first (the README's order), then depth; a missed goal carries its note, with
+    # the pipe escaped so the table keeps its columns.
+    assert [r.split(" | ")[0] for r in table] == ["| Speed a", "| Speed b", "| Depth"]
+    assert table[1].split(" | ")[3] == "**no**: a \\| b"
+    assert table[0].split(" | ")[3] == "yes"
+    assert "`python benchmarks/bench_vs_llama.py`" in table[0]
+    assert "Test CPU, 2 cores (x86_64), torch 2.0; 2030-01-02 03:04 UTC; load 0.2" in table[0]
+    assert all(r.count(" | ") == 5 for r in table)
+
+    # Rewriting again changes nothing, and --check agrees; a stale table fails --check.
+    assert _report("--results", str(results), "--readme", str(readme)).returncode == 0
+    assert readme.read_text() == text
+    assert _report("--results", str(results), "--readme", str(readme), "--check").returncode == 0
+    readme.write_text(text.replace("Speed a", "Speed z"))
+    assert _report("--results", str(results), "--readme", str(readme), "--check").returncode == 1
+
+
+def test_report_without_markers_is_a_clear_error(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nno markers here\n")
+    done = _report("--results", str(tmp_path), "--readme", str(readme))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "bench:start" in done.stderr
+    assert readme.read_text() == "# Title\n\nno markers here\n"

@@ -8,7 +8,12 @@ stored once) and ``rack_spec.json`` (``rack.spec()``, everything ``create_rack_f
 carries a signature (``input_ids`` int64 [B, T] -> ``logits`` float32 [B, T, vocab]).
 
 `load_rack(run_id)` does not go through pyfunc at all: it downloads the two files and rebuilds the
-Rack, which then gives the same logits as the trained one.
+Rack, which then gives the same logits as the trained one. It also takes a folder holding the two
+files (``stackwise export --format safetensors`` writes one).
+
+`load_trained(run_id | folder)` adds what generation needs besides the weights: the run's
+tokenizer (a BPE is stored with the model as ``tokenizer.json``; byte runs need none), its
+training objective and its resolved config (``config.yaml``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature
 
+    from stackwise.data.tokenizer import Tokenizer
     from stackwise.model.architecture import Rack
 
 MODEL_NAME = "model"
@@ -36,6 +43,7 @@ SPEC_ARTIFACT = "rack_spec"
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "rack_spec.json"
 TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.yaml"  # the resolved config, as each grid-point run logs it
 PYFUNC_CODE = Path(__file__).with_name("rack_pyfunc.py")
 
 
@@ -162,10 +170,14 @@ def _model_of_run(client: MlflowClient, run_id: str) -> Any:
 
 
 def load_rack(run_id: str, tracking_uri: str | None = None) -> Rack:
-    """The Rack trained by run `run_id`, rebuilt from its spec and safetensors weights."""
+    """The Rack trained by run `run_id` (or saved in the folder `run_id`), rebuilt from its
+    spec and safetensors weights."""
     import mlflow
     from mlflow import MlflowClient
 
+    if Path(run_id).is_dir():
+        folder = Path(run_id)
+        return rack_from_files(folder / WEIGHTS_FILE, folder / SPEC_FILE)
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     model = _model_of_run(client, run_id)
@@ -180,3 +192,151 @@ def load_rack(run_id: str, tracking_uri: str | None = None) -> Rack:
         weights = next(local.rglob(WEIGHTS_FILE))
         spec = next(local.rglob(SPEC_FILE))
         return rack_from_files(weights, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# a trained model with what generation and export need
+# --------------------------------------------------------------------------------------------
+
+
+class TrainedModelError(ValueError):
+    """A run or folder that cannot be loaded as a trained model (one line, for the user)."""
+
+
+@dataclass
+class TrainedModel:
+    """A trained Rack with its tokenizer, objective and resolved config (when known)."""
+
+    rack: Rack
+    tokenizer: Tokenizer
+    objective: str | None  # training.objective: clm, mlm or diffusion
+    name: str  # the run's name, or the folder
+    source: str  # run id or folder path
+    config_yaml: str | None = None
+    tokenizer_json: str | None = None  # a BPE's own JSON; None for the byte tokenizer
+    seq_len: int | None = None
+
+
+def _tokenizer_of(
+    rack: Rack, tokenizer_json: str | None, kind: str | None, where: str
+) -> Tokenizer:
+    from stackwise.data.tokenizer import BPETokenizer, ByteTokenizer
+
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(tokenizer_json))
+    if kind == "bpe":
+        raise TrainedModelError(
+            f"{where}: trained with a BPE tokenizer that is not stored with it "
+            f"(no {TOKENIZER_FILE}); it cannot be decoded"
+        )
+    if rack.vocab_size < ByteTokenizer.vocab_size:
+        raise TrainedModelError(
+            f"{where}: vocabulary of {rack.vocab_size} ids, but no {TOKENIZER_FILE} and the byte "
+            f"tokenizer needs {ByteTokenizer.vocab_size}"
+        )
+    return ByteTokenizer()
+
+
+def _config_fields(config_yaml: str | None) -> dict[str, Any]:
+    """objective, tokenizer kind and seq_len from a resolved config's YAML (if given)."""
+    if config_yaml is None:
+        return {}
+    import yaml
+
+    data = yaml.safe_load(config_yaml) or {}
+    training, data_section = data.get("training") or {}, data.get("data") or {}
+    return {
+        "objective": training.get("objective"),
+        "seq_len": training.get("seq_len"),
+        "tokenizer": data_section.get("tokenizer"),
+    }
+
+
+def load_trained(source: str, tracking_uri: str | None = None) -> TrainedModel:
+    """The model of run `source`, or of the folder `source` (``weights.safetensors``,
+    ``rack_spec.json``, optional ``tokenizer.json`` and ``config.yaml``), with its tokenizer and
+    training objective. Raises `TrainedModelError` (and MLflow's errors for a run the store
+    does not have)."""
+    folder = Path(source)
+    if folder.is_dir():
+        missing = [n for n in (WEIGHTS_FILE, SPEC_FILE) if not (folder / n).is_file()]
+        if missing:
+            raise TrainedModelError(f"{folder}: not a saved rack (no {', '.join(missing)})")
+        rack = rack_from_files(folder / WEIGHTS_FILE, folder / SPEC_FILE)
+        tokenizer_path, config_path = folder / TOKENIZER_FILE, folder / CONFIG_FILE
+        tokenizer_json = (
+            tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
+        )
+        config_yaml = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+        fields = _config_fields(config_yaml)
+        return TrainedModel(
+            rack=rack,
+            tokenizer=_tokenizer_of(rack, tokenizer_json, fields.get("tokenizer"), str(folder)),
+            objective=fields.get("objective"),
+            name=folder.name,
+            source=str(folder),
+            config_yaml=config_yaml,
+            tokenizer_json=tokenizer_json,
+            seq_len=fields.get("seq_len"),
+        )
+    return _load_trained_run(source, resolve_tracking_uri(tracking_uri))
+
+
+def _load_trained_run(run_id: str, uri: str) -> TrainedModel:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from stackwise.tracking.logger import TAG_RUN_NAME
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    try:
+        model = _model_of_run(client, run_id)
+    except LookupError as error:
+        raise TrainedModelError(f"run {run_id}: {error} (tracking.log_model was off?)") from None
+    with (
+        tempfile.TemporaryDirectory(prefix="stackwise-load-") as temp,
+        use_tracking_uri(uri),
+        _no_progress_bars(),
+    ):
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=temp)
+        )
+        rack = rack_from_files(next(local.rglob(WEIGHTS_FILE)), next(local.rglob(SPEC_FILE)))
+        tokenizer_file = next(local.rglob(TOKENIZER_FILE), None)
+        tokenizer_json = tokenizer_file.read_text(encoding="utf-8") if tokenizer_file else None
+        config_yaml = None
+        names = {a.path for a in client.list_artifacts(run_id)}
+        if CONFIG_FILE in names:
+            config = client.download_artifacts(run_id, CONFIG_FILE, temp)
+            config_yaml = Path(config).read_text(encoding="utf-8")
+    params = run.data.params
+    seq_len = params.get("training.seq_len")
+    name = run.data.tags.get(TAG_RUN_NAME) or run.info.run_name or run_id
+    return TrainedModel(
+        rack=rack,
+        tokenizer=_tokenizer_of(rack, tokenizer_json, params.get("data.tokenizer"), f"run {name}"),
+        objective=params.get("training.objective"),
+        name=name,
+        source=run_id,
+        config_yaml=_with_vocab_size(config_yaml, rack.vocab_size),
+        tokenizer_json=tokenizer_json,
+        seq_len=int(seq_len) if seq_len and seq_len.isdigit() else None,
+    )
+
+
+def _with_vocab_size(config_yaml: str | None, vocab_size: int) -> str | None:
+    """The logged config has ``model.vocab_size: null`` when the tokenizer decided it; the
+    rack knows the value."""
+    if config_yaml is None:
+        return None
+    import yaml
+
+    data = yaml.safe_load(config_yaml) or {}
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("vocab_size") is None:
+        model["vocab_size"] = vocab_size
+        return str(yaml.safe_dump(data, sort_keys=False))
+    return config_yaml

@@ -344,6 +344,9 @@ def test_compare_file_shows_latest_finished_run_of_current_settings(
     assert f"| {LR} |" in header
     plain = _hand_compare(uri, str(path), "--format", "markdown")
     assert "config_hash" not in plain.stdout and "start_time" not in plain.stdout
+    # --set resolves a file; an experiment name has no settings to override.
+    by_name_set = _hand_compare(uri, "hand", "--set", f"{LR}=0.002")
+    assert by_name_set.exit_code == 2 and "give its file instead" in by_name_set.stderr
 
 
 def test_compare_file_notes_grid_points_without_a_run(tmp_path: Path, blank_store: Path) -> None:

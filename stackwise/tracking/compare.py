@@ -118,6 +118,12 @@ def resolve_experiments(
     from stackwise.config.experiment import expand_grid, load_experiment
 
     files = [i for i in items if Path(i).is_file() or i.endswith((".yaml", ".yml"))]
+    if (overrides or only) and not files:
+        flag = "--set" if overrides else "--only"
+        raise CompareError(
+            f"{flag} resolves an experiment file as `stackwise run` would; {items[0]!r} is an "
+            "experiment name: give its file instead"
+        )
     refs: dict[tuple[str, str], ExperimentRef] = {}
     for item in items:
         if item not in files:
@@ -805,7 +811,7 @@ def load_curves(frame: pl.DataFrame, history: MetricHistory) -> list[RunCurve]:
                 flops=history(run_id, "train/flops"),
                 stage_starts=[step for step, index in stages if index > 0],
                 final_val_loss=row.get("val_loss"),
-                final_tokens=_first_present(row.get("tokens_seen"), _last(history, run_id)),
+                final_tokens=_final_tokens(row, history),
                 final_flops=row.get("flops"),
                 peak_memory_mb=row.get("peak_memory_mb"),
             )
@@ -813,16 +819,12 @@ def load_curves(frame: pl.DataFrame, history: MetricHistory) -> list[RunCurve]:
     return curves
 
 
-def _last(history: MetricHistory, run_id: str) -> float | None:
-    series = history(run_id, "total_tokens")
+def _final_tokens(row: dict[str, Any], history: MetricHistory) -> float | None:
+    """Training tokens of a finished run: ``tokens_seen``, else (older runs) ``total_tokens``."""
+    if row.get("tokens_seen") is not None:
+        return float(row["tokens_seen"])
+    series = history(row["run_id"], "total_tokens")
     return series[-1][1] if series else None
-
-
-def _first_present(*values: Any) -> float | None:
-    for value in values:
-        if value is not None:
-            return float(value)
-    return None
 
 
 def _at(series: Sequence[tuple[int, float]], step: int) -> float:

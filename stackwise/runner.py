@@ -607,6 +607,10 @@ def _train(
     metadata = read_checkpoint_metadata(folder) if folder.exists() else None
     if metadata is not None and metadata.get(CHECKPOINT_TRAINER_HASH, trainer_hash) != trainer_hash:
         shutil.rmtree(folder, ignore_errors=True)
+        progress.print(
+            f"    {point.spec.name}: its checkpoint was written under other settings outside the "
+            f"run identity (a device name, a data path); starting over inside run {run_id}"
+        )
     rack = create_rack_from_config(config)
     training = config.training
     logger = MlflowLogger(

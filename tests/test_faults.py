@@ -90,6 +90,8 @@ class Cli:
 
     def __init__(self, cwd: Path, *args: str) -> None:
         self.lines: list[str] = []
+        self.started = time.monotonic()
+        self.ended = float("inf")  # when its output closed (it exited)
         self.process = subprocess.Popen(
             cli_command(*args),
             cwd=cwd,
@@ -105,6 +107,7 @@ class Cli:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.append(line)
+        self.ended = time.monotonic()
 
     @property
     def output(self) -> str:
@@ -245,6 +248,37 @@ def test_sighup_checkpoints_and_another_store_leaves_it_alone(
     assert f"resuming (run {a_run})" in output
     (a_point,) = experiment_runs(a_uri, "stores", "point")
     assert (a_point.info.run_id, a_point.info.status) == (a_run, "FINISHED")
+
+
+def test_checkpoint_under_another_device_name_restarts_inside_the_run(
+    tmp_path: Path, empty_store: Path
+) -> None:
+    """`device: cpu` then `device: auto` on a CPU-only machine is one run: its checkpoint (the
+    trainer checks its exact config) is dropped and the point trains again inside that run."""
+    import torch
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("auto is not cpu here")
+    uri = new_store(empty_store, tmp_path / "store" / "mlflow.db")
+    path = write_file(tmp_path, "device", grid={"training.budget.steps": [300]})
+    (identity,) = identities(path, uri)
+    folder = checkpoint_dir(uri, "device", identity)
+    interrupted = Cli(tmp_path, "run", str(path), "--tracking-uri", uri)
+    interrupted.wait_for(lambda: read_checkpoint_metadata(folder))
+    run_id = read_checkpoint_metadata(folder)["mlflow_run_id"]  # type: ignore[index]
+    output = interrupted.kill(signal.SIGTERM)
+    assert interrupted.process.returncode == 143, output
+
+    args = ("run", str(path), "--tracking-uri", uri, "--set", "training.device=auto")
+    code, output = run(tmp_path, *args)
+    assert code == 0, output
+    assert f"starting over inside run {run_id}" in output
+    (point,) = experiment_runs(uri, "device", "point")
+    assert (point.info.run_id, point.info.status) == (run_id, "FINISHED")
+    client = client_of(uri)
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(LOG_EVERY, 301, LOG_EVERY))
+    assert_each_step_logged_once(client, run_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,17 +430,21 @@ def test_stores_that_cannot_work_are_one_line_errors(
             "pip install psycopg2-binary",
         ),
     }
-    started = time.monotonic()
     processes = {name: (Cli(tmp_path, *args), expected) for name, (args, expected) in cases.items()}
+    elapsed = {}
     for name, (cli, expected) in processes.items():
-        output = cli.finish(timeout=30)
-        elapsed = time.monotonic() - started
+        output = cli.finish(timeout=60)
+        elapsed[name] = cli.ended - cli.started
         assert cli.process.returncode == 2, (name, output)
-        assert elapsed < 15, (name, elapsed)
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], (name, output)
         assert "Traceback" not in output, (name, output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checked.yaml"]
+    # Within 15 s. On a loaded machine Python itself starts slowly: the quickest failure (a
+    # missing driver, found without any network) measures that, and is allowed on top.
+    startup = elapsed["run postgres"]
+    assert elapsed["run silent"] - startup < 12, elapsed
+    assert max(elapsed.values()) < 15 + max(0.0, startup - 3), elapsed
 
 
 def test_read_only_store_is_reported(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ Training modes are listed once in `modes()`: rackwise, blockwise, and — detect
 schema, present only once the trainer has the feature — blockwise with ``training.out_of_core:
 true`` (blocks not yet trained are not materialised and finished ones live on disk).
 
-Run: ``python benchmarks/bench_capacity.py [--cap-mb 768 --d-model 256 --max-depth 512]``
+Run: ``python benchmarks/bench_capacity.py [--cap-mb 768 --d-model 256 --max-depth 256]``
 ``--quick``: a tiny rack at depth 1 only (seconds; for tests).
 Goal: the largest rack trainable depth-wise holds >= 16x the parameters of the largest rackwise
 one (the issue's goal for out-of-core training; without it blockwise still keeps every weight in
@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps-per-stage", type=int, default=1)
     parser.add_argument("--start-depth", type=int, default=4)
-    parser.add_argument("--max-depth", type=int, default=512)
+    parser.add_argument("--max-depth", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per trial")
     parser.add_argument("--method", choices=("auto", "cgroup", "rss"), default="auto")

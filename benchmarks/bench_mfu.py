@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8, help="rackwise optimizer steps")
+    parser.add_argument("--steps", type=int, default=10, help="rackwise optimizer steps")
     parser.add_argument("--steps-per-stage", type=int, default=4, help="blockwise")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=2048)

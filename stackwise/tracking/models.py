@@ -76,10 +76,15 @@ def save_rack_files(rack: Rack, folder: str | Path) -> tuple[Path, Path]:
 
 
 def rack_from_files(weights: str | Path, spec: str | Path) -> Rack:
-    """Rebuild a Rack from its spec JSON and load its safetensors weights (strictly)."""
+    """Rebuild a Rack from its spec JSON and load its safetensors weights (strictly). `weights`
+    may also be the folder of a sharded rack (out-of-core runs), whose shards are mapped."""
     from safetensors.torch import load_model
 
     from stackwise.model.architecture import create_rack_from_specs
+    from stackwise.model.materialize import is_sharded_rack, load_sharded_rack
+
+    if is_sharded_rack(weights):
+        return load_sharded_rack(weights)
 
     rack_spec = json.loads(Path(spec).read_text(encoding="utf-8"))
     rack = create_rack_from_specs(**rack_spec)
@@ -118,13 +123,18 @@ def log_rack(
     experiment_id: str,
     tracking_uri: str,
     tokenizer_json: str | None = None,
+    weights_dir: str | Path | None = None,
 ) -> str:
-    """Log `rack` as the MLflow model ``model`` of run `run_id`; returns the model id."""
+    """Log `rack` as the MLflow model ``model`` of run `run_id`; returns the model id. With
+    `weights_dir` (an out-of-core run's sharded rack) the shards are logged as they are."""
     import mlflow
     from mlflow.models import Model
 
     with tempfile.TemporaryDirectory(prefix="stackwise-model-") as temp:
-        weights, spec = save_rack_files(rack, temp)
+        if weights_dir is None:
+            weights, spec = save_rack_files(rack, temp)
+        else:
+            weights, spec = Path(weights_dir), Path(weights_dir) / SPEC_FILE
         artifacts = {WEIGHTS_ARTIFACT: str(weights), SPEC_ARTIFACT: str(spec)}
         if tokenizer_json is not None:
             tokenizer = Path(temp) / TOKENIZER_FILE
@@ -169,6 +179,16 @@ def _model_of_run(client: MlflowClient, run_id: str) -> Any:
     return max(named, key=lambda m: m.creation_timestamp)
 
 
+def _weights_in(local: Path) -> Path:
+    """The weights of a downloaded model: one safetensors file, or a sharded rack's folder."""
+    from stackwise.model.materialize import INDEX_FILE
+
+    single = next(local.rglob(WEIGHTS_FILE), None)
+    if single is not None:
+        return single
+    return next(local.rglob(INDEX_FILE)).parent
+
+
 def load_rack(run_id: str, tracking_uri: str | None = None) -> Rack:
     """The Rack trained by run `run_id` (or saved in the folder `run_id`), rebuilt from its
     spec and safetensors weights."""
@@ -189,9 +209,7 @@ def load_rack(run_id: str, tracking_uri: str | None = None) -> Rack:
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=temp)
         )
-        weights = next(local.rglob(WEIGHTS_FILE))
-        spec = next(local.rglob(SPEC_FILE))
-        return rack_from_files(weights, spec)
+        return rack_from_files(_weights_in(local), next(local.rglob(SPEC_FILE)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +322,7 @@ def _load_trained_run(run_id: str, uri: str) -> TrainedModel:
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=temp)
         )
-        rack = rack_from_files(next(local.rglob(WEIGHTS_FILE)), next(local.rglob(SPEC_FILE)))
+        rack = rack_from_files(_weights_in(local), next(local.rglob(SPEC_FILE)))
         tokenizer_file = next(local.rglob(TOKENIZER_FILE), None)
         tokenizer_json = tokenizer_file.read_text(encoding="utf-8") if tokenizer_file else None
         config_yaml = None

@@ -1,0 +1,110 @@
+"""Where the blocks of an out-of-core run are: in memory, in a piece file, or not drawn yet.
+
+`training.out_of_core` keeps in memory only what the running stage needs. `PieceStore` is the
+trainer's view of the rest:
+
+1. A block not trained yet is on the meta device; `bring_in` draws its seeded initial weights
+   (`stackwise.model.materialize.SeededInit`) when its stage starts.
+2. When the activation cache has moved past a block, `put_away` writes it to
+   ``<folder>/block-NNNNN.safetensors`` and puts it back on the meta device.
+3. Anything that must run a block that is away (extending the cache after a resume, the final
+   evaluation) `borrow`s it: loaded from its file, used, dropped.
+4. `write_rack` writes the trained rack as sharded safetensors without ever holding it whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stackwise.model.architecture import Rack
+from stackwise.model.materialize import (
+    SeededInit,
+    block_file,
+    block_is_meta,
+    declared_frozen,
+    load_block,
+    release_block,
+    replace_block,
+    save_block,
+    write_sharded_rack,
+)
+
+
+class PieceStore:
+    """The out-of-core blocks of one run (see the module docstring)."""
+
+    def __init__(
+        self,
+        rack: Rack,
+        folder: str | Path,
+        device: torch.device,
+        on_replace: Callable[[int, nn.Module], None],
+    ) -> None:
+        self.rack = rack
+        self.folder = Path(folder)
+        self.device = device
+        self.on_replace = on_replace  # told when a block module is swapped (new parameters)
+        self.seeded = SeededInit(rack)  # also materialises the embedding and the readout
+
+    def path(self, index: int) -> Path:
+        return self.folder / block_file(index)
+
+    def saved(self) -> dict[int, Path]:
+        """Blocks written so far, by index."""
+        return {i: self.path(i) for i in range(self.rack.n_blocks) if self.path(i).is_file()}
+
+    def _set(self, index: int, block: nn.Module) -> None:
+        replace_block(self.rack, index, block)
+        self.on_replace(index, block)
+
+    def bring_in(self, index: int) -> nn.Module:
+        """Block `index` in memory on the device: as it is, from its file, or freshly drawn."""
+        block = self.rack.blocks[index]
+        if not block_is_meta(block):
+            return block
+        fresh = self._load(index).to(self.device)
+        self._set(index, fresh)
+        return fresh
+
+    def _load(self, index: int) -> nn.Module:
+        """Block `index` from its file, or with its seeded initial weights, frozen as declared."""
+        path = self.path(index)
+        template = self.rack.blocks[index]
+        fresh = load_block(template, path) if path.is_file() else self.seeded.block(index)
+        if declared_frozen(self.rack, index):
+            fresh.freeze()
+        return fresh
+
+    def put_away(self, index: int) -> None:
+        """Write block `index` to its file (when in memory) and drop it from memory."""
+        block = self.rack.blocks[index]
+        if block_is_meta(block):
+            return
+        save_block(block, self.path(index))
+        release_block(block)
+
+    @contextlib.contextmanager
+    def borrow(self, index: int) -> Iterator[nn.Module]:
+        """Block `index` for a frozen forward; dropped again afterwards when it was away."""
+        block = self.rack.blocks[index]
+        if not block_is_meta(block):
+            yield block
+            return
+        loaded = self._load(index).to(self.device).eval()
+        try:
+            yield loaded
+        finally:
+            del loaded
+
+    def write_rack(self, folder: str | Path) -> Path:
+        """The trained rack as sharded safetensors in `folder` (every block put away first)."""
+        for index in range(self.rack.n_blocks):
+            if block_is_meta(self.rack.blocks[index]) and not self.path(index).is_file():
+                save_block(self.seeded.block(index), self.path(index))  # never trained
+            self.put_away(index)
+        return write_sharded_rack(self.rack, self.saved(), folder)

@@ -4,6 +4,8 @@
     stackwise plan experiments/quickstart.yaml parameters, FLOPs and memory per run; trains nothing
     stackwise run experiments/*.yaml           validate everything, then train and track each run
     stackwise schema [--check]                 (re)generate the JSON Schemas in schemas/
+    stackwise generate RUN_ID --prompt "…"     text from a trained rack (or --runs FILE: a grid)
+    stackwise export RUN_ID --format hf DIR    a Hugging Face Llama folder (or safetensors)
 
 The commands are thin: loading, grid expansion and validation live in `stackwise.config`,
 estimates in `stackwise.training.plan`, running in `stackwise.runner`. Every mistake in user
@@ -868,6 +870,207 @@ def ui(
         fail([problem])
     code = launch_ui(uri, host, port, console=stdout_console())
     raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# using trained racks: generate, export
+# --------------------------------------------------------------------------------------------
+
+
+def _load_trained(source: str, tracking_uri: str | None) -> Any:
+    """`load_trained` of a run id or folder; every way it can fail is one line, exit 2."""
+    from mlflow.exceptions import MlflowException
+
+    from stackwise.tracking.models import TrainedModelError, load_trained
+    from stackwise.tracking.store import check_tracking_uri, resolve_tracking_uri, sqlite_path
+
+    if Path(source).is_dir():
+        try:
+            return load_trained(source)
+        except (TrainedModelError, OSError, ValueError) as error:
+            fail([str(error)])
+    uri = resolve_tracking_uri(tracking_uri)
+    database = sqlite_path(uri)
+    if database is not None and not database.exists():
+        fail(
+            [f"{source}: not a folder, and there is no tracking store at {database} to find it in"]
+        )
+    problem = check_tracking_uri(uri)
+    if problem is not None:
+        fail([problem])
+    try:
+        return load_trained(source, tracking_uri=uri)
+    except TrainedModelError as error:
+        fail([str(error)])
+    except MlflowException as error:
+        fail([f"{source}: not a folder, and not a run of {uri} ({error.message.splitlines()[0]})"])
+
+
+@app.command()
+def generate(
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="Run id, or a folder written by `stackwise export --format safetensors`.",
+            show_default=False,
+        ),
+    ] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=0, help="Tokens to generate at most.")
+    ] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")
+    ] = 1.0,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k", min=1, help="Sample among the k likeliest tokens only.", show_default=False
+        ),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            "--top-p",
+            min=0.0,
+            max=1.0,
+            help="Sample within the smallest set of likeliest tokens whose probability reaches p.",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling draws.")] = 0,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            help="Unmasking steps for racks trained with mlm/diffusion (default: one per token).",
+            show_default=False,
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool,
+        typer.Option("--no-cache", help="Recompute the whole sequence every step (no KV cache)."),
+    ] = False,
+    runs: Annotated[
+        Path | None,
+        typer.Option(
+            "--runs",
+            metavar="FILE",
+            help="Generate from every finished grid point of this experiment file (its current "
+            "runs, as `stackwise compare FILE` shows them), side by side.",
+            show_default=False,
+        ),
+    ] = None,
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Generate text with a trained rack, with the sampler of its training objective."""
+    from stackwise.tracking.generate import (
+        GenerateOptions,
+        generate_for_grid,
+        generate_text,
+        printable,
+    )
+
+    if (source is None) == (runs is None):
+        fail(["give a run id or folder, or --runs FILE (one of them)"])
+    if top_p == 0.0:
+        fail(["--top-p: must be above 0 (1 keeps every token)"])
+    options = GenerateOptions(
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        steps=steps,
+        use_cache=not no_cache,
+    )
+    console = stdout_console()
+    if source is not None:
+        result = generate_text(_load_trained(source, tracking_uri), options)
+        generation = result.generation
+        console.print(Text(f"{result.model.name} · {result.sampler_line}", style="bold"))
+        console.print(
+            Text(printable(result.prompt), style="dim") + Text(printable(result.completion))
+        )
+        console.print(
+            f"{generation.new_tokens} tokens in {generation.seconds:.2f} s "
+            f"({generation.tokens_per_s:.1f} tokens/s)"
+        )
+        return
+    assert runs is not None
+    from mlflow.exceptions import MlflowException
+
+    from stackwise.tracking.compare import CompareError
+    from stackwise.tracking.models import TrainedModelError
+
+    notes: list[str] = []
+    try:
+        with user_errors():
+            results = generate_for_grid(str(runs), options, tracking_uri=tracking_uri, notes=notes)
+    except (CompareError, TrainedModelError) as error:
+        fail([str(error)])
+    except MlflowException as error:
+        fail([f"tracking store: {error.message}"])
+    for message in notes:
+        note(message)
+    if not results:
+        fail([f"{runs}: no grid point has a finished run to generate from"])
+    for item in results:
+        row, result = item.row, item.result
+        loss = row.get("val_loss")
+        header = f"{row['run']} · val_loss {loss:.4f}" if loss is not None else row["run"]
+        console.print(Text(f"── {header} · {result.sampler_line}", style="bold"))
+        console.print(
+            Text(printable(result.prompt), style="dim") + Text(printable(result.completion))
+        )
+        console.print(f"   {result.generation.tokens_per_s:.1f} tokens/s")
+    console.print(
+        f"{len(results)} run{'s' if len(results) != 1 else ''}, prompt {prompt!r}, seed {seed}."
+    )
+
+
+@app.command()
+def export(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Run id, or a folder written by --format safetensors.", show_default=False
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Argument(help="New (or empty) folder to write.", show_default=False)
+    ],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf: a Hugging Face LlamaForCausalLM folder (Llama-compatible causal racks; "
+            "needs stackwise[hf]); safetensors: weights, spec and config for load_rack.",
+            show_default=False,
+        ),
+    ],
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Export a trained rack as a Hugging Face Llama folder or as StackWise safetensors."""
+    from stackwise.tracking.export import EXPORT_FORMATS, ExportError, export, hf_incompatibility
+
+    if format_ not in EXPORT_FORMATS:
+        fail([f"--format: unknown format {format_!r}; use one of {', '.join(EXPORT_FORMATS)}"])
+    model = _load_trained(source, tracking_uri)
+    if format_ == "hf":
+        problem = hf_incompatibility(model.rack)
+        if problem is not None:
+            fail([f"{model.name}: cannot export as a Hugging Face Llama: {problem}"])
+    try:
+        written = export(model, out_dir, format_)
+    except ExportError as error:
+        fail([str(error)])
+    except OSError as error:
+        fail([f"{out_dir}: {error.strerror or error}"])
+    names = ", ".join(path.name for path in written)
+    stdout_console().print(f"wrote {out_dir}: {names}")
 
 
 def main() -> None:

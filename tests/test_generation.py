@@ -203,6 +203,21 @@ def test_unmasking_fills_every_mask_and_keeps_the_prompt() -> None:
         assert torch.equal(out.tokens, again.tokens)
 
 
+def test_unmasking_never_fills_in_forbidden_tokens() -> None:
+    """Near-uniform draws (temperature 50) over 200 positions would hit each of 4 of the 61 ids
+    about 13 times if nothing excluded them."""
+    out = bidirectional_rack().generate(
+        [1, 2],
+        max_new_tokens=200,
+        steps=2,
+        mask_id=MASK_ID,
+        forbidden_ids=(56, 57, 58),
+        temperature=50.0,
+        seed=0,
+    )
+    assert not set(out.tokens[0, 2:].tolist()) & {56, 57, 58, MASK_ID}
+
+
 def test_unmasking_fills_the_most_confident_position_first() -> None:
     """Greedy, one position per step: step 1 fills the position whose best token is the most
     likely of all (computed here from one forward of the all-masked sequence), and a filled

@@ -611,7 +611,13 @@ def _train(
             f"    {point.spec.name}: its checkpoint was written under other settings outside the "
             f"run identity (a device name, a data path); starting over inside run {run_id}"
         )
-    rack = create_rack_from_config(config)
+    if config.training.out_of_core:  # blocks are drawn when their stage starts
+        import torch
+
+        with torch.device("meta"):
+            rack = create_rack_from_config(config)
+    else:
+        rack = create_rack_from_config(config)
     training = config.training
     logger = MlflowLogger(
         grid.client,
@@ -658,6 +664,7 @@ def _train(
                 grid.experiment_id,
                 grid.uri,
                 tokenizer_json=tokenizer_json() if callable(tokenizer_json) else None,
+                weights_dir=results.weights_dir,
             )
     except BaseException:
         # The caller closes these on success; on failure it only knows them through us.

@@ -593,6 +593,14 @@ class TrainingConfig(BaseConfig):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     depthwise: DepthwiseConfig = Field(default_factory=DepthwiseConfig)
     growth: GrowthConfig = Field(default_factory=GrowthConfig)
+    out_of_core: bool = Field(
+        False,
+        description="Depth-wise training with only the running piece, the embedding and the "
+        "readout in memory: blocks are drawn when their stage starts, written to safetensors "
+        "in the run's folder when it ends, and the activation cache lives on disk. Memory no "
+        "longer grows with depth. stackwise/blockwise with depthwise.data: pool and the cache "
+        "on.",
+    )
 
     @property
     def is_depthwise(self) -> bool:
@@ -746,7 +754,7 @@ class StackWiseConfig(BaseConfig):
         if mode not in ("stackwise", "blockwise", "layerwise"):
             return self
         stacks = self.model.resolved_stacks()
-        if False:
+        if stacks[-1].freeze_blocks and not all(s.freeze_blocks for s in stacks):
             index = len(stacks) - 1
             raise ValueError(
                 f"model.stacks.{index}.freeze_blocks: the last stack cannot be declared frozen "
@@ -796,6 +804,25 @@ class StackWiseConfig(BaseConfig):
                 f"{stages} stages of this {training.training_architecture} run (each stage needs "
                 f"at least one); raise the budget"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _out_of_core_needs_a_cached_trunk(self) -> StackWiseConfig:
+        training = self.training
+        if not training.out_of_core:
+            return self
+        mode = training.mode_label
+        why = None
+        if not training.is_depthwise:
+            why = f"{mode} training needs the whole rack in memory; use stackwise or blockwise"
+        elif training.depthwise.data != "pool":
+            why = "depthwise.data: fresh re-runs the whole frozen trunk every step; use pool"
+        elif not training.cache.enabled:
+            why = "without the activation cache the whole frozen trunk runs every step"
+        elif training.fusion.enabled:
+            why = "the fusion phase trains the whole rack at once"
+        if why is not None:
+            raise ValueError(f"training.out_of_core: {why}")
         return self
 
     @model_validator(mode="after")

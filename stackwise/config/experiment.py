@@ -786,6 +786,7 @@ def _resolve(
             node = child
         leaf = assignment.path[-1]
         value = assignment.value
+        _clear_other_budgets(assignment, node, provenance)
         if isinstance(value, dict) and isinstance(node.get(leaf), dict):
             node[leaf].update(value)
         else:
@@ -795,6 +796,40 @@ def _resolve(
             del provenance[recorded]
         provenance[assignment.path] = assignment.source
     return tree, provenance
+
+
+_BUDGET_KINDS = ("steps", "tokens", "flops")
+
+
+def _clear_other_budgets(
+    assignment: Assignment,
+    node: dict[str, Any],
+    provenance: dict[tuple[str, ...], Source],
+) -> None:
+    """A budget is one of steps, tokens or flops: a later layer that sets one (`--set
+    training.budget.flops=2e12`, a preset, a grid axis) replaces the kinds an earlier layer set
+    (the file's `steps`). Within one layer two kinds stay an error."""
+    keys = tuple(str(p) for p in assignment.path)
+    if keys[:-1] != ("training", "budget") or keys[-1] not in _BUDGET_KINDS:
+        return
+    if assignment.value is None:
+        return
+    for kind in _BUDGET_KINDS:
+        if kind == keys[-1] or kind not in node:
+            continue
+        earlier = provenance.get(("training", "budget", kind))
+        if earlier is None or _layer(earlier) != _layer(assignment.source):
+            node.pop(kind, None)
+
+
+def _layer(source: Source) -> object:
+    """Which layer of an experiment a setting comes from: the base sections, one preset entry
+    or grid value, or the command line."""
+    if isinstance(source, str):
+        return "command line"
+    if source and source[0] in ("presets", "grid"):
+        return tuple(source[:3])
+    return "base"
 
 
 def _copy(value: Any) -> Any:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -62,6 +63,7 @@ from torch import nn
 from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
 from stackwise.data.tokenizer import special_ids_for
 from stackwise.model.attention import redraw_kernel_features
+from stackwise.model.materialize import block_is_meta
 from stackwise.training.cache import ActivationCache, storage_dtype
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
 from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
@@ -75,6 +77,7 @@ from stackwise.training.metrics import (
 )
 from stackwise.training.objectives import CausalLM, Corruption, Objective, build_objective
 from stackwise.training.optim import build_optimizer, build_scheduler
+from stackwise.training.pieces import PieceStore
 from stackwise.training.plan import (
     StagePlan,
     eligible_parameters,
@@ -288,6 +291,16 @@ class _Run:
                 stacklevel=3,
             )
         self.blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
+        self.pieces: PieceStore | None = None
+        if self.cfg.out_of_core:
+            # Draws the embedding and readout of a rack built on the meta device (before the
+            # head is untied: the draws follow the rack as it was built).
+            self.pieces = PieceStore(
+                rack,  # type: ignore[arg-type]
+                self._pieces_folder(),
+                self.device,
+                self._block_replaced,
+            )
         prepare_rack(self.config, rack)  # a depth-wise run's head gets its own weight
         self.eligible = eligible_parameters(rack)
         self.requires_grad = {id(p): p.requires_grad for p in rack.parameters()}
@@ -335,6 +348,35 @@ class _Run:
         self.run_start = 0.0
         self.last_checkpoint_at = 0.0  # perf_counter of the last checkpoint (checkpoint_due)
 
+    # -- out of core ---------------------------------------------------------------------------
+
+    def _pieces_folder(self) -> Path:
+        if self.trainer.checkpoint_dir is not None:
+            return self.trainer.checkpoint_dir / "pieces"
+        return Path(tempfile.mkdtemp(prefix="stackwise-pieces-"))
+
+    def _block_replaced(self, index: int, block: nn.Module) -> None:
+        """A block module was swapped in (out of core): its parameters are new objects."""
+        self.blocks = list(getattr(self.rack, "blocks"))  # noqa: B009
+        for param in block.parameters():
+            self.requires_grad[id(param)] = param.requires_grad
+            if param.requires_grad:
+                self.eligible.add(id(param))
+
+    def _bring_in(self, plan: StagePlan) -> None:
+        """Out of core: the stage's blocks in memory, the finished ones before it put away."""
+        if self.pieces is None:
+            return
+        for index in range(plan.start, plan.end):
+            self.pieces.bring_in(index)
+
+    def _put_away_trunk(self, plan: StagePlan) -> None:
+        """Out of core: blocks the activation cache has moved past leave memory."""
+        if self.pieces is None or self.cache is None:
+            return
+        for index in range(self.cache.prefix_end):
+            self.pieces.put_away(index)
+
     # -- callbacks ---------------------------------------------------------------------------
 
     def _emit(self, hook: str, *args: Any) -> None:
@@ -371,7 +413,11 @@ class _Run:
 
     def _execute(self) -> TrainingResults:
         torch.manual_seed(self.cfg.seed)
-        self.rack.to(self.device)
+        if self.pieces is None:
+            self.rack.to(self.device)
+        else:  # blocks move to the device as they come into memory
+            for name in ("token_embedding", "norm", "lm_head"):
+                self.rack.get_submodule(name).to(self.device)
         if self.trainer.checkpoint_dir is not None and self.trainer.resume:
             self._restore()
         self._build_eval_entries()
@@ -474,15 +520,21 @@ class _Run:
         """Run frozen blocks [start, end) without gradients, each in its own dtype/device."""
         with torch.no_grad():
             for index in range(start, end):
-                block = self.blocks[index]
-                param = next(block.parameters())
-                if param.dtype != torch.float32 or param.device != h.device:
-                    block_mask = None if mask is None else mask.to(param.device)
-                    out = block(h.to(param.device, param.dtype), block_mask)
-                    h = out.to(self.device, torch.float32)
-                else:
-                    h = block(h, mask)
+                with self._frozen_block(index) as block:
+                    param = next(block.parameters())
+                    if param.dtype != torch.float32 or param.device != h.device:
+                        block_mask = None if mask is None else mask.to(param.device)
+                        out = block(h.to(param.device, param.dtype), block_mask)
+                        h = out.to(self.device, torch.float32)
+                    else:
+                        h = block(h, mask)
         return h
+
+    def _frozen_block(self, index: int) -> contextlib.AbstractContextManager[nn.Module]:
+        """Block `index` for a forward pass; out of core, loaded for the pass when away."""
+        if self.pieces is None:
+            return contextlib.nullcontext(self.blocks[index])
+        return self.pieces.borrow(index)
 
     def _trunk(self, batch: Corruption, end: int) -> torch.Tensor:
         """The frozen trunk's output (embedding + blocks [0, end)) for a corrupted batch."""
@@ -579,7 +631,8 @@ class _Run:
             int(self.rack.d_model),  # type: ignore[arg-type]
             device=self.device,
             dtype=storage_dtype(self.cfg.cache.dtype),
-            location=self.cfg.cache.location,
+            # Out of core the cache is a memory-mapped file whatever its size.
+            location="disk" if self.pieces is not None else self.cfg.cache.location,
             max_memory_gb=self.cfg.cache.max_memory_gb,
             directory=directory,
             allowance_bytes=allowance,
@@ -656,6 +709,32 @@ class _Run:
             losses.append(float(self.objective.loss(logits, batch)))
         for module in self.rack.modules():
             module.train(modes[id(module)])
+        return self.objective.eval_metrics(losses)
+
+    @torch.no_grad()
+    def _evaluate_from_cache(self) -> dict[str, float]:
+        """Validation metrics of the whole rack from the validation cache (out of core)."""
+        if self.val_cache is None or not self.eval_entries:
+            return {}
+        n_blocks = len(self.blocks)
+        begin = self.val_cache.prefix_end
+        if begin < n_blocks:
+
+            def apply(h: torch.Tensor, i: int) -> torch.Tensor:
+                mask = self.eval_entries[i].attention_mask
+                with self._autocast():
+                    return self._frozen_blocks(
+                        h, begin, n_blocks, None if mask is None else mask.to(self.device)
+                    )
+
+            self.val_cache.extend(apply, n_blocks)
+        self.rack.eval()
+        losses = []
+        for index, entry in enumerate(self.eval_entries):
+            batch = entry.to(self.device)
+            with self._autocast():
+                logits = self.rack.readout(self.val_cache.read(index))  # type: ignore[operator]
+            losses.append(float(self.objective.loss(logits, batch)))
         return self.objective.eval_metrics(losses)
 
     @torch.no_grad()
@@ -763,11 +842,13 @@ class _Run:
         """Freeze the trunk below the stage and, for a pooled depth-wise stage, bring the sample
         pool and its activation cache up to the stage's first block."""
         if plan.depthwise:
-            for index in range(plan.start):
-                self._lower(index)
+            if self.pieces is None:
+                for index in range(plan.start):
+                    self._lower(index)
             if self.pooled:
                 self._ensure_pool()
                 self._prepare_trunk(plan)
+                self._put_away_trunk(plan)
             return
         for cache in (self.cache, self.val_cache):
             if cache is not None:
@@ -882,6 +963,7 @@ class _Run:
     def _run_stage(self, plan: StagePlan) -> None:
         self.memory.reset()
         self.meter.start()
+        self._bring_in(plan)
         self._init_piece(plan)
         params = self._trainable(plan)
         with self.meter.training():
@@ -935,13 +1017,30 @@ class _Run:
             self._save_checkpoint()
 
     def _finish(self) -> TrainingResults:
-        for cache in (self.cache, self.val_cache):
-            if cache is not None:
-                cache.close()
-        self.cache = self.val_cache = None
-        self._restore_frozen()
-        final = self._evaluate(None, None)
-        next_token = self._next_token_perplexity()
+        weights_dir = None
+        if self.pieces is not None and any(block_is_meta(b) for b in self.blocks):
+            # Out of core the rack is never whole: the final evaluation runs the readout on the
+            # validation cache extended through the last piece, and the trained rack is
+            # written piece by piece.
+            final = self._evaluate_from_cache()
+            next_token = (
+                math.exp(min(final["val/loss"], 50.0))
+                if final and self.cfg.objective == "clm"
+                else None
+            )
+            for cache in (self.cache, self.val_cache):
+                if cache is not None:
+                    cache.close()
+            self.cache = self.val_cache = None
+            weights_dir = str(self.pieces.write_rack(self.pieces.folder / "rack"))
+        else:
+            for cache in (self.cache, self.val_cache):
+                if cache is not None:
+                    cache.close()
+            self.cache = self.val_cache = None
+            self._restore_frozen()
+            final = self._evaluate(None, None)
+            next_token = self._next_token_perplexity()
         if final:
             metrics = dict(final)
             if next_token is not None:
@@ -980,6 +1079,7 @@ class _Run:
                 "unique_tokens": float(self.unique_tokens),
                 "train_time_s": train_seconds,
             },
+            weights_dir=weights_dir,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -1001,8 +1101,9 @@ class _Run:
         }
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        """The rack's weights with frozen pieces at full precision."""
-        state = dict(self.rack.state_dict())
+        """The rack's weights with frozen pieces at full precision (out of core: what is in
+        memory; blocks that are away are in their piece files)."""
+        state = {k: v for k, v in self.rack.state_dict().items() if not v.is_meta}
         prefixes = {}
         for name, module in self.rack.named_modules():
             for index, block in enumerate(self.blocks):
@@ -1073,6 +1174,27 @@ class _Run:
         )
         self._emit("on_checkpoint", path, self.global_step)
 
+    def _restore_out_of_core(self, weights: dict[str, torch.Tensor]) -> None:
+        """Blocks the checkpoint holds come into memory and take its weights; the others stay
+        away (in their piece files, or not drawn yet)."""
+        assert self.pieces is not None
+        names = {id(m): n for n, m in self.rack.named_modules()}
+        prefixes = [names[id(b)] + "." for b in self.blocks]
+        for index, prefix in enumerate(prefixes):
+            if any(key.startswith(prefix) for key in weights):
+                self.pieces.bring_in(index)
+        missing, unexpected = self.rack.load_state_dict(weights, strict=False)
+        away = [k for k in missing if not any(k.startswith(p) for p in self._away_prefixes())]
+        if unexpected or away:
+            raise TrainingError(
+                f"the checkpoint in {self.trainer.checkpoint_dir} does not match the rack "
+                f"(unexpected {unexpected[:3]}, missing {away[:3]})"
+            )
+
+    def _away_prefixes(self) -> list[str]:
+        names = {id(m): n for n, m in self.rack.named_modules()}
+        return [names[id(b)] + "." for b in self.blocks if block_is_meta(b)]
+
     def _restore(self) -> None:
         assert self.trainer.checkpoint_dir is not None
         checkpoint = load_checkpoint(self.trainer.checkpoint_dir)
@@ -1090,8 +1212,11 @@ class _Run:
                 f"the checkpoint in {checkpoint.path} was written for a different stage plan "
                 f"(another rack?); use a fresh checkpoint directory or resume=False"
             )
-        self.rack.load_state_dict(checkpoint.weights)
-        self.rack.to(self.device)
+        if self.pieces is None:
+            self.rack.load_state_dict(checkpoint.weights)
+            self.rack.to(self.device)
+        else:
+            self._restore_out_of_core(checkpoint.weights)
         self.stage_index = int(state["stage_index"])
         self.step_in_stage = int(state["step_in_stage"])
         self.global_step = int(state["global_step"])

@@ -63,6 +63,9 @@ class TrainingResults:
     mfu: float | None
     device: str
     extra: dict[str, float] = field(default_factory=dict)
+    # Out-of-core runs: the trained rack as sharded safetensors (the rack object keeps its
+    # blocks on the meta device); None when the rack in hand holds every weight.
+    weights_dir: str | None = None
 
     def summary_metrics(self) -> dict[str, float]:
         """Flat numeric summary, suitable for a tracking backend or a table row."""

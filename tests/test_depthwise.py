@@ -332,3 +332,40 @@ def test_the_trainer_redraws_favor_features_on_their_cadence() -> None:
     # after steps 1..5: redrawn at steps 2 and 4 only
     changed = [not torch.equal(a, b) for a, b in zip([initial, *seen], seen, strict=False)]
     assert changed == [False, True, False, True, False]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_frozen_pieces_held_in_low_precision_are_re_run_and_restored(precision: str) -> None:
+    """Fresh data re-runs the frozen trunk every step: it runs in the lowered form, its fp32
+    weights come back bitwise, and the run stays close to the fp32 run."""
+    seen: set[tuple[str, torch.dtype]] = set()
+
+    def settings(frozen: str) -> StackWiseConfig:
+        return config_for(
+            "blockwise", steps=16, frozen_precision=frozen, depthwise={"data": "fresh"}
+        )
+
+    _, _, reference = train(settings("fp32"))
+    config = settings(precision)
+    data = build_data(config.data, config.training)
+    rack = create_rack_from_config(config)
+
+    def record(module: torch.nn.Module, args: Any) -> None:
+        if not module.training:  # a frozen forward
+            weight = next(iter(module.parameters()))
+            seen.add((type(weight).__name__, weight.dtype))
+
+    rack.blocks[0].attn.register_forward_pre_hook(record)
+    states = StageStates(rack)
+    results = ArchitectureTrainer(config, callbacks=[states]).train_architecture(
+        rack, data.train_loader, data.val_loader
+    )
+    lowered = {"bf16": ("Parameter", torch.bfloat16), "int8": ("Int8Tensor", torch.float32)}
+    assert lowered[precision] in seen  # the frozen block ran held as bf16 / int8 …
+    # … and is back in fp32, bitwise as its stage left it
+    trained = _block_state(rack, states.ends["block_0"], 0)
+    final = dict(rack.blocks[0].state_dict())
+    assert trained.keys() == final.keys()
+    assert all(torch.equal(trained[k], final[k]) for k in trained)
+    assert type(rack.blocks[0].attn.qkv_proj.weight).__name__ == "Parameter"
+    assert results.final_val_loss == pytest.approx(reference.final_val_loss, rel=2e-3)

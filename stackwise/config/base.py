@@ -38,6 +38,8 @@ TrainingArchitecture = Literal["rackwise", "stackwise", "blockwise", "progressiv
 DEPTHWISE_MODES = ("stackwise", "blockwise")
 Objective = Literal["clm", "mlm", "diffusion"]
 Precision = Literal["fp32", "bf16", "fp16"]
+# Frozen pieces may also be held as int8 weights (weight-only quantization, torchao).
+FrozenPrecision = Literal["fp32", "bf16", "fp16", "int8"]
 
 # Settings that cannot change what a run computes, left out of its identity (`config_hash`):
 # where it is recorded, checkpoint and log cadence, and where the exact activation cache lives.
@@ -568,8 +570,12 @@ class TrainingConfig(BaseConfig):
     precision: Precision = Field(
         "fp32", description="Autocast precision on accelerators (CPU always trains in fp32)."
     )
-    frozen_precision: Precision = Field(
-        "fp32", description="Precision in which frozen pieces are held during depth-wise training."
+    frozen_precision: FrozenPrecision = Field(
+        "fp32",
+        description="How frozen pieces are held during depth-wise training: fp32, bf16, fp16, or "
+        "int8 (weight-only quantization of their linear layers with torchao: `pip install "
+        "stackwise[quant]`). It matters where the trunk is re-run (depthwise.data: fresh, or "
+        "the cache off) and it changes the trunk's output, so it is part of a run's identity.",
     )
     offload_frozen: bool = Field(
         True, description="Move frozen pieces off the accelerator once their output is cached."
@@ -649,6 +655,17 @@ class TrainingConfig(BaseConfig):
         kind = value.split(":", 1)[0]
         if kind not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @field_validator("frozen_precision")
+    @classmethod
+    def _int8_needs_torchao(cls, value: str) -> str:
+        import importlib.util
+
+        if value == "int8" and importlib.util.find_spec("torchao") is None:
+            raise ValueError(
+                "int8 frozen pieces need torchao: pip install 'stackwise[quant]' (or torchao)"
+            )
         return value
 
     @model_validator(mode="after")

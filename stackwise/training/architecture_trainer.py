@@ -137,6 +137,26 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return ids.long(), (None if mask is None else mask.long())
 
 
+def quantize_int8(module: nn.Module) -> None:
+    """Int8 weight-only quantization of `module`'s linear layers (torchao), in place."""
+    import logging
+
+    # torchao reports optional GPU kernels it cannot load, and torch a deprecation, on import;
+    # neither concerns weight-only int8.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+    quantize_(module, Int8WeightOnlyConfig())
+
+
 def _token_count(ids: torch.Tensor, mask: torch.Tensor | None) -> int:
     """Training tokens of a batch: every position, or the real ones under a padding mask."""
     return ids.numel() if mask is None else int(mask.sum())
@@ -494,19 +514,28 @@ class _Run:
     # -- frozen trunk: precision, offloading, forward ----------------------------------------------
 
     def _lower(self, index: int) -> None:
-        """Hold frozen block `index` in frozen_precision (its fp32 weights kept on the CPU)."""
-        dtype = storage_dtype(self.cfg.frozen_precision)
-        if dtype == torch.float32 or index in self.lowered:
+        """Hold frozen block `index` in frozen_precision (its fp32 weights kept on the CPU):
+        bf16/fp16 weights, or int8 weight-only linear layers (torchao)."""
+        precision = self.cfg.frozen_precision
+        if precision == "fp32" or index in self.lowered:
             return
         block = self.blocks[index]
         self.lowered[index] = {
             k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()
         }
-        block.to(dtype)
+        if precision == "int8":
+            quantize_int8(block)
+        else:
+            block.to(storage_dtype(precision))
 
     def _restore_frozen(self) -> None:
         for index, state in self.lowered.items():
             block = self.blocks[index]
+            for name, module in block.named_modules():  # quantized weights become plain again
+                if isinstance(module, nn.Linear):
+                    module.weight = nn.Parameter(
+                        state[f"{name}.weight"].to(self.device), requires_grad=False
+                    )
             block.to(device=self.device, dtype=torch.float32)
             block.load_state_dict(state)
         self.lowered.clear()

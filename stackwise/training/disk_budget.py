@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stackwise.config.base import StackWiseConfig
 
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 
 
 def cache_directory(config: StackWiseConfig) -> Path:

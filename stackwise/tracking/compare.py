@@ -42,6 +42,7 @@ from stackwise.tracking.logger import (
     TAG_RUN_NAME,
 )
 from stackwise.tracking.store import resolve_tracking_uri
+from stackwise.tracking.tables import Column, print_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -357,7 +358,7 @@ def runs_frame(
         for column in fixed:
             row[column] = tags.get(column)
         if "head" in fixed:
-            depthwise = tags.get("training_architecture") not in (None, "rackwise")
+            depthwise = tags.get("training_architecture") in ("stackwise", "blockwise", "layerwise")
             row["head"] = params.get(HEAD_PARAM) if depthwise else None
         for key in differing:
             row[key] = params.get(key)
@@ -648,23 +649,24 @@ def to_markdown(frame: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rich_table(frame: pl.DataFrame, title: str | None = None) -> Any:
-    from rich.table import Table
+STATUS_STYLES = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
+_KEY_COLUMNS = ("experiment", "run")
 
-    table = Table(title=title, show_lines=False)
-    for column in frame.columns:
-        numeric = frame.schema[column].is_numeric()
-        table.add_column(column, justify="right" if numeric else "left")
-    styles = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
-    for row in frame.iter_rows(named=True):
-        cells = []
-        for column, value in row.items():
-            text = _cell(value)
-            if column == "status" and value in styles:
-                text = f"[{styles[value]}]{text}[/]"
-            cells.append(text)
-        table.add_row(*cells)
-    return table
+
+def table_cells(frame: pl.DataFrame) -> tuple[list[Column], list[list[str]]]:
+    """The frame as table columns and formatted cells (numbers right-aligned, names as keys)."""
+    columns = [
+        Column(name, numeric=frame.schema[name].is_numeric(), key=name in _KEY_COLUMNS)
+        for name in frame.columns
+    ]
+    rows = [[_cell(value) for value in row] for row in frame.iter_rows()]
+    return columns, rows
+
+
+def print_frame(frame: pl.DataFrame, console: Console, title: str | None = None) -> None:
+    """The frame as a table that never cuts a run name or a number (see `print_table`)."""
+    columns, rows = table_cells(frame)
+    print_table(console, columns, rows, title=title, styles={"status": STATUS_STYLES})
 
 
 def render(
@@ -689,12 +691,12 @@ def render(
     if fmt == "table":
         from rich.console import Console
 
-        table = rich_table(display_frame(frame), title)
+        shown = display_frame(frame)
         if output is not None:
             with open(output, "w", encoding="utf-8") as handle:
-                Console(file=handle, width=200).print(table)
+                print_frame(shown, Console(file=handle), title)  # a file: plain full rows
             return None
-        (console or Console()).print(table)
+        print_frame(shown, console or Console(), title)
         return None
     if fmt == "csv":
         text = frame.write_csv()
@@ -719,8 +721,9 @@ MODE_COLOURS = {
     "stackwise": "#ff7f0e",
     "blockwise": "#2ca02c",
     "layerwise": "#2ca02c",
+    "progressive": "#9467bd",
 }
-SPARE_COLOURS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+SPARE_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 LINE_STYLES: tuple[Any, ...] = (
     "-",
     "--",

@@ -46,7 +46,7 @@ def caches_pool(config: StackWiseConfig) -> bool:
     """Whether the run caches a sample pool (depth-wise, `depthwise.data: pool`, cache on)."""
     training = config.training
     return (
-        training.training_architecture != "rackwise"
+        training.is_depthwise
         and training.depthwise.data == "pool"
         and training.cache.enabled
     )

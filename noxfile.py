@@ -60,8 +60,12 @@ BENCHMARKS = (
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the CPU benchmarks (full mode) and regenerate the README table from their JSON."""
-    _install_project(session, "bench")
+    """Run the CPU benchmarks (full mode) and regenerate the README table from their JSON.
+
+    `nox -s bench --no-venv` runs them in the current environment (which needs the bench extra).
+    """
+    if session.venv_backend != "none":
+        _install_project(session, "bench")
     for script in BENCHMARKS:
         session.run("python", f"benchmarks/{script}", *session.posargs)
     session.run("python", "benchmarks/report.py")

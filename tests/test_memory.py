@@ -240,3 +240,46 @@ def test_pool_over_the_disk_budget_is_rejected_at_validation(tmp_path: Path) -> 
     half = experiments / "half.yaml"
     half.write_text(POOL_FILE.format(dtype="bf16", budget=pool_bytes / 1e9 * 0.6))
     assert stackwise_cli("validate", half, cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["rackwise", "stackwise", "blockwise", "progressive"])
+def test_the_trainer_reports_the_planned_training_memory(mode: str) -> None:
+    """What a run reports per stage (and so logs as stage/training_memory_bytes) is the
+    quantity `stackwise plan` estimates: within 25 %."""
+    from stackwise.data import build_data
+    from stackwise.model.architecture import create_rack_from_config
+    from stackwise.training.architecture_trainer import ArchitectureTrainer
+    from stackwise.training.plan import estimate_run
+
+    config = StackWiseConfig.from_dict(
+        {
+            "model": {
+                "d_model": 64,
+                "n_heads": 2,
+                "architecture": {"n_stacks": 2, "blocks_per_stack": 2},
+            },
+            "training": {
+                "training_architecture": mode,
+                "budget": {"steps": 8},
+                "batch_size": 4,
+                "seq_len": 32,
+                "eval": {"batches": 1},
+            },
+            "data": {"max_tokens": 20_000},
+        }
+    )
+    data = build_data(config.data, config.training)
+    config.model.vocab_size = data.tokenizer.vocab_size
+    planned = estimate_run(config)
+    results = ArchitectureTrainer(config).train_architecture(
+        create_rack_from_config(config), data.train_loader, data.val_loader
+    )
+    assert len(results.stages) == len(planned.stages)
+    for stage, plan in zip(results.stages, planned.stages, strict=True):
+        measured = stage.extra["training_memory_bytes"]
+        assert measured == pytest.approx(plan.training_memory_bytes, rel=0.25), stage.stage.name
+        parts = ("weights_bytes", "gradients_bytes", "optimizer_state_bytes", "activations_bytes")
+        assert measured == sum(stage.extra[p] for p in parts)
+    assert results.extra["training_memory_bytes"] == max(
+        s.extra["training_memory_bytes"] for s in results.stages
+    )

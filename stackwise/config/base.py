@@ -845,12 +845,15 @@ class StackWiseConfig(BaseConfig):
     @model_validator(mode="after")
     def _fusion_share_needs_flops(self) -> StackWiseConfig:
         fusion = self.training.fusion
-        if fusion.enabled and fusion.flops_fraction is not None:
-            if self.training.budget.flops is None:
-                raise ValueError(
-                    "training.fusion.flops_fraction: a share of the FLOPs budget needs "
-                    "training.budget.flops; give fusion steps or tokens instead"
-                )
+        if (
+            fusion.enabled
+            and fusion.flops_fraction is not None
+            and self.training.budget.flops is None
+        ):
+            raise ValueError(
+                "training.fusion.flops_fraction: a share of the FLOPs budget needs "
+                "training.budget.flops; give fusion steps or tokens instead"
+            )
         return self
 
     @model_validator(mode="after")

@@ -64,6 +64,9 @@ RESULT_COLUMNS: dict[str, str] = {
     "unique_tokens": "unique_tokens",
     "tokens_per_s": "tokens_per_s",
     "peak_memory_mb": "peak_memory_bytes",
+    "training_memory_mb": "training_memory_bytes",
+    "cache_memory_mb": "cache_memory_bytes",
+    "cache_disk_mb": "cache_disk_bytes",
     "wall_time_s": "wall_time_s",
     "parameters": "parameters",
 }
@@ -367,7 +370,7 @@ def runs_frame(
         row["status"] = run.info.status
         for column, key in RESULT_COLUMNS.items():
             value = metrics.get(key)
-            if value is not None and column == "peak_memory_mb":
+            if value is not None and column.endswith("_mb"):
                 value = value / 2**20
             row[column] = value
         if extra_metric is not None:

@@ -353,6 +353,8 @@ class MlflowLogger(TrainingCallback):
             "stage/flops": result.flops,
             "stage/wall_time_s": result.wall_time_s,
             "stage/mfu": result.mfu,
+            # memory in parts, cache size and training time (see `TrainingResults.extra`)
+            **{f"stage/{key}": value for key, value in result.extra.items()},
         }
         self.log_metrics(values, step)
 

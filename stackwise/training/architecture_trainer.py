@@ -68,11 +68,16 @@ from stackwise.training.cache import ActivationCache, storage_dtype
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
 from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
 from stackwise.training.device import resolve_device
+from stackwise.training.distributed import Distributed
 from stackwise.training.meter import StageMeter
 from stackwise.training.metrics import (
+    MemoryReport,
     PeakMemory,
+    SavedActivations,
+    TrainingMemory,
     blocks_forward_flops,
     device_peak_flops,
+    measure_training_memory,
     readout_forward_flops,
 )
 from stackwise.training.objectives import CausalLM, Corruption, Objective, build_objective
@@ -155,6 +160,18 @@ def quantize_int8(module: nn.Module) -> None:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
     quantize_(module, Int8WeightOnlyConfig())
+
+
+_MEMORY_KEYS = ("training_memory_bytes", "cache_memory_bytes", "cache_disk_bytes")
+
+
+def _largest_memory(stages: list[StageResult]) -> dict[str, float]:
+    """A run's memory in parts: the largest of its stages' (where they were measured)."""
+    return {
+        key: max(s.extra[key] for s in stages if key in s.extra)
+        for key in _MEMORY_KEYS
+        if any(key in s.extra for s in stages)
+    }
 
 
 def _token_count(ids: torch.Tensor, mask: torch.Tensor | None) -> int:
@@ -288,6 +305,17 @@ class _Run:
         self.cfg = trainer.config.training
         self.rack = rack
         self.device = resolve_device(self.cfg.device)
+        # -- distributed (torchrun; `stackwise.training.distributed`): this process's rank in
+        # the run. A world of one (no process group) changes nothing below.
+        self.dist = Distributed.current()
+        self.device = self.dist.device(self.device)
+        if self.dist.active:
+            problem = self.dist.check_batch_size(self.cfg.batch_size)
+            if problem is None and self.cfg.out_of_core:
+                problem = "training.out_of_core trains in one process; run it without torchrun"
+            if problem is not None:
+                raise TrainingError(problem)
+        # -- end distributed
         self.dataloader = dataloader
         self.eval_dataloader = eval_dataloader
         vocab = int(rack.vocab_size)  # type: ignore[arg-type]
@@ -346,6 +374,7 @@ class _Run:
         self.unique_tokens = 0  # distinct training tokens read from the data (first pass)
         self.previous_wall = 0.0
         self.meter = StageMeter()
+        self.stage_memory: TrainingMemory | None = None  # measured on the stage's first step
         self.stage_results: list[StageResult] = []
         self.last_logged_loss = math.nan
         self.loss_window: list[float] = []
@@ -400,6 +429,8 @@ class _Run:
     # -- callbacks ---------------------------------------------------------------------------
 
     def _emit(self, hook: str, *args: Any) -> None:
+        if not self.dist.is_main:  # under torchrun rank 0 alone reports
+            return
         for callback in self.trainer.callbacks:
             method = getattr(callback, hook, None)  # callbacks may implement only some hooks
             if method is not None:
@@ -595,7 +626,7 @@ class _Run:
             ids, mask = stream.next()
             if stream.epoch == 0:
                 unique += _token_count(ids, mask)
-            pool.append(self.objective.corrupt(ids, generator, mask))
+            pool.append(self.dist.shard(self.objective.corrupt(ids, generator, mask)))
         if fresh:
             self.stream = stream
             self.unique_tokens += unique
@@ -692,8 +723,8 @@ class _Run:
                 new_blocks = self.blocks[begin:end]
             else:
                 continue
-            if cache is self.cache:
-                tokens = sum(b.inputs.numel() for b in batches)
+            if cache is self.cache:  # every rank's share of the pool (torchrun)
+                tokens = sum(b.inputs.numel() for b in batches) * self.dist.world
                 seq = batches[0].inputs.shape[1]
                 self.meter.add_flops(blocks_forward_flops(new_blocks, seq) * tokens)
 
@@ -803,11 +834,12 @@ class _Run:
                 return batch, self.cache.read(index)
         else:
             ids, mask = self._read_stream()
-            batch = self.objective.corrupt(ids, self.stream_generator, mask).to(self.device)
+            batch = self.objective.corrupt(ids, self.stream_generator, mask)
+            batch = self.dist.shard(batch).to(self.device)  # this rank's rows (torchrun)
             if not plan.depthwise or plan.trains_embedding:
                 return batch, None
         trunk = blocks_forward_flops(self.blocks[: plan.start], batch.inputs.shape[1])
-        self.meter.add_flops(trunk * batch.inputs.numel())
+        self.meter.add_flops(trunk * batch.inputs.numel() * self.dist.world)
         return batch, self._trunk(batch, plan.start)
 
     @torch.no_grad()
@@ -912,17 +944,28 @@ class _Run:
         )
         readout_flops = readout_forward_flops(self.rack)
         step_loss = torch.zeros((), device=self.device)
+        # Training memory is measured on the stage's first step (compiled graphs keep their
+        # own saved tensors, so not under torch.compile).
+        measure = self.stage_memory is None and not self.cfg.compile
+        saved: SavedActivations | None = None
         for micro in range(accum):
             batch, hidden = self._micro_batch(plan, self.step_in_stage * accum + micro)
-            with self._autocast():
-                logits = model(batch.inputs, hidden, batch.attention_mask)
-                loss = self.objective.loss(logits, batch)
-            self.scaler.scale(loss / accum).backward()
-            step_loss += loss.detach()
             tokens = _token_count(batch.inputs, batch.attention_mask)
+            counting: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if measure and micro == 0:
+                saved = SavedActivations(self.rack.parameters())
+                counting = saved
+            with self.dist.no_sync(model, last=micro == accum - 1):
+                with counting, self._autocast():
+                    logits = model(batch.inputs, hidden, batch.attention_mask)
+                    loss = self.objective.loss(logits, batch)
+                if self.dist.active:  # the global batch's loss gradient and token count
+                    loss, tokens = self.dist.global_loss(loss, self.objective, batch, tokens)
+                self.scaler.scale(loss / accum).backward()
+            step_loss += loss.detach()
             piece = blocks_forward_flops(self.blocks[plan.start : plan.end], batch.inputs.shape[1])
             self.meter.count(tokens, (3.0 * piece + readout_factor * readout_flops) * tokens)
-        value = float(step_loss) / accum
+        value = float(self.dist.mean(step_loss)) / accum
         if not math.isfinite(value):
             clip = self.cfg.optimizer.grad_clip
             advice = (
@@ -940,6 +983,10 @@ class _Run:
         if self.cfg.optimizer.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip))
         self.scaler.step(self.optimizer)
+        if saved is not None:  # weights, gradients and optimizer state all exist now
+            self.stage_memory = measure_training_memory(
+                self.rack, params, self.optimizer, saved.bytes, self.device
+            )
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -998,7 +1045,9 @@ class _Run:
         with self.meter.training():
             self._prepare_data(plan)
         forward = StageForward(self.rack, plan.start, plan.end)
-        model: nn.Module = torch.compile(forward) if self.cfg.compile else forward  # type: ignore[assignment]
+        # Under torchrun the trainable forward is data-parallel; the frozen trunk is not wrapped.
+        trained = self.dist.wrap(forward) if self.dist.active else forward
+        model: nn.Module = torch.compile(trained) if self.cfg.compile else trained  # type: ignore[assignment]
         self._start_optimizer(plan, params)
         self._emit("on_stage_start", plan.info(), self.global_step)
         while self.step_in_stage < plan.steps:
@@ -1014,10 +1063,20 @@ class _Run:
     def _end_stage(self, plan: StagePlan, val: dict[str, float]) -> None:
         """Report the stage's result, add its counts to the run's, and checkpoint."""
         meter = self.meter
+        peak = max(meter.peak_bytes, self.memory.peak())
         extra: dict[str, float] = {"lr": plan.lr, "train_time_s": meter.train_seconds}
         if self.cache is not None:
             extra["cache_bytes"] = float(self.cache.size_bytes)
             extra["cache_on_disk"] = float(self.cache.location == "disk")
+        if self.stage_memory is not None:
+            caches = [c for c in (self.cache, self.val_cache) if c is not None]
+            report = MemoryReport(
+                self.stage_memory,
+                sum(c.memory_bytes for c in caches),
+                sum(c.disk_bytes for c in caches),
+                peak,
+            )
+            extra.update(report.metrics())
         result = StageResult(
             stage=plan.info(),
             steps=self.step_in_stage,
@@ -1027,7 +1086,7 @@ class _Run:
             val_perplexity=val.get("val/perplexity"),
             wall_time_s=meter.wall_seconds(),
             tokens_per_s=meter.tokens_per_s(),
-            peak_memory_bytes=max(meter.peak_bytes, self.memory.peak()),
+            peak_memory_bytes=peak,
             flops=meter.flops,
             mfu=meter.mfu(self.peak_flops),
             extra=extra,
@@ -1038,6 +1097,7 @@ class _Run:
         self.stage_index += 1
         self.step_in_stage = 0
         self.meter = StageMeter()
+        self.stage_memory = None
         self.optimizer = self.scheduler = None
         # Report first: a run resumed from the stage-end checkpoint starts after this stage and
         # never reports it again, so it must reach the callbacks before the checkpoint exists.
@@ -1103,6 +1163,7 @@ class _Run:
             ),
             device=str(self.device),
             extra={
+                **_largest_memory(self.stage_results),
                 "stages": float(len(self.plans)),
                 "tokens_seen": float(self.total_tokens),
                 "unique_tokens": float(self.unique_tokens),
@@ -1159,6 +1220,8 @@ class _Run:
     def _save_checkpoint(self, interrupted: bool = False) -> None:
         assert self.trainer.checkpoint_dir is not None
         self.last_checkpoint_at = time.perf_counter()
+        if not self.dist.is_main:  # under torchrun rank 0 writes; every rank resumes from it
+            return
         snapshot = self.step_snapshot if interrupted else None
         stream = snapshot["stream"] if snapshot else self.stream.position
         state = {

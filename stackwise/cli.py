@@ -591,6 +591,56 @@ def run(
     ] = None,
     max_runs: MaxRunsOption = None,
     no_memory_check: NoMemoryCheckOption = False,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            help="Where grid points train: local (this machine) or ray (a Ray cluster; needs "
+            "pip install 'stackwise[ray]').",
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster to join (auto, ray://head:10001); default: a local cluster "
+            "started for this run.",
+            show_default=False,
+        ),
+    ] = None,
+    cpus_per_run: Annotated[
+        float | None,
+        typer.Option(
+            "--cpus-per-run", min=0.0, help="CPUs of a Ray task (default 1).", show_default=False
+        ),
+    ] = None,
+    gpus_per_run: Annotated[
+        float | None,
+        typer.Option(
+            "--gpus-per-run",
+            min=0.0,
+            help="GPUs of a Ray task (default: 1 when the cluster has GPUs, else 0).",
+            show_default=False,
+        ),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Points trained at once on this machine: one GPU each where GPUs exist, else "
+            "the CPU cores split between them.",
+        ),
+    ] = 1,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Processes per point (torchrun, data parallel: gloo on CPU, nccl on GPUs); "
+            "training.batch_size must divide by it.",
+        ),
+    ] = 1,
 ) -> None:
     """Validate every file and grid first, then train and track each run."""
     with user_errors():
@@ -599,15 +649,51 @@ def run(
         _print_runs(plans)
         stdout_console().print("Dry run: nothing was trained or written.")
         return
-    with user_errors():
-        check_devices(plans)
-        check_stores(plans, tracking_uri)
-    from stackwise.runner import RunOptions, run_experiments
+    from stackwise.executors import ExecutorError, choose_executor, under_torchrun
 
     try:
-        summary = run_experiments(
-            plans, RunOptions(tracking_uri=tracking_uri, force=force, quiet=quiet, threads=threads)
-        )
+        with user_errors():
+            chosen = choose_executor(
+                plans,
+                executor,
+                address=address,
+                cpus_per_run=cpus_per_run,
+                gpus_per_run=gpus_per_run,
+                jobs=jobs,
+                nproc=nproc,
+            )
+            if address is None:  # a remote cluster's devices are its workers'
+                check_devices(plans)
+            check_stores(plans, tracking_uri)
+        if chosen is not None and hasattr(chosen, "connect"):
+            chosen.connect()  # before anything is written: a cluster that cannot be reached
+    except ExecutorError as error:
+        fail([str(error)], summary="nothing was run or written.")
+    from stackwise.runner import RunOptions, run_experiments
+
+    options = RunOptions(
+        tracking_uri=tracking_uri, force=force, quiet=quiet, threads=threads, executor=chosen
+    )
+    try:
+        if under_torchrun():
+            from stackwise.executors.torchrun import LockstepBroken, run_grid_on_ranks
+
+            try:
+                ranked = run_grid_on_ranks(plans, options)
+            except LockstepBroken as error:
+                stderr_console().print(
+                    Text(
+                        f"error: a point failed on rank 0 ({error}); this torchrun launch "
+                        "stops here. Run the same command again to go on with the others.",
+                        style="red",
+                    )
+                )
+                raise typer.Exit(1) from None
+            if ranked is None:  # a rank other than 0: rank 0 reports
+                raise typer.Exit(0)
+            summary = ranked
+        else:
+            summary = run_experiments(plans, options)
     except KeyboardInterrupt as error:
         # Ctrl-C, or SIGTERM/SIGHUP turned into the same by the runner: exit 128 + signal.
         signum = getattr(error, "signum", None)
@@ -620,6 +706,9 @@ def run(
             )
         )
         raise typer.Exit(EXIT_INTERRUPTED if signum is None else 128 + signum) from None
+    finally:
+        if chosen is not None and hasattr(chosen, "close"):
+            chosen.close()
     raise typer.Exit(summary.exit_code)
 
 
@@ -764,6 +853,15 @@ def compare(
             "start time, config hash, and the params that differ between runs of a grid point.",
         ),
     ] = False,
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            "--columns",
+            help="Only these columns, in this order (comma-separated, e.g. "
+            "run,val_loss,flops,unique_tokens); the run name always stays first.",
+            show_default=False,
+        ),
+    ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(
@@ -793,6 +891,7 @@ def compare(
         pivot_frame,
         render,
         save_plots,
+        select_columns,
     )
 
     if format_ not in FORMATS:
@@ -824,6 +923,8 @@ def compare(
         for message in notes:
             note(message)
         table = frame if pivot is None else pivot_frame(frame, pivot, metric, agg)
+        if columns is not None:
+            table = select_columns(table, columns)
         if plot is not None:
             try:
                 written = save_plots(clients, frame, plot)

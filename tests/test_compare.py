@@ -772,3 +772,29 @@ def test_compare_file_with_data_files_matches_from_any_folder(
     notes: list[str] = []
     assert compare_runs([str(path)], tracking_uri=uri, notes=notes).height == 0
     assert any("1 run of other settings" in n for n in notes)
+
+
+def test_columns_keep_the_run_and_the_order_asked_for() -> None:
+    import polars as pl
+
+    from stackwise.tracking.compare import CompareError, select_columns
+
+    frame = pl.DataFrame(
+        {
+            "experiment": ["e"],
+            "run": ["r"],
+            "mode": ["blockwise"],
+            "val_loss": [2.0],
+            "flops": [1.0],
+        }
+    )
+    assert select_columns(frame, "flops, val_loss").columns == [
+        "experiment",
+        "run",
+        "flops",
+        "val_loss",
+    ]
+    pivot = pl.DataFrame({"size": ["small"], "rackwise": [2.0], "blockwise": [2.1]})
+    assert select_columns(pivot, "blockwise").columns == ["size", "blockwise"]
+    with pytest.raises(CompareError, match=r"--columns: no column 'lr'.*the table has"):
+        select_columns(frame, "val_loss,lr")

@@ -508,6 +508,21 @@ def _get_experiment(client: MlflowClient, uri: str, name: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def select_columns(frame: pl.DataFrame, columns: str) -> pl.DataFrame:
+    """The columns named in `columns` (comma-separated), in that order, behind the columns that
+    say which run a row is (experiment and run, or a pivot's rows). Unknown names are a
+    `CompareError` listing the columns there are."""
+    wanted = [c.strip() for c in columns.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in frame.columns]
+    if unknown:
+        raise CompareError(
+            f"--columns: no column {', '.join(repr(c) for c in unknown)}; the table has "
+            f"{', '.join(frame.columns)}"
+        )
+    keep = [c for c in ("experiment", "run") if c in frame.columns] or frame.columns[:1]
+    return frame.select([*keep, *[c for c in wanted if c not in keep]])
+
+
 def parse_pivot(text: str) -> tuple[str, str]:
     """``"size x mode"``, ``"size,mode"`` or ``"size×mode"`` -> ("size", "mode")."""
     parts = [p for p in re.split(r"\s*(?:,|×|\s+x\s+|\s+)\s*", text.strip()) if p]

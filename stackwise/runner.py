@@ -51,7 +51,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 
@@ -153,6 +153,57 @@ class RunOptions:
     force: bool = False
     quiet: bool = False
     threads: int | None = None  # torch intra-op CPU threads; None keeps torch's default
+    # Where grid points train (`stackwise.executors`: --jobs, Ray, torchrun); None: here, one
+    # after another.
+    executor: PointExecutor | None = None
+    # Under torchrun, rank 0's hooks that start each point's training on the other ranks too.
+    lockstep: Lockstep | None = None
+
+
+@dataclass(frozen=True)
+class GridContext:
+    """What another process needs to run points of a grid this one opened (picklable)."""
+
+    name: str  # MLflow experiment name
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+@dataclass(frozen=True)
+class PointOutcome:
+    """What happened to one grid point run elsewhere: ``finished``, ``skipped``, ``failed``, or
+    ``busy`` (another process holds the point: run it again, waiting for its lock)."""
+
+    status: str
+    message: str = ""
+    run_id: str | None = None
+
+
+class PointExecutor(Protocol):
+    """Runs the points of one grid (each as `stackwise.executors.run_point` does) and yields
+    every point's outcome as it completes."""
+
+    def run_points(
+        self,
+        context: GridContext,
+        specs: Sequence[RunSpec],
+        options: RunOptions,
+        progress: GridProgress,
+    ) -> Iterator[tuple[RunSpec, PointOutcome]]: ...
+
+
+class Lockstep(Protocol):
+    """Rank 0's side of a run trained by every rank of a torchrun launch."""
+
+    world: int
+
+    def begin(self, point: Point, folder: Path) -> None:
+        """The point's trainer starts now (after its checkpoint folder is settled)."""
+
+    def failed(self, message: str) -> None:
+        """The point's training failed on rank 0 (recorded FAILED): the other ranks cannot
+        follow any further."""
 
 
 Outcome = tuple[str, str, str]  # (experiment name, run name, message)
@@ -188,7 +239,7 @@ class Point:
 class _Grid:
     """One experiment file's grid being run against one store."""
 
-    experiment: Experiment
+    experiment: Experiment | None  # None in a process running points of another's grid
     name: str
     uri: str
     specs: list[RunSpec]
@@ -316,13 +367,19 @@ def _run_grid(
         )
         if experiment.path.is_file():
             retry_locked(lambda: client.log_artifact(grid.parent_run_id, str(experiment.path)))
-        deferred = []
-        for spec in specs:
-            if not _run_point(grid, spec, options, progress, summary, wait=False):
-                deferred.append(spec)
-        for spec in deferred:  # busy in another process: wait for it, then skip or run
-            progress.print(f"  {spec.name}: running in another process, waiting for it")
-            _run_point(grid, spec, options, progress, summary, wait=True)
+        if options.executor is not None:
+            context = GridContext(name, uri, experiment_id, grid.parent_run_id)
+            for spec, outcome in options.executor.run_points(context, specs, options, progress):
+                _record_outcome(grid, spec, outcome, summary)
+                progress.run_done()
+        else:
+            deferred = []
+            for spec in specs:
+                if not _run_point(grid, spec, options, progress, summary, wait=False):
+                    deferred.append(spec)
+            for spec in deferred:  # busy in another process: wait for it, then skip or run
+                progress.print(f"  {spec.name}: running in another process, waiting for it")
+                _run_point(grid, spec, options, progress, summary, wait=True)
         _finish_grid(grid, progress)
         # A process sharing the store may have died meanwhile: close what it left RUNNING.
         _close_abandoned_runs(grid)
@@ -331,9 +388,27 @@ def _run_grid(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception:  # e.g. a torchrun launch that cannot go on after a failed point
+        status = "FAILED"
+        raise
     finally:
         retry_locked(lambda: client.set_terminated(grid.parent_run_id, status=status))
         parent_lock.release()
+
+
+def _record_outcome(grid: _Grid, spec: RunSpec, outcome: PointOutcome, summary: RunSummary) -> None:
+    """Add the outcome of a point run by an executor to the grid and the summary."""
+    if outcome.run_id is not None:
+        grid.point_run_ids[spec.name] = outcome.run_id
+        summary.run_ids[(grid.name, spec.name)] = outcome.run_id
+    entry = (grid.name, spec.name, outcome.message)
+    if outcome.status == "finished":
+        summary.finished.append(entry)
+    elif outcome.status == "skipped":
+        summary.skipped.append(entry)
+    else:
+        grid.failures += 1
+        summary.failed.append(entry)
 
 
 def _owner_gone(grid: _Grid, run: Run) -> bool:
@@ -544,7 +619,9 @@ def _train_point(
     logger: MlflowLogger | None = None
     monitor: Any = None
     try:
-        logger, monitor, final = _train(grid, point, run_id, folder, progress, adopted)
+        logger, monitor, final = _train(
+            grid, point, run_id, folder, progress, adopted, lockstep=options.lockstep
+        )
         logger.close()
         if monitor is not None:
             monitor.finish()
@@ -562,6 +639,8 @@ def _train_point(
         grid.failures += 1
         summary.failed.append((grid.name, spec.name, message))
         progress.print(f"  [red]✗ {spec.name}: FAILED — {message}[/]", important=True)
+        if options.lockstep is not None:
+            options.lockstep.failed(message)
         return
     elapsed = time.perf_counter() - started
     loss = final.get("final_val_loss")
@@ -586,6 +665,7 @@ def _train(
     folder: Path,
     progress: GridProgress,
     adopted: bool = False,
+    lockstep: Lockstep | None = None,
 ) -> tuple[MlflowLogger, Any, dict[str, float]]:
     """Build data and rack, train with logging, log the model. Returns what must be closed."""
     from stackwise.data import build_data
@@ -604,12 +684,15 @@ def _train(
     # The trainer resumes only a checkpoint of exactly its config; one written under settings
     # outside the identity (a device name, a data path of the same content) is started over.
     trainer_hash = config.config_hash()
+    if lockstep is not None and lockstep.world > 1:  # resumes with the same number of processes
+        trainer_hash = f"{trainer_hash}-world{lockstep.world}"
     metadata = read_checkpoint_metadata(folder) if folder.exists() else None
     if metadata is not None and metadata.get(CHECKPOINT_TRAINER_HASH, trainer_hash) != trainer_hash:
         shutil.rmtree(folder, ignore_errors=True)
         progress.print(
             f"    {point.spec.name}: its checkpoint was written under other settings outside the "
-            f"run identity (a device name, a data path); starting over inside run {run_id}"
+            f"run identity (a device name, a data path, the number of processes); starting over "
+            f"inside run {run_id}"
         )
     if config.training.out_of_core:  # blocks are drawn when their stage starts
         import torch
@@ -636,6 +719,8 @@ def _train(
         )
         monitor.start()
     try:
+        if lockstep is not None:  # torchrun: the other ranks start the same training now
+            lockstep.begin(point, folder)
         trainer = ArchitectureTrainer(
             config,
             callbacks=[logger, progress.start_run(point.spec.name)],

@@ -1,0 +1,319 @@
+"""Grid points elsewhere: --jobs (subprocesses), Ray tasks, torchrun (DDP over gloo).
+
+The engine tests are `distributed` (and `slow`): `nox -s distributed` runs them with Ray
+installed; there, a missing Ray is a failure, not a skip (STACKWISE_REQUIRE_RAY=1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_tracking import cli_env, point_runs, run_cli, store_uri, tiny_training, write_experiment
+
+from stackwise.config.experiment import expand_grid, load_experiment
+from stackwise.executors.local import job_slots
+
+# --------------------------------------------------------------------------------------------
+# without engines
+# --------------------------------------------------------------------------------------------
+
+
+def test_job_slots_split_the_cores_and_hand_out_gpus() -> None:
+    # 2 cores, 2 jobs, no GPU: one thread each (no oversubscription).
+    assert [(s.threads, s.gpu) for s in job_slots(2, 2, [])] == [(1, None), (1, None)]
+    # 8 cores, 3 jobs, 2 GPUs: 8 // 3 = 2 threads each, GPUs round robin.
+    slots = job_slots(3, 8, ["0", "1"])
+    assert [(s.threads, s.gpu) for s in slots] == [(2, "0"), (2, "1"), (2, "0")]
+    assert slots[1].environment() == {
+        "OMP_NUM_THREADS": "2",
+        "MKL_NUM_THREADS": "2",
+        "CUDA_VISIBLE_DEVICES": "1",
+    }
+    # More jobs than cores still gives every job a thread; --threads is taken as given.
+    assert {s.threads for s in job_slots(4, 2, [])} == {1}
+    assert {s.threads for s in job_slots(2, 16, [], threads=3)} == {3}
+
+
+def test_executor_flag_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, "flags", training=tiny_training(4))
+    cases = [
+        (["--address", "auto"], "--address: only goes with --executor ray"),
+        (["--executor", "dask"], "'dask' is not an executor"),
+        (["--nproc", "2", "--jobs", "2"], "--nproc: runs one point at a time"),
+        # batch_size 4 does not split over 3 processes: the file and the field are named.
+        (["--nproc", "3"], "training.batch_size: run default: 4 does not divide by the 3"),
+    ]
+    for flags, expected in cases:
+        result = run_cli(tmp_path, "run", str(path), *flags)
+        assert result.returncode == 2, (flags, result.stdout, result.stderr)
+        assert expected in result.stderr, (flags, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert "flags.yaml" in run_cli(tmp_path, "run", str(path), "--nproc", "3").stderr
+    assert not (tmp_path / "mlruns").exists()  # nothing written
+
+
+def test_ray_executor_without_ray_names_the_extra(tmp_path: Path) -> None:
+    import subprocess
+
+    path = write_experiment(tmp_path, "noray", training=tiny_training(4))
+    # The CLI in a process where `import ray` fails, as it does where Ray is not installed.
+    code = (
+        "import sys; sys.modules['ray'] = None; from stackwise.cli import main; "
+        f"sys.argv = ['stackwise', 'run', {str(path)!r}, '--executor', 'ray']; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'stackwise[ray]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# --jobs
+# --------------------------------------------------------------------------------------------
+
+
+def _finished_by_name(cwd: Path, name: str) -> dict[str, list[Any]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store_uri(cwd))
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    runs: dict[str, list[Any]] = {}
+    for run in point_runs(client, experiment.experiment_id):
+        runs.setdefault(run.info.run_name, []).append(run)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_jobs_two_finishes_a_four_point_grid_once_each(tmp_path: Path) -> None:
+    grid = {"training.training_architecture": ["rackwise", "stackwise"], "training.seed": [1, 2]}
+    path = write_experiment(tmp_path, "jobs", grid=grid, training=tiny_training(8))
+    started = time.monotonic()
+    result = run_cli(tmp_path, "run", str(path), "--jobs", "2")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 finished, 0 skipped, 0 failed" in result.stdout
+    assert "[4/4 done, 0 running, 0 failed]" in result.stdout
+    # On this machine's cores each of the two jobs got its share, never more.
+    cores = len(os.sched_getaffinity(0))
+    assert f"({max(1, cores // 2)} thread" in result.stdout
+    runs = _finished_by_name(tmp_path, "jobs")
+    expected = {f"mode={m},seed={s}" for m in ("rackwise", "stackwise") for s in (1, 2)}
+    assert set(runs) == expected
+    for name, found in runs.items():
+        assert [r.info.status for r in found] == ["FINISHED"], name
+    hashes = {r.data.tags["config_hash"] for found in runs.values() for r in found}
+    assert len(hashes) == 4
+    again = run_cli(tmp_path, "run", str(path), "--jobs", "2")
+    assert "0 finished, 4 skipped, 0 failed" in again.stdout, again.stdout + again.stderr
+    assert {n: len(f) for n, f in _finished_by_name(tmp_path, "jobs").items()} == dict.fromkeys(
+        expected, 1
+    )
+    print(f"--jobs 2, 4 points: {elapsed:.1f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Any:
+    if os.environ.get("STACKWISE_REQUIRE_RAY") == "1":
+        import ray
+    else:
+        ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def _plans(path: Path) -> list[Any]:
+    experiment = load_experiment(path)
+    return [(experiment, expand_grid(experiment))]
+
+
+def _run(path: Path, store: Path, executor: Any = None) -> Any:
+    from rich.console import Console
+
+    from stackwise.runner import RunOptions, run_experiments
+
+    options = RunOptions(tracking_uri=str(store), quiet=True, executor=executor)
+    return run_experiments(_plans(path), options, console=Console(width=200, quiet=True))
+
+
+def _points(store: Path, name: str) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    return {r.info.run_name: r for r in point_runs(client, experiment.experiment_id)}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ray_grid_records_what_the_local_executor_records(
+    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stackwise.executors.ray import RayExecutor
+
+    monkeypatch.chdir(tmp_path)
+    grid = {"training.training_architecture": ["rackwise", "stackwise"]}
+    path = write_experiment(tmp_path, "rayvs", grid=grid, training=tiny_training(8))
+    local = _run(path, tmp_path / "local")
+    remote = _run(path, tmp_path / "ray", RayExecutor())
+    assert local.exit_code == remote.exit_code == 0
+    assert len(remote.finished) == 2
+    here, there = _points(tmp_path / "local", "rayvs"), _points(tmp_path / "ray", "rayvs")
+    assert set(here) == set(there) == {"mode=rackwise", "mode=stackwise"}
+    for name, run in here.items():
+        other = there[name]
+        assert other.info.status == "FINISHED"
+        assert other.data.params == run.data.params
+        assert other.data.tags["config_hash"] == run.data.tags["config_hash"]
+        # Nested under the driver's parent run of its own store.
+        parent = other.data.tags["mlflow.parentRunId"]
+        assert parent == remote.parent_run_ids["rayvs"]
+        for key in ("final/loss", "train/loss"):
+            assert math.isclose(other.data.metrics[key], run.data.metrics[key], rel_tol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ray_task_killed_fails_its_point_the_others_finish_rerun_completes(
+    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from stackwise.executors.ray import RayExecutor
+
+    monkeypatch.chdir(tmp_path)
+    training = {**tiny_training(48), "log_every_steps": 2}
+    path = write_experiment(
+        tmp_path, "raykill", grid={"training.seed": [1, 2, 3]}, training=training
+    )
+    store = tmp_path / "store"
+    victim = "seed=1"
+    killed: list[int] = []
+
+    def kill_victim() -> None:
+        """SIGKILL the Ray worker training the victim once it has logged a step (the owner
+        tag of a RUNNING run names its process)."""
+        client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            time.sleep(0.2)
+            try:
+                experiment = client.get_experiment_by_name("raykill")
+                if experiment is None:
+                    continue
+                runs = client.search_runs(
+                    [experiment.experiment_id], "attributes.status = 'RUNNING'"
+                )
+            except Exception:  # the store is being created
+                continue
+            for run in runs:
+                if run.info.run_name == victim and "train/loss" in run.data.metrics:
+                    pid = int(run.data.tags["stackwise.owner"].rpartition(":")[2])
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+    killer = threading.Thread(target=kill_victim, daemon=True)
+    killer.start()
+    summary = _run(path, store, RayExecutor())
+    killer.join(timeout=5)
+    assert killed, "the victim was never seen training"
+    assert summary.exit_code == 1
+    assert [run for _, run, _ in summary.failed] == [victim]
+    assert sorted(run for _, run, _ in summary.finished) == ["seed=2", "seed=3"]
+    points = _points(store, "raykill")
+    assert points[victim].info.status == "FAILED"
+    assert "died" in points[victim].data.tags["error"].lower(), points[victim].data.tags["error"]
+    assert {points[n].info.status for n in ("seed=2", "seed=3")} == {"FINISHED"}
+
+    again = _run(path, store, RayExecutor())
+    assert again.exit_code == 0
+    assert sorted(run for _, run, _ in again.skipped) == ["seed=2", "seed=3"]
+    assert [run for _, run, _ in again.finished] == [victim]
+    statuses = [r.info.status for r in _points_all(store, "raykill") if r.info.run_name == victim]
+    assert "FINISHED" in statuses
+
+
+def _points_all(store: Path, name: str) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    return point_runs(client, experiment.experiment_id)
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_processes_give_the_loss_curve_of_one(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    training = {**tiny_training(8), "log_every_steps": 1, "grad_accum_steps": 2}
+    grid = {"training.training_architecture": ["rackwise", "blockwise"]}
+    path = write_experiment(tmp_path, "ddp", grid=grid, training=training)
+    one = run_cli(tmp_path, "run", str(path), "--tracking-uri", "one")
+    two = run_cli(tmp_path, "run", str(path), "--tracking-uri", "two", "--nproc", "2")
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "2 finished, 0 skipped, 0 failed" in two.stdout
+
+    def curves(store: str) -> dict[str, Any]:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / store}/mlflow.db")
+        experiment = client.get_experiment_by_name("ddp")
+        assert experiment is not None
+        runs = point_runs(client, experiment.experiment_id)
+        # Rank 0 alone writes: one run per point, every metric once per step.
+        assert sorted(r.info.run_name for r in runs) == ["mode=blockwise", "mode=rackwise"]
+        out = {}
+        for run in runs:
+            history = {}
+            for key in ("train/loss", "train/tokens", "train/grad_norm"):
+                points = client.get_metric_history(run.info.run_id, key)
+                steps = [m.step for m in points]
+                assert len(steps) == len(set(steps)), (key, steps)
+                history[key] = {m.step: m.value for m in points}
+            history["final/loss"] = run.data.metrics["final/loss"]
+            out[run.info.run_name] = history
+        return out
+
+    single, parallel = curves("one"), curves("two")
+    for name, expected in single.items():
+        got = parallel[name]
+        steps = sorted(expected["train/loss"])
+        assert steps == sorted(got["train/loss"]) == list(range(1, len(steps) + 1))
+        for step in steps:
+            assert math.isclose(
+                got["train/loss"][step], expected["train/loss"][step], rel_tol=1e-5
+            ), (name, step)
+            # Tokens are the global batch's: 4 rows x 32 positions x 2 micro-batches a step.
+            assert got["train/tokens"][step] == expected["train/tokens"][step] == step * 256
+        assert math.isclose(got["final/loss"], expected["final/loss"], rel_tol=1e-5)

@@ -1,5 +1,6 @@
-"""Test sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`; `nox -s bench` (not run by
-default) measures the CPU benchmark set and rewrites the README's benchmark table.
+"""Test sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`; `nox -s distributed` (run
+by CI after them) runs grids on the real engines (--jobs, Ray, torchrun over gloo); `nox -s bench`
+(not run by default) measures the CPU benchmark set and rewrites the README's benchmark table.
 
 torch is installed as its CPU build unless STACKWISE_TORCH names another requirement
 (e.g. STACKWISE_TORCH=torch for the default CUDA wheel on a GPU machine).
@@ -28,6 +29,15 @@ def tests(session: nox.Session) -> None:
     _install_project(session, "test")
     args = session.posargs or ["-m", "not slow", "-n", "2"]
     session.run("pytest", *args, env={"MLFLOW_TRACKING_URI": ""})
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """Grids on the real engines: --jobs, a local Ray cluster, torchrun with 2 CPU processes
+    (gloo). Ray is installed here, so a missing Ray fails instead of skipping."""
+    _install_project(session, "test,ray")
+    args = session.posargs or ["-m", "distributed", "tests/test_executors.py"]
+    session.run("pytest", *args, env={"MLFLOW_TRACKING_URI": "", "STACKWISE_REQUIRE_RAY": "1"})
 
 
 @nox.session

@@ -178,6 +178,11 @@ def test_help_validate_and_dry_run_do_not_import_torch_or_mlflow(tmp_path: Path)
 
 def test_schema_check_and_regenerate(tmp_path: Path) -> None:
     assert stackwise("schema", "--check", cwd=ROOT).returncode == 0
+    missing = stackwise("schema", "--check", "--dir", tmp_path / "schemas", cwd=tmp_path)
+    assert missing.returncode == 1 and "missing:" in missing.stderr
+    (tmp_path / "schemas").mkdir()
+    for name in ("experiment.schema.json", "stackwise-config.schema.json"):
+        (tmp_path / "schemas" / name).write_text("{}\n")
     stale = stackwise("schema", "--check", "--dir", tmp_path / "schemas", cwd=tmp_path)
     assert stale.returncode == 1 and "stale" in stale.stderr
     written = stackwise("schema", "--dir", tmp_path / "schemas", cwd=tmp_path)

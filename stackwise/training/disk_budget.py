@@ -45,11 +45,7 @@ def disk_budget_bytes(config: StackWiseConfig) -> tuple[int, str]:
 def caches_pool(config: StackWiseConfig) -> bool:
     """Whether the run caches a sample pool (depth-wise, `depthwise.data: pool`, cache on)."""
     training = config.training
-    return (
-        training.is_depthwise
-        and training.depthwise.data == "pool"
-        and training.cache.enabled
-    )
+    return training.is_depthwise and training.depthwise.data == "pool" and training.cache.enabled
 
 
 def pool_rows_bound(config: StackWiseConfig) -> int | None:

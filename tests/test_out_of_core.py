@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_checkpoint import InterruptAt
 
 from stackwise.config.base import StackWiseConfig
 from stackwise.data import build_data
@@ -101,15 +102,6 @@ def test_out_of_core_gives_the_losses_of_an_in_memory_run(mode: str) -> None:
     ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(written(ids), reference_rack(ids))
-
-
-class InterruptAt(TrainingCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step == self.step and "train/loss" in metrics:
-            raise KeyboardInterrupt
 
 
 def test_out_of_core_resumes_exactly(tmp_path: Path) -> None:

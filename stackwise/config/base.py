@@ -767,8 +767,7 @@ class StackWiseConfig(BaseConfig):
 
     @model_validator(mode="after")
     def _no_frozen_last_stack_depthwise(self) -> StackWiseConfig:
-        mode = self.training.training_architecture
-        if mode not in ("stackwise", "blockwise", "layerwise"):
+        if not self.training.is_depthwise:
             return self
         stacks = self.model.resolved_stacks()
         if stacks[-1].freeze_blocks and not all(s.freeze_blocks for s in stacks):

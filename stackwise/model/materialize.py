@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -289,15 +287,3 @@ def _rebuild_non_persistent_buffers(rack: Rack) -> None:
         if declared_frozen(rack, index):
             fresh.freeze()
         replace_block(rack, index, fresh)
-
-
-def iter_meta_blocks(rack: Rack) -> Iterator[int]:
-    for index, block in enumerate(rack.blocks):
-        if block_is_meta(block):
-            yield index
-
-
-def describe(rack: Rack) -> dict[str, Any]:
-    """How much of the rack is in memory (for reports)."""
-    blocks = rack.blocks
-    return {"blocks": len(blocks), "in_memory": sum(not block_is_meta(b) for b in blocks)}

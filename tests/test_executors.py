@@ -317,3 +317,60 @@ def test_torchrun_two_processes_give_the_loss_curve_of_one(tmp_path: Path) -> No
             # Tokens are the global batch's: 4 rows x 32 positions x 2 micro-batches a step.
             assert got["train/tokens"][step] == expected["train/tokens"][step] == step * 256
         assert math.isclose(got["final/loss"], expected["final/loss"], rel_tol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_run_stopped_by_sigterm_resumes_with_the_same_world_size(tmp_path: Path) -> None:
+    import sqlite3
+    import subprocess
+
+    from mlflow import MlflowClient
+    from test_tracking import cli_command
+
+    training = {**tiny_training(40), "log_every_steps": 1, "training_architecture": "stackwise"}
+    path = write_experiment(tmp_path, "resume", training=training)
+    one = run_cli(tmp_path, "run", str(path), "--tracking-uri", "one", "--quiet")
+    assert one.returncode == 0, one.stdout + one.stderr
+    driver = subprocess.Popen(
+        cli_command("run", str(path), "--tracking-uri", "two", "--nproc", "2"),
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    database = tmp_path / "two" / "mlflow.db"
+    deadline = time.monotonic() + 240
+    logged = 0
+    while logged < 14 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.3)
+        try:
+            with sqlite3.connect(database) as db:
+                query = "select count(*) from metrics where key = 'train/loss'"
+                logged = db.execute(query).fetchone()[0]
+        except sqlite3.Error:
+            continue
+    assert 14 <= logged < 40, logged  # stopped in the middle of the run
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=180) == 128 + signal.SIGTERM
+    again = run_cli(tmp_path, "run", str(path), "--tracking-uri", "two", "--nproc", "2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming" in again.stdout
+
+    def history(store: str) -> tuple[list[Any], dict[int, float]]:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / store}/mlflow.db")
+        experiment = client.get_experiment_by_name("resume")
+        assert experiment is not None
+        runs = point_runs(client, experiment.experiment_id)
+        loss = client.get_metric_history(runs[0].info.run_id, "train/loss")
+        assert sorted(m.step for m in loss) == list(range(1, 41))  # each step once
+        return runs, {m.step: m.value for m in loss}
+
+    (single,), expected = history("one")
+    runs, got = history("two")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # resumed inside its run
+    for step, value in expected.items():
+        assert math.isclose(got[step], value, rel_tol=1e-5), step
+    assert math.isclose(
+        runs[0].data.metrics["final/loss"], single.data.metrics["final/loss"], rel_tol=1e-5
+    )

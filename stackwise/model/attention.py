@@ -417,7 +417,13 @@ class MultiHeadLatentAttention(nn.Module):
         mask = None
         if attention_mask is not None:
             mask = build_attention_mask(attention_mask, self.causal, q.shape[-2])
-        return F.scaled_dot_product_attention(
+        value_width = v.shape[-1]
+        if q.device.type == "cpu" and value_width < q.shape[-1]:
+            # The CPU flash kernel needs values as wide as queries and keys; otherwise SDPA falls
+            # back to the math path, which builds the T x T matrix (memory quadratic in T). Zero
+            # value channels add zero output channels, cut off below.
+            v = F.pad(v, (0, q.shape[-1] - value_width))
+        out = F.scaled_dot_product_attention(
             q,
             k,
             v,
@@ -427,6 +433,7 @@ class MultiHeadLatentAttention(nn.Module):
             scale=self.scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
+        return out[..., :value_width]
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Training form: rebuild per-head K and V from the latent, then standard attention."""

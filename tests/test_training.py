@@ -252,7 +252,13 @@ def test_non_finite_loss_names_stage_and_step() -> None:
     with torch.no_grad():
         rack.norm.weight.fill_(float("nan"))
     data = build_data(config.data, config.training)
-    with pytest.raises(TrainingError, match=r"non-finite loss.*stage block_0.*step 1"):
+    with pytest.raises(TrainingError, match=r"non-finite loss.*stage block_0.*step 1") as caught:
+        ArchitectureTrainer(config).train_architecture(rack, data.train_loader)
+    # grad_clip is already set (1.0 by default): the advice must not be to set it
+    assert "lower training.optimizer.lr" in str(caught.value)
+    assert "grad_clip" not in str(caught.value)
+    config.training.optimizer.grad_clip = None
+    with pytest.raises(TrainingError, match=r"or set training.optimizer.grad_clip"):
         ArchitectureTrainer(config).train_architecture(rack, data.train_loader)
 
 

@@ -65,6 +65,7 @@ BENCHMARKS = (
     "bench_depth.py",
     "bench_attention.py",
     "bench_logging_overhead.py",
+    "bench_quantization.py",
 )
 
 

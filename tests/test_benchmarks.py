@@ -245,3 +245,19 @@ def test_report_without_markers_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "bench:start" in done.stderr
     assert readme.read_text() == "# Title\n\nno markers here\n"
+
+
+def test_quantization_quick(tmp_path: Path) -> None:
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("needs the quant extra (torchao)")
+    data = run_quick("bench_quantization", tmp_path)
+    rows = data["results"]
+    assert set(rows) == {"fp32", "bf16", "int8"}
+    assert rows["fp32"]["loss_minus_fp32"] == 0.0
+    for row in rows.values():
+        assert math.isclose(
+            row["loss_minus_fp32"], row["final_val_loss"] - rows["fp32"]["final_val_loss"]
+        )
+    # the trunk's linear weights: 4, 2 and 1 bytes each
+    assert rows["fp32"]["trunk_linear_bytes"] == 2 * rows["bf16"]["trunk_linear_bytes"]
+    assert rows["fp32"]["trunk_linear_bytes"] == 4 * rows["int8"]["trunk_linear_bytes"]

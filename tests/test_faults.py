@@ -85,6 +85,10 @@ def write_file(
     return path
 
 
+def _default_hangup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class Cli:
     """`stackwise <args>` as a background process whose output is collected as it comes."""
 
@@ -99,6 +103,10 @@ class Cli:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # Under `nohup` (a CI runner may be one) SIGHUP is ignored and a child inherits
+            # that, so `stackwise run` would rightly keep ignoring it: start it as a terminal
+            # would.
+            preexec_fn=_default_hangup,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -26,12 +26,10 @@ _LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what `platform` knows."""
-    try:
+    with contextlib.suppress(OSError):  # no /proc (macOS): fall back to platform
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 

@@ -62,7 +62,7 @@ from torch import nn
 
 from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
 from stackwise.data.tokenizer import special_ids_for
-from stackwise.model.attention import redraw_kernel_features
+from stackwise.model.attention import KernelAttention, redraw_kernel_features
 from stackwise.model.materialize import block_is_meta
 from stackwise.training.cache import ActivationCache, storage_dtype
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
@@ -1000,7 +1000,8 @@ class _Run:
         self.step_in_stage += 1
         self.global_step += 1
         self.step_snapshot = None
-        redraw_kernel_features(self.rack, self.global_step)  # FAVOR+ projections due now
+        if self.redraws:
+            redraw_kernel_features(self.rack, self.global_step)  # FAVOR+ projections due now
         self.loss_window.append(loss)
         last = self.step_in_stage == plan.steps
         if self.global_step % self.cfg.log_every_steps == 0 or last:
@@ -1040,6 +1041,10 @@ class _Run:
         self.memory.reset()
         self.meter.start()
         self._bring_in(plan)
+        # Looked up once per stage, not on every step: does any FAVOR+ module redraw?
+        self.redraws = any(
+            isinstance(m, KernelAttention) and m.redraw_every for m in self.rack.modules()
+        )
         self._init_piece(plan)
         params = self._trainable(plan)
         with self.meter.training():

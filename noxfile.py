@@ -64,6 +64,7 @@ BENCHMARKS = (
     "bench_capacity.py",
     "bench_depth.py",
     "bench_attention.py",
+    "bench_favor.py",
     "bench_logging_overhead.py",
     "bench_quantization.py",
 )

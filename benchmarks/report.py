@@ -30,6 +30,7 @@ ORDER = (
     "bench_capacity",
     "bench_depth",
     "bench_attention",
+    "bench_favor",
     "bench_logging_overhead",
 )
 

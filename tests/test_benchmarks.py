@@ -261,3 +261,19 @@ def test_quantization_quick(tmp_path: Path) -> None:
     # the trunk's linear weights: 4, 2 and 1 bytes each
     assert rows["fp32"]["trunk_linear_bytes"] == 2 * rows["bf16"]["trunk_linear_bytes"]
     assert rows["fp32"]["trunk_linear_bytes"] == 4 * rows["int8"]["trunk_linear_bytes"]
+
+
+def test_favor_quick(tmp_path: Path) -> None:
+    """Every draw at every point, errors in (0, 1.5) and falling with more features for the
+    default draw; the headline quotes the default count's errors from the same rows."""
+    data = run_quick("bench_favor", tmp_path)
+    rows = data["results"]
+    assert {r["sampling"] for r in rows} == {"orthogonal", "antithetic", "regularized"}
+    assert {r["mode"] for r in rows} == {"bidirectional", "causal"}
+    for row in rows:
+        assert all(0 < e < 1.5 for e in row["errors"].values())
+    default = [r for r in rows if r["head_dim"] == 16 and r["sampling"] == "regularized"]
+    for row in default:
+        assert row["errors"]["44"] < row["errors"]["16"]
+    bidirectional = next(r for r in default if r["mode"] == "bidirectional")
+    assert f"{bidirectional['errors']['44']:.3f} / " in data["headline"][0]["figure"]

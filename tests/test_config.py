@@ -190,6 +190,11 @@ def test_load_run_config_reads_plain_config(tmp_path: Path) -> None:
         ({"training": {"budget": {"steps": 1, "tokens": 1}}}, "training.budget", "exactly one"),
         ({"model": {"attention_mode": "bidirectional"}}, "model.attention_mode", "causal"),
         ({"training": {"device": "tpu"}}, "training.device", "device must be"),
+        (
+            {"model": {"kernel": {"favor_sampling": "gaussian"}}},
+            "model.kernel.favor_sampling",
+            "'orthogonal', 'antithetic' or 'regularized'",
+        ),
     ],
 )
 def test_schema_rules(data: dict, field: str, fragment: str) -> None:
@@ -889,3 +894,33 @@ def test_ordinary_runs_pass_the_memory_check_without_estimating() -> None:
     )
     assert check_run_memory(config) is None
     assert memory_upper_bound(config) >= estimate_run(config).peak_memory_bytes
+
+
+def test_favor_sampling_is_part_of_the_identity_only_where_favor_attention_runs() -> None:
+    """Runs recorded before the FAVOR+ draw could be chosen keep their identity: the setting
+    counts only in runs with FAVOR+ kernel attention (in the model or in one stack)."""
+
+    def config_hash(model: dict) -> str:
+        return StackWiseConfig.model_validate({"model": model}).config_hash()
+
+    plain = {"attention_type": "mha"}
+    orthogonal = {"kernel": {"favor_sampling": "orthogonal"}}
+    assert config_hash(plain) == config_hash({**plain, **orthogonal})
+    elu = {"attention_type": "kernel", "kernel": {"feature_map": "elu"}}
+    elu_orthogonal = {
+        "attention_type": "kernel",
+        "kernel": {"feature_map": "elu", **orthogonal["kernel"]},
+    }
+    assert config_hash(elu) == config_hash(elu_orthogonal)
+    favor = {"attention_type": "kernel", "kernel": {"feature_map": "favor"}}
+    hashes = {
+        config_hash({**favor, "kernel": {"feature_map": "favor", "favor_sampling": sampling}})
+        for sampling in ("orthogonal", "antithetic", "regularized")
+    }
+    assert len(hashes) == 3 and config_hash(favor) in hashes
+    mixed = {
+        "kernel": {"feature_map": "favor"},
+        "stacks": [{"n_blocks": 1}, {"n_blocks": 1, "attention_type": "kernel"}],
+    }
+    mixed_orthogonal = {**mixed, "kernel": {"feature_map": "favor", "favor_sampling": "orthogonal"}}
+    assert config_hash(mixed) != config_hash(mixed_orthogonal)

@@ -260,6 +260,28 @@ def test_state_dict_round_trip_reproduces_logits(attention_type: str, tmp_path) 
         torch.testing.assert_close(restored(x), rack(x), rtol=0, atol=0)
 
 
+def test_saved_spec_without_favor_sampling_loads_the_draw_it_was_saved_with(tmp_path) -> None:
+    """A rack saved before the FAVOR+ draw could be chosen has no ``kernel_favor_sampling`` in
+    its spec; it drew orthogonal features, so it loads as orthogonal (its redraws stay the
+    same), while a current spec keeps what it says."""
+    from stackwise.tracking.models import rack_from_files
+
+    rack = small_rack(attention_type="kernel", kernel_feature_map="favor", seed=1).eval()
+    assert {b.attn.sampling for b in rack.blocks} == {"regularized"}
+    save_model(rack, str(tmp_path / "rack.safetensors"))
+    current = json.loads(json.dumps(rack.spec()))
+    old = json.loads(json.dumps(current))
+    for stack in old["stack_specs"]:
+        for block in stack.get("block_specs") or [stack["block_spec"]]:
+            del block["kernel_favor_sampling"]
+    for name, spec, sampling in (("current", current, "regularized"), ("old", old, "orthogonal")):
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+        loaded = rack_from_files(tmp_path / "rack.safetensors", tmp_path / f"{name}.json")
+        assert {b.attn.sampling for b in loaded.blocks} == {sampling}
+        with torch.no_grad():  # the saved projection is what computes, whatever the draw
+            torch.testing.assert_close(loaded(ids()), rack(ids()), rtol=0, atol=0)
+
+
 def test_spec_round_trip_rebuilds_the_same_architecture() -> None:
     encoder = create_block_spec(d_model=32, n_heads=4, attention_type="mla", q_lora_rank=8)
     decoder = create_block_spec(

@@ -178,6 +178,12 @@ class KernelConfig(BaseConfig):
         description="Redraw the FAVOR+ projection every this many optimizer steps, "
         "deterministically from seed and step (null: never).",
     )
+    favor_sampling: Literal["orthogonal", "antithetic", "regularized"] = Field(
+        "regularized",
+        description="How FAVOR+ draws its projection: `regularized` (pairs ±w with norm "
+        "sqrt(head_dim): lowest error, slightly biased), `antithetic` (pairs ±w with Gaussian "
+        "norms: unbiased) or `orthogonal` (the Performer's FAVOR+: unbiased, highest error).",
+    )
 
 
 class BlockOverrides(BaseConfig):
@@ -249,6 +255,14 @@ class ModelConfig(BaseConfig):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def uses_favor(self) -> bool:
+        """Whether some stack has kernel attention with FAVOR+ features."""
+        return self.kernel.feature_map == "favor" and any(
+            (stack.attention_type or self.attention_type) == "kernel"
+            for stack in self.resolved_stacks()
+        )
 
     def resolved_stacks(self) -> list[StackConfig]:
         """The stacks of the rack, whether listed explicitly or given by `architecture`."""
@@ -971,6 +985,9 @@ class StackWiseConfig(BaseConfig):
             payload["training"].pop("depthwise", None)
         if self.training.training_architecture != "progressive":
             payload["training"].pop("growth", None)
+        if not self.model.uses_favor:
+            # How FAVOR+ draws its features changes nothing without FAVOR+ attention.
+            payload["model"]["kernel"].pop("favor_sampling", None)
         return payload
 
     def config_hash(self) -> str:

@@ -32,6 +32,7 @@ from torch import nn
 from stackwise.config.base import BYTE_VOCAB_SIZE, ModelConfig, StackWiseConfig
 from stackwise.model.attention import (
     ATTENTION_MODES,
+    FAVOR_SAMPLINGS,
     GroupedQueryAttention,
     KernelAttention,
     MultiHeadLatentAttention,
@@ -86,6 +87,7 @@ def create_block_spec(
     kernel_chunk_size: int = 64,
     kernel_seed: int = 0,
     kernel_redraw_every: int | None = None,
+    kernel_favor_sampling: str = "regularized",
 ) -> dict[str, Any]:
     """A validated block spec: `Block` keyword arguments with every default filled in.
 
@@ -120,6 +122,11 @@ def create_block_spec(
     if attention_type == "kernel":
         if kernel_redraw_every is not None and kernel_redraw_every < 1:
             raise ValueError(f"kernel_redraw_every must be at least 1, got {kernel_redraw_every}")
+        if kernel_favor_sampling not in FAVOR_SAMPLINGS:
+            raise ValueError(
+                f"kernel_favor_sampling must be one of {FAVOR_SAMPLINGS}, "
+                f"got {kernel_favor_sampling!r}"
+            )
         odd = kernel_n_features is not None and kernel_n_features % 2 == 1
         if use_rope and kernel_feature_map == "favor" and odd:
             raise ValueError(
@@ -146,6 +153,7 @@ def create_block_spec(
         "kernel_chunk_size": kernel_chunk_size,
         "kernel_seed": kernel_seed,
         "kernel_redraw_every": kernel_redraw_every,
+        "kernel_favor_sampling": kernel_favor_sampling,
     }
 
 
@@ -205,6 +213,7 @@ class Block(nn.Module):
         kernel_chunk_size: int = 64,
         kernel_seed: int = 0,
         kernel_redraw_every: int | None = None,
+        kernel_favor_sampling: str = "regularized",
     ) -> None:
         super().__init__()
         spec = create_block_spec(
@@ -227,6 +236,7 @@ class Block(nn.Module):
             kernel_chunk_size,
             kernel_seed,
             kernel_redraw_every,
+            kernel_favor_sampling,
         )
         self._spec = spec
         self.d_model = d_model
@@ -295,6 +305,7 @@ def _build_attention(spec: Mapping[str, Any]) -> nn.Module:
         chunk_size=spec["kernel_chunk_size"],
         seed=spec["kernel_seed"],
         redraw_every=spec.get("kernel_redraw_every"),
+        sampling=spec.get("kernel_favor_sampling", "regularized"),
         **common,
     )
 
@@ -614,6 +625,23 @@ def create_stack_from_spec(
 _STACK_SPEC_KEYS = {"stack_id", "n_blocks", "block_spec", "block_specs", "freeze_blocks"}
 
 
+def saved_rack_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A rack spec read from a file, with what specs saved by earlier versions leave out made
+    explicit: a block spec without ``kernel_favor_sampling`` drew FAVOR+'s ``orthogonal``
+    features (the only draw there was), which matters when its projection is redrawn."""
+    stacks = []
+    for stack in spec["stack_specs"]:
+        stack = dict(stack)
+        for key in ("block_spec", "block_specs"):
+            if stack.get(key) is None:
+                continue
+            blocks = stack[key] if key == "block_specs" else [stack[key]]
+            blocks = [{"kernel_favor_sampling": "orthogonal", **block} for block in blocks]
+            stack[key] = blocks if key == "block_specs" else blocks[0]
+        stacks.append(stack)
+    return {**spec, "stack_specs": stacks}
+
+
 def create_rack_from_specs(
     vocab_size: int,
     d_model: int,
@@ -738,6 +766,7 @@ def create_rack_from_config(config: Mapping[str, Any] | Any, seed: int | None = 
             kernel_chunk_size=model.kernel.chunk_size,
             kernel_seed=model.kernel.seed,
             kernel_redraw_every=model.kernel.redraw_every,
+            kernel_favor_sampling=model.kernel.favor_sampling,
         )
         stack_specs.append(
             {

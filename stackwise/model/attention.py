@@ -36,6 +36,9 @@ from stackwise.model.norm import RMSNorm
 
 AttentionMode = Literal["bidirectional", "causal"]
 ATTENTION_MODES = ("bidirectional", "causal")
+# How FAVOR+ draws its random projection (see `_orthogonal_random_features`).
+FavorSampling = Literal["orthogonal", "antithetic", "regularized"]
+FAVOR_SAMPLINGS = ("orthogonal", "antithetic", "regularized")
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +531,11 @@ class KernelAttention(nn.Module):
     constant also covers later keys: an early key whose log-features sit more than ~87 below
     the maximum, which takes very uneven key norms, underflows to 0 in fp32.) The projection
     is drawn from ``seed`` and stored as a buffer, so it is saved with the model and never
-    trained; with ``redraw_every`` it is redrawn by `redraw_kernel_features`.
+    trained; with ``redraw_every`` it is redrawn by `redraw_kernel_features`. ``sampling``
+    chooses the draw (see `_orthogonal_random_features`): ``"regularized"`` (default; pairs
+    ``±ω`` of norm ``sqrt(head_dim)``, the lowest error for a given F, slightly biased),
+    ``"antithetic"`` (pairs ``±ω``, unbiased) or ``"orthogonal"`` (the Performer's FAVOR+,
+    unbiased).
 
     The denominator is a sum of positive terms, accurate in any precision unless it underflows;
     it gets ``eps`` relative to its upper bound ``‖φ(q_t)‖₁ ‖z_t‖₁`` (not an absolute eps, which
@@ -553,11 +560,14 @@ class KernelAttention(nn.Module):
         chunk_size: int = 64,
         seed: int = 0,
         redraw_every: int | None = None,
+        sampling: FavorSampling = "regularized",
     ) -> None:
         super().__init__()
         _check_mode(attention_mode)
         if feature_map not in ("elu", "favor"):
             raise ValueError(f"feature_map must be 'elu' or 'favor', got {feature_map!r}")
+        if sampling not in FAVOR_SAMPLINGS:
+            raise ValueError(f"sampling must be one of {FAVOR_SAMPLINGS}, got {sampling!r}")
         if redraw_every is not None and redraw_every < 1:
             raise ValueError(f"redraw_every must be at least 1, got {redraw_every}")
         n_kv_heads, self.head_dim = _head_layout(d_model, n_heads, n_kv_heads)
@@ -567,6 +577,7 @@ class KernelAttention(nn.Module):
         self.chunk_size = chunk_size
         self.seed = seed
         self.redraw_every = redraw_every
+        self.sampling = sampling
         if feature_map == "elu":
             self.n_features = self.head_dim
         else:
@@ -584,9 +595,8 @@ class KernelAttention(nn.Module):
         self.projection: torch.Tensor | None
         if feature_map == "favor":
             generator = torch.Generator().manual_seed(seed)
-            self.register_buffer(
-                "projection", _orthogonal_random_features(self.n_features, self.head_dim, generator)
-            )
+            drawn = _orthogonal_random_features(self.n_features, self.head_dim, generator, sampling)
+            self.register_buffer("projection", drawn)
         else:
             self.projection = None
 
@@ -767,7 +777,9 @@ class KernelAttention(nn.Module):
         if not any(p.requires_grad for p in self.parameters()):
             return False
         generator = torch.Generator().manual_seed(_redraw_seed(self.seed, step))
-        drawn = _orthogonal_random_features(self.n_features, self.head_dim, generator)
+        drawn = _orthogonal_random_features(
+            self.n_features, self.head_dim, generator, self.sampling
+        )
         with torch.no_grad():
             self.projection.copy_(drawn)
         return True
@@ -797,20 +809,43 @@ def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _orthogonal_random_features(
-    n_features: int, dim: int, generator: torch.Generator
+    n_features: int, dim: int, generator: torch.Generator, sampling: FavorSampling = "orthogonal"
 ) -> torch.Tensor:
-    """FAVOR+ projection ``[n_features, dim]``: blocks of orthogonal rows with chi-distributed norms.
+    """FAVOR+ projection ``[n_features, dim]`` built from blocks of ``dim`` orthogonal directions.
 
-    Orthogonal rows lower the variance of the softmax-kernel estimate; rescaling each row to the
-    norm of a Gaussian vector keeps the estimate unbiased.
+    - ``"orthogonal"`` (Performer's FAVOR+): ``n_features`` directions, each scaled to the norm
+      of a Gaussian vector (chi-distributed), so every row is marginally N(0, I) and the kernel
+      estimate is unbiased; orthogonality lowers its variance.
+    - ``"antithetic"``: ``n_features / 2`` such rows ``ω`` and their negatives ``-ω`` (the
+      Performer's hyperbolic positive features): still unbiased, and the odd terms of
+      ``exp(ωᵀz)`` cancel within each pair.
+    - ``"regularized"``: as antithetic, but every row has norm ``sqrt(dim)`` (the Performer
+      reference's ``scaling=1``). A full block then reproduces the second-order term of the
+      kernel exactly in every draw; the estimate is biased from the fourth order on (its mean is
+      ``exp(-(|x|²+|y|²)/2) · 0F1(; dim/2; dim·|x+y|²/4)`` instead of ``exp(xᵀy)``), for a much
+      lower error at small feature counts.
+
+    An odd ``n_features`` with a paired sampling keeps the first ``n_features`` rows of
+    ``[ω; -ω]`` (the last direction unpaired).
     """
+    if sampling not in FAVOR_SAMPLINGS:
+        raise ValueError(f"sampling must be one of {FAVOR_SAMPLINGS}, got {sampling!r}")
+    paired = sampling != "orthogonal"
+    n_directions = math.ceil(n_features / 2) if paired else n_features
     blocks = []
-    for _ in range(math.ceil(n_features / dim)):
+    for _ in range(math.ceil(n_directions / dim)):
         gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
         q, r = torch.linalg.qr(gaussian)
         # Fixing the signs by diag(R) makes Q Haar-distributed; without it, Householder QR
         # biases the directions and so the kernel estimate.
         blocks.append((q * torch.sign(torch.diagonal(r))).T)
-    rows = torch.cat(blocks, dim=0)[:n_features]
-    norms = torch.randn(n_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
-    return (rows * norms.unsqueeze(1)).float()
+    rows = torch.cat(blocks, dim=0)[:n_directions]
+    if sampling == "regularized":
+        norms = torch.full((n_directions,), math.sqrt(dim), dtype=torch.float64)
+    else:
+        gaussian = torch.randn(n_directions, dim, generator=generator, dtype=torch.float64)
+        norms = gaussian.norm(dim=1)
+    rows = rows * norms.unsqueeze(1)
+    if paired:
+        rows = torch.cat((rows, -rows), dim=0)[:n_features]
+    return rows.float()

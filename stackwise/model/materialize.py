@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stackwise.model.architecture import Block, Rack, create_rack_from_specs
+from stackwise.model.architecture import Block, Rack, create_rack_from_specs, saved_rack_spec
 from stackwise.model.norm import RMSNorm
 
 INDEX_FILE = "weights.index.json"
@@ -258,7 +258,7 @@ def load_sharded_rack(folder: str | Path) -> Rack:
     folder = Path(folder)
     spec = json.loads((folder / "rack_spec.json").read_text(encoding="utf-8"))
     with torch.device("meta"):
-        rack = create_rack_from_specs(**spec)
+        rack = create_rack_from_specs(**saved_rack_spec(spec))
     index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(index.values())):

@@ -80,14 +80,14 @@ def rack_from_files(weights: str | Path, spec: str | Path) -> Rack:
     may also be the folder of a sharded rack (out-of-core runs), whose shards are mapped."""
     from safetensors.torch import load_model
 
-    from stackwise.model.architecture import create_rack_from_specs
+    from stackwise.model.architecture import create_rack_from_specs, saved_rack_spec
     from stackwise.model.materialize import is_sharded_rack, load_sharded_rack
 
     if is_sharded_rack(weights):
         return load_sharded_rack(weights)
 
     rack_spec = json.loads(Path(spec).read_text(encoding="utf-8"))
-    rack = create_rack_from_specs(**rack_spec)
+    rack = create_rack_from_specs(**saved_rack_spec(rack_spec))
     load_model(rack, str(weights), strict=True)
     rack.eval()
     return rack

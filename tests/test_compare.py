@@ -342,6 +342,12 @@ def test_compare_file_shows_latest_finished_run_of_current_settings(
         stack_set,
     ]
     assert f"| {LR} |" in header
+    # --columns with --all keeps what tells two runs of one point apart.
+    narrow = _hand_compare(uri, str(path), "--all", "--format", "csv", "--columns", "val_loss")
+    assert narrow.exit_code == 0, narrow.output
+    picked = pl.read_csv(narrow.stdout.encode())
+    assert picked.columns == ["experiment", "run", LR, "current", "val_loss"]
+    assert picked.select("run", LR, "current").unique().height == picked.height == 6
     plain = _hand_compare(uri, str(path), "--format", "markdown")
     assert "config_hash" not in plain.stdout and "start_time" not in plain.stdout
     # --set resolves a file; an experiment name has no settings to override.

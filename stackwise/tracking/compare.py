@@ -510,8 +510,10 @@ def _get_experiment(client: MlflowClient, uri: str, name: str) -> Any:
 
 def select_columns(frame: pl.DataFrame, columns: str) -> pl.DataFrame:
     """The columns named in `columns` (comma-separated), in that order, behind the columns that
-    say which run a row is (experiment and run, or a pivot's rows). Unknown names are a
-    `CompareError` listing the columns there are."""
+    say which run a row is: experiment and run (or a pivot's rows) and, in an ``--all`` frame,
+    the params that differ between runs of one grid point and ``current`` — without them two
+    runs of one point would print as the same row. Unknown names are a `CompareError` listing
+    the columns there are."""
     wanted = [c.strip() for c in columns.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in frame.columns]
     if unknown:
@@ -520,6 +522,9 @@ def select_columns(frame: pl.DataFrame, columns: str) -> pl.DataFrame:
             f"{', '.join(frame.columns)}"
         )
     keep = [c for c in ("experiment", "run") if c in frame.columns] or frame.columns[:1]
+    if "current" in frame.columns:  # an --all frame: differing params (dotted keys), current
+        before = frame.columns[: frame.columns.index("current")]
+        keep += [c for c in before if "." in c and c not in keep] + ["current"]
     return frame.select([*keep, *[c for c in wanted if c not in keep]])
 
 

@@ -189,6 +189,40 @@ def test_auto_cache_keeps_depthwise_peak_at_or_below_rackwise() -> None:
     assert spilled["losses"] == in_memory["losses"]
 
 
+def test_a_rack_that_cannot_be_estimated_caches_on_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the stage forward cannot run on fake tensors (here: a data-dependent op, as a
+    custom module might have), `auto` cannot prove the cache fits beside training: it warns and
+    the allowance is 0, so the pool's cache goes to disk, where an estimable rack keeps it in
+    memory."""
+    from stackwise.training import memory
+    from stackwise.training.cache import choose_location
+
+    config = StackWiseConfig.model_validate(
+        {
+            "model": {"d_model": 32, "n_heads": 2, "architecture": {"n_stacks": 1, "blocks_per_stack": 3}},
+            "training": {"training_architecture": "blockwise", "seq_len": 16, "batch_size": 2,
+                         "budget": {"steps": 30}},
+        }
+    )  # fmt: skip
+    plans = plan_stages(config, memory.skeleton(config))
+    cache = memory.pool_cache_bytes(config, memory.pool_rows(config, plans))
+    cpu = torch.device("cpu")
+    allowance = memory.cache_memory_allowance(config, plans)
+    assert allowance > cache > 0
+    max_gb = config.training.cache.max_memory_gb
+    assert choose_location(cache, cpu, "auto", max_gb, allowance) == "cpu"
+
+    def data_dependent(*args: Any, mode: Any, **kwargs: Any) -> int:
+        with mode:  # a fake tensor has no value: asking for one raises
+            return int(torch.zeros(3).nonzero().shape[0])
+
+    monkeypatch.setattr(memory, "estimate_activation_bytes", data_dependent)
+    with pytest.warns(UserWarning, match="cannot estimate the training memory.*goes to disk"):
+        allowance = memory.cache_memory_allowance(config, plans)
+    assert allowance == 0
+    assert choose_location(cache, cpu, "auto", max_gb, allowance) == "disk"
+
+
 # --------------------------------------------------------------------------------------------
 # bounded pools
 # --------------------------------------------------------------------------------------------

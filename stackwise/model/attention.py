@@ -631,15 +631,8 @@ class KernelAttention(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
-        n_kv, group, head_dim = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split(
-            (self.n_heads * head_dim, n_kv * head_dim, n_kv * head_dim), dim=-1
-        )
-        # [B, kv heads, query heads per kv head (1 for k and v), T, head_dim]
-        q = q.view(batch, seq_len, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)
-        k = k.view(batch, seq_len, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
-        v = v.view(batch, seq_len, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
+        seq_len = x.shape[1]
+        q, k, v = self._heads(x)
         valid = None
         if attention_mask is not None:
             valid = attention_mask.bool()[:, None, None, :, None]
@@ -658,10 +651,31 @@ class KernelAttention(nn.Module):
             z = phi_k.sum(dim=-2, keepdim=True)  # [B, kv, 1, 1, F]
             denominator = (phi_q @ z.transpose(-1, -2)).squeeze(-1)
             bound = phi_q.sum(-1) * z.sum(-1)
+        return self._output(numerator, denominator, bound)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of ``x [B, T, D]`` as ``[B, kv heads, query heads per kv head (1 for k and
+        v), T, head_dim]``."""
+        batch, seq_len, _ = x.shape
+        n_kv, group, head_dim = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            (self.n_heads * head_dim, n_kv * head_dim, n_kv * head_dim), dim=-1
+        )
+        q = q.view(batch, seq_len, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)
+        k = k.view(batch, seq_len, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
+        v = v.view(batch, seq_len, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
+        return q, k, v
+
+    def _output(
+        self, numerator: torch.Tensor, denominator: torch.Tensor, bound: torch.Tensor
+    ) -> torch.Tensor:
+        """``o_proj(numerator / (denominator + eps · bound))`` back in ``[B, T, D]``; a query
+        with no real key (denominator 0) outputs 0."""
         denominator = denominator + self.eps * bound
-        denominator = denominator.masked_fill(denominator == 0, 1.0)  # no real key: output 0
+        denominator = denominator.masked_fill(denominator == 0, 1.0)
         out = numerator / denominator.unsqueeze(-1)  # [B, kv, group, T, head_dim]
-        out = out.permute(0, 3, 1, 2, 4).reshape(batch, seq_len, self.n_heads * head_dim)
+        batch, seq_len = out.shape[0], out.shape[3]
+        out = out.permute(0, 3, 1, 2, 4).reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
     def new_cache(self) -> KernelState:
@@ -673,15 +687,8 @@ class KernelAttention(nn.Module):
         the numerator adds ``(R_t φ(q_t))ᵀ S`` to the chunked product over the new tokens,
         the normaliser adds ``z`` to their prefix sum of φ(k). Cost per token is constant."""
         _check_causal_cache(self.causal)
-        batch, new, _ = x.shape
-        start = state.length
-        n_kv, group, head_dim = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split(
-            (self.n_heads * head_dim, n_kv * head_dim, n_kv * head_dim), dim=-1
-        )
-        q = q.view(batch, new, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)
-        k = k.view(batch, new, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
-        v = v.view(batch, new, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)
+        new, start = x.shape[1], state.length
+        q, k, v = self._heads(x)
         phi_q = self._phi(q, is_query=True)
         phi_k = self._running_key_features(k, state)
         rot_q, rot_k = phi_q, phi_k
@@ -694,15 +701,11 @@ class KernelAttention(nn.Module):
             numerator = numerator + rot_q @ state.numerator
             z = z + state.normaliser
         denominator = (phi_q.unsqueeze(-2) @ z.unsqueeze(-1)).flatten(-3)
-        denominator = denominator + self.eps * phi_q.sum(-1) * z.sum(-1)
-        denominator = denominator.masked_fill(denominator == 0, 1.0)
-        out = numerator / denominator.unsqueeze(-1)
         block_state = rot_k.transpose(-1, -2) @ v  # [B, kv, 1, F, head_dim]
         state.numerator = block_state if state.numerator is None else state.numerator + block_state
         state.normaliser = z[..., -1:, :]
         state.length = start + new
-        out = out.permute(0, 3, 1, 2, 4).reshape(batch, new, self.n_heads * head_dim)
-        return self.o_proj(out)
+        return self._output(numerator, denominator, phi_q.sum(-1) * z.sum(-1))
 
     def _running_key_features(self, k: torch.Tensor, state: KernelState) -> torch.Tensor:
         """φ(k) of new keys; for FAVOR+ shifted by the largest key log-feature seen so far,

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
+from stackwise.config.base import StackWiseConfig
 from stackwise.training.disk_budget import ELEMENT_BYTES, caches_pool
 from stackwise.training.metrics import (
     TrainingMemory,
@@ -41,6 +42,9 @@ from stackwise.training.plan import (
     trainable_parameters,
 )
 
+if TYPE_CHECKING:
+    from stackwise.model.architecture import Rack
+
 # AdamW's state per trainable tensor: exp_avg and exp_avg_sq (the tensor's size each) and a
 # one-element float32 step count.
 _ADAM_STEP_BYTES = 4
@@ -54,19 +58,20 @@ def autocast_dtype(config: StackWiseConfig, device: torch.device) -> torch.dtype
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def skeleton(config: StackWiseConfig, rack: nn.Module | None = None) -> nn.Module:
+def skeleton(
+    config: StackWiseConfig, rack: nn.Module | None = None, vocab_size: int | None = None
+) -> Rack:
     """A meta-device rack shaped like `rack` (from its spec), else like the config's rack
-    (with the tokenizer's vocabulary when the config has none) prepared for its mode."""
+    prepared for its mode, with the vocabulary of `vocab_size_of` (the config's, else
+    `vocab_size`, else the tokenizer's)."""
     from stackwise.model.architecture import Rack, create_rack_from_config
+    from stackwise.training.limits import vocab_size_of
 
     if isinstance(rack, Rack):
         with torch.device("meta"):
             return Rack.from_spec(rack.spec())
     data = config.to_dict()
-    if data["model"]["vocab_size"] is None:
-        tokenizer = config.data.tokenizer
-        vocab = config.data.bpe_vocab_size if tokenizer == "bpe" else BYTE_VOCAB_SIZE
-        data["model"]["vocab_size"] = vocab
+    data["model"]["vocab_size"] = vocab_size_of(config, vocab_size)
     with torch.device("meta"):
         built = create_rack_from_config(data)
     prepare_rack(config, built)

@@ -41,10 +41,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import torch
 from torch import nn
 
-from stackwise.config.base import BYTE_VOCAB_SIZE, PowerLengths, StackConfig, StackWiseConfig
+from stackwise.config.base import PowerLengths, StackConfig, StackWiseConfig
 from stackwise.training.callbacks import StageInfo
 from stackwise.training.device import resolve_device
 from stackwise.training.metrics import blocks_forward_flops, readout_forward_flops
@@ -532,7 +531,6 @@ def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunE
 
 
 def _estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunEstimate:
-    from stackwise.model.architecture import create_rack_from_config
     from stackwise.training.cache import choose_location
     from stackwise.training.memory import (
         cache_memory_allowance,
@@ -540,18 +538,11 @@ def _estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> Run
         pool_cache_bytes,
         pool_rows,
         pool_token_bytes,
+        skeleton,
         stage_training_memory,
     )
 
-    data = config.to_dict()
-    if data["model"]["vocab_size"] is None:
-        if vocab_size is None:
-            tokenizer = config.data.tokenizer
-            vocab_size = config.data.bpe_vocab_size if tokenizer == "bpe" else BYTE_VOCAB_SIZE
-        data["model"]["vocab_size"] = vocab_size
-    with torch.device("meta"):
-        rack = create_rack_from_config(data)
-    prepare_rack(config, rack)
+    rack = skeleton(config, vocab_size=vocab_size)
     plans = plan_stages(config, rack)
     training = config.training
     per_step = tokens_per_step(config)

@@ -110,12 +110,22 @@ class FingerprintCache:
 def data_fingerprint(data: DataConfig, cache: FingerprintCache | None = None) -> str:
     """sha256 (hex) of the content a data config reads: per file its format, size and sha256,
     in reading order (the built-in corpus: its text). `data.paths` must already be resolved."""
-    if data.source == "builtin":
+    if data.source in ("builtin", "stdlib"):
         from pydoc_data.topics import topics
 
         digest = hashlib.sha256()
         for key in sorted(topics):
             digest.update(key.encode("utf-8") + b"\0" + topics[key].encode("utf-8") + b"\0")
+        if data.source == "builtin":
+            return digest.hexdigest()
+        import sysconfig
+
+        from stackwise.data.sources import stdlib_files
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for path in stdlib_files():  # names relative to the library: any install of one version
+            name = path.relative_to(root).as_posix()
+            digest.update(name.encode("utf-8") + b"\0" + path.read_bytes() + b"\0")
         return digest.hexdigest()
     from stackwise.data.sources import expand_paths, file_format
 

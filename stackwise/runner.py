@@ -586,7 +586,16 @@ def _train_point(
     if point.config.model.vocab_size is None:  # known once the tokenizer exists (`_train`)
         params.pop("model.vocab_size", None)
     if run_id is None:
-        tags = run_tags(point.config, spec.coordinates, point.identity, spec.name, spec.file)
+        tags = run_tags(
+            point.config,
+            spec.coordinates,
+            point.identity,
+            spec.name,
+            spec.file,
+            tuned=spec.tuned,
+            seed=spec.seed,
+            point=spec.point or spec.name,
+        )
         tags.update(_point_tags(grid, point))
         tags["mlflow.source.name"] = "stackwise run"
         run = retry_locked(
@@ -733,11 +742,16 @@ def _train(
             },
             mask_token_id=data.tokenizer.mask_id,
         )
-        results = trainer.train_architecture(rack, data.train_loader, data.val_loader)
+        results = trainer.train_architecture(
+            rack, data.train_loader, data.val_loader, data.test_loader
+        )
         extra = {
             "parameters": float(rack.get_parameter_count()),
             "train_corpus_tokens": float(data.train_tokens),
             "val_corpus_tokens": float(data.val_tokens),
+            "test_corpus_tokens": float(data.test_tokens),
+            # passes over the training data a run's tokens amount to (repeats past ~4 lose value)
+            "epochs": results.total_tokens / max(data.train_tokens, 1),
         }
         logger.log_metrics(extra, results.total_steps)
         logger.writer.flush()

@@ -700,9 +700,11 @@ class TrainingConfig(BaseConfig):
 class DataConfig(BaseConfig):
     """Where training text comes from and how it is tokenized."""
 
-    source: Literal["builtin", "files"] = Field(
+    source: Literal["builtin", "stdlib", "files"] = Field(
         "builtin",
-        description="`builtin` (English text shipped with Python: pydoc_data.topics) or `files`.",
+        description="`builtin` (English text shipped with Python: pydoc_data.topics, 0.47 MB), "
+        "`stdlib` (the built-in text plus the standard library's source, about 12 MB; no "
+        "download) or `files`.",
     )
     paths: list[str] = Field(
         default_factory=list,
@@ -719,6 +721,21 @@ class DataConfig(BaseConfig):
     val_fraction: float = Field(
         0.05, gt=0.0, lt=0.5, description="Held-out fraction for validation (deterministic)."
     )
+    test_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=0.5,
+        description="Held-out fraction for the final test loss (`test/loss`), taken like the "
+        "validation split and never seen by training or by choices made on validation loss "
+        "(0: no test split).",
+    )
+    split_seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of the document shuffle that decides the train/validation/test "
+        "split (and what `max_tokens` keeps); independent of training.seed, so replicate "
+        "seeds share one split.",
+    )
     max_tokens: int | None = Field(
         None,
         gt=0,
@@ -730,6 +747,11 @@ class DataConfig(BaseConfig):
     def _paths_for_files(self) -> DataConfig:
         if self.source == "files" and not self.paths:
             raise ValueError("paths: source `files` needs at least one path or glob")
+        if self.val_fraction + self.test_fraction >= 0.5:
+            raise ValueError(
+                f"test_fraction: val_fraction + test_fraction must stay below 0.5 "
+                f"(got {self.val_fraction} + {self.test_fraction})"
+            )
         return self
 
 

@@ -16,6 +16,17 @@ An experiment file (``experiments/*.yaml``) looks like this::
     zip: []                            # optional: groups of axes that vary together
     exclude:                           # optional: grid points to skip
       - {size: tiny, mode: rackwise}
+    tune:                              # optional: every grid point runs for every value
+      training.optimizer.lr: [1.0e-3, 3.0e-3]
+    seeds: [0, 1, 2]                   # optional: replicates of every run
+
+Seeds and tuned settings multiply the runs without being grid coordinates: ``seeds`` runs every
+grid point once per seed (``training.seed``: initialisation and data order; the data split
+does not depend on it, see ``data.split_seed``), ``tune`` once per value of each tuned setting.
+A run's name lists its grid coordinates, then its tuned values, then ``seed=N``
+(``mode=rackwise,lr=0.003,seed=1``); `RunSpec.coordinates` holds the grid coordinates only, and
+`stackwise compare` averages over seeds and picks each grid point's best tuned value on
+validation loss.
 
 Each run's config is built in a fixed order — the base sections, then each axis in the order the
 grid lists them (a preset's settings or the axis value), then ``--set`` overrides — and then
@@ -93,7 +104,10 @@ AXIS_SHORT_NAMES: dict[str, str] = {
     "training.training_architecture": "mode",
     "training.objective": "objective",
     "model.attention_type": "attention",
+    "training.optimizer.lr": "lr",
+    "training.budget.flops": "budget",
 }
+SEED_SETTING = "training.seed"
 
 # A grid key may also be one of these short names (`mode: [layerwise, rackwise]`).
 SHORT_NAME_SETTINGS: dict[str, str] = {short: key for key, short in AXIS_SHORT_NAMES.items()}
@@ -164,6 +178,18 @@ class ExperimentConfig(BaseModel):
         description="Grid points to skip: each entry maps axes (short or dotted names) to a "
         "value; a run matching every entry of one item is left out.",
     )
+    tune: dict[str, NonEmptyList] | None = Field(
+        None,
+        description="Settings tuned per grid point: a dotted setting -> the values to try, e.g. "
+        "`training.optimizer.lr: [3.0e-4, 1.0e-3, 3.0e-3]`. Every grid point runs once per "
+        "combination; `stackwise compare` shows each point at its best value (lowest "
+        "validation loss averaged over seeds) and warns when that value is at the edge.",
+    )
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None,
+        description="Replicates: every run is repeated once per seed (training.seed: "
+        "initialisation and data order). Comparisons average over seeds (mean, std, n).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -182,6 +208,21 @@ class ExperimentConfig(BaseModel):
             raise ValueError(
                 "the grid has no axes; list at least one axis, or leave `grid` out for a single run"
             )
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            repeated = sorted({s for s in value if value.count(s) > 1})
+            raise ValueError(f"each seed once; repeated: {', '.join(map(str, repeated))}")
+        return value
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_has_settings(cls, value: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if value is not None and not value:
+            raise ValueError("`tune` has no settings; list at least one, or leave it out")
         return value
 
     @property
@@ -219,6 +260,8 @@ class Axis:
     # per value: the settings it makes (a preset's settings, or the one axis setting)
     assignments: tuple[tuple[Assignment, ...], ...]
     setting: str = ""  # the dotted setting it varies (`mode` -> training.training_architecture)
+    # `grid`: a coordinate of the run; `tune`: a tuned setting; `seed`: the replicate seed
+    role: Literal["grid", "tune", "seed"] = "grid"
 
     def names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(n for n in (self.short_name, self.key, self.setting) if n))
@@ -231,9 +274,20 @@ class RunSpec:
     experiment_name: str
     file: Path
     name: str
-    coordinates: dict[str, str]
+    coordinates: dict[str, str]  # grid axes only
     config: StackWiseConfig
     config_hash: str
+    tuned: dict[str, str] = field(default_factory=dict)  # tuned setting (short name) -> value
+    seed: int | None = None  # the replicate seed, when the file lists `seeds`
+    point: str = ""  # the grid point's name: the grid coordinates only
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Every axis label of the run: grid coordinates, tuned values and the seed."""
+        found = {**self.coordinates, **self.tuned}
+        if self.seed is not None:
+            found["seed"] = str(self.seed)
+        return found
 
 
 @dataclass
@@ -420,29 +474,49 @@ def load_experiment(path: str | Path) -> Experiment:
         presets[axis_name] = resolved
     experiment.presets = presets
 
-    # Axes, in file order; a short name (`mode`) stands for its setting.
-    grid = config.grid or {}
-    keys = list(grid)
-    setting_keys = [k if k in presets else SHORT_NAME_SETTINGS.get(k, k) for k in keys]
-    short = _short_names(setting_keys, {k for k in keys if k in presets})
+    # Axes, in file order: the grid's, then the tuned settings, then the seeds; a short name
+    # (`mode`) stands for its setting.
+    entries: list[tuple[str, list[Any], ConfigPath, Literal["grid", "tune", "seed"]]] = [
+        (key, values, ("grid", key), "grid") for key, values in (config.grid or {}).items()
+    ]
+    entries += [(key, values, ("tune", key), "tune") for key, values in (config.tune or {}).items()]
+    if config.seeds is not None:
+        entries.append((SEED_SETTING, list(config.seeds), ("seeds",), "seed"))
+    keys = [entry[0] for entry in entries]
+    grid_presets = {k for k, *_, role in entries if role == "grid" and k in presets}
+    setting_keys = [k if k in grid_presets else SHORT_NAME_SETTINGS.get(k, k) for k in keys]
+    short = _short_names(setting_keys, grid_presets)
     axes: list[Axis] = []
     first_key: dict[str, str] = {}
-    for key, setting_key, short_name in zip(keys, setting_keys, short, strict=True):
-        values = grid[key]
-        where = ("grid", key)
+    for (key, values, where, role), setting_key, short_name in zip(
+        entries, setting_keys, short, strict=True
+    ):
         if setting_key in first_key:
-            errors.append(
-                experiment.error(
-                    f"'{first_key[setting_key]}' and '{key}' are the same axis "
-                    f"({setting_key}); list its values once",
-                    where,
+            if role == "seed":
+                message = (
+                    f"'{first_key[setting_key]}' and `seeds` both vary {SEED_SETTING}; list the "
+                    f"seeds once, under `seeds`"
                 )
-            )
+            else:
+                message = (
+                    f"'{first_key[setting_key]}' and '{key}' are the same axis "
+                    f"({setting_key}); list its values once"
+                )
+            errors.append(experiment.error(message, where))
             continue
         first_key[setting_key] = key
         per_value: list[tuple[Assignment, ...]] = []
         labels = [value_label(v) for v in values]
-        if key in presets:
+        if role == "tune" and key in presets:
+            errors.append(
+                experiment.error(
+                    f"'{key}' is a preset axis; `tune` takes settings such as "
+                    f"training.optimizer.lr (put preset axes under `grid`)",
+                    where,
+                )
+            )
+            continue
+        if key in grid_presets:
             known = presets[key]
             for position, value in enumerate(values):
                 if not isinstance(value, str) or value not in known:
@@ -482,13 +556,14 @@ def load_experiment(path: str | Path) -> Experiment:
                 per_value.append(tuple(settings))
         axes.append(
             Axis(
-                key=key,
+                key=key if role != "seed" else "seed",
                 short_name=short_name,
-                is_preset=key in presets,
+                is_preset=key in grid_presets,
                 values=tuple(values),
                 labels=tuple(labels),
                 assignments=tuple(per_value),
                 setting=setting_key,
+                role=role,
             )
         )
     experiment.axes = tuple(axes)
@@ -559,11 +634,18 @@ def _check_repeats(experiment: Experiment, errors: list[ConfigError]) -> None:
                 errors.append(
                     experiment.error(
                         f"{what} {shown!r} is listed twice (also at position {seen[labels]})",
-                        ("grid", axes[0].key, position),
+                        _value_path(axes[0], position),
                     )
                 )
             else:
                 seen[labels] = position
+
+
+def _value_path(axis: Axis, position: int) -> ConfigPath:
+    """Where value number `position` of `axis` is written in the file."""
+    if axis.role == "seed":
+        return ("seeds", position)
+    return ("tune" if axis.role == "tune" else "grid", axis.key, position)
 
 
 def _unknown_axis(experiment: Experiment, name: str) -> str:
@@ -857,13 +939,32 @@ def _locate(
     return experiment.line_of(path), ""
 
 
-def _point_name(experiment: Experiment, point: dict[int, int]) -> tuple[str, dict[str, str]]:
-    coordinates = {
-        experiment.axes[index].short_name: experiment.axes[index].labels[value]
-        for index, value in sorted(point.items())
-    }
-    name = ",".join(f"{k}={v}" for k, v in coordinates.items()) or "default"
-    return name, coordinates
+@dataclass(frozen=True)
+class _PointNames:
+    name: str  # every label: grid coordinates, tuned values, seed
+    point: str  # the grid coordinates only
+    coordinates: dict[str, str]
+    tuned: dict[str, str]
+    seed: int | None
+
+
+def _point_name(experiment: Experiment, point: dict[int, int]) -> _PointNames:
+    labels: dict[str, str] = {}
+    coordinates: dict[str, str] = {}
+    tuned: dict[str, str] = {}
+    seed: int | None = None
+    for index, value in sorted(point.items()):
+        axis = experiment.axes[index]
+        labels[axis.short_name] = axis.labels[value]
+        if axis.role == "grid":
+            coordinates[axis.short_name] = axis.labels[value]
+        elif axis.role == "tune":
+            tuned[axis.short_name] = axis.labels[value]
+        else:
+            seed = int(axis.values[value])
+    name = ",".join(f"{k}={v}" for k, v in labels.items()) or "default"
+    point_name = ",".join(f"{k}={v}" for k, v in coordinates.items()) or "default"
+    return _PointNames(name, point_name, coordinates, tuned, seed)
 
 
 def grid_points(experiment: Experiment) -> list[dict[int, int]]:
@@ -911,11 +1012,12 @@ def setting_line(experiment: Experiment, spec: RunSpec, path: Sequence[str | int
     found: int | None = None
     wanted = tuple(str(p) for p in path)
     candidates: list[tuple[Sequence[Assignment], ConfigPath | None]] = [(experiment.base, None)]
+    labels = spec.labels
     for axis in experiment.axes:
-        label = spec.coordinates.get(axis.short_name)
+        label = labels.get(axis.short_name)
         if label in axis.labels:
             position = axis.labels.index(label)
-            candidates.append((axis.assignments[position], ("grid", axis.key, position)))
+            candidates.append((axis.assignments[position], _value_path(axis, position)))
     for assignments, value_path in candidates:
         for assignment in assignments:
             if wanted[: len(assignment.path)] != assignment.path:
@@ -970,9 +1072,10 @@ def expand_grid(
         )
 
     failures: dict[str, tuple[ConfigError, list[str]]] = {}
-    resolved: list[tuple[str, dict[str, str], dict[int, int], StackWiseConfig]] = []
+    resolved: list[tuple[_PointNames, dict[int, int], StackWiseConfig]] = []
     for point in points:
-        name, coordinates = _point_name(experiment, point)
+        names = _point_name(experiment, point)
+        name = names.name
         assignments: list[Assignment] = list(experiment.base)
         for index in range(len(experiment.axes)):
             if index in point:
@@ -990,7 +1093,7 @@ def expand_grid(
                 key = problem.format()
                 failures.setdefault(key, (problem, []))[1].append(name)
             continue
-        resolved.append((name, coordinates, point, config))
+        resolved.append((names, point, config))
 
     if failures:
         errors: list[ConfigError] = []
@@ -1011,26 +1114,29 @@ def expand_grid(
 
     runs: list[RunSpec] = []
     first_of: dict[str, str] = {}
-    for name, coordinates, point, config in resolved:
+    for names, point, config in resolved:
         if filters and not _keep(filters, point, config):
             continue
         digest = config.config_hash()
         if digest in first_of:
             if notes is not None:
                 notes.append(
-                    f"{experiment.file}: run {name} is identical to run {first_of[digest]} "
-                    f"(config hash {digest}); it runs once"
+                    f"{experiment.file}: run {names.name} is identical to run "
+                    f"{first_of[digest]} (config hash {digest}); it runs once"
                 )
             continue
-        first_of[digest] = name
+        first_of[digest] = names.name
         runs.append(
             RunSpec(
                 experiment_name=experiment.name,
                 file=experiment.path,
-                name=name,
-                coordinates=coordinates,
+                name=names.name,
+                coordinates=names.coordinates,
                 config=config,
                 config_hash=digest,
+                tuned=names.tuned,
+                seed=names.seed,
+                point=names.point,
             )
         )
     return runs

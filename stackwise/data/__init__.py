@@ -1,8 +1,10 @@
 """Training data: tokenizers, corpus sources, deterministic split and packing, and loaders.
 
 `build_data(data_config, training_config)` is the one entry point the runner needs: it reads
-the configured corpus, splits it deterministically into train/validation by document, tokenizes
-it, packs both sides into sequences of ``training.seq_len`` tokens and returns loaders over them.
+the configured corpus, splits it deterministically into train/validation/test by document (with
+``data.split_seed``, so every replicate seed of a run trains and is tested on the same text),
+tokenizes it, packs every side into sequences of ``training.seq_len`` tokens and returns loaders
+over them. The test side is never seen by training or by any choice made on validation loss.
 
 The split (and the ``max_tokens`` limit) is decided on the text's UTF-8 bytes — exactly the
 tokens of the byte tokenizer — before any tokenizer is trained. A BPE is then trained on the
@@ -68,6 +70,8 @@ class DataBundle:
     val_loader: SequenceLoader
     train_tokens: int
     val_tokens: int
+    test_loader: SequenceLoader | None = None
+    test_tokens: int = 0
 
 
 def build_tokenizer(data: DataConfig, training_documents: list[str]) -> Tokenizer:
@@ -89,9 +93,10 @@ def _split(
         byte_docs,
         val_fraction=data.val_fraction,
         seq_len=training.seq_len,
-        seed=training.seed,
+        seed=data.split_seed,
         max_tokens=data.max_tokens,
         min_val_tokens=min_val_tokens,
+        test_fraction=data.test_fraction,
     )
 
 
@@ -112,15 +117,18 @@ def split_and_tokenize(
     seq_len = training.seq_len
     if data.tokenizer == "byte":
         tokenizer: Tokenizer = ByteTokenizer()
-        train_ids, val_ids = split.train, split.val
+        train_ids, val_ids, test_ids = split.train, split.val, split.test
     else:
         for attempt in range(2):
             train_text = [_as_text(piece) for piece in split.train]
             tokenizer = build_tokenizer(data, train_text)
             train_ids = _encode_all(tokenizer, train_text)
             val_ids = _encode_all(tokenizer, [_as_text(piece) for piece in split.val])
+            test_ids = _encode_all(tokenizer, [_as_text(piece) for piece in split.test])
             val_rows = sum(len(ids) + 1 for ids in val_ids) // seq_len
-            if val_rows >= 1 or attempt == 1:
+            test_rows = sum(len(ids) + 1 for ids in test_ids) // seq_len
+            enough = val_rows >= 1 and (data.test_fraction <= 0 or test_rows >= 1)
+            if enough or attempt == 1:
                 break
             # Hold out (positionally) enough bytes for one sequence of BPE tokens, with margin.
             train_tokens = max(1, sum(len(ids) for ids in train_ids))
@@ -133,14 +141,18 @@ def split_and_tokenize(
             )
     train = pack(train_ids, seq_len, tokenizer.eos_id)
     val = pack(val_ids, seq_len, tokenizer.eos_id)
-    if len(train) < 1 or len(val) < 1:
+    test = pack(test_ids, seq_len, tokenizer.eos_id) if data.test_fraction > 0 else None
+    if len(train) < 1 or len(val) < 1 or (test is not None and len(test) < 1):
+        sides = (
+            "a train, a validation and a test" if test is not None else "a train and a validation"
+        )
         raise ValueError(
-            f"data: after tokenization the corpus has too few tokens for a train and a validation "
+            f"data: after tokenization the corpus has too few tokens for {sides} "
             f"sequence of training.seq_len={seq_len} tokens; add text, raise data.max_tokens "
             f"or lower training.seq_len"
         )
-    corpus = sum(len(ids) + 1 for ids in train_ids) + sum(len(ids) + 1 for ids in val_ids)
-    return tokenizer, PackedSplits(train, val, corpus)
+    corpus = sum(len(ids) + 1 for side in (train_ids, val_ids, test_ids) for ids in side)
+    return tokenizer, PackedSplits(train, val, corpus, test)
 
 
 def build_data(data: DataConfig, training: TrainingConfig) -> DataBundle:
@@ -150,10 +162,18 @@ def build_data(data: DataConfig, training: TrainingConfig) -> DataBundle:
         splits.train, training.batch_size, shuffle=True, seed=training.seed, drop_last=True
     )
     val_loader = SequenceLoader(splits.val, training.batch_size, shuffle=False, drop_last=False)
+    test = splits.test
+    test_loader = (
+        None
+        if test is None
+        else SequenceLoader(test, training.batch_size, shuffle=False, drop_last=False)
+    )
     return DataBundle(
         tokenizer=tokenizer,
         train_loader=train_loader,
         val_loader=val_loader,
         train_tokens=int(splits.train.numel()),
         val_tokens=int(splits.val.numel()),
+        test_loader=test_loader,
+        test_tokens=0 if test is None else int(test.numel()),
     )

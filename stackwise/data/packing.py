@@ -1,15 +1,16 @@
-"""Deterministic train/validation split and packing of documents into fixed-length sequences.
+"""Deterministic train/validation/test split and packing of documents into fixed-length sequences.
 
-Documents are shuffled once with the run's seed and split *by document* (whole documents go to
-validation until it holds ``val_fraction`` of the tokens), so no text appears on both sides. Each
-split is then packed: documents are concatenated with an [EOS] token after each, and the stream is
-cut into non-overlapping sequences of ``seq_len`` tokens (the incomplete tail is dropped).
+Documents are shuffled once with the split seed and split *by document*: whole documents go to
+validation until it holds ``val_fraction`` of the tokens, then to test until it holds
+``test_fraction``, the rest to training, so no text appears on two sides. Each split is then
+packed: documents are concatenated with an [EOS] token after each, and the stream is cut into
+non-overlapping sequences of ``seq_len`` tokens (the incomplete tail is dropped).
 
-When the corpus has too few documents for a by-document split to give both sides at least one
-full sequence (e.g. a single text file), the packed stream is split by position instead: the last
-``val_fraction`` of it (at least one sequence) is held out.
+When the corpus has too few documents for a by-document split to give every side at least one
+full sequence (e.g. a single text file), the packed stream is split by position instead: the
+stream is training, then validation (``val_fraction`` of it, at least one sequence), then test.
 
-`split_documents` does the split alone and returns the two sides as lists of token arrays (a
+`split_documents` does the split alone and returns the sides as lists of token arrays (a
 document cut by the positional split appears as its head on one side and its tail on the other),
 so that the same split can be computed on UTF-8 bytes *before* a tokenizer exists: a BPE is then
 trained on the training side only (see `stackwise.data.build_data`). `split_and_pack` is
@@ -18,7 +19,7 @@ trained on the training side only (see `stackwise.data.build_data`). `split_and_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ class PackedSplits:
     train: torch.Tensor  # [N, seq_len] int64
     val: torch.Tensor  # [M, seq_len] int64
     corpus_tokens: int  # tokens (with separators) after the max_tokens limit
+    test: torch.Tensor | None = None  # [K, seq_len] int64; None without a test split
 
 
 def limit_tokens(documents: list[np.ndarray], max_tokens: int | None) -> list[np.ndarray]:
@@ -66,16 +68,29 @@ def _stream(documents: list[np.ndarray], eos_id: int) -> np.ndarray:
 
 @dataclass
 class DocumentSplit:
-    """The two sides of a split, as documents (or document pieces) before packing."""
+    """The sides of a split, as documents (or document pieces) before packing."""
 
     train: list[np.ndarray]
     val: list[np.ndarray]
     corpus_tokens: int  # tokens (with separators) after the max_tokens limit
     by_document: bool  # False: the positional fallback
+    test: list[np.ndarray] = field(default_factory=list)
 
 
 def _packed_rows(documents: list[np.ndarray], seq_len: int) -> int:
     return sum(len(d) + 1 for d in documents) // seq_len
+
+
+def _take(documents: list[np.ndarray], target: float) -> list[np.ndarray]:
+    """Leading documents until they hold `target` tokens (with separators)."""
+    taken: list[np.ndarray] = []
+    tokens = 0
+    for doc in documents:
+        if tokens >= target:
+            break
+        taken.append(doc)
+        tokens += len(doc) + 1
+    return taken
 
 
 def split_documents(
@@ -86,40 +101,43 @@ def split_documents(
     seed: int,
     max_tokens: int | None = None,
     min_val_tokens: int = 0,
+    test_fraction: float = 0.0,
 ) -> DocumentSplit:
     """Shuffle documents with `seed`, apply `max_tokens`, split by document (see module doc).
 
     With ``min_val_tokens > 0`` the split is positional and holds out at least that many tokens
-    (a caller whose tokens are bytes uses it to make room for one sequence of coarser tokens).
+    for validation and for test each (a caller whose tokens are bytes uses it to make room for
+    one sequence of coarser tokens).
     """
     order = np.random.default_rng(seed).permutation(len(documents))
     shuffled = limit_tokens([documents[i] for i in order], max_tokens)
     total = sum(len(d) + 1 for d in shuffled)
 
     if min_val_tokens <= 0:
-        target_val = val_fraction * total
-        val_docs: list[np.ndarray] = []
-        val_tokens = 0
-        for doc in shuffled[:-1]:  # the training side keeps at least one document
-            if val_tokens >= target_val:
-                break
-            val_docs.append(doc)
-            val_tokens += len(doc) + 1
-        train_docs = shuffled[len(val_docs) :]
-        if _packed_rows(train_docs, seq_len) >= 1 and _packed_rows(val_docs, seq_len) >= 1:
-            return DocumentSplit(train_docs, val_docs, total, by_document=True)
+        # The training side keeps at least one document.
+        val_docs = _take(shuffled[:-1], val_fraction * total)
+        rest = shuffled[len(val_docs) :]
+        test_docs = _take(rest[:-1], test_fraction * total) if test_fraction > 0 else []
+        train_docs = rest[len(test_docs) :]
+        enough = _packed_rows(train_docs, seq_len) >= 1 and _packed_rows(val_docs, seq_len) >= 1
+        if enough and (test_fraction <= 0 or _packed_rows(test_docs, seq_len) >= 1):
+            return DocumentSplit(train_docs, val_docs, total, by_document=True, test=test_docs)
 
-    # Too few documents: split the packed stream by position instead, at a row boundary.
+    # Too few documents: split the packed stream by position instead, at row boundaries.
     n_rows = total // seq_len
-    n_val = max(1, round(val_fraction * n_rows), -(-min_val_tokens // seq_len))
-    if n_rows - n_val < 1:
+    least = -(-min_val_tokens // seq_len)
+    n_val = max(1, round(val_fraction * n_rows), least)
+    n_test = max(1, round(test_fraction * n_rows), least) if test_fraction > 0 else 0
+    if n_rows - n_val - n_test < 1:
+        sides = "a train, a validation and a test" if n_test else "a train and a validation"
         raise ValueError(
-            f"data: the corpus has {total} tokens, too few for a train and a validation "
-            f"sequence of training.seq_len={seq_len} tokens; add text, raise data.max_tokens "
+            f"data: the corpus has {total} tokens, too few for {sides} sequence of "
+            f"training.seq_len={seq_len} tokens; add text, raise data.max_tokens "
             f"or lower training.seq_len"
         )
-    train, val = _cut_stream(shuffled, (n_rows - n_val) * seq_len)
-    return DocumentSplit(train, val, total, by_document=False)
+    train, held_out = _cut_stream(shuffled, (n_rows - n_val - n_test) * seq_len)
+    val, test = _cut_stream(held_out, n_val * seq_len) if n_test else (held_out, [])
+    return DocumentSplit(train, val, total, by_document=False, test=test)
 
 
 def _cut_stream(documents: list[np.ndarray], cut: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -151,11 +169,18 @@ def split_and_pack(
     seed: int,
     eos_id: int,
     max_tokens: int | None = None,
+    test_fraction: float = 0.0,
 ) -> PackedSplits:
-    """Shuffle documents with `seed`, apply `max_tokens`, split by document, pack both sides."""
+    """Shuffle documents with `seed`, apply `max_tokens`, split by document, pack every side."""
     split = split_documents(
-        documents, val_fraction=val_fraction, seq_len=seq_len, seed=seed, max_tokens=max_tokens
+        documents,
+        val_fraction=val_fraction,
+        seq_len=seq_len,
+        seed=seed,
+        max_tokens=max_tokens,
+        test_fraction=test_fraction,
     )
     train = pack(split.train, seq_len, eos_id)
     val = pack(split.val, seq_len, eos_id)
-    return PackedSplits(train, val, split.corpus_tokens)
+    test = pack(split.test, seq_len, eos_id) if test_fraction > 0 else None
+    return PackedSplits(train, val, split.corpus_tokens, test)

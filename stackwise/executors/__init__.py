@@ -150,6 +150,9 @@ def spec_to_json(spec: RunSpec) -> dict[str, Any]:
         "coordinates": dict(spec.coordinates),
         "config": spec.config.to_dict(),
         "config_hash": spec.config_hash,
+        "tuned": dict(spec.tuned),
+        "seed": spec.seed,
+        "point": spec.point,
     }
 
 
@@ -164,6 +167,9 @@ def spec_from_json(data: dict[str, Any]) -> RunSpec:
         coordinates=dict(data["coordinates"]),
         config=StackWiseConfig.from_dict(data["config"]),
         config_hash=data["config_hash"],
+        tuned=dict(data.get("tuned", {})),
+        seed=data.get("seed"),
+        point=data.get("point", ""),
     )
 
 

@@ -136,7 +136,7 @@ def _train_as_follower(message: dict[str, Any]) -> None:
         resume=resume,
         mask_token_id=data.tokenizer.mask_id,
     )
-    trainer.train_architecture(rack, data.train_loader, data.val_loader)
+    trainer.train_architecture(rack, data.train_loader, data.val_loader, data.test_loader)
 
 
 def _device_type(spec: RunSpec) -> str:

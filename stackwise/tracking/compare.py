@@ -38,8 +38,11 @@ from stackwise.tracking.logger import (
     TAG_CONFIG_HASH,
     TAG_GRID_PREFIX,
     TAG_PARENT,
+    TAG_POINT,
     TAG_ROLE,
     TAG_RUN_NAME,
+    TAG_SEED,
+    TAG_TUNE_PREFIX,
 )
 from stackwise.tracking.store import resolve_tracking_uri
 from stackwise.tracking.tables import Column, print_table
@@ -58,6 +61,7 @@ AGGREGATIONS = ("mean", "min", "max", "last")
 # Result columns: name in the frame -> MLflow metric (summary metrics of a finished run).
 RESULT_COLUMNS: dict[str, str] = {
     "val_loss": "final_val_loss",
+    "test_loss": "final_test_loss",
     "perplexity": "final_val_perplexity",
     "flops": "flops",
     "tokens_seen": "tokens_seen",
@@ -68,6 +72,7 @@ RESULT_COLUMNS: dict[str, str] = {
     "cache_memory_mb": "cache_memory_bytes",
     "cache_disk_mb": "cache_disk_bytes",
     "wall_time_s": "wall_time_s",
+    "epochs": "epochs",
     "parameters": "parameters",
 }
 INTEGER_COLUMNS = ("tokens_seen", "unique_tokens", "parameters")
@@ -76,6 +81,8 @@ METRIC_ALIASES: dict[str, str] = {
     "loss": "val_loss",
     "final_val_loss": "val_loss",
     "val/loss": "val_loss",
+    "final_test_loss": "test_loss",
+    "test/loss": "test_loss",
     "final_val_perplexity": "perplexity",
     "val/perplexity": "perplexity",
     "ppl": "perplexity",
@@ -340,10 +347,14 @@ def runs_frame(
     metric_column = resolve_metric(metric)
     extra_metric = None if metric_column in RESULT_COLUMNS else metric_column
     axes: list[str] = []
+    tuned: list[str] = []
     for run in runs:
         for key in run.data.tags:
             if key.startswith(TAG_GRID_PREFIX) and key[len(TAG_GRID_PREFIX) :] not in axes:
                 axes.append(key[len(TAG_GRID_PREFIX) :])
+            if key.startswith(TAG_TUNE_PREFIX) and key[len(TAG_TUNE_PREFIX) :] not in tuned:
+                tuned.append(key[len(TAG_TUNE_PREFIX) :])
+    replicated = any(TAG_SEED in run.data.tags for run in runs)
     fixed = [c for c in ("training_architecture", "objective", "size") if c not in axes]
     if "head" not in axes and any(HEAD_PARAM in r.data.params for r in runs):
         fixed.append("head")
@@ -358,6 +369,12 @@ def runs_frame(
         }
         for axis in axes:
             row[axis] = tags.get(f"{TAG_GRID_PREFIX}{axis}")
+        for axis in tuned:
+            row[axis] = tags.get(f"{TAG_TUNE_PREFIX}{axis}")
+        if replicated:
+            seed = tags.get(TAG_SEED, params.get("training.seed"))
+            row["seed"] = None if seed is None else int(seed)
+            row["point"] = tags.get(TAG_POINT)
         for column in fixed:
             row[column] = tags.get(column)
         if "head" in fixed:
@@ -383,6 +400,9 @@ def runs_frame(
 
     schema: dict[str, Any] = {"experiment": pl.String, "run": pl.String}
     schema.update({axis: pl.String for axis in axes})
+    schema.update({axis: pl.String for axis in tuned})
+    if replicated:
+        schema.update({"seed": pl.Int64, "point": pl.String})
     schema.update({column: pl.String for column in fixed})
     schema.update({key: pl.String for key in differing})
     if all_runs:

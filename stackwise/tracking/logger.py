@@ -48,6 +48,9 @@ TAG_FILE = "stackwise.experiment_file"
 TAG_VERSION = "stackwise.version"
 TAG_ERROR = "error"
 TAG_GRID_PREFIX = "grid."
+TAG_TUNE_PREFIX = "tune."  # a tuned setting's value (short name), `tune:` of the file
+TAG_SEED = "stackwise.seed"  # the replicate seed, when the file lists `seeds`
+TAG_POINT = "stackwise.point"  # the grid point: the grid coordinates only
 TAG_PARENT = "mlflow.parentRunId"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 
@@ -114,8 +117,12 @@ def run_tags(
     config_hash: str,
     run_name: str,
     experiment_file: str | Path | None = None,
+    tuned: Mapping[str, str] | None = None,
+    seed: int | None = None,
+    point: str | None = None,
 ) -> dict[str, str]:
-    """Tags of a grid point run (the parent link is added by the runner)."""
+    """Tags of a grid point run (the parent link is added by the runner): its grid coordinates
+    (``grid.<axis>``), tuned values (``tune.<setting>``) and replicate seed."""
     from stackwise import __version__
 
     tags = {
@@ -142,6 +149,11 @@ def run_tags(
             }
         )
     tags.update({f"{TAG_GRID_PREFIX}{axis}": str(v) for axis, v in coordinates.items()})
+    tags.update({f"{TAG_TUNE_PREFIX}{axis}": str(v) for axis, v in (tuned or {}).items()})
+    if seed is not None:
+        tags[TAG_SEED] = str(seed)
+    if point is not None:
+        tags[TAG_POINT] = point
     if experiment_file is not None:
         tags[TAG_FILE] = str(experiment_file)
     commit = git_commit()

@@ -116,6 +116,11 @@ def _is_padding_mask(mask: Any, ids: torch.Tensor) -> bool:
     )
 
 
+# Seed of the masks drawn for the test data (mlm, diffusion): fixed, so every run of a
+# comparison is tested on the same corrupted batches whatever its training seed.
+TEST_MASK_SEED = 7919
+
+
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input_ids, attention_mask) from a tensor, a dict with input_ids, or a tuple whose first
     item is input_ids and whose optional second item is the attention mask (as a `TensorDataset`
@@ -285,9 +290,17 @@ class ArchitectureTrainer:
         rack: nn.Module,
         dataloader: Iterable[Any],
         eval_dataloader: Iterable[Any] | None = None,
+        test_dataloader: Iterable[Any] | None = None,
     ) -> TrainingResults:
-        """Train `rack` in place on `dataloader`; evaluate on `eval_dataloader` when given."""
-        return _Run(self, rack, dataloader, eval_dataloader).execute()
+        """Train `rack` in place on `dataloader`; evaluate on `eval_dataloader` when given.
+
+        `test_dataloader` (held-out test data) is read once, after training: every batch of it
+        gives the final ``test/loss`` (`TrainingResults.final_test_loss`); nothing during
+        training sees it.
+        """
+        run = _Run(self, rack, dataloader, eval_dataloader)
+        run.test_dataloader = test_dataloader
+        return run.execute()
 
 
 class _Run:
@@ -318,6 +331,7 @@ class _Run:
         # -- end distributed
         self.dataloader = dataloader
         self.eval_dataloader = eval_dataloader
+        self.test_dataloader: Iterable[Any] | None = None
         vocab = int(rack.vocab_size)  # type: ignore[arg-type]
         mask_id = trainer.mask_token_id
         if mask_id is None:
@@ -778,6 +792,7 @@ class _Run:
             return {}
         n_blocks = len(self.blocks)
         begin = self.val_cache.prefix_end
+        self.rack.eval()  # the last trained block is still in hand: no dropout while extending
         if begin < n_blocks:
 
             def apply(h: torch.Tensor, i: int) -> torch.Tensor:
@@ -796,6 +811,34 @@ class _Run:
                 logits = self.rack.readout(self.val_cache.read(index))  # type: ignore[operator]
             losses.append(float(self.objective.loss(logits, batch)))
         return self.objective.eval_metrics(losses)
+
+    @torch.no_grad()
+    def _evaluate_test(self, whole_rack: bool) -> dict[str, float]:
+        """``test/*`` metrics of the trained rack over every batch of the test data (masks of
+        mlm/diffusion drawn from a fixed seed, the same for every training seed). Out of core
+        (`whole_rack` False) the trunk runs block by block from the saved pieces."""
+        if self.test_dataloader is None:
+            return {}
+        self.rack.eval()
+        generator = torch.Generator().manual_seed(TEST_MASK_SEED)
+        iter_epoch = getattr(self.test_dataloader, "iter_epoch", None)
+        source = iter_epoch(0, 0) if callable(iter_epoch) else iter(self.test_dataloader)
+        losses = []
+        for batch in source:
+            ids, mask = _unpack(batch)
+            for entry in self.objective.eval_corruptions(ids, generator, mask):
+                corrupted = entry.to(self.device)
+                with self._autocast():
+                    if whole_rack:
+                        logits = self.rack(corrupted.inputs, corrupted.attention_mask)
+                    else:
+                        hidden = self._trunk(corrupted, len(self.blocks))
+                        logits = self.rack.readout(hidden)  # type: ignore[operator]
+                losses.append(float(self.objective.loss(logits, corrupted)))
+        if not losses:
+            return {}
+        metrics = self.objective.eval_metrics(losses)
+        return {f"test/{key.split('/', 1)[1]}": value for key, value in metrics.items()}
 
     @torch.no_grad()
     def _next_token_perplexity(self) -> float | None:
@@ -1127,6 +1170,7 @@ class _Run:
                     cache.close()
             self.cache = self.val_cache = None
             weights_dir = str(self.pieces.write_rack(self.pieces.folder / "rack"))
+            test = self._evaluate_test(whole_rack=False)
         else:
             for cache in (self.cache, self.val_cache):
                 if cache is not None:
@@ -1135,6 +1179,9 @@ class _Run:
             self._restore_frozen()
             final = self._evaluate(None, None)
             next_token = self._next_token_perplexity()
+            test = self._evaluate_test(whole_rack=True)
+        if test:
+            self._emit("on_metrics", test, self.global_step)
         if final:
             metrics = dict(final)
             if next_token is not None:
@@ -1155,6 +1202,7 @@ class _Run:
             final_val_loss=final.get("val/loss"),
             final_val_perplexity=final.get("val/perplexity"),
             next_token_perplexity=next_token,
+            final_test_loss=test.get("test/loss"),
             total_steps=self.global_step,
             total_tokens=self.total_tokens,
             wall_time_s=wall,

@@ -66,6 +66,7 @@ class TrainingResults:
     # Out-of-core runs: the trained rack as sharded safetensors (the rack object keeps its
     # blocks on the meta device); None when the rack in hand holds every weight.
     weights_dir: str | None = None
+    final_test_loss: float | None = None  # over the whole held-out test split
 
     def summary_metrics(self) -> dict[str, float]:
         """Flat numeric summary, suitable for a tracking backend or a table row."""
@@ -73,6 +74,7 @@ class TrainingResults:
             "final_train_loss": self.final_train_loss,
             "final_val_loss": self.final_val_loss,
             "final_val_perplexity": self.final_val_perplexity,
+            "final_test_loss": self.final_test_loss,
             "next_token_perplexity": self.next_token_perplexity,
             "total_steps": float(self.total_steps),
             "total_tokens": float(self.total_tokens),

@@ -924,3 +924,61 @@ def test_favor_sampling_is_part_of_the_identity_only_where_favor_attention_runs(
     }
     mixed_orthogonal = {**mixed, "kernel": {"feature_map": "favor", "favor_sampling": "orthogonal"}}
     assert config_hash(mixed) != config_hash(mixed_orthogonal)
+
+
+# --------------------------------------------------------------------------------------------
+# replicate seeds and tuned settings
+# --------------------------------------------------------------------------------------------
+
+
+def test_seeds_and_tune_multiply_runs_without_becoming_coordinates(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        name: replicated
+        training: {budget: {steps: 10}}
+        grid:
+          mode: [layerwise, rackwise]
+        tune:
+          training.optimizer.lr: [0.001, 0.003]
+        seeds: [0, 5]
+        """,
+    )
+    runs = expand_grid(load_experiment(path))
+    # 2 modes x 2 rates x 2 seeds, seeds innermost, in grid order
+    assert [r.name for r in runs[:4]] == [
+        "mode=layerwise,lr=0.001,seed=0",
+        "mode=layerwise,lr=0.001,seed=5",
+        "mode=layerwise,lr=0.003,seed=0",
+        "mode=layerwise,lr=0.003,seed=5",
+    ]
+    assert len(runs) == 8 and len({r.config_hash for r in runs}) == 8
+    last = runs[-1]
+    assert last.coordinates == {"mode": "rackwise"}  # the grid only
+    assert last.tuned == {"lr": "0.003"} and last.seed == 5 and last.point == "mode=rackwise"
+    assert last.config.training.seed == 5 and last.config.training.optimizer.lr == 0.003
+    # --only reaches seeds and tuned values like any axis
+    only = expand_grid(load_experiment(path), only=["seed=5", "lr=0.001"])
+    assert [r.name for r in only] == [
+        "mode=layerwise,lr=0.001,seed=5",
+        "mode=rackwise,lr=0.001,seed=5",
+    ]
+
+
+def test_seeds_repeated_or_also_on_the_grid_are_errors(tmp_path: Path) -> None:
+    error = experiment_error(tmp_path, "name: x\nseeds: [0, 1, 0]\n")
+    assert error.field == "seeds" and "repeated: 0" in error.message
+    error = experiment_error(
+        tmp_path, "name: x\ngrid:\n  training.seed: [0, 1]\nseeds: [2, 3]\n"
+    )
+    assert error.field == "seeds" and "training.seed" in error.message
+    error = experiment_error(tmp_path, "name: x\ntune:\n  size: [small]\n")
+    assert error.field == "tune.size" and "preset axis" in error.message
+    error = experiment_error(tmp_path, "name: x\ntune:\n  training.optimizer.lrr: [0.1]\n")
+    assert error.field.startswith("tune.training.optimizer.lrr")
+    assert "did you mean" in error.message and "'lr'" in error.message
+
+
+def test_tuned_value_listed_twice_points_at_the_tune_entry(tmp_path: Path) -> None:
+    error = experiment_error(tmp_path, "name: x\ntune:\n  lr: [0.001, 0.001]\n")
+    assert error.field == "tune.lr.1" and error.line == 3

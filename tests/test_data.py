@@ -63,16 +63,87 @@ def test_builtin_corpus_is_pydoc_topics_in_sorted_order() -> None:
     assert sum(len(d) for d in docs) > 100_000
 
 
-def test_split_is_deterministic_by_document_and_seeded() -> None:
+def test_split_is_deterministic_by_document_and_seeded_by_the_split_seed() -> None:
     data = DataConfig(max_tokens=50_000)
     a = build_data(data, _training(seed=1))
     b = build_data(data, _training(seed=1))
-    c = build_data(data, _training(seed=2))
+    c = build_data(DataConfig(max_tokens=50_000, split_seed=2), _training(seed=1))
+    other_seed = build_data(data, _training(seed=2))
     assert torch.equal(a.train_loader.sequences, b.train_loader.sequences)
     assert torch.equal(a.val_loader.sequences, b.val_loader.sequences)
     assert not torch.equal(a.val_loader.sequences, c.val_loader.sequences)
-    assert a.train_tokens + a.val_tokens <= 50_000
-    assert a.val_tokens > 0 and a.train_tokens > 10 * a.val_tokens
+    # Replicate seeds (training.seed) share one split: same sequences on every side.
+    assert torch.equal(a.train_loader.sequences, other_seed.train_loader.sequences)
+    assert torch.equal(a.val_loader.sequences, other_seed.val_loader.sequences)
+    assert a.test_loader is not None and other_seed.test_loader is not None
+    assert torch.equal(a.test_loader.sequences, other_seed.test_loader.sequences)
+    assert a.train_tokens + a.val_tokens + a.test_tokens <= 50_000
+    assert a.val_tokens > 0 and a.test_tokens > 0 and a.train_tokens > a.val_tokens + a.test_tokens
+
+
+def test_test_split_holds_whole_documents_that_never_reach_training() -> None:
+    # Every document is its own token id: a test document's id must not occur in any batch the
+    # training loader yields, nor on the validation side.
+    docs = [np.full(30 + i % 7, i, dtype=np.int64) for i in range(200)]
+    splits = split_and_pack(
+        docs, val_fraction=0.1, test_fraction=0.1, seq_len=8, seed=3, eos_id=999
+    )
+    assert splits.test is not None
+    test_ids = set(splits.test.flatten().tolist()) - {999}
+    val_ids = set(splits.val.flatten().tolist()) - {999}
+    loader = SequenceLoader(splits.train, 4, shuffle=True, seed=0, drop_last=True)
+    seen = {
+        int(t) for epoch in range(2) for batch in loader.iter_epoch(epoch) for t in batch.flatten()
+    }
+    assert test_ids and val_ids
+    assert not test_ids & seen and not test_ids & val_ids and not val_ids & seen
+    # about a tenth of the tokens each (whole documents: a document more at most)
+    total = sum(len(d) + 1 for d in docs)
+    assert 0.1 * total <= splits.test.numel() + 8 <= 0.1 * total + 45
+
+
+def test_test_split_through_build_data_never_reaches_training_batches() -> None:
+    # The real corpus: no test sequence appears in any training batch, and no training row
+    # shares an 32-byte window with a test row (documents are whole on one side).
+    bundle = build_data(DataConfig(max_tokens=60_000), _training(seed=0))
+    assert bundle.test_loader is not None
+    test_rows = {tuple(row.tolist()) for row in bundle.test_loader.sequences}
+    train_rows = {tuple(row.tolist()) for batch in bundle.train_loader for row in batch}
+    assert test_rows and not test_rows & train_rows
+
+
+def test_positional_split_puts_test_after_validation() -> None:
+    docs = [np.arange(1000, dtype=np.int64) % 200]
+    splits = split_and_pack(
+        docs, val_fraction=0.1, test_fraction=0.05, seq_len=10, seed=0, eos_id=255
+    )
+    assert splits.test is not None
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (85, 10, 5)
+    stream = np.concatenate([np.arange(1000) % 200, [255]])[:1000]
+    assert splits.test.flatten().tolist() == stream[950:1000].tolist()
+    assert splits.val.flatten().tolist() == stream[850:950].tolist()
+
+
+def test_no_test_split_when_its_fraction_is_zero() -> None:
+    bundle = build_data(DataConfig(max_tokens=20_000, test_fraction=0.0), _training())
+    assert bundle.test_loader is None and bundle.test_tokens == 0
+
+
+def test_stdlib_corpus_is_builtin_text_then_library_sources() -> None:
+    import sysconfig
+
+    from stackwise.data.sources import stdlib_documents, stdlib_files
+
+    files = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = [f.relative_to(root).as_posix() for f in files]
+    assert names == sorted(names) and "os.py" in names and "json/decoder.py" in names
+    assert not any(
+        part in ("test", "idlelib", "site-packages") for n in names for part in n.split("/")
+    )
+    documents = stdlib_documents()
+    assert documents[: len(builtin_documents())] == builtin_documents()
+    assert sum(len(d) for d in documents) > 5_000_000
 
 
 def test_split_keeps_documents_whole() -> None:
@@ -96,7 +167,7 @@ def test_packing_separates_documents_with_eos() -> None:
 
 def test_max_tokens_limits_the_corpus() -> None:
     bundle = build_data(DataConfig(max_tokens=5_000), _training())
-    assert bundle.train_tokens + bundle.val_tokens <= 5_000
+    assert bundle.train_tokens + bundle.val_tokens + bundle.test_tokens <= 5_000
 
 
 def test_text_files_and_globs(tmp_path: Path) -> None:
@@ -217,6 +288,7 @@ def test_bpe_learns_only_from_the_training_side_after_max_tokens(tmp_path: Path)
             tokenizer="bpe",
             bpe_vocab_size=400,
             val_fraction=0.2,
+            test_fraction=0.1,
             max_tokens=10 * size,  # exactly 10 whole documents
         ),
         _training(seq_len=16, batch_size=2),
@@ -224,9 +296,10 @@ def test_bpe_learns_only_from_the_training_side_after_max_tokens(tmp_path: Path)
     train, val = _texts(bundle)
     markers = [chr(0x4E00 + index) for index in range(16)]
     held_out = [c for c in markers if c in val and c not in train]
+    # dropped by max_tokens (6) or held out for test (1)
     dropped = [c for c in markers if c not in val and c not in train]
     kept = [c for c in markers if c in train]
-    assert len(held_out) == 2 and len(dropped) == 6 and len(kept) == 8
+    assert len(held_out) == 2 and len(dropped) == 7 and len(kept) == 7
     assert not any(_learned(bundle.tokenizer, c) for c in held_out + dropped)
     assert all(_learned(bundle.tokenizer, c) for c in kept)
 

@@ -449,3 +449,35 @@ def test_tf32_flags_are_restored_after_cuda_training() -> None:
         )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("mode", ["rackwise", "blockwise"])
+def test_test_loss_is_the_trained_racks_cross_entropy_over_every_test_batch(mode: str) -> None:
+    config = tiny_config(mode, "clm", steps=8)
+    data = build_data(config.data, config.training)
+    assert data.test_loader is not None
+    rack = create_rack_from_config(config)
+    recorder = Recorder()
+    results = ArchitectureTrainer(config, callbacks=[recorder]).train_architecture(
+        rack, data.train_loader, data.val_loader, data.test_loader
+    )
+    # Naive reference: next-token cross entropy of the trained rack, batch by batch, averaged
+    # over every batch of the test split (the last one may be short).
+    rack.eval()
+    batch_losses = []
+    with torch.no_grad():
+        for ids in data.test_loader.sequences.split(config.training.batch_size):
+            logits = rack(ids)
+            batch_losses.append(
+                float(
+                    nn.functional.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+                    )
+                )
+            )
+    assert len(batch_losses) > config.training.eval.batches  # more than validation reads
+    expected = sum(batch_losses) / len(batch_losses)
+    assert results.final_test_loss == pytest.approx(expected, rel=1e-6)
+    logged = [m["test/loss"] for _, m in recorder.metrics if "test/loss" in m]
+    assert logged == [results.final_test_loss]
+    assert "final_test_loss" in results.summary_metrics()

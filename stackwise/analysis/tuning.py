@@ -22,7 +22,7 @@ Method:
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +100,7 @@ def select_tuned(
     n_point = len(point)
 
     # point key -> combination key -> finite metric values (insertion order = first appearance)
-    groups: dict[tuple[Hashable, ...], dict[tuple[Hashable, ...], list[float]]] = {}
+    groups: dict[tuple[Any, ...], dict[tuple[Any, ...], list[float]]] = {}
     for key, value in zip(keys, metric_values, strict=True):
         point_key, combo_key = tuple(key[:n_point]), tuple(key[n_point:])
         combos = groups.setdefault(point_key, {})
@@ -108,16 +108,16 @@ def select_tuned(
         finite = _finite(value)
         if finite is not None:
             values.append(finite)
-    counts: dict[tuple[Hashable, ...], int] = {}
+    counts: dict[tuple[Any, ...], int] = {}
     for key in keys:
         counts[tuple(key)] = counts.get(tuple(key), 0) + 1
 
     warnings: list[str] = []
     choice_rows: list[tuple[Any, ...]] = []
-    chosen_keys: set[tuple[Hashable, ...]] = set()
+    chosen_keys: set[tuple[Any, ...]] = set()
     for point_key, combos in groups.items():
         label = point_label(point, point_key) if point else "(all rows)"
-        best: tuple[Hashable, ...] | None = None
+        best: tuple[Any, ...] | None = None
         best_mean = math.inf
         for combo_key, values in combos.items():
             if not values:

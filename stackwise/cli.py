@@ -20,6 +20,7 @@ import glob
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -840,8 +841,9 @@ def compare(
         str | None,
         typer.Option(
             "--agg",
-            help="Combine several runs in one --pivot cell: mean, min, max or last (the latest "
-            "started). Without it such a cell is an error naming what differs inside it.",
+            help="Combine several runs in one --pivot cell: mean, min, max, std, sem, count or "
+            "last (the latest started). Without it such a cell is an error naming what differs "
+            "inside it (replicate seeds show as mean ± std (n) without it).",
             show_default=False,
         ),
     ] = None,
@@ -850,7 +852,17 @@ def compare(
         typer.Option(
             "--all",
             help="Every run, not only the latest of each grid point's current settings: with "
-            "start time, config hash, and the params that differ between runs of a grid point.",
+            "start time, config hash, and the params that differ between runs of a grid point; "
+            "every seed and every tuned value, not aggregated.",
+        ),
+    ] = False,
+    frontier: Annotated[
+        bool,
+        typer.Option(
+            "--frontier",
+            help="Per mode and budget (a training.budget.flops axis) the tuned, seed-averaged "
+            "test loss, a fit L(C) = E + A*C^-alpha per mode, and each mode against rackwise "
+            "on the same seeds: loss gap, compute multiplier and crossover with 95% intervals.",
         ),
     ] = False,
     columns: Annotated[
@@ -888,11 +900,11 @@ def compare(
         FORMATS,
         CompareError,
         compare_runs,
-        pivot_frame,
         render,
         save_plots,
         select_columns,
     )
+    from stackwise.tracking.evidence import EvidenceError, comparison_table
 
     if format_ not in FORMATS:
         fail([f"--format: unknown format {format_!r}; use one of {', '.join(FORMATS)}"])
@@ -902,6 +914,8 @@ def compare(
         fail([f"--agg: unknown aggregation {agg!r}; use one of {', '.join(AGGREGATIONS)}"])
     if agg is not None and pivot is None:
         fail(["--agg combines the runs of a --pivot cell: give --pivot too"])
+    if frontier and (pivot is not None or all_runs or columns is not None):
+        fail(["--frontier prints its own tables: leave out --pivot, --all and --columns"])
     if plot is not None and plot.exists() and not plot.is_dir():
         fail([f"--plot {plot}: not a folder"])
     with user_errors():
@@ -920,9 +934,12 @@ def compare(
                 all_runs=all_runs,
                 clients=clients,
             )
-        for message in notes:
+        if frontier:
+            _print_frontier(frame, format_, output, plot)
+            return
+        table, view_notes = comparison_table(frame, format_, pivot, metric, agg, all_runs)
+        for message in [*notes, *view_notes]:
             note(message)
-        table = frame if pivot is None else pivot_frame(frame, pivot, metric, agg)
         if columns is not None:
             table = select_columns(table, columns)
         if plot is not None:
@@ -935,7 +952,7 @@ def compare(
         frame = table
         title = ", ".join(experiments) if format_ == "table" else None
         text = render(frame, format_, output=output, console=stdout_console(), title=title)
-    except CompareError as error:
+    except (CompareError, EvidenceError) as error:
         fail([str(error)])
     except MlflowException as error:  # a store that exists but cannot be read as asked
         fail([f"tracking store: {error.message}"])
@@ -945,6 +962,123 @@ def compare(
         stderr_console().print(f"wrote {output}")
     elif text is not None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _print_frontier(frame: Any, format_: str, output: Path | None, plot: Path | None) -> None:
+    """`compare --frontier`: the tables of `stackwise.tracking.evidence.frontier_tables`."""
+    import json
+
+    from stackwise.analysis import epoch_warnings
+    from stackwise.tracking.compare import render
+    from stackwise.tracking.evidence import frontier_analysis, frontier_plot, frontier_tables
+
+    analysis = frontier_analysis(frame)
+    tables = frontier_tables(analysis, frame)
+    messages = [*analysis.notes, *epoch_warnings(frame, "epochs", 4.0, "run")]
+    if plot is not None:
+        plot.mkdir(parents=True, exist_ok=True)
+        written = frontier_plot(analysis, frame, plot / "frontier.png")
+        stderr_console().print(f"wrote {written}")
+    if format_ == "json":
+        payload = {name: table.to_dicts() for name, table in tables.items()}
+        payload["notes"] = messages  # type: ignore[assignment]
+        text = json.dumps(payload, indent=2, default=str) + "\n"
+    elif format_ in ("table", "markdown"):
+        parts = []
+        for name, table in tables.items():
+            if format_ == "table" and output is None:
+                render(table, "table", console=stdout_console(), title=f"frontier: {name}")
+            else:
+                parts.append(f"### {name}\n\n" + str(render(table, "markdown")))
+        for message in messages:
+            note(message)
+        text = "\n".join(parts) if parts else None
+    else:
+        fail([f"--frontier prints table, markdown or json, not {format_}"])
+    if output is not None and text is not None:
+        output.write_text(text, encoding="utf-8")
+        stderr_console().print(f"wrote {output}")
+    elif text is not None:
+        sys.stdout.write(text)
+
+
+@app.command()
+def report(
+    experiment: Annotated[
+        Path,
+        typer.Argument(help="The experiment file (with `tune:` and `seeds:`).", show_default=False),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the report here (markdown; its frontier plot goes beside it as "
+            "<name>_frontier.png). Default: print it.",
+            show_default=False,
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=100, help="Bootstrap resamples of the seeds.")
+    ] = 2000,
+    set_: SetOption = None,
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Write the evidence report of an experiment: its design, the tuned, seed-averaged results,
+    paired differences with 95% intervals, the compute frontier and conclusions drawn from the
+    intervals by rule. Also logged on the experiment's latest parent run (report.md)."""
+    from mlflow.exceptions import MlflowException
+
+    from stackwise.tracking.compare import CompareError, compare_runs
+    from stackwise.tracking.evidence import EvidenceError, build_report, log_report, runs_commit
+
+    if not experiment.is_file():
+        fail([f"{experiment}: no such experiment file"])
+    if output is not None and output.exists() and output.is_dir():
+        fail([f"--output {output}: a folder; give a file name such as report.md"])
+    notes: list[str] = []
+    clients: dict[str, Any] = {}
+    try:
+        with user_errors():
+            frame = compare_runs(
+                [str(experiment)],
+                tracking_uri=tracking_uri,
+                notes=notes,
+                overrides=set_ or (),
+                clients=clients,
+            )
+        for message in notes:
+            note(message)
+        with tempfile.TemporaryDirectory(prefix="stackwise-report-") as scratch:
+            folder = output.parent if output is not None else Path(scratch)
+            stem = output.stem if output is not None else "report"
+            folder.mkdir(parents=True, exist_ok=True)
+            command = f"stackwise run {experiment} --jobs 2 && stackwise report {experiment}" + (
+                f" -o {output}" if output is not None else ""
+            )
+            text, plot = build_report(
+                frame,
+                experiment,
+                folder / f"{stem}_frontier.png",
+                n_boot=bootstrap,
+                commit=runs_commit(clients, frame),
+                command=command,
+            )
+            logged = log_report(clients, frame, text, plot)
+            if output is not None:
+                output.write_text(text, encoding="utf-8")
+    except (CompareError, EvidenceError) as error:
+        fail([str(error)])
+    except MlflowException as error:
+        fail([f"tracking store: {error.message}"])
+    except OSError as error:
+        fail([f"--output {output}: {error.strerror or error}"])
+    if logged is not None:
+        stderr_console().print(f"logged report.md on run {logged}")
+    if output is not None:
+        stderr_console().print(f"wrote {output}" + (f" and {plot}" if plot is not None else ""))
+    else:
+        sys.stdout.write(text)
 
 
 @app.command()

@@ -14,3 +14,38 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 torch.set_num_threads(1)
+
+
+# -- shared fixtures ---------------------------------------------------------------------------
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+CliRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+def run_cli(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The installed `stackwise` console script in a real subprocess (no tracking URI from the
+    environment: the store is ./mlruns under `cwd` unless the arguments say otherwise)."""
+    script = shutil.which("stackwise", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "stackwise"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "COLUMNS": "200"}
+    return subprocess.run(
+        [*command, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli() -> CliRunner:
+    """`cli("run", path, cwd=folder)`: the command line in a subprocess (see `run_cli`)."""
+    return run_cli

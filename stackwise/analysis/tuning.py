@@ -64,7 +64,9 @@ def format_value(value: Any) -> str:
 
 
 def point_label(names: Sequence[str], values: Sequence[Any]) -> str:
-    """``mode=rackwise,budget=4e12``."""
+    """``mode=rackwise,budget=4e12`` (a single ``point`` column already holds such a label)."""
+    if list(names) == ["point"]:
+        return format_value(values[0])
     return ",".join(f"{n}={format_value(v)}" for n, v in zip(names, values, strict=True))
 
 

@@ -56,7 +56,9 @@ if TYPE_CHECKING:
     from stackwise.config.experiment import RunSpec
 
 FORMATS = ("table", "csv", "markdown", "json", "parquet")
-AGGREGATIONS = ("mean", "min", "max", "last")
+AGGREGATIONS = ("mean", "min", "max", "last", "std", "sem", "count")
+# Bookkeeping column: the tuned settings' column names (see `stackwise.tracking.evidence`).
+TUNED_AXES = "tuned_axes"
 
 # Result columns: name in the frame -> MLflow metric (summary metrics of a finished run).
 RESULT_COLUMNS: dict[str, str] = {
@@ -371,10 +373,10 @@ def runs_frame(
             row[axis] = tags.get(f"{TAG_GRID_PREFIX}{axis}")
         for axis in tuned:
             row[axis] = tags.get(f"{TAG_TUNE_PREFIX}{axis}")
-        if replicated:
+        if replicated or tuned:
             seed = tags.get(TAG_SEED, params.get("training.seed"))
             row["seed"] = None if seed is None else int(seed)
-            row["point"] = tags.get(TAG_POINT)
+            row["point"] = tags.get(TAG_POINT, _point_name(run))
         for column in fixed:
             row[column] = tags.get(column)
         if "head" in fixed:
@@ -396,12 +398,14 @@ def runs_frame(
         row["config_hash"] = tags.get(TAG_CONFIG_HASH)
         row["run_id"] = run.info.run_id
         row["parent_run_id"] = tags.get(TAG_PARENT)
+        if tuned:
+            row[TUNED_AXES] = ",".join(tuned)
         rows.append(row)
 
     schema: dict[str, Any] = {"experiment": pl.String, "run": pl.String}
     schema.update({axis: pl.String for axis in axes})
     schema.update({axis: pl.String for axis in tuned})
-    if replicated:
+    if replicated or tuned:
         schema.update({"seed": pl.Int64, "point": pl.String})
     schema.update({column: pl.String for column in fixed})
     schema.update({key: pl.String for key in differing})
@@ -419,6 +423,8 @@ def runs_frame(
             "parent_run_id": pl.String,
         }
     )
+    if tuned:
+        schema[TUNED_AXES] = pl.String
     frame = pl.DataFrame(rows, schema=schema, orient="row")
     return frame.with_columns(pl.col(c).round().cast(pl.Int64) for c in INTEGER_COLUMNS)
 
@@ -564,8 +570,8 @@ def pivot_frame(
     """Rows = first pivot column, columns = second, cells = `metric` (default val_loss).
 
     A cell holding more than one run is a `CompareError` naming what differs inside it (other
-    axes, params, or reruns of the same settings), unless `agg` (mean, min, max, or last: the
-    latest started run) says how to combine them.
+    axes, params, or reruns of the same settings), unless `agg` (mean, min, max, std, sem,
+    count, or last: the latest started run) says how to combine them.
     """
     rows, columns = parse_pivot(pivot)
     value = resolve_metric(metric)
@@ -580,7 +586,13 @@ def pivot_frame(
         crowded = frame.group_by(rows, columns, maintain_order=True).len().filter(pl.col("len") > 1)
         if crowded.height:
             raise CompareError(_crowded_cells(frame, rows, columns, value, crowded, pivot))
-    how = cast(Literal["first", "mean", "min", "max", "last"], agg or "first")
+    how: Any = cast(Literal["first", "mean", "min", "max", "last"], agg or "first")
+    if agg == "std":
+        how = pl.element().std()
+    elif agg == "sem":
+        how = pl.element().std() / pl.element().count().sqrt()
+    elif agg == "count":
+        how = "len"
     if agg != "last" or "start_time" not in frame.columns:
         return frame.pivot(
             on=columns, index=rows, values=value, aggregate_function=how, sort_columns=False
@@ -648,7 +660,7 @@ def _crowded_cells(
 
 # Columns that matter for reading a table; ids are left out of `table`/`markdown`, and the
 # start time and config hash too unless every run is shown (`--all`).
-HIDDEN_IN_TABLES = ("run_id", "parent_run_id")
+HIDDEN_IN_TABLES = ("run_id", "parent_run_id", "tuned_axes")
 SHOWN_WITH_ALL = ("start_time", "config_hash")
 
 

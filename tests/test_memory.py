@@ -54,6 +54,23 @@ def test_saved_activations_count_each_saved_storage_once_without_weights() -> No
     assert frozen.bytes == 0  # nothing is saved without autograd
 
 
+def test_a_saved_view_of_a_shared_storage_counts_the_bytes_it_spans() -> None:
+    cache = torch.randn(10, 4, 8)  # ten rows of 4 x 8 floats: 128 bytes a row
+    scale = nn.Parameter(torch.randn(8))
+    row = 4 * 8 * 4
+    with SavedActivations([scale], shared=[cache]) as saved:
+        # x * scale saves x (for the scale's gradient): rows 2-4 and rows 4-5, overlapping.
+        (cache[2:5] * scale).sum() + (cache[4:6] * scale).sum()
+    assert saved.bytes == 4 * row  # rows 2, 3, 4, 5, row 4 once
+    with SavedActivations([scale]) as whole:
+        (cache[2:5] * scale).sum()
+    assert whole.bytes == 10 * row  # not shared: the view holds the whole storage alive
+    with SavedActivations([scale], shared=[cache]) as mixed:
+        hidden = cache[0:1] * scale  # saves the view (one row) ...
+        torch.relu(hidden).sum()  # ... and relu its own output (one row)
+    assert mixed.bytes == 2 * row
+
+
 # --------------------------------------------------------------------------------------------
 # plan == measurement
 # --------------------------------------------------------------------------------------------
@@ -317,3 +334,56 @@ def test_the_trainer_reports_the_planned_training_memory(mode: str) -> None:
     assert results.extra["training_memory_bytes"] == max(
         s.extra["training_memory_bytes"] for s in results.stages
     )
+
+
+def test_a_cache_in_memory_is_cache_memory_not_saved_activations() -> None:
+    """A stage that reads the activation cache from RAM gets a view of the cache's one tensor;
+    autograd saves that view, but it holds one micro-batch, not the cache. With a pool long
+    enough that the cache outgrows the stage's training memory (80 micro-batches), the stage
+    measures the training memory its plan predicts, the cache is reported as cache memory, and
+    the cached stage saves for backward what the same stage without a cache saves."""
+    from stackwise.data import build_data
+    from stackwise.training.architecture_trainer import ArchitectureTrainer
+
+    def config_for(cache: dict[str, Any]) -> StackWiseConfig:
+        return StackWiseConfig.from_dict(
+            {
+                "model": {
+                    "d_model": 32,
+                    "n_heads": 2,
+                    "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
+                },
+                "training": {
+                    "training_architecture": "blockwise",
+                    "budget": {"steps": 160},  # 2 stages of 80 steps: a pool of 80 batches
+                    "batch_size": 4,
+                    "seq_len": 32,
+                    "log_every_steps": 80,
+                    "eval": {"batches": 1},
+                    "cache": cache,
+                },
+                "data": {"max_tokens": 20_000},
+            }
+        )
+
+    def train(config: StackWiseConfig) -> Any:
+        data = build_data(config.data, config.training)
+        config.model.vocab_size = data.tokenizer.vocab_size
+        rack = create_rack_from_config(config)
+        results = ArchitectureTrainer(config).train_architecture(
+            rack, data.train_loader, data.val_loader
+        )
+        return results, estimate_run(config)
+
+    cached, planned = train(config_for({"location": "cpu"}))
+    uncached, _ = train(config_for({"enabled": False}))
+    stage = cached.stages[1].extra  # block_1 reads block_0's output from the cache
+    # The cache by hand: 80 pool micro-batches and 1 validation batch of 4 x 32 x 32 fp32.
+    cache_bytes = (80 + 1) * 4 * 32 * 32 * 4
+    assert stage["cache_memory_bytes"] == cache_bytes
+    assert stage["cache_disk_bytes"] == 0
+    plan = planned.stages[1].training_memory_bytes
+    assert cache_bytes > plan  # the cache dominates: counted as activations it would show
+    assert stage["training_memory_bytes"] == pytest.approx(plan, rel=0.25)
+    # The read micro-batch counts as one micro-batch: as the trunk output computed per step.
+    assert stage["activations_bytes"] == uncached.stages[1].extra["activations_bytes"]

@@ -996,7 +996,10 @@ class _Run:
             tokens = _token_count(batch.inputs, batch.attention_mask)
             counting: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if measure and micro == 0:
-                saved = SavedActivations(self.rack.parameters())
+                # A micro-batch read from a cache in memory is a view of the cache's tensor:
+                # it counts as the micro-batch it holds (the cache is cache memory).
+                caches = [c.storage for c in (self.cache, self.val_cache) if c is not None]
+                saved = SavedActivations(self.rack.parameters(), shared=caches)
                 counting = saved
             with self.dist.no_sync(model, last=micro == accum - 1):
                 with counting, self._autocast():

@@ -12,7 +12,9 @@ speak of the same quantities:
 - *training memory* (`TrainingMemory`): what the running stage itself needs — the rack's
   weights on the training device, one gradient per trainable parameter, the optimizer state and
   the activations autograd keeps for backward of one micro-batch (`SavedActivations`: every
-  tensor saved for backward, each storage once, parameters excluded). These are counted tensor
+  tensor saved for backward, each storage once, parameters excluded; a micro-batch read from
+  the activation cache in memory is a view of the cache's tensor and counts the bytes it spans,
+  since the cache is *cache memory*). These are counted tensor
   by tensor, so they mean the same on every device and exclude the interpreter.
   `estimate_training_memory` counts the same tensors without allocating them: the stage's
   forward runs on fake tensors (`torch._subclasses.FakeTensorMode`, shapes and dtypes only).
@@ -164,26 +166,65 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(storages.values())
 
 
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """Byte range ``[start, end)`` of its storage that `tensor`'s own elements occupy."""
+    size = tensor.element_size()
+    start = int(tensor.storage_offset()) * size
+    if tensor.numel() == 0:
+        return start, start
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + extent * size
+
+
+def _union_length(ranges: list[tuple[int, int]]) -> int:
+    """Bytes covered by byte ranges that may overlap, each byte once."""
+    total, end = 0, -1
+    for start, stop in sorted(ranges):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
 class SavedActivations:
     """Bytes of the tensors autograd saves for backward while the context is active.
 
     Each storage counts once (a tensor saved by several ops, or views of one tensor), and the
-    storages of `exclude` (the parameters: they are weights, counted as such) not at all. The
-    saved tensors are kept referenced until the context ends, so no storage is freed and its
-    identity reused while counting (the autograd graph holds them anyway).
+    storages of `exclude` (the parameters: they are weights, counted as such) not at all. A
+    saved view of one of the `shared` storages (the activation cache in memory: a micro-batch
+    read from it is a view of its one tensor) counts only the bytes it spans, each byte once:
+    the rest of that storage is held, and counted, by its owner. The saved tensors are kept
+    referenced until the context ends, so no storage is freed and its identity reused while
+    counting (the autograd graph holds them anyway).
     """
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(
+        self, exclude: Iterable[torch.Tensor] = (), shared: Iterable[torch.Tensor] = ()
+    ) -> None:
         self._excluded = {_storage_key(t) for t in exclude}
+        self._shared = {_storage_key(t) for t in shared} - self._excluded
         self._saved: dict[int, torch.Tensor] = {}
+        self._views: list[torch.Tensor] = []
+        self._spans: dict[int, list[tuple[int, int]]] = {}
         self._hooks: Any = None
-        self.bytes = 0
+        self._owned_bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        """Bytes saved so far: whole storages, and the spans of views of shared ones."""
+        return self._owned_bytes + sum(_union_length(s) for s in self._spans.values())
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         key = _storage_key(tensor)
-        if key not in self._excluded and key not in self._saved:
+        if key in self._excluded:
+            return tensor
+        if key in self._shared:
+            self._views.append(tensor)
+            self._spans.setdefault(key, []).append(_span(tensor))
+        elif key not in self._saved:
             self._saved[key] = tensor
-            self.bytes += tensor.untyped_storage().nbytes()
+            self._owned_bytes += tensor.untyped_storage().nbytes()
         return tensor
 
     def __enter__(self) -> SavedActivations:
@@ -199,6 +240,7 @@ class SavedActivations:
     ) -> None:
         self._hooks.__exit__(kind, error, trace)
         self._saved.clear()
+        self._views.clear()
 
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from stackwise.config.experiment import (
     stale_json_schemas,
     value_label,
 )
-from stackwise.config.loading import load_run_config, load_yaml, parse_yaml
+from stackwise.config.loading import load_validated, load_yaml, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,12 +152,12 @@ def test_format_validation_error_adds_file_and_line() -> None:
     assert str(error) == "run.yaml:3: model.n_heads: d_model (100) must be divisible by n_heads (8)"
 
 
-def test_load_run_config_reads_plain_config(tmp_path: Path) -> None:
+def test_load_validated_reads_plain_config(tmp_path: Path) -> None:
     good = write(tmp_path, "model: {d_model: 64, n_heads: 4}\n", "good.yaml")
-    assert load_run_config(good).model.d_model == 64
+    assert load_validated(good, StackWiseConfig).model.d_model == 64
     bad = write(tmp_path, "model:\n  n_head: 4\n", "bad.yaml")
     with pytest.raises(ConfigError, match="did you mean 'n_heads'") as caught:
-        load_run_config(bad)
+        load_validated(bad, StackWiseConfig)
     assert caught.value.line == 2
 
 
@@ -968,9 +968,7 @@ def test_seeds_and_tune_multiply_runs_without_becoming_coordinates(tmp_path: Pat
 def test_seeds_repeated_or_also_on_the_grid_are_errors(tmp_path: Path) -> None:
     error = experiment_error(tmp_path, "name: x\nseeds: [0, 1, 0]\n")
     assert error.field == "seeds" and "repeated: 0" in error.message
-    error = experiment_error(
-        tmp_path, "name: x\ngrid:\n  training.seed: [0, 1]\nseeds: [2, 3]\n"
-    )
+    error = experiment_error(tmp_path, "name: x\ngrid:\n  training.seed: [0, 1]\nseeds: [2, 3]\n")
     assert error.field == "seeds" and "training.seed" in error.message
     error = experiment_error(tmp_path, "name: x\ntune:\n  size: [small]\n")
     assert error.field == "tune.size" and "preset axis" in error.message

@@ -6,7 +6,8 @@ and assignments are validated (``config.training.training_architecture = "blockw
 just like a YAML value). The JSON Schema in ``schemas/`` is generated from these classes, so the
 field descriptions here are also the editor documentation of experiment files.
 
-Only this module and pydantic/yaml are imported here, so validating a file never imports torch.
+Only pydantic/yaml and the YAML loader (`stackwise.config.loading`) are imported here, so
+validating a file never imports torch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from stackwise.config.loading import load_validated
 
 AttentionType = Literal["mha", "gqa", "mla", "kernel"]
 AttentionMode = Literal["bidirectional", "causal"]
@@ -979,10 +982,7 @@ class StackWiseConfig(BaseConfig):
         Safe YAML; duplicate and unknown keys are errors. Raises
         `stackwise.config.errors.ConfigError` naming the file, line and dotted field.
         """
-        from stackwise.config.loading import load_run_config  # loading builds on this module
-
-        config = load_run_config(path)
-        return config if type(config) is cls else cls.model_validate(config.to_dict())
+        return load_validated(path, cls)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The config as YAML text; also written to `path` when given."""

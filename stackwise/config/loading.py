@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from stackwise.config.base import StackWiseConfig
 from stackwise.config.errors import (
     ConfigError,
     ConfigPath,
@@ -30,6 +29,8 @@ from stackwise.config.errors import (
 )
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+
+Schema = TypeVar("Schema", bound=BaseModel)
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -176,12 +177,11 @@ def load_mapping(path: str | Path) -> YamlDocument:
     return document
 
 
-def load_run_config(path: str | Path) -> StackWiseConfig:
-    """Load a plain run config file (a `StackWiseConfig` as YAML) with file/line-aware errors."""
+def load_validated(path: str | Path, schema: type[Schema]) -> Schema:
+    """Load a YAML mapping and validate it as `schema` (a pydantic model, e.g.
+    `StackWiseConfig`), with file/line-aware errors."""
     document = load_mapping(path)
     try:
-        return StackWiseConfig.model_validate(document.data)
+        return schema.model_validate(document.data)
     except ValidationError as error:
-        raise format_validation_error(
-            error, StackWiseConfig, file=path, lines=document.lines
-        ) from None
+        raise format_validation_error(error, schema, file=path, lines=document.lines) from None

@@ -30,7 +30,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from stackwise import __version__
+from stackwise._version import __version__
 
 if TYPE_CHECKING:
     from stackwise.config.base import BudgetConfig

@@ -324,7 +324,7 @@ def _run_grid(
     progress: GridProgress,
     summary: RunSummary,
 ) -> None:
-    from stackwise import __version__
+    from stackwise._version import __version__
 
     prepare_store(uri)
     client = open_client(uri)

@@ -123,7 +123,7 @@ def run_tags(
 ) -> dict[str, str]:
     """Tags of a grid point run (the parent link is added by the runner): its grid coordinates
     (``grid.<axis>``), tuned values (``tune.<setting>``) and replicate seed."""
-    from stackwise import __version__
+    from stackwise._version import __version__
 
     tags = {
         TAG_ROLE: "point",

@@ -236,8 +236,11 @@ class Point:
 
 
 @dataclass
-class _Grid:
-    """One experiment file's grid being run against one store."""
+class Grid:
+    """One experiment file's grid being run against one store: its MLflow experiment, the
+    parent run of this invocation and the runs of its points so far. `run_experiments` opens
+    one per file and store; a process that runs points of a grid another process opened
+    (`stackwise.executors`) joins it with `Grid.joined`."""
 
     experiment: Experiment | None  # None in a process running points of another's grid
     name: str
@@ -248,6 +251,20 @@ class _Grid:
     parent_run_id: str = ""
     point_run_ids: dict[str, str] = field(default_factory=dict)  # run name -> run id
     failures: int = 0
+
+    @classmethod
+    def joined(cls, context: GridContext, specs: Sequence[RunSpec]) -> Grid:
+        """The grid `context` names, seen from a process that runs `specs` of it: the same
+        store, experiment and parent run; no experiment file (the driver has it)."""
+        return cls(
+            None,
+            context.name,
+            context.uri,
+            list(specs),
+            open_client(context.uri),
+            context.experiment_id,
+            parent_run_id=context.parent_run_id,
+        )
 
 
 def run_experiments(
@@ -329,7 +346,7 @@ def _run_grid(
     prepare_store(uri)
     client = open_client(uri)
     experiment_id = get_or_create_experiment(client, uri, name)
-    grid = _Grid(experiment, name, uri, specs, client, experiment_id)
+    grid = Grid(experiment, name, uri, specs, client, experiment_id)
     _close_abandoned_runs(grid)
 
     # The parent run is "alive" while this process holds its lock (see _close_abandoned_runs).
@@ -375,11 +392,11 @@ def _run_grid(
         else:
             deferred = []
             for spec in specs:
-                if not _run_point(grid, spec, options, progress, summary, wait=False):
+                if not run_grid_point(grid, spec, options, progress, summary, wait=False):
                     deferred.append(spec)
             for spec in deferred:  # busy in another process: wait for it, then skip or run
                 progress.print(f"  {spec.name}: running in another process, waiting for it")
-                _run_point(grid, spec, options, progress, summary, wait=True)
+                run_grid_point(grid, spec, options, progress, summary, wait=True)
         _finish_grid(grid, progress)
         # A process sharing the store may have died meanwhile: close what it left RUNNING.
         _close_abandoned_runs(grid)
@@ -396,7 +413,7 @@ def _run_grid(
         parent_lock.release()
 
 
-def _record_outcome(grid: _Grid, spec: RunSpec, outcome: PointOutcome, summary: RunSummary) -> None:
+def _record_outcome(grid: Grid, spec: RunSpec, outcome: PointOutcome, summary: RunSummary) -> None:
     """Add the outcome of a point run by an executor to the grid and the summary."""
     if outcome.run_id is not None:
         grid.point_run_ids[spec.name] = outcome.run_id
@@ -411,7 +428,7 @@ def _record_outcome(grid: _Grid, spec: RunSpec, outcome: PointOutcome, summary: 
         summary.failed.append(entry)
 
 
-def _owner_gone(grid: _Grid, run: Run) -> bool:
+def _owner_gone(grid: Grid, run: Run) -> bool:
     """Whether the process that owns RUNNING run `run` is gone (its lock is free).
 
     Locks of a remote store live on this machine: a run owned by another host is taken to be
@@ -432,7 +449,7 @@ def _owner_gone(grid: _Grid, run: Run) -> bool:
     return holder is not None and owner_alive(holder) is False
 
 
-def _close_abandoned_runs(grid: _Grid) -> None:
+def _close_abandoned_runs(grid: Grid) -> None:
     """RUNNING parent and point runs whose process is gone become KILLED (points are then
     adopted by whoever runs them next)."""
     from mlflow.entities import ViewType
@@ -452,11 +469,11 @@ def _close_abandoned_runs(grid: _Grid) -> None:
             )
 
 
-def _point_lock_path(grid: _Grid, identity: str) -> Path:
+def _point_lock_path(grid: Grid, identity: str) -> Path:
     return lock_path(grid.uri, f"point-{grid.experiment_id}-{identity}")
 
 
-def _finished_run(grid: _Grid, identity: str) -> Run | None:
+def _finished_run(grid: Grid, identity: str) -> Run | None:
     from mlflow.entities import ViewType
 
     runs = retry_locked(
@@ -473,8 +490,8 @@ def _finished_run(grid: _Grid, identity: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def _run_point(
-    grid: _Grid,
+def run_grid_point(
+    grid: Grid,
     spec: RunSpec,
     options: RunOptions,
     progress: GridProgress,
@@ -512,7 +529,7 @@ def _run_point(
         lock.release()
 
 
-def _adoptable_run(grid: _Grid, point: Point, folder: Path, force: bool) -> tuple[str | None, bool]:
+def _adoptable_run(grid: Grid, point: Point, folder: Path, force: bool) -> tuple[str | None, bool]:
     """The run to continue, under the point's lock: (run id or None, whether a checkpoint of it
     is there to resume from).
 
@@ -572,7 +589,7 @@ def _adoptable_run(grid: _Grid, point: Point, folder: Path, force: bool) -> tupl
 
 
 def _train_point(
-    grid: _Grid,
+    grid: Grid,
     point: Point,
     options: RunOptions,
     progress: GridProgress,
@@ -644,7 +661,7 @@ def _train_point(
     except Exception as error:
         _close_quietly(logger, monitor)
         message = f"{type(error).__name__}: {error}"
-        _record_failure(client, run_id, message, traceback.format_exc())
+        record_failure(client, run_id, message, traceback.format_exc())
         grid.failures += 1
         summary.failed.append((grid.name, spec.name, message))
         progress.print(f"  [red]✗ {spec.name}: FAILED — {message}[/]", important=True)
@@ -658,7 +675,7 @@ def _train_point(
     progress.print(f"  [green]✓ {spec.name}[/]: {shown} ({elapsed:.1f} s)")
 
 
-def _point_tags(grid: _Grid, point: Point) -> dict[str, str]:
+def _point_tags(grid: Grid, point: Point) -> dict[str, str]:
     return {
         TAG_PARENT: grid.parent_run_id,
         TAG_OWNER: owner(),
@@ -668,7 +685,7 @@ def _point_tags(grid: _Grid, point: Point) -> dict[str, str]:
 
 
 def _train(
-    grid: _Grid,
+    grid: Grid,
     point: Point,
     run_id: str,
     folder: Path,
@@ -782,7 +799,10 @@ def _close_quietly(logger: MlflowLogger | None, monitor: Any) -> None:
             logger.close()
 
 
-def _record_failure(client: MlflowClient, run_id: str, message: str, trace: str) -> None:
+def record_failure(client: MlflowClient, run_id: str, message: str, trace: str) -> None:
+    """Mark run `run_id` FAILED: `message` as its ``error`` tag (cut to `ERROR_TAG_LIMIT`
+    characters) and `trace` as its ``error.txt`` artifact. The run is FAILED even when the tag
+    or the artifact cannot be written."""
     short = message if len(message) <= ERROR_TAG_LIMIT else message[: ERROR_TAG_LIMIT - 3] + "..."
     try:
         set_tags(client, run_id, {TAG_ERROR: short})
@@ -791,7 +811,7 @@ def _record_failure(client: MlflowClient, run_id: str, message: str, trace: str)
         retry_locked(lambda: client.set_terminated(run_id, status="FAILED"))
 
 
-def _finish_grid(grid: _Grid, progress: GridProgress) -> None:
+def _finish_grid(grid: Grid, progress: GridProgress) -> None:
     """The comparison table (printed, and saved with plots as parent-run artifacts)."""
     import tempfile
 

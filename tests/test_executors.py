@@ -42,6 +42,91 @@ def test_job_slots_split_the_cores_and_hand_out_gpus() -> None:
     assert {s.threads for s in job_slots(2, 16, [], threads=3)} == {3}
 
 
+def _choice_plans(folder: Path, batch_size: int = 4) -> list[tuple[Any, list[Any]]]:
+    training = {**tiny_training(4), "batch_size": batch_size}
+    experiment = load_experiment(write_experiment(folder, "choice", training=training))
+    return [(experiment, expand_grid(experiment))]
+
+
+@pytest.fixture
+def not_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("not_under_torchrun")
+def test_the_flags_choose_the_executor(tmp_path: Path) -> None:
+    from stackwise.executors.choice import choose_executor
+    from stackwise.executors.local import JobsExecutor
+    from stackwise.executors.torchrun import TorchrunExecutor
+
+    plans = _choice_plans(tmp_path)
+    assert choose_executor(plans) is None  # here, one point after another
+    jobs = choose_executor(plans, jobs=3)
+    assert isinstance(jobs, JobsExecutor) and jobs.jobs == 3
+    ranks = choose_executor(plans, nproc=2)
+    assert isinstance(ranks, TorchrunExecutor) and ranks.nproc == 2
+
+
+@pytest.mark.usefixtures("not_under_torchrun")
+def test_flags_that_do_not_go_together_are_all_reported(tmp_path: Path) -> None:
+    from stackwise.config.errors import ConfigError
+    from stackwise.executors.choice import choose_executor
+
+    with pytest.raises(ConfigError) as caught:
+        choose_executor([], "dask", address="auto", cpus_per_run=2.0, nproc=2, jobs=2)
+    assert [e.field for e in caught.value.errors] == [
+        "--executor",
+        "--address",
+        "--cpus-per-run",
+        "--nproc",
+    ]
+    with pytest.raises(ConfigError, match="the Ray cluster decides") as caught:
+        choose_executor([], "ray", jobs=2)
+    # a batch of 6 does not split over 4 processes: named at the file's line of the setting
+    plans = _choice_plans(tmp_path, batch_size=6)
+    with pytest.raises(ConfigError, match="6 does not divide by the 4 processes") as caught:
+        choose_executor(plans, nproc=4)
+    (error,) = caught.value.errors
+    assert (error.file, error.field) == (str(plans[0][0].file), "training.batch_size")
+    assert choose_executor(plans, nproc=2) is not None  # 6 = 2 x 3
+
+
+def test_under_torchrun_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stackwise.executors.choice import under_torchrun
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert under_torchrun()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a launch of one process is not several
+    assert not under_torchrun()
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not under_torchrun()
+
+
+def test_points_options_and_outcomes_travel_as_json(tmp_path: Path) -> None:
+    import json
+
+    from stackwise.executors import messages
+    from stackwise.runner import PointOutcome, RunOptions
+
+    ((_, specs),) = _choice_plans(tmp_path)
+    spec = specs[0]
+    travelled = messages.spec_from_json(json.loads(json.dumps(messages.spec_to_json(spec))))
+    assert travelled == spec
+    options = RunOptions(tracking_uri="ignored", force=True, quiet=True, threads=3)
+    back = messages.options_from_json(json.loads(json.dumps(messages.options_to_json(options))))
+    # what a point needs; where the driver records (the context) travels separately
+    assert (back.force, back.quiet, back.threads, back.tracking_uri) == (True, True, 3, None)
+    outcome = PointOutcome("failed", "ValueError: x", "run-1")
+    written = tmp_path / "result.json"
+    messages.write_outcome(written, messages.outcome_to_json(outcome))
+    assert messages.outcome_from_json(messages.read_task(written)) == outcome
+    assert not written.with_suffix(".tmp").exists()
+
+
 def test_executor_flag_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     path = write_experiment(tmp_path, "flags", training=tiny_training(4))
     cases = [

@@ -5,7 +5,7 @@
    and the CPU cores split between the jobs (``--threads`` per job when given, else
    cores // N, at least one), so N jobs never oversubscribe the cores.
 2. Each point runs in its own process, ``python -m stackwise.executors.worker``, exactly as the
-   local runner runs a point (`stackwise.executors.run_point`): the point locks and run
+   local runner runs a point (`stackwise.executors.point.run_point`): the point locks and run
    ownership of the store keep concurrent processes from training one point twice. Its output
    goes to ``<store state>/logs/<experiment>/<point>.log``.
 3. When a slot frees up the next point starts there; a point another process holds comes back
@@ -29,14 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from stackwise.executors import (
-    PointBoard,
-    available_cpus,
-    mark_lost_point,
-    options_to_json,
-    outcome_from_json,
-    spec_to_json,
-)
+from stackwise.executors.common import PointBoard, available_cpus
+from stackwise.executors.messages import options_to_json, outcome_from_json, spec_to_json
+from stackwise.executors.point import mark_lost_point
 
 if TYPE_CHECKING:
     from stackwise.config.experiment import RunSpec

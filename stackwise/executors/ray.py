@@ -8,10 +8,10 @@
    cluster has is an error before anything runs.
 2. `run_points` submits one task per point (`_point_task`, never retried by Ray: a point whose
    worker died is FAILED, and the rerun of the grid resumes or restarts it). The task runs the
-   point exactly as the local runner does (`stackwise.executors.run_point`) with torch threads
-   = its CPUs, in the driver's working folder where that exists on the node, and logs the child
-   run into the driver's tracking store (a tracking server for a real cluster; a local sqlite
-   store works for a local cluster). Points travel as JSON.
+   point exactly as the local runner does (`stackwise.executors.point.run_point`) with torch
+   threads = its CPUs, in the driver's working folder where that exists on the node, and logs
+   the child run into the driver's tracking store (a tracking server for a real cluster; a
+   local sqlite store works for a local cluster). Points travel as JSON.
 3. Outcomes come back as tasks complete; a task that raised or whose worker died marks its
    point FAILED with the error (`mark_lost_point`) and the others go on. Progress shows points
    done, running (tasks in flight up to what the cluster can run at once), queued and failed.
@@ -26,19 +26,17 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from stackwise.executors import (
-    ExecutorError,
-    PointBoard,
+from stackwise.executors.common import ExecutorError, PointBoard
+from stackwise.executors.messages import (
     in_folder,
-    mark_lost_point,
     options_from_json,
     options_to_json,
     outcome_from_json,
     outcome_to_json,
-    run_point,
     spec_from_json,
     spec_to_json,
 )
+from stackwise.executors.point import mark_lost_point, run_point
 
 if TYPE_CHECKING:
     from stackwise.config.experiment import RunSpec

@@ -4,10 +4,11 @@
    --nproc-per-node N -m stackwise.executors.worker TASK.json``: N ranks on this machine, gloo
    on the CPU (the cores split between the ranks), nccl on GPUs (one GPU per rank).
 2. In that launch rank 0 runs the point exactly as the local runner does
-   (`stackwise.executors.run_point`: skip, resume, adopt, MLflow, checkpoints). Right before its
-   trainer starts, its `BroadcastLockstep` sends the other ranks what they need to train the
-   same point (config, checkpoint folder, whether to resume) as JSON; they build the same data
-   and rack and train in step (`follow`), with no callbacks and no checkpoints of their own.
+   (`stackwise.executors.point.run_point`: skip, resume, adopt, MLflow, checkpoints). Right
+   before its trainer starts, its `BroadcastLockstep` sends the other ranks what they need to
+   train the same point (config, checkpoint folder, whether to resume) as JSON; they build the
+   same data and rack and train in step (`follow`), with no callbacks
+   and no checkpoints of their own.
    The trainer itself shards every batch by rank and wraps the trainable forward in DDP
    (`stackwise.training.distributed`). When rank 0 is done with the point it tells the others.
 3. Every rank resumes from the checkpoint folder rank 0 writes, so a point resumes with the same
@@ -34,16 +35,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stackwise.executors import (
-    PointBoard,
-    available_cpus,
-    mark_lost_point,
+from stackwise.executors.common import PointBoard, available_cpus
+from stackwise.executors.messages import (
     options_to_json,
     outcome_from_json,
     outcome_to_json,
-    run_point,
     spec_to_json,
+    write_outcome,
 )
+from stackwise.executors.point import mark_lost_point, run_point
 
 if TYPE_CHECKING:
     from stackwise.config.experiment import RunSpec
@@ -150,7 +150,6 @@ def run_point_on_ranks(
 ) -> int:
     """One rank of a ``--nproc`` launch for one point; rank 0 writes the outcome to `result`.
     Returns the exit status (1 on rank 0 when the point failed after training began)."""
-    from stackwise.executors.worker import write_outcome
     from stackwise.training.distributed import destroy_process_group, init_process_group
 
     ranks = init_process_group(_device_type(spec))

@@ -12,32 +12,21 @@ launch cannot go on (a rank failed), 128 + signal when stopped by one.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-
-def read_task(path: Path) -> dict[str, Any]:
-    task: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return task
-
-
-def write_outcome(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def main(argv: list[str]) -> int:
-    from stackwise.executors import (
+    from stackwise.executors.messages import (
         in_folder,
         options_from_json,
         outcome_to_json,
-        run_point,
+        read_task,
         spec_from_json,
+        write_outcome,
     )
+    from stackwise.executors.point import run_point
     from stackwise.runner import GridContext
     from stackwise.training.distributed import launched_by_torchrun
 

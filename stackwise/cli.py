@@ -340,13 +340,14 @@ def check_stores(plans: Plans, cli_uri: str | None) -> None:
     """Every tracking store the runs would write to can be used (known scheme, server
     reachable), checked before anything is trained or written. Raises `ConfigError`."""
     from stackwise.config.errors import ConfigError
-    from stackwise.tracking.store import check_tracking_uri, resolve_tracking_uri
+    from stackwise.tracking.logger import run_destination
+    from stackwise.tracking.store import check_tracking_uri
 
     checked: dict[str, str | None] = {}
     errors: list[ConfigError] = []
     for experiment, runs in plans:
         for spec in runs:
-            uri = resolve_tracking_uri(cli_uri, spec.config.tracking.uri)
+            uri = run_destination(spec, cli_uri).uri
             if uri in checked:
                 continue
             checked[uri] = problem = check_tracking_uri(uri)

@@ -67,6 +67,7 @@ from stackwise.tracking.logger import (
     git_commit,
     log_params,
     logged_steps,
+    run_destination,
     run_params,
     run_tags,
     set_tags,
@@ -84,7 +85,6 @@ from stackwise.tracking.store import (
     owner,
     owner_alive,
     prepare_store,
-    resolve_tracking_uri,
     retry_locked,
 )
 
@@ -321,9 +321,7 @@ def _group_by_store(
     """Grid points by (MLflow experiment, store): a file normally maps to exactly one."""
     groups: dict[tuple[str, str], list[RunSpec]] = {}
     for spec in specs:
-        name = spec.config.tracking.experiment_name or spec.experiment_name
-        uri = resolve_tracking_uri(cli_uri, spec.config.tracking.uri)
-        groups.setdefault((name, uri), []).append(spec)
+        groups.setdefault(run_destination(spec, cli_uri), []).append(spec)
     return [(name, uri, group) for (name, uri), group in groups.items()]
 
 
@@ -498,7 +496,10 @@ def run_grid_point(
     summary: RunSummary,
     wait: bool,
 ) -> bool:
-    """Skip, resume or train one grid point. False when another process holds it (not waiting)."""
+    """Skip, resume or train one point of `grid` in this process, under the point's lock, and
+    add its outcome to `summary` (and to `grid`'s runs and failures). Returns False when another
+    process holds the point and `wait` is off (nothing is recorded then); with `wait` it waits
+    for the lock and then skips or trains the point."""
     try:
         point = point_of(spec, grid.uri)
     except (OSError, ValueError, RuntimeError) as error:  # data gone or unreadable since checks

@@ -43,6 +43,7 @@ from stackwise.tracking.logger import (
     TAG_RUN_NAME,
     TAG_SEED,
     TAG_TUNE_PREFIX,
+    run_destination,
 )
 from stackwise.tracking.store import resolve_tracking_uri
 from stackwise.tracking.tables import Column, print_table
@@ -150,8 +151,7 @@ def resolve_experiments(
             key = (experiment.config.name, resolve_tracking_uri(tracking_uri))
             refs.setdefault(key, ExperimentRef(*key, specs=[]))
         for spec in specs:
-            name = spec.config.tracking.experiment_name or spec.experiment_name
-            key = (name, resolve_tracking_uri(tracking_uri, spec.config.tracking.uri))
+            key = run_destination(spec, tracking_uri)
             ref = refs.setdefault(key, ExperimentRef(*key, specs=[]))
             if ref.specs is None:  # named directly too: the file's settings decide
                 ref.specs = []

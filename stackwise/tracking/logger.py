@@ -11,6 +11,12 @@ them twice.
 
 Params are the fully resolved config flattened to dotted keys (``training.optimizer.lr``), with
 the grid axes added as ``grid.<axis>``, so MLflow's parallel-coordinates view can use them.
+
+Where a grid point is recorded (`run_destination`): the MLflow experiment
+``tracking.experiment_name``, else the experiment file's ``name``, in the store
+`stackwise.tracking.store.resolve_tracking_uri` picks (flag > $MLFLOW_TRACKING_URI >
+``tracking.uri`` > ./mlruns). `stackwise run`, its pre-run checks and `stackwise compare` all
+ask this one function.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from stackwise.tracking.store import retry_locked
+from stackwise.tracking.store import resolve_tracking_uri, retry_locked
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
 
 if TYPE_CHECKING:
@@ -32,6 +38,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Metric
 
     from stackwise.config.base import StackWiseConfig
+    from stackwise.config.experiment import RunSpec
 
 # MLflow's limits (mlflow.utils.validation): param values up to 6000 characters, tag values up
 # to 8000, 100 params or tags and 1000 metrics per log_batch request.
@@ -53,6 +60,24 @@ TAG_SEED = "stackwise.seed"  # the replicate seed, when the file lists `seeds`
 TAG_POINT = "stackwise.point"  # the grid point: the grid coordinates only
 TAG_PARENT = "mlflow.parentRunId"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
+
+
+class RunDestination(NamedTuple):
+    """Where a grid point's run is recorded: an MLflow experiment in a tracking store."""
+
+    experiment: str  # MLflow experiment name
+    uri: str  # tracking URI, resolved (`stackwise.tracking.store.resolve_tracking_uri`)
+
+
+def run_destination(spec: RunSpec, cli_uri: str | None = None) -> RunDestination:
+    """The experiment and store grid point `spec` is recorded in, given the ``--tracking-uri``
+    flag `cli_uri`: ``tracking.experiment_name`` or the file's ``name``; the flag, else
+    $MLFLOW_TRACKING_URI, else ``tracking.uri``, else ./mlruns."""
+    tracking = spec.config.tracking
+    return RunDestination(
+        tracking.experiment_name or spec.experiment_name,
+        resolve_tracking_uri(cli_uri, tracking.uri),
+    )
 
 
 def _param_value(value: Any) -> str:

@@ -1,0 +1,309 @@
+"""What must be true before a grid runs, checked before anything is trained or written.
+
+`load_plans` is what `stackwise validate`, `plan` and `run` start with: the files named on the
+command line (globs expanded, each file once), each loaded and its grid expanded with ``--set``
+and ``--only``, and then, over every run of every file that loaded, the checks that need no
+tracking store:
+
+- no two files log into one MLflow experiment (`shared_names`);
+- every file of ``data.paths`` exists (`missing_data_files`, the data loader's rule without
+  importing it);
+- every run fits its device's memory, when asked (`memory_problems`, the estimates of
+  `stackwise.training.limits`);
+- every depth-wise run's sample pool fits the disk its activation cache may spill to
+  (`cache_disk_problems`).
+
+Before training, `stackwise run` (and `plan`) also check that each run's device exists here
+(`check_devices`) and that every tracking store the runs write to can be used
+(`check_stores`). Every problem is a `ConfigError` naming the file, line and dotted field; all
+problems of all files are reported together. torch is imported only where a check needs it, so
+``stackwise validate`` stays fast.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import Experiment, RunSpec
+    from stackwise.training.limits import MemoryProblem
+
+Plans = list[tuple["Experiment", list["RunSpec"]]]
+
+
+def expand_paths(patterns: Sequence[str], errors: list[ConfigError] | None = None) -> list[str]:
+    """Files named on the command line; globs are expanded here too (for quoted patterns and
+    shells that do not expand them). A glob that matches nothing is an error: raised, or added
+    to `errors` when given (so the files that do exist are still checked)."""
+    from stackwise.config.errors import ConfigError
+
+    collected: list[ConfigError] = [] if errors is None else errors
+    found: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                collected.append(ConfigError("no file matches this pattern", file=pattern))
+            found.extend(matches)
+        else:
+            found.append(pattern)
+    if errors is None and collected:
+        raise ConfigError.combine(collected)
+    # One file named twice (`a.yaml ./a.yaml`, or by a glob and by name) runs once.
+    unique: dict[Path | str, str] = {}
+    for path in found:
+        try:
+            key: Path | str = Path(path).resolve()
+        except OSError:
+            key = path
+        unique.setdefault(key, path)
+    return list(unique.values())
+
+
+def load_plans(
+    patterns: Sequence[str],
+    overrides: Sequence[str] = (),
+    only: Sequence[str] = (),
+    max_runs: int | None = None,
+    memory_check: bool = False,
+    notes: list[str] | None = None,
+) -> Plans:
+    """Load and fully validate every file (all errors of all files together), expanding grids
+    with `overrides` (``--set``) and `only` (``--only``): every file loads, every run is valid,
+    no two files share an experiment name, every data file exists, every depth-wise run's
+    sample pool fits its cache's disk; a grid over `max_runs` points (default: `MAX_RUNS`) is
+    an error, and with `memory_check` so is a run that cannot fit its device's memory.
+
+    Raises `ConfigError` with every problem found. Notes about merged duplicate runs are added
+    to `notes` once the files are valid (also when no run matches `only`, which is then
+    raised)."""
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import MAX_RUNS, expand_grid, load_experiment, only_problems
+
+    errors: list[ConfigError] = []
+    paths = expand_paths(patterns, errors)
+    # With several files an `--only` filter may belong to some of them only (a value of an
+    # axis that one file has); it is a mistake when no file knows it.
+    several = len(paths) > 1
+    plans: Plans = []
+    found_notes: list[str] = []
+    unknown: dict[str, list[ConfigError]] = {text: [] for text in only}
+    for path in paths:
+        try:
+            experiment = load_experiment(path)
+            if several:
+                for text, problem in only_problems(experiment, only).items():
+                    unknown[text].append(problem)
+            runs = expand_grid(
+                experiment,
+                overrides,
+                only,
+                notes=found_notes,
+                strict_only=not several,
+                max_runs=MAX_RUNS if max_runs is None else max_runs,
+            )
+            plans.append((experiment, runs))
+        except ConfigError as error:
+            errors.append(error)
+    errors.extend(shared_names(plans))
+    if several and not errors:
+        for problems in unknown.values():
+            if len(problems) == len(plans):
+                errors.extend(problems)
+    errors.extend(missing_data_files(plans))  # of the files that loaded
+    if memory_check:  # for the files that loaded, also when others did not
+        errors.extend(memory_problems(plans))
+    errors.extend(cache_disk_problems(plans))
+    if errors:
+        raise ConfigError.combine(errors)
+    if notes is not None:
+        notes.extend(found_notes)
+    if only and not any(runs for _, runs in plans):
+        raise ConfigError(f"--only {' --only '.join(only)}: no run of the given files matches")
+    return plans
+
+
+def shared_names(plans: Plans) -> list[ConfigError]:
+    """Two files with the same experiment `name` would log indistinguishable runs into one
+    MLflow experiment: an error naming both files."""
+    from stackwise.config.errors import ConfigError
+
+    first: dict[str, Experiment] = {}
+    errors: list[ConfigError] = []
+    for experiment, _ in plans:
+        other = first.setdefault(experiment.name, experiment)
+        if other is experiment:
+            continue
+        errors.append(
+            ConfigError(
+                f"{experiment.name!r} is also the name of {other.file}; both would log into one "
+                f"MLflow experiment, their runs indistinguishable; give each file its own name",
+                file=experiment.file,
+                field="name",
+                line=experiment.line_of(("name",)),
+            )
+        )
+    return errors
+
+
+def missing_data_files(plans: Plans) -> list[ConfigError]:
+    """`data.paths` entries that name no file (for `source: files`), as errors.
+
+    The same rule as the data loader (`stackwise.data.sources.expand_paths`: a path must be a
+    file, a glob must match one; relative to the experiment file's folder), checked here without
+    importing the data package (it needs torch) so that `validate` stays fast.
+    """
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import setting_line
+    from stackwise.identity import resolve_data_pattern
+
+    errors: list[ConfigError] = []
+    seen: set[tuple[str, str]] = set()
+    for experiment, runs in plans:
+        for spec in runs:
+            data = spec.config.data
+            if data.source != "files":
+                continue
+            for index, pattern in enumerate(data.paths):
+                if (experiment.file, pattern) in seen:
+                    continue
+                seen.add((experiment.file, pattern))
+                # Relative to the experiment file's folder, as the runner reads them.
+                expanded = resolve_data_pattern(pattern, experiment.path.resolve().parent)
+                if glob.has_magic(expanded):
+                    matches = glob.glob(expanded, recursive=True)
+                    if not any(Path(m).is_file() for m in matches):
+                        message = f"no file matches {pattern!r}"
+                    else:
+                        continue
+                elif Path(expanded).is_file():
+                    continue
+                else:
+                    message = f"{pattern!r} does not exist or is not a file"
+                line = setting_line(experiment, spec, ("data", "paths", index))
+                errors.append(
+                    ConfigError(message, file=experiment.file, field="data.paths", line=line)
+                )
+    return errors
+
+
+def check_devices(plans: Plans) -> None:
+    """Every run's `training.device` exists on this machine (`cuda` without a GPU is a mistake
+    in the input, reported before anything runs). Raises `ConfigError`."""
+    from stackwise.config.errors import ConfigError
+
+    names = {spec.config.training.device for _, runs in plans for spec in runs}
+    if names <= {"auto", "cpu"}:
+        return  # always available; no need to import torch
+    from stackwise.training.device import resolve_device
+
+    unavailable: dict[str, str] = {}
+    for name in sorted(names):
+        try:
+            resolve_device(name)
+        except (RuntimeError, ValueError) as error:
+            unavailable[name] = str(error).removeprefix(f"training.device is {name!r} but ")
+    errors = [
+        ConfigError(
+            f"{spec.config.training.device!r} is not available here: "
+            f"{unavailable[spec.config.training.device]}",
+            file=experiment.file,
+            field="training.device",
+        )
+        for experiment, runs in plans
+        for spec in runs
+        if spec.config.training.device in unavailable
+    ]
+    if errors:
+        raise ConfigError.combine(errors)
+
+
+def memory_problems(plans: Plans) -> list[ConfigError]:
+    """Runs that cannot fit the memory of their device (estimated parameters and peak memory,
+    see `stackwise.training.limits`), as errors naming the setting and the estimate; runs of
+    identical config are estimated once."""
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import setting_line
+    from stackwise.training.limits import check_run_memory
+
+    errors: list[ConfigError] = []
+    problems: dict[str, MemoryProblem | None] = {}
+    for experiment, runs in plans:
+        for spec in runs:
+            if spec.config_hash not in problems:
+                problems[spec.config_hash] = check_run_memory(spec.config)
+            problem = problems[spec.config_hash]
+            if problem is None:
+                continue
+            errors.append(
+                ConfigError(
+                    f"run {spec.name} {problem.message}",
+                    file=experiment.file,
+                    field=problem.field,
+                    line=setting_line(experiment, spec, tuple(problem.field.split("."))),
+                )
+            )
+    return errors
+
+
+def cache_disk_problems(plans: Plans) -> list[ConfigError]:
+    """Depth-wise runs whose sample pool does not fit the disk its activation cache may spill
+    to (`training.cache.max_disk_gb`, default half the free disk; see
+    `stackwise.training.disk_budget`), as errors."""
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import setting_line
+    from stackwise.training.disk_budget import pool_disk_problem
+
+    errors: list[ConfigError] = []
+    problems: dict[str, str | None] = {}
+    for experiment, runs in plans:
+        for spec in runs:
+            if spec.config_hash not in problems:
+                problems[spec.config_hash] = pool_disk_problem(spec.config)
+            problem = problems[spec.config_hash]
+            if problem is not None:
+                path = ("training", "cache", "max_disk_gb")
+                errors.append(
+                    ConfigError(
+                        f"run {spec.name}: {problem}",
+                        file=experiment.file,
+                        field=".".join(path),
+                        line=setting_line(experiment, spec, path),
+                    )
+                )
+    return errors
+
+
+def check_stores(plans: Plans, cli_uri: str | None) -> None:
+    """Every tracking store the runs would write to can be used (known scheme, server
+    reachable), checked before anything is trained or written. Raises `ConfigError`."""
+    from stackwise.config.errors import ConfigError
+    from stackwise.tracking.logger import run_destination
+    from stackwise.tracking.store import check_tracking_uri
+
+    checked: dict[str, str | None] = {}
+    errors: list[ConfigError] = []
+    for experiment, runs in plans:
+        for spec in runs:
+            uri = run_destination(spec, cli_uri).uri
+            if uri in checked:
+                continue
+            checked[uri] = problem = check_tracking_uri(uri)
+            if problem is None:
+                continue
+            # Name where the URI came from (same precedence as resolve_tracking_uri).
+            if cli_uri and cli_uri.strip():
+                errors.append(ConfigError(problem, field="--tracking-uri"))
+            elif os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+                errors.append(ConfigError(problem, field="MLFLOW_TRACKING_URI"))
+            elif spec.config.tracking.uri:
+                errors.append(ConfigError(problem, file=experiment.file, field="tracking.uri"))
+            else:
+                errors.append(ConfigError(problem))
+    if errors:
+        raise ConfigError.combine(errors)

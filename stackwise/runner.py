@@ -695,17 +695,12 @@ def _train(
     lockstep: Lockstep | None = None,
 ) -> tuple[MlflowLogger, Any, dict[str, float]]:
     """Build data and rack, train with logging, log the model. Returns what must be closed."""
-    from stackwise.data import build_data
-    from stackwise.model.architecture import create_rack_from_config
+    from stackwise.api import load_data, train
     from stackwise.tracking.models import log_rack
-    from stackwise.training.architecture_trainer import ArchitectureTrainer
     from stackwise.training.checkpoint import read_checkpoint_metadata
 
-    config = point.config
-    data = build_data(config.data, config.training)
-    if config.model.vocab_size is None:
-        config = config.model_copy(deep=True)
-        config.model.vocab_size = data.tokenizer.vocab_size
+    config, data = load_data(point.config)
+    if point.config.model.vocab_size is None:
         # The same value again on resume, which MLflow accepts.
         log_params(grid.client, run_id, {"model.vocab_size": str(config.model.vocab_size)})
     # The trainer resumes only a checkpoint of exactly its config; one written under settings
@@ -721,13 +716,6 @@ def _train(
             f"run identity (a device name, a data path, the number of processes); starting over "
             f"inside run {run_id}"
         )
-    if config.training.out_of_core:  # blocks are drawn when their stage starts
-        import torch
-
-        with torch.device("meta"):
-            rack = create_rack_from_config(config)
-    else:
-        rack = create_rack_from_config(config)
     training = config.training
     logger = MlflowLogger(
         grid.client,
@@ -748,8 +736,9 @@ def _train(
     try:
         if lockstep is not None:  # torchrun: the other ranks start the same training now
             lockstep.begin(point, folder)
-        trainer = ArchitectureTrainer(
+        trained = train(
             config,
+            data=data,
             callbacks=[logger, progress.start_run(point.spec.name)],
             checkpoint_dir=folder,
             resume=True,
@@ -758,11 +747,8 @@ def _train(
                 TAG_CONFIG_HASH: point.identity,
                 CHECKPOINT_TRAINER_HASH: trainer_hash,
             },
-            mask_token_id=data.tokenizer.mask_id,
         )
-        results = trainer.train_architecture(
-            rack, data.train_loader, data.val_loader, data.test_loader
-        )
+        rack, results = trained.rack, trained.results
         extra = {
             "parameters": float(rack.get_parameter_count()),
             "train_corpus_tokens": float(data.train_tokens),

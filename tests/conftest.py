@@ -23,6 +23,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -49,3 +50,47 @@ def run_cli(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.Co
 def cli() -> CliRunner:
     """`cli("run", path, cwd=folder)`: the command line in a subprocess (see `run_cli`)."""
     return run_cli
+
+
+TinyConfig = Callable[..., Any]
+
+
+def make_tiny_config(
+    mode: str = "blockwise", objective: str = "clm", steps: int = 8, **training: Any
+) -> Any:
+    """A `StackWiseConfig` that trains in about a second on a CPU: a 2-stack x 1-block rack of
+    width 32 on 30k bytes of the builtin corpus; `training` overrides training settings
+    (``model=`` overrides model settings)."""
+    from stackwise.config.base import StackWiseConfig
+
+    model: dict[str, Any] = {
+        "d_model": 32,
+        "n_heads": 2,
+        "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
+        "attention_mode": "causal" if objective == "clm" else "bidirectional",
+    }
+    model.update(training.pop("model", {}))
+    return StackWiseConfig.from_dict(
+        {
+            "model": model,
+            "training": {
+                "training_architecture": mode,
+                "objective": objective,
+                "batch_size": 4,
+                "seq_len": 32,
+                "budget": {"steps": steps},
+                "optimizer": {"lr": 3e-3},
+                "schedule": {"warmup_fraction": 0.0},
+                "device": "cpu",
+                "eval": {"batches": 2},
+                **training,
+            },
+            "data": {"max_tokens": 30_000},
+        }
+    )
+
+
+@pytest.fixture
+def tiny_config() -> TinyConfig:
+    """`tiny_config("stackwise", "mlm", steps=4, **training)`: see `make_tiny_config`."""
+    return make_tiny_config

@@ -7,7 +7,7 @@
    (`stackwise.executors.point.run_point`: skip, resume, adopt, MLflow, checkpoints). Right
    before its trainer starts, its `BroadcastLockstep` sends the other ranks what they need to
    train the same point (config, checkpoint folder, whether to resume) as JSON; they build the
-   same data and rack and train in step (`follow`), with no callbacks
+   same data and rack and train in step (`follow`, with `stackwise.train`), with no callbacks
    and no checkpoints of their own.
    The trainer itself shards every batch by rank and wraps the trainable forward in DDP
    (`stackwise.training.distributed`). When rank 0 is done with the point it tells the others.
@@ -109,10 +109,9 @@ def follow() -> None:
 
 
 def _train_as_follower(message: dict[str, Any]) -> None:
+    from stackwise.api import train
     from stackwise.config.base import StackWiseConfig
-    from stackwise.data import build_data
-    from stackwise.model.architecture import create_rack_from_config
-    from stackwise.training.architecture_trainer import ArchitectureTrainer, TrainingError
+    from stackwise.training.architecture_trainer import TrainingError
     from stackwise.training.checkpoint import latest_checkpoint
 
     config = StackWiseConfig.from_dict(message["config"])
@@ -124,19 +123,9 @@ def _train_as_follower(message: dict[str, Any]) -> None:
             "resuming a run over several nodes needs the store's checkpoint folder on a shared "
             "filesystem"
         )
-    data = build_data(config.data, config.training)
-    if config.model.vocab_size is None:
-        config = config.model_copy(deep=True)
-        config.model.vocab_size = data.tokenizer.vocab_size
-    rack = create_rack_from_config(config)
-    trainer = ArchitectureTrainer(
-        config,
-        callbacks=[],
-        checkpoint_dir=folder,
-        resume=resume,
-        mask_token_id=data.tokenizer.mask_id,
-    )
-    trainer.train_architecture(rack, data.train_loader, data.val_loader, data.test_loader)
+    # No callbacks and no checkpoints of its own: rank 0 records and saves (the trainer writes
+    # checkpoints on rank 0 only; the folder is where every rank resumes from).
+    train(config, checkpoint_dir=folder, resume=resume)
 
 
 def _device_type(spec: RunSpec) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from stackwise.config.base import StackWiseConfig
@@ -38,14 +39,16 @@ HEAD = 2 * D_MODEL * VOCAB  # h [T, 32] @ W_headᵀ [32, 260]
 MICRO_TOKENS = BATCH * SEQ
 
 
-def config_for(mode: str, steps: int, grad_accum: int, **training: Any) -> StackWiseConfig:
+def config_for(
+    mode: str, steps: int, grad_accum: int, stacks: tuple[int, int] = (3, 1), **training: Any
+) -> StackWiseConfig:
     return StackWiseConfig.from_dict(
         {
             "model": {
                 "d_model": D_MODEL,
                 "n_heads": HEADS,
                 "vocab_size": VOCAB,
-                "architecture": {"n_stacks": 3, "blocks_per_stack": 1},
+                "architecture": {"n_stacks": stacks[0], "blocks_per_stack": stacks[1]},
             },
             "training": {
                 "training_architecture": mode,
@@ -113,3 +116,41 @@ def test_rackwise() -> None:
     assert total == sum(by_hand)
     assert [s.flops for s in estimate_run(config).stages] == by_hand
 
+
+def test_the_rack_forward_is_the_blocks_and_the_readout() -> None:
+    """`Rack.flops_per_token` (the model's own formula) is rule 1 over the whole rack."""
+    rack = create_rack_from_config(config_for("rackwise", steps=1, grad_accum=1))
+    assert rack.flops_per_token(SEQ) == 3 * BLOCK + HEAD
+
+
+DEPTHWISE = [
+    (mode, {"depthwise": {"data": data, "head": head}})
+    for mode in ("stackwise", "blockwise")
+    for data in ("pool", "fresh")
+    for head in ("untie", "fresh", "frozen")
+]
+
+
+@pytest.mark.parametrize(
+    ("mode", "settings"),
+    [
+        ("rackwise", {}),
+        *DEPTHWISE,
+        ("blockwise", {"cache": {"enabled": False}}),
+        ("blockwise", {"fusion": {"enabled": True, "steps": 2}}),
+        ("progressive", {"growth": {"schedule": "per_stack"}}),
+        ("progressive", {"growth": {"schedule": "doubling"}}),
+    ],
+)
+def test_planned_and_executed_flops_agree_stage_by_stage(
+    mode: str, settings: dict[str, Any]
+) -> None:
+    """The planner predicts every stage's FLOPs as the trainer meters them, for every mode,
+    data policy, head policy and growth schedule (both use `stackwise.training.flops`)."""
+    stacks = (2, 2) if mode == "stackwise" else (4, 1)
+    config = config_for(mode, steps=8, grad_accum=2, stacks=stacks, **settings)
+    stages, total = executed(config)
+    planned = estimate_run(config)
+    assert len(stages) == len(planned.stages) >= (1 if mode == "rackwise" else 2)
+    assert stages == [s.flops for s in planned.stages]
+    assert total == planned.flops

@@ -69,16 +69,15 @@ from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallbac
 from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
 from stackwise.training.device import resolve_device
 from stackwise.training.distributed import Distributed
+from stackwise.training.flops import forward_flops_per_token, train_flops_per_token
 from stackwise.training.meter import StageMeter
 from stackwise.training.metrics import (
     MemoryReport,
     PeakMemory,
     SavedActivations,
     TrainingMemory,
-    blocks_forward_flops,
     device_peak_flops,
     measure_training_memory,
-    readout_forward_flops,
 )
 from stackwise.training.objectives import CausalLM, Corruption, Objective, build_objective
 from stackwise.training.optim import build_optimizer, build_scheduler
@@ -89,7 +88,6 @@ from stackwise.training.plan import (
     plan_stages,
     pool_micro_batches,
     prepare_rack,
-    readout_trained,
     trainable_parameters,
 )
 
@@ -720,7 +718,7 @@ class _Run:
         for cache, batches in pairs:
             if not cache.filled:
                 cache.fill(lambda i, b=batches: self._trunk(b[i].to(self.device), end), end)  # type: ignore[misc]
-                new_blocks = self.blocks[:end]
+                begin = 0
             elif cache.prefix_end < end:
                 begin = cache.prefix_end
 
@@ -734,13 +732,12 @@ class _Run:
                         )
 
                 cache.extend(apply, end)
-                new_blocks = self.blocks[begin:end]
             else:
                 continue
             if cache is self.cache:  # every rank's share of the pool (torchrun)
                 tokens = sum(b.inputs.numel() for b in batches) * self.dist.world
                 seq = batches[0].inputs.shape[1]
-                self.meter.add_flops(blocks_forward_flops(new_blocks, seq) * tokens)
+                self.meter.add_flops(forward_flops_per_token(self.rack, begin, end, seq) * tokens)
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -881,7 +878,7 @@ class _Run:
             batch = self.dist.shard(batch).to(self.device)  # this rank's rows (torchrun)
             if not plan.depthwise or plan.trains_embedding:
                 return batch, None
-        trunk = blocks_forward_flops(self.blocks[: plan.start], batch.inputs.shape[1])
+        trunk = forward_flops_per_token(self.rack, 0, plan.start, batch.inputs.shape[1])
         self.meter.add_flops(trunk * batch.inputs.numel() * self.dist.world)
         return batch, self._trunk(batch, plan.start)
 
@@ -982,10 +979,6 @@ class _Run:
         """
         assert self.optimizer is not None and self.scheduler is not None
         accum = self.cfg.grad_accum_steps
-        readout_factor = (
-            3.0 if readout_trained(self.rack, plan.depthwise, plan.trains_embedding) else 2.0
-        )
-        readout_flops = readout_forward_flops(self.rack)
         step_loss = torch.zeros((), device=self.device)
         # Training memory is measured on the stage's first step (compiled graphs keep their
         # own saved tensors, so not under torch.compile).
@@ -1009,8 +1002,8 @@ class _Run:
                     loss, tokens = self.dist.global_loss(loss, self.objective, batch, tokens)
                 self.scaler.scale(loss / accum).backward()
             step_loss += loss.detach()
-            piece = blocks_forward_flops(self.blocks[plan.start : plan.end], batch.inputs.shape[1])
-            self.meter.count(tokens, (3.0 * piece + readout_factor * readout_flops) * tokens)
+            per_token = train_flops_per_token(self.rack, plan, batch.inputs.shape[1])
+            self.meter.count(tokens, per_token * tokens)
         value = float(self.dist.mean(step_loss)) / accum
         if not math.isfinite(value):
             clip = self.cfg.optimizer.grad_clip

@@ -1,10 +1,7 @@
-"""Measurements of a run: FLOPs, peak memory and model FLOPs utilisation (MFU).
+"""Measurements of a run: peak memory, memory in parts and model FLOPs utilisation (MFU).
 
-FLOPs follow the usual accounting (Kaplan et al., nanoGPT): a forward pass costs 2 FLOPs per
-matmul weight per token plus the attention term of each block; a training step of a trainable
-piece costs about 3x its forward (backward ≈ 2x). A frozen trunk costs its forward only, and only
-when it actually runs: once per sample when the activation cache is built or extended, or on
-every step when the cache is off. Evaluation passes are not counted.
+FLOPs are counted by the rule in `stackwise.training.flops`; MFU divides them by the training
+seconds and the device's peak (`device_peak_flops`).
 
 Memory is reported in parts, so that a plan (`stackwise.training.plan.estimate_run`) and a run
 speak of the same quantities:
@@ -58,32 +55,6 @@ GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "RTX 3090": (71e12, 35.6e12),
     "T4": (65e12, 8.1e12),
 }
-
-
-def linear_weight_count(module: nn.Module) -> int:
-    """Number of matmul weights of the Linear layers in `module` (shared tensors once)."""
-    weights = {id(m.weight): m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear)}
-    return sum(weights.values())
-
-
-def block_forward_flops(block: nn.Module, n_ctx: int) -> float:
-    """Forward FLOPs per token of one block: 2 x matmul weights + its attention term."""
-    attention = 0.0
-    attn = getattr(block, "attn", None)
-    if attn is not None and hasattr(attn, "attention_flops_per_token"):
-        attention = float(attn.attention_flops_per_token(n_ctx))
-    return 2.0 * linear_weight_count(block) + attention
-
-
-def blocks_forward_flops(blocks: list[nn.Module], n_ctx: int) -> float:
-    return sum(block_forward_flops(b, n_ctx) for b in blocks)
-
-
-def readout_forward_flops(rack: nn.Module) -> float:
-    """Forward FLOPs per token of the LM head (the final norm is negligible)."""
-    lm_head = rack.lm_head
-    assert isinstance(lm_head, nn.Linear)
-    return 2.0 * lm_head.weight.numel()
 
 
 def device_peak_flops(device: torch.device, precision: str) -> float | None:

@@ -46,7 +46,7 @@ from torch import nn
 from stackwise.config.base import PowerLengths, StackConfig, StackWiseConfig
 from stackwise.training.callbacks import StageInfo
 from stackwise.training.device import resolve_device
-from stackwise.training.metrics import blocks_forward_flops, readout_forward_flops
+from stackwise.training.flops import StageShape, runs_trunk, stage_flops
 
 
 @dataclass(frozen=True)
@@ -267,42 +267,34 @@ def prepare_rack(config: StackWiseConfig, rack: nn.Module) -> None:
         rack.untie_head()  # type: ignore[operator]
 
 
-def readout_trained(rack: nn.Module, depthwise: bool, trains_embedding: bool) -> bool:
-    """Whether a stage computes the LM head's weight gradient (3x its forward, else 2x): not in
-    a later depth-wise stage when the head is the (then frozen) embedding."""
-    return not (depthwise and not trains_embedding and bool(rack.tie_embeddings))
-
-
 def _stage_costs(
     config: StackWiseConfig, rack: nn.Module, pieces: list[_Piece], per_step: int
 ) -> tuple[list[float], list[float]]:
-    """Per stage: FLOPs of one optimizer step, and FLOPs per pool step of extending the cache.
-
-    The same accounting as the trainer (`stackwise.training.metrics`), for full sequences.
-    """
+    """Per stage: FLOPs of one optimizer step, and FLOPs per pool step of extending the cache
+    (`stackwise.training.flops.stage_flops` at one step and at one pool step), for full
+    sequences."""
     training = config.training
     depthwise = training.is_depthwise
-    pooled = depthwise and training.depthwise.data == "pool"
-    cached = pooled and training.cache.enabled
-    blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
+    cached = depthwise and training.depthwise.data == "pool" and training.cache.enabled
     seq = training.seq_len
-    readout = readout_forward_flops(rack)
     step_cost, pool_cost = [], []
-    boundary = 0
+    boundary = 0  # the cache holds the trunk's output through this block
     for piece in pieces:
-        trains_embedding = piece.start == 0
-        factor = 3.0 if readout_trained(rack, depthwise, trains_embedding) else 2.0
-        per_token = 3.0 * blocks_forward_flops(blocks[piece.start : piece.end], seq)
-        per_token += factor * readout
-        extension = 0.0
-        if depthwise and not trains_embedding:
-            if cached:
-                extension = blocks_forward_flops(blocks[boundary : piece.start], seq)
-                boundary = piece.start
-            else:
-                per_token += blocks_forward_flops(blocks[: piece.start], seq)
-        step_cost.append(per_token * per_step)
-        pool_cost.append(extension * per_step)
+        stage = StageShape(piece.start, piece.end, depthwise, piece.start == 0)
+        for tokens, pool_tokens, costs in ((per_step, 0, step_cost), (0, per_step, pool_cost)):
+            costs.append(
+                stage_flops(
+                    rack,
+                    stage,
+                    seq,
+                    tokens=tokens,
+                    cached=cached,
+                    pool_tokens=pool_tokens,
+                    cache_from=boundary,
+                )
+            )
+        if cached and runs_trunk(stage):
+            boundary = piece.start
     return step_cost, pool_cost
 
 
@@ -386,9 +378,8 @@ def plan_stages(config: StackWiseConfig, rack: nn.Module) -> list[StagePlan]:
         budget = training.budget.flops
         if depthwise and fusion.enabled and fusion.flops_fraction is not None:
             # The fusion phase trains the whole rack: its steps cost a full training step.
-            readout = readout_forward_flops(rack)
-            full = 3.0 * blocks_forward_flops(list(getattr(rack, "blocks")), training.seq_len)  # noqa: B009
-            full_step = (full + 3.0 * readout) * per_step
+            whole = StageShape(0, n_blocks, depthwise=False, trains_embedding=True)
+            full_step = stage_flops(rack, whole, training.seq_len, tokens=per_step, cached=False)
             fusion_steps = max(1, math.floor(budget * fusion.flops_fraction / full_step))
             budget -= fusion_steps * full_step
         norm = sum(weights) or 1.0
@@ -460,30 +451,6 @@ def pool_micro_batches(plans: list[StagePlan], grad_accum_steps: int) -> int:
     """Micro-batches in the fixed sample pool shared by the depth-wise stages (0: none)."""
     steps = [p.steps for p in plans if p.depthwise]
     return max(steps, default=0) * grad_accum_steps
-
-
-def stage_flops(
-    rack: nn.Module,
-    plan: StagePlan,
-    previous_prefix_end: int,
-    tokens: int,
-    pool_tokens: int,
-    n_ctx: int,
-    cached: bool,
-) -> float:
-    """Training FLOPs executed by a stage (see `stackwise.training.metrics`)."""
-    blocks: list[nn.Module] = list(getattr(rack, "blocks"))  # noqa: B009
-    readout = readout_forward_flops(rack)
-    factor = 3.0 if readout_trained(rack, plan.depthwise, plan.trains_embedding) else 2.0
-    piece = blocks_forward_flops(blocks[plan.start : plan.end], n_ctx)
-    flops = (3.0 * piece + factor * readout) * tokens
-    if plan.depthwise:
-        if cached:
-            extension = blocks[previous_prefix_end : plan.start]
-            flops += blocks_forward_flops(extension, n_ctx) * pool_tokens
-        else:
-            flops += blocks_forward_flops(blocks[: plan.start], n_ctx) * tokens
-    return flops
 
 
 # Racks above these sizes are not built (even on the meta device) to plan a run: building
@@ -560,7 +527,15 @@ def _estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> Run
     memory = stage_training_memory(config, rack, plans, device)
     for plan, stage_memory in zip(plans, memory, strict=True):
         tokens = plan.steps * per_step
-        flops = stage_flops(rack, plan, prefix_end, tokens, pool_tokens, seq, cached)
+        flops = stage_flops(
+            rack,
+            plan,
+            seq,
+            tokens=tokens,
+            cached=cached,
+            pool_tokens=pool_tokens,
+            cache_from=prefix_end,
+        )
         if plan.depthwise and cached:
             prefix_end = plan.start
         estimate.stages.append(

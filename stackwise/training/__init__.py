@@ -1,6 +1,6 @@
 """Training: stage planning, objectives, the activation cache, checkpoints and the trainer.
 
-`ArchitectureTrainer` is imported lazily so ``import stackwise.training.plan`` stays light.
+`ArchitectureTrainer` is imported lazily so ``import stackwise.training.stages`` stays light.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The trainer: rackwise, stackwise, blockwise (layerwise) and progressive training of a Rack.
 
 `ArchitectureTrainer(config).train_architecture(rack, dataloader)` runs the stages planned by
-`stackwise.training.plan.plan_stages` and returns `TrainingResults`. The algorithm, per stage:
+`stackwise.training.stages.plan_stages` and returns `TrainingResults`. The algorithm, per stage:
 
 1. Freeze everything, then unfreeze what the stage trains. A depth-wise stage k trains piece k
    (a stack or a block) and the readout (final norm + LM head); the embedding is trained only in
@@ -70,6 +70,7 @@ from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
 from stackwise.training.device import resolve_device
 from stackwise.training.distributed import Distributed
 from stackwise.training.flops import forward_flops_per_token, train_flops_per_token
+from stackwise.training.memory import cache_memory_allowance
 from stackwise.training.meter import StageMeter
 from stackwise.training.metrics import (
     MemoryReport,
@@ -82,7 +83,7 @@ from stackwise.training.metrics import (
 from stackwise.training.objectives import CausalLM, Corruption, Objective, build_objective
 from stackwise.training.optim import build_optimizer, build_scheduler
 from stackwise.training.pieces import PieceStore
-from stackwise.training.plan import (
+from stackwise.training.stages import (
     StagePlan,
     eligible_parameters,
     plan_stages,
@@ -666,8 +667,6 @@ class _Run:
                 )
                 self.use_cache = False
                 return
-            from stackwise.training.memory import cache_memory_allowance
-
             # What the caches may hold in memory (`cache.location: auto`) so that this run
             # needs no more than rackwise training of the rack: the rest spills to disk.
             pool_bytes = sum(

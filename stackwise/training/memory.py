@@ -1,49 +1,269 @@
-"""The memory plan of a run: training memory per stage, and where the activation cache may live.
+"""What a run needs, estimated before it runs: memory, disk, and whether it fits its device.
 
-1. *Training memory* of a stage (`stage_training_memory`) is what `stackwise.training.metrics`
+The planner (`stackwise.training.stages`) decides a run's stages; this module predicts what
+they need, on a rack built on the meta device (`skeleton`: no memory, never the rack being
+trained), and says when a run cannot fit. It imports the planner; the planner imports nothing
+of it. Reading it does not import torch: a run whose config alone shows that it fits is never
+estimated further, so validating ordinary files stays light.
+
+1. *Sizes from the config*, pure arithmetic: the rack's parameters (`parameter_count`, exact,
+   so a ``d_model: 1000000000`` is measured without building anything) and its vocabulary.
+2. *The run estimate* (`estimate_run`): parameters, stage plan, tokens, FLOPs (by the trainer's
+   rule, `stackwise.training.flops`) and memory in the parts a run reports.
+3. *Training memory* of a stage (`stage_training_memory`) is what `stackwise.training.metrics`
    measures while it runs — weights, gradients, optimizer state and the activations saved for
-   backward by one micro-batch — counted here without allocating anything: the weights from
-   the parameters' shapes, AdamW's state as two moments and a step count per trainable tensor,
+   backward by one micro-batch — counted without allocating anything: the weights from the
+   parameters' shapes, AdamW's state as two moments and a step count per trainable tensor,
    the activations by running the stage's forward and loss on fake tensors.
-2. The *sample pool* of a depth-wise run is cached as ``rows x seq_len x d_model`` values of
+4. The *sample pool* of a depth-wise run is cached as ``rows x seq_len x d_model`` values of
    ``cache.dtype`` (`pool_cache_bytes`), plus its token ids in memory (`pool_token_bytes`).
-3. The *cache allowance* (`cache_memory_allowance`) is the memory depth-wise training may give
+   The *cache allowance* (`cache_memory_allowance`) is the memory depth-wise training may give
    the cache without using more than end-to-end training of the same rack would: the rackwise
    stage's training memory, less the largest depth-wise stage's, less the pool's token ids.
    With ``cache.location: auto`` a cache larger than that spills to a memory-mapped file.
-4. A spilled pool is bounded by ``cache.max_disk_gb`` (`stackwise.training.disk_budget`).
-
-Racks are planned as skeletons (`skeleton`): built on the meta device, so the estimate of a
-rack costs no memory and never touches a rack being trained.
+5. *The disk budget*: a spilled pool larger than ``cache.max_disk_gb`` (default: half the free
+   disk where the cache is written) is a mistake in the input (`pool_disk_problem`). The pool
+   is bounded by the whole step budget first (no stage has more steps than the run); only a
+   run over that bound, or with a FLOPs budget, is planned exactly (`pool_plan`).
+6. *Limits*: a run is screened with a generous upper bound of its peak memory
+   (`memory_upper_bound`, arithmetic only); one whose bound fits its device for certain is not
+   estimated further. Otherwise its estimated peak is compared with the device's memory
+   (`device_memory`: the RAM available now for CPU and MPS, the total memory for CUDA); a run
+   that cannot fit becomes a `MemoryProblem` naming the setting most responsible for the size
+   (`blamed_field`). `stackwise validate`, `plan` and `run` report it as a user error unless
+   ``--no-memory-check`` is given.
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from stackwise.config.base import StackWiseConfig
-from stackwise.training.disk_budget import ELEMENT_BYTES, caches_pool
-from stackwise.training.metrics import (
-    TrainingMemory,
-    estimate_activation_bytes,
-    fake_tensor_mode,
-)
-from stackwise.training.plan import (
-    StagePlan,
-    eligible_parameters,
-    plan_stages,
-    pool_micro_batches,
-    prepare_rack,
-    trainable_parameters,
-)
+from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from stackwise.model.architecture import Rack
+    from stackwise.training.metrics import TrainingMemory
+    from stackwise.training.stages import StagePlan
+
+
+# --------------------------------------------------------------------------------------------
+# sizes from the config
+# --------------------------------------------------------------------------------------------
+
+
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+
+
+def _default_d_ff(d_model: int) -> int:
+    # Same rule as `stackwise.model.architecture.default_d_ff` (kept free of torch here).
+    multiple = 256 if d_model >= 1024 else 8
+    return multiple * math.ceil(8 * d_model / 3 / multiple)
+
+
+def _default_rope_head_dim(head_dim: int) -> int:
+    return max(2, (head_dim // 2) // 2 * 2)
+
+
+def vocab_size_of(config: StackWiseConfig, vocab_size: int | None = None) -> int:
+    """The vocabulary a run's rack is built with (config, else tokenizer, else the given one)."""
+    if config.model.vocab_size is not None:
+        return config.model.vocab_size
+    if vocab_size is not None:
+        return vocab_size
+    return config.data.bpe_vocab_size if config.data.tokenizer == "bpe" else BYTE_VOCAB_SIZE
+
+
+def parameter_count(config: StackWiseConfig, vocab_size: int | None = None) -> int:
+    """Parameters of the rack `config` builds, counted without building it.
+
+    Per block: two RMSNorms, the attention projections (grouped Q/K/V + output; for mla the
+    compressed query, the shared K/V latent with its norm and up projection) and the SwiGLU's
+    three matrices; then the embedding, the final norm and an untied LM head.
+    """
+    model = config.model
+    d = model.d_model
+    vocab = vocab_size_of(config, vocab_size)
+    total = vocab * d + d + (0 if model.tie_embeddings else vocab * d)
+    for stack in model.resolved_stacks():
+        n_heads = stack.n_heads or model.n_heads
+        head_dim = d // n_heads
+        attention = stack.attention_type or model.attention_type
+        d_ff = stack.d_ff or model.d_ff or _default_d_ff(d)
+        block = 2 * d + 3 * d * d_ff
+        if attention == "mla":
+            rope = model.mla.rope_head_dim or _default_rope_head_dim(head_dim)
+            kv_rank = model.mla.kv_lora_rank or max(1, d // 4)
+            q_width = n_heads * (head_dim + rope)
+            q_rank = model.mla.q_lora_rank
+            block += d * q_width if q_rank is None else d * q_rank + q_rank + q_rank * q_width
+            block += d * (kv_rank + rope) + kv_rank + kv_rank * n_heads * 2 * head_dim
+            block += n_heads * head_dim * d
+        else:
+            n_kv_heads = stack.n_kv_heads or model.n_kv_heads or n_heads
+            block += d * (n_heads + 2 * n_kv_heads) * head_dim + n_heads * head_dim * d
+        total += stack.n_blocks * block
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# the run estimate
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageEstimate:
+    name: str
+    trainable_parameters: int
+    steps: int
+    tokens: int
+    flops: float
+    training_memory_bytes: int = 0  # weights, gradients, optimizer state, saved activations
+
+
+@dataclass
+class RunEstimate:
+    total_parameters: int
+    stages: list[StageEstimate] = field(default_factory=list)
+    flops: float = 0.0
+    # Memory the run needs beyond the interpreter: the largest stage's training memory, plus
+    # the activation cache held in memory and the sample pool's token ids where it has one.
+    peak_memory_bytes: int = 0
+    device: str = "cpu"
+    training_memory_bytes: int = 0  # the largest stage's (`stackwise.training.memory`)
+    cache_memory_bytes: int = 0  # activation cache (pool and validation) in RAM or on device
+    cache_disk_bytes: int = 0  # activation cache spilled to disk
+    note: str | None = None  # what could not be estimated, and why (peak is then a lower bound)
+
+
+# Racks above these sizes are not built (even on the meta device) to plan a run: building
+# takes about a millisecond per block, and a tensor over 2^61 elements overflows torch's size
+# arithmetic. Their estimate counts the weights only.
+MAX_PLANNED_BLOCKS = 1024
+MAX_PLANNED_PARAMETERS = 10**15
+
+
+def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunEstimate:
+    """Predict a run without training: parameters, stage plan, FLOPs and memory (training
+    memory per stage, the activation cache in memory and on disk, and their sum).
+
+    Never raises: a rack too large to plan, or a run whose stages cannot be planned, gets an
+    estimate of a lower bound of its peak (its fp32 weights and one micro-batch's hidden states
+    and logits) with a `note` saying why.
+    """
+    from stackwise.training.device import resolve_device
+
+    try:
+        device = str(resolve_device(config.training.device))
+    except (RuntimeError, ValueError):
+        device = config.training.device
+    parameters = parameter_count(config, vocab_size)
+    blocks = config.model.n_blocks
+    note = None
+    if blocks > MAX_PLANNED_BLOCKS or parameters > MAX_PLANNED_PARAMETERS:
+        note = (
+            f"too large to plan stage by stage ({blocks:,} blocks, {parameters:.3g} "
+            f"parameters); only the weights and one batch are counted"
+        )
+    else:
+        try:
+            return _estimate_run(config, vocab_size)
+        except Exception as error:  # an estimate must never stop `plan` or validation
+            note = f"cannot plan the stages: {error}"
+    # A lower bound of the peak: the fp32 weights, and one micro-batch's hidden states and logits.
+    training = config.training
+    micro_tokens = training.batch_size * training.seq_len
+    vocab = vocab_size_of(config, vocab_size)
+    floor = 4 * parameters + 4 * micro_tokens * (config.model.d_model + vocab)
+    return RunEstimate(
+        total_parameters=parameters, peak_memory_bytes=floor, device=device, note=note
+    )
+
+
+def _estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunEstimate:
+    from stackwise.training.cache import choose_location
+    from stackwise.training.device import resolve_device
+    from stackwise.training.flops import stage_flops
+    from stackwise.training.stages import plan_stages, pool_micro_batches, tokens_per_step
+
+    rack = skeleton(config, vocab_size=vocab_size)
+    plans = plan_stages(config, rack)
+    training = config.training
+    per_step = tokens_per_step(config)
+    seq = training.seq_len
+    pooled = training.depthwise.data == "pool"
+    pool_steps = pool_micro_batches(plans, training.grad_accum_steps) if pooled else 0
+    pool_tokens = pool_steps * training.batch_size * seq
+    cached = training.cache.enabled and pooled
+    estimate = RunEstimate(
+        total_parameters=int(rack.get_parameter_count()),
+        device=str(resolve_device(training.device)),
+    )
+    prefix_end = 0
+    device = resolve_device(training.device)
+    memory = stage_training_memory(config, rack, plans, device)
+    for plan, stage_memory in zip(plans, memory, strict=True):
+        tokens = plan.steps * per_step
+        flops = stage_flops(
+            rack,
+            plan,
+            seq,
+            tokens=tokens,
+            cached=cached,
+            pool_tokens=pool_tokens,
+            cache_from=prefix_end,
+        )
+        if plan.depthwise and cached:
+            prefix_end = plan.start
+        estimate.stages.append(
+            StageEstimate(
+                plan.name,
+                plan.trainable_parameters,
+                plan.steps,
+                tokens,
+                flops,
+                stage_memory.total_bytes,
+            )
+        )
+        estimate.flops += flops
+    # The activation cache (sample pool and validation batches), where the trainer puts it.
+    pool_ids = 0
+    if cached_stages(config, plans):
+        rows = pool_rows(config, plans)
+        pool_ids = pool_token_bytes(config, rows)
+        eval_rows = training.eval.batches * training.batch_size
+        if training.objective == "diffusion":
+            eval_rows *= training.eval.diffusion_t_points
+        allowance = cache_memory_allowance(config, plans, rack, device, pool_ids)
+        for part in (pool_cache_bytes(config, rows), pool_cache_bytes(config, eval_rows)):
+            where = choose_location(
+                part, device, training.cache.location, training.cache.max_memory_gb, allowance
+            )
+            if where == "disk":
+                estimate.cache_disk_bytes += part
+            else:
+                estimate.cache_memory_bytes += part
+                allowance -= part
+    elif pooled and any(p.depthwise for p in plans):
+        pool_ids = pool_token_bytes(config, pool_rows(config, plans))
+    estimate.training_memory_bytes = max(m.total_bytes for m in memory)
+    estimate.peak_memory_bytes = estimate.training_memory_bytes + estimate.cache_memory_bytes
+    estimate.peak_memory_bytes += pool_ids
+    return estimate
+
+
+# --------------------------------------------------------------------------------------------
+# training memory and the activation cache
+# --------------------------------------------------------------------------------------------
+
 
 # AdamW's state per trainable tensor: exp_avg and exp_avg_sq (the tensor's size each) and a
 # one-element float32 step count.
@@ -52,6 +272,8 @@ _ADAM_STEP_BYTES = 4
 
 def autocast_dtype(config: StackWiseConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype the trainer uses (CUDA with bf16/fp16 precision), else None."""
+    import torch
+
     precision = config.training.precision
     if device.type != "cuda" or precision == "fp32":
         return None
@@ -64,8 +286,10 @@ def skeleton(
     """A meta-device rack shaped like `rack` (from its spec), else like the config's rack
     prepared for its mode, with the vocabulary of `vocab_size_of` (the config's, else
     `vocab_size`, else the tokenizer's)."""
+    import torch
+
     from stackwise.model.architecture import Rack, create_rack_from_config
-    from stackwise.training.limits import vocab_size_of
+    from stackwise.training.stages import prepare_rack
 
     if isinstance(rack, Rack):
         with torch.device("meta"):
@@ -79,11 +303,15 @@ def skeleton(
 
 
 def _rackwise_plan(rack: nn.Module) -> StagePlan:
+    from stackwise.training.stages import StagePlan
+
     n_blocks = len(list(getattr(rack, "blocks")))  # noqa: B009
     return StagePlan(0, "rack", "rack", 0, n_blocks, 1, 0.0, True, 0, False, 1)
 
 
 def _trained(rack: nn.Module, plan: StagePlan, eligible: set[int]) -> list[nn.Parameter]:
+    from stackwise.training.stages import trainable_parameters
+
     if plan.depthwise:
         return trainable_parameters(rack, plan.start, plan.end, plan.trains_embedding, eligible)
     unique = {id(p): p for p in rack.parameters()}
@@ -118,6 +346,14 @@ def _weights_bytes(
     return total
 
 
+def estimate_activation_bytes(*args: Any, **kwargs: Any) -> int:
+    """`stackwise.training.metrics.estimate_activation_bytes` (torch is imported when first
+    needed, not when this module is read)."""
+    from stackwise.training import metrics
+
+    return metrics.estimate_activation_bytes(*args, **kwargs)
+
+
 def stage_training_memory(
     config: StackWiseConfig,
     rack: nn.Module,
@@ -125,7 +361,11 @@ def stage_training_memory(
     device: torch.device | None = None,
 ) -> list[TrainingMemory]:
     """Training memory of each of `plans` on the skeleton `rack` (see the module docstring)."""
+    import torch
+
+    from stackwise.training.metrics import TrainingMemory, fake_tensor_mode
     from stackwise.training.objectives import build_objective
+    from stackwise.training.stages import eligible_parameters
 
     training = config.training
     device = device if device is not None else torch.device("cpu")
@@ -176,6 +416,8 @@ def rackwise_training_memory(
 
 def pool_rows(config: StackWiseConfig, plans: Sequence[StagePlan]) -> int:
     """Sequences in the sample pool of a depth-wise run (0: no pool)."""
+    from stackwise.training.stages import pool_micro_batches
+
     training = config.training
     if training.depthwise.data != "pool":
         return 0
@@ -240,6 +482,8 @@ def cache_memory_allowance(
 def pool_plan(config: StackWiseConfig) -> tuple[int, int]:
     """(sequences in the sample pool, bytes of its activation cache) of a run, planned on a
     skeleton; (0, 0) when the run caches nothing."""
+    from stackwise.training.stages import plan_stages
+
     if not caches_pool(config):
         return 0, 0
     plans = plan_stages(config, skeleton(config))
@@ -247,3 +491,222 @@ def pool_plan(config: StackWiseConfig) -> tuple[int, int]:
         return 0, 0
     rows = pool_rows(config, plans)
     return rows, pool_cache_bytes(config, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# the disk budget
+# --------------------------------------------------------------------------------------------
+
+
+def cache_directory(config: StackWiseConfig) -> Path:
+    """Where a spilled cache of a `stackwise run` is written: ``cache.directory``, else beside
+    the checkpoints, which live under the working folder (``./mlruns``)."""
+    directory = config.training.cache.directory
+    return Path(directory).expanduser() if directory is not None else Path.cwd()
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def disk_budget_bytes(config: StackWiseConfig) -> tuple[int, str]:
+    """The disk a spilled pool may use, and how to name that budget in a message."""
+    limit = config.training.cache.max_disk_gb
+    if limit is not None:
+        return int(limit * 1e9), f"training.cache.max_disk_gb: {limit:g}"
+    directory = cache_directory(config)
+    free = shutil.disk_usage(_existing_parent(directory)).free
+    return free // 2, f"half the free disk in {directory} ({free / 1e9:.3g} GB free)"
+
+
+def caches_pool(config: StackWiseConfig) -> bool:
+    """Whether the run caches a sample pool (depth-wise, `depthwise.data: pool`, cache on)."""
+    training = config.training
+    return training.is_depthwise and training.depthwise.data == "pool" and training.cache.enabled
+
+
+def pool_rows_bound(config: StackWiseConfig) -> int | None:
+    """At most how many sequences the pool holds, from a step or token budget (None: a FLOPs
+    budget, which only planning converts to steps)."""
+    training = config.training
+    budget = training.budget
+    if budget.steps is not None:
+        steps = budget.steps
+    elif budget.tokens is not None:
+        per_step = training.batch_size * training.grad_accum_steps * training.seq_len
+        steps = max(1, round(budget.tokens / per_step))
+    else:
+        return None
+    return steps * training.grad_accum_steps * training.batch_size
+
+
+def pool_disk_problem(config: StackWiseConfig) -> str | None:
+    """Why the run's sample pool cannot be cached on its disk budget, or None when it can."""
+    if not caches_pool(config):
+        return None
+    training = config.training
+    per_row = training.seq_len * config.model.d_model * ELEMENT_BYTES[training.cache.dtype]
+    budget, named = disk_budget_bytes(config)
+    bound = pool_rows_bound(config)
+    if bound is not None and bound * per_row <= budget:
+        return None
+
+    rows, size = pool_plan(config)
+    if size <= budget:
+        return None
+    return (
+        f"the activation cache of the sample pool needs {size / 1e9:.3g} GB ({rows:,} sequences "
+        f"x seq_len {training.seq_len} x d_model {config.model.d_model} x "
+        f"{ELEMENT_BYTES[training.cache.dtype]} bytes of cache.dtype {training.cache.dtype}), "
+        f"more than the disk budget of {budget / 1e9:.3g} GB ({named}); lower training.budget, "
+        f"set training.cache.dtype: bf16 or training.depthwise.data: fresh, or raise "
+        f"training.cache.max_disk_gb"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# limits
+# --------------------------------------------------------------------------------------------
+
+
+# Memory every accelerator a run may resolve to (`auto`, `cuda`, `mps`) is taken to have without
+# asking torch; a run whose upper bound is below it (and below the free RAM) fits anywhere.
+ANY_DEVICE_BYTES = 2 * 2**30
+
+
+def memory_upper_bound(config: StackWiseConfig) -> int:
+    """A generous upper bound of a run's peak training memory in bytes, from the config alone.
+
+    Every parameter trainable at once with AdamW (16 bytes; an untied depth-wise head counted
+    again), fp32 activations of every block for one micro-batch (attention probabilities
+    included), logits with their gradients, and an activation cache of the whole token budget;
+    doubled.
+    """
+    model, training = config.model, config.training
+    budget = training.budget
+    per_step = training.batch_size * training.grad_accum_steps * training.seq_len
+    if budget.steps is not None:
+        tokens = budget.steps * per_step
+    elif budget.tokens is not None:
+        tokens = budget.tokens + per_step
+    else:
+        # Every trained token costs at least the forward and input gradient of the LM head
+        # (2 x 2 x d_model x vocab FLOPs), which bounds the tokens a FLOPs budget can buy.
+        readout = 4 * model.d_model * vocab_size_of(config)
+        tokens = math.ceil((budget.flops or 0.0) / readout) + per_step
+    d = model.d_model
+    vocab = vocab_size_of(config)
+    weights = 16 * (parameter_count(config) + vocab * d)
+    micro = training.batch_size * training.seq_len
+    activations = 0
+    for stack in model.resolved_stacks():
+        heads = stack.n_heads or model.n_heads
+        d_ff = stack.d_ff or model.d_ff or _default_d_ff(d)
+        per_block = (
+            micro * (32 * d + 8 * d_ff) + training.batch_size * heads * training.seq_len**2 * 3
+        )
+        activations += stack.n_blocks * 4 * per_block
+    logits = 4 * 4 * micro * vocab
+    cache = (tokens + training.eval.batches * micro) * (4 * d + 8)
+    return 2 * (weights + activations + logits + cache)
+
+
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes a run on `device` can use, and how to name that memory in a message."""
+    import psutil
+
+    if device.type == "cuda":
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        properties = torch.cuda.get_device_properties(index)
+        return int(properties.total_memory), f"{properties.name} ({device.type}:{index})"
+    available = int(psutil.virtual_memory().available)
+    return available, f"the RAM available on this machine ({device.type})"
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; up to EiB, then in scientific notation."""
+    value = float(n)
+    for suffix in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(value) < 1024 or suffix == "EiB":
+            if suffix == "B":
+                return f"{value:.0f} B"
+            return f"{value:.1f} {suffix}" if abs(value) < 1024 else f"{value:.2e} {suffix}"
+        value /= 1024
+    return f"{n:.3g} B"
+
+
+def blamed_field(config: StackWiseConfig, estimate: RunEstimate) -> str:
+    """The setting that most makes a run big: the model's width or depth when the weights
+    dominate the estimate, else the batch's size or length."""
+    model, training = config.model, config.training
+    weights = 4 * estimate.total_parameters
+    if weights * 2 >= estimate.peak_memory_bytes:
+        vocab = vocab_size_of(config)
+        stacks = model.resolved_stacks()
+        depth = sum(s.n_blocks for s in stacks)
+        if vocab * model.d_model * 2 > estimate.total_parameters:
+            return "model.vocab_size" if model.vocab_size is not None else "data.bpe_vocab_size"
+        if depth / 8 > (model.d_model / 512) ** 2:
+            if model.stacks is not None:
+                return "model.stacks"
+            architecture = model.architecture
+            if architecture.n_stacks >= architecture.blocks_per_stack:
+                return "model.architecture.n_stacks"
+            return "model.architecture.blocks_per_stack"
+        return "model.d_model"
+    if training.batch_size / 16 >= training.seq_len / 128:
+        return "training.batch_size"
+    return "training.seq_len"
+
+
+@dataclass(frozen=True)
+class MemoryProblem:
+    """A run that cannot fit its device: the setting to change and what to tell the user."""
+
+    field: str
+    message: str
+
+
+def memory_problem(
+    config: StackWiseConfig, estimate: RunEstimate, available: int, where: str
+) -> MemoryProblem | None:
+    """Why a run with this estimate cannot fit `available` bytes (None when it fits)."""
+    peak = estimate.peak_memory_bytes
+    if peak <= available:
+        return None
+    amount = "at least" if estimate.note else "an estimated"
+    return MemoryProblem(
+        field=blamed_field(config, estimate),
+        message=f"needs {amount} {format_bytes(peak)} of memory at its peak "
+        f"({estimate.total_parameters:.3g} parameters), more than the "
+        f"{format_bytes(available)} of {where}; make it smaller, or pass --no-memory-check "
+        f"to try anyway",
+    )
+
+
+def check_run_memory(config: StackWiseConfig) -> MemoryProblem | None:
+    """Estimate one run and compare it with its device (None when it fits or the device is not
+    available here, which the device check reports). Runs that fit for certain by
+    `memory_upper_bound` are not estimated (no torch import)."""
+    import psutil
+
+    floor = int(psutil.virtual_memory().available)
+    if config.training.device != "cpu":
+        floor = min(floor, ANY_DEVICE_BYTES)
+    if memory_upper_bound(config) <= floor:
+        return None
+
+    from stackwise.training.device import resolve_device
+
+    try:
+        device = resolve_device(config.training.device)
+    except (RuntimeError, ValueError):
+        return None
+    estimate = estimate_run(config)
+    available, where = device_memory(device)
+    return memory_problem(config, estimate, available, where)

@@ -3,7 +3,7 @@
 FLOPs are counted by the rule in `stackwise.training.flops`; MFU divides them by the training
 seconds and the device's peak (`device_peak_flops`).
 
-Memory is reported in parts, so that a plan (`stackwise.training.plan.estimate_run`) and a run
+Memory is reported in parts, so that a plan (`stackwise.training.memory.estimate_run`) and a run
 speak of the same quantities:
 
 - *training memory* (`TrainingMemory`): what the running stage itself needs — the rack's

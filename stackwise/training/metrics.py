@@ -272,6 +272,47 @@ def measure_training_memory(
     )
 
 
+class StageMemoryProbe:
+    """The training memory of a running stage, measured once, on its first optimizer step.
+
+    The trainer counts the tensors saved for backward by the step's first micro-batch
+    (`saving`) and, once the optimizer has stepped (weights, gradients and optimizer state all
+    exist then), the rest (`measure`). Compiled graphs keep their own saved tensors, so a probe
+    that is not `enabled` (under ``torch.compile``) measures nothing. `shared` gives the
+    storages of the activation cache (see `SavedActivations`).
+    """
+
+    def __init__(
+        self,
+        rack: nn.Module,
+        device: torch.device,
+        shared: Callable[[], Iterable[torch.Tensor]] = tuple,
+        enabled: bool = True,
+    ) -> None:
+        self.rack = rack
+        self.device = device
+        self.shared = shared
+        self.enabled = enabled
+        self.memory: TrainingMemory | None = None
+        self._saved: SavedActivations | None = None
+
+    def saving(self, micro: int) -> contextlib.AbstractContextManager[Any]:
+        """Count what micro-batch `micro`'s forward saves (the first of the first step only)."""
+        if not self.enabled or self.memory is not None or micro != 0:
+            return contextlib.nullcontext()
+        self._saved = SavedActivations(self.rack.parameters(), shared=self.shared())
+        return self._saved
+
+    def measure(self, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        """Complete the measurement after the optimizer step whose forward was counted."""
+        if self._saved is None:
+            return
+        self.memory = measure_training_memory(
+            self.rack, params, optimizer, self._saved.bytes, self.device
+        )
+        self._saved = None
+
+
 class _StagePass(nn.Module):
     """The forward of a stage (as the trainer runs it): embedding or a given trunk output ->
     blocks [start, end) -> readout."""

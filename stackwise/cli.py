@@ -725,6 +725,7 @@ def _print_frontier(frame: Any, format_: str, output: Path | None, plot: Path | 
         plot.mkdir(parents=True, exist_ok=True)
         written = frontier_plot(analysis, frame, plot / "frontier.png")
         stderr_console().print(f"wrote {written}")
+    text: str | None
     if format_ == "json":
         payload = {name: table.to_dicts() for name, table in tables.items()}
         payload["notes"] = messages  # type: ignore[assignment]

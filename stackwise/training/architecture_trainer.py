@@ -51,7 +51,6 @@ deterministically.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -63,14 +62,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
-from stackwise.data.tokenizer import special_ids_for
+from stackwise.config.base import StackWiseConfig
 from stackwise.model.attention import KernelAttention, redraw_kernel_features
 from stackwise.model.materialize import block_is_meta
 from stackwise.training.cache import storage_dtype
 from stackwise.training.callbacks import StageResult, TrainingCallback, TrainingResults
 from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
-from stackwise.training.device import resolve_device
+from stackwise.training.device import resolve_device, training_switches
 from stackwise.training.distributed import Distributed
 from stackwise.training.errors import TrainingError
 from stackwise.training.evaluation import Evaluator
@@ -82,7 +80,7 @@ from stackwise.training.metrics import (
     StageMemoryProbe,
     device_peak_flops,
 )
-from stackwise.training.objectives import Corruption, Objective, build_objective
+from stackwise.training.objectives import Corruption, Objective, training_objective
 from stackwise.training.optim import build_optimizer, build_scheduler
 from stackwise.training.pieces import PieceStore
 from stackwise.training.pool import SamplePool
@@ -96,20 +94,9 @@ __all__ = ["ArchitectureTrainer", "TrainingError"]
 
 _unpack = unpack_batch  # the name this module has always had for it
 
-_BYTE_MASK_ID = 257
 _OOM_ERRORS: tuple[type[BaseException], ...] = (
     getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
 )
-_MEMORY_KEYS = ("training_memory_bytes", "cache_memory_bytes", "cache_disk_bytes")
-
-
-def _largest_memory(stages: list[StageResult]) -> dict[str, float]:
-    """A run's memory in parts: the largest of its stages' (where they were measured)."""
-    return {
-        key: max(s.extra[key] for s in stages if key in s.extra)
-        for key in _MEMORY_KEYS
-        if any(key in s.extra for s in stages)
-    }
 
 
 class ArchitectureTrainer:
@@ -244,26 +231,13 @@ class _Run:
 
     def _objective(self, rack: nn.Module) -> Objective:
         vocab = int(rack.vocab_size)  # type: ignore[arg-type]
-        mask_id = self.trainer.mask_token_id
-        if mask_id is None:
-            mask_id = _BYTE_MASK_ID if vocab == BYTE_VOCAB_SIZE else vocab - 1
-        objective = build_objective(
-            self.cfg.objective,
-            vocab_size=vocab,
-            mask_token_id=mask_id,
-            mlm_probability=self.cfg.mlm_probability,
-            special_ids=special_ids_for(vocab, mask_id),
-            t_min=self.cfg.mask_ratio_min,
-            t_max=self.cfg.mask_ratio_max,
-            eval_points=self.cfg.eval.diffusion_t_points,
-        )
         if self.cfg.objective == "clm" and not bool(rack.is_causal):
             warnings.warn(
                 "training.objective is clm but the rack has bidirectional blocks: they can see "
                 "the token they predict; use causal attention or objective mlm/diffusion",
                 stacklevel=4,
             )
-        return objective
+        return training_objective(self.cfg, vocab, self.trainer.mask_token_id)
 
     def _pieces_folder(self) -> Path:
         if self.trainer.checkpoint_dir is not None:
@@ -281,28 +255,8 @@ class _Run:
     # -- the run -----------------------------------------------------------------------------
 
     def execute(self) -> TrainingResults:
-        # Process-wide switches this run changes, put back however it ends.
-        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        deterministic = (
-            torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(),
-        )
-        try:
-            if self.device.type == "cuda":
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
-            if self.cfg.deterministic:
-                if self.device.type == "cuda" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
-                    raise TrainingError(
-                        "training.deterministic on CUDA needs the environment variable "
-                        "CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) set before the process "
-                        "starts, as cuBLAS requires for repeatable results"
-                    )
-                torch.use_deterministic_algorithms(True)
+        with training_switches(self.device, self.cfg.deterministic):
             return self._execute()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
     def _execute(self) -> TrainingResults:
         torch.manual_seed(self.cfg.seed)
@@ -629,39 +583,18 @@ class _Run:
         test: dict[str, float],
         weights_dir: str | None,
     ) -> TrainingResults:
-        position = self.position
-        stages = position.stage_results
-        wall = position.wall_time_s + time.perf_counter() - self.run_start
-        train_seconds = sum(r.extra.get("train_time_s", r.wall_time_s) for r in stages)
-        peak = max([r.peak_memory_bytes for r in stages] + [self.memory.peak()])
-        return TrainingResults(
+        stages = self.position.stage_results
+        return self.position.results(
             training_architecture=self.cfg.training_architecture,
             objective=self.cfg.objective,
-            stages=list(stages),
-            final_train_loss=stages[-1].train_loss,
-            final_val_loss=final.get("val/loss"),
-            final_val_perplexity=final.get("val/perplexity"),
+            planned_stages=len(self.plans),
+            final=final,
             next_token_perplexity=next_token,
-            final_test_loss=test.get("test/loss"),
-            total_steps=position.global_step,
-            total_tokens=position.total_tokens,
-            wall_time_s=wall,
-            tokens_per_s=position.total_tokens / max(train_seconds, 1e-9),
-            peak_memory_bytes=peak,
-            flops=position.total_flops,
-            mfu=(
-                None
-                if self.peak_flops is None
-                else position.total_flops / max(train_seconds, 1e-9) / self.peak_flops
-            ),
+            test=test,
+            wall_time_s=self.position.wall_time_s + time.perf_counter() - self.run_start,
+            peak_memory_bytes=max([r.peak_memory_bytes for r in stages] + [self.memory.peak()]),
+            peak_flops=self.peak_flops,
             device=str(self.device),
-            extra={
-                **_largest_memory(stages),
-                "stages": float(len(self.plans)),
-                "tokens_seen": float(position.total_tokens),
-                "unique_tokens": float(position.unique_tokens),
-                "train_time_s": train_seconds,
-            },
             weights_dir=weights_dir,
         )
 

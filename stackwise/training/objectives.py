@@ -36,9 +36,13 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from stackwise.config.base import TrainingConfig
 
 IGNORE_INDEX = -100
 
@@ -299,3 +303,27 @@ def build_objective(
     if name == "diffusion":
         return MaskedDiffusion(mask_token_id, t_min, t_max, eval_points)
     raise ValueError(f"training.objective: unknown objective {name!r} (clm, mlm, diffusion)")
+
+
+def training_objective(
+    training: TrainingConfig, vocab_size: int, mask_token_id: int | None = None
+) -> Objective:
+    """The objective a run trains with: ``training.objective`` and its settings. [MASK] is
+    `mask_token_id`, else the byte tokenizer's for its vocabulary of 260, else the vocabulary's
+    last id; the tokenizer's special tokens are never drawn as mlm replacements."""
+    from stackwise.config.base import BYTE_VOCAB_SIZE
+    from stackwise.data.tokenizer import ByteTokenizer, special_ids_for
+
+    mask_id = mask_token_id
+    if mask_id is None:
+        mask_id = ByteTokenizer.mask_id if vocab_size == BYTE_VOCAB_SIZE else vocab_size - 1
+    return build_objective(
+        training.objective,
+        vocab_size=vocab_size,
+        mask_token_id=mask_id,
+        mlm_probability=training.mlm_probability,
+        special_ids=special_ids_for(vocab_size, mask_id),
+        t_min=training.mask_ratio_min,
+        t_max=training.mask_ratio_max,
+        eval_points=training.eval.diffusion_t_points,
+    )

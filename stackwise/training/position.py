@@ -17,7 +17,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from stackwise.training.callbacks import StageResult
+from stackwise.training.callbacks import StageResult, TrainingResults
+
+_MEMORY_KEYS = ("training_memory_bytes", "cache_memory_bytes", "cache_disk_bytes")
 
 
 @dataclass
@@ -60,6 +62,65 @@ class RunPosition:
         position = decode(cls, state)
         assert isinstance(position, RunPosition)
         return position
+
+    def results(
+        self,
+        *,
+        training_architecture: str,
+        objective: str,
+        planned_stages: int,
+        final: dict[str, float],
+        next_token_perplexity: float | None,
+        test: dict[str, float],
+        wall_time_s: float,
+        peak_memory_bytes: int,
+        peak_flops: float | None,
+        device: str,
+        weights_dir: str | None,
+    ) -> TrainingResults:
+        """The results of a run that ended here: its stages and totals, with the final
+        validation (`final`) and test (`test`) metrics. Rates divide by training seconds."""
+        stages = self.stage_results
+        train_seconds = sum(r.extra.get("train_time_s", r.wall_time_s) for r in stages)
+        return TrainingResults(
+            training_architecture=training_architecture,
+            objective=objective,
+            stages=list(stages),
+            final_train_loss=stages[-1].train_loss,
+            final_val_loss=final.get("val/loss"),
+            final_val_perplexity=final.get("val/perplexity"),
+            next_token_perplexity=next_token_perplexity,
+            final_test_loss=test.get("test/loss"),
+            total_steps=self.global_step,
+            total_tokens=self.total_tokens,
+            wall_time_s=wall_time_s,
+            tokens_per_s=self.total_tokens / max(train_seconds, 1e-9),
+            peak_memory_bytes=peak_memory_bytes,
+            flops=self.total_flops,
+            mfu=(
+                None
+                if peak_flops is None
+                else self.total_flops / max(train_seconds, 1e-9) / peak_flops
+            ),
+            device=device,
+            extra={
+                **_largest_memory(stages),
+                "stages": float(planned_stages),
+                "tokens_seen": float(self.total_tokens),
+                "unique_tokens": float(self.unique_tokens),
+                "train_time_s": train_seconds,
+            },
+            weights_dir=weights_dir,
+        )
+
+
+def _largest_memory(stages: list[StageResult]) -> dict[str, float]:
+    """A run's memory in parts: the largest of its stages' (where they were measured)."""
+    return {
+        key: max(s.extra[key] for s in stages if key in s.extra)
+        for key in _MEMORY_KEYS
+        if any(key in s.extra for s in stages)
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -43,7 +43,7 @@ class RunPosition:
     total_flops: float = 0.0  # executed FLOPs of the finished stages
     unique_tokens: int = 0  # distinct training tokens read from the data (first pass)
     wall_time_s: float = 0.0
-    meter: dict[str, float] = field(default_factory=dict)  # `StageMeter.state` of the stage
+    meter: dict[str, Any] = field(default_factory=dict)  # `StageMeter.state`: plain numbers
     last_logged_loss: float = math.nan
     loss_window: list[float] = field(default_factory=list)  # losses since the last log
     stage_results: list[StageResult] = field(default_factory=list)

@@ -74,7 +74,7 @@ class Evaluator:
     def should_evaluate(self, step: int) -> bool:
         """Whether global step `step` is on the ``eval.every_steps`` cadence."""
         every = self.settings.every_steps
-        return bool(every) and step % every == 0
+        return every is not None and every > 0 and step % every == 0
 
     @torch.no_grad()
     def stage(

@@ -249,7 +249,8 @@ def _stage_costs(
     depthwise = training.is_depthwise
     cached = depthwise and training.depthwise.data == "pool" and training.cache.enabled
     seq = training.seq_len
-    step_cost, pool_cost = [], []
+    step_cost: list[float] = []
+    pool_cost: list[float] = []
     boundary = 0  # the cache holds the trunk's output through this block
     for piece in pieces:
         stage = StageShape(piece.start, piece.end, depthwise, piece.start == 0)

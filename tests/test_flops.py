@@ -22,6 +22,12 @@ import torch
 from stackwise.config.base import StackWiseConfig
 from stackwise.model.architecture import create_rack_from_config
 from stackwise.training.architecture_trainer import ArchitectureTrainer
+from stackwise.training.flops import (
+    StageShape,
+    forward_flops_per_token,
+    stage_flops,
+    train_flops_per_token,
+)
 from stackwise.training.plan import estimate_run
 
 D_MODEL, HEADS, VOCAB, BATCH, SEQ = 32, 2, 260, 4, 16
@@ -154,3 +160,19 @@ def test_planned_and_executed_flops_agree_stage_by_stage(
     assert len(stages) == len(planned.stages) >= (1 if mode == "rackwise" else 2)
     assert stages == [s.flops for s in planned.stages]
     assert total == planned.flops
+
+
+def test_the_rule_per_token() -> None:
+    """The rule's own functions on the tiny rack: a later depth-wise stage with the head tied
+    (the frozen embedding) trains its block 3x and the head 2x; the first stage, the head 3x."""
+    config = config_for("blockwise", steps=3, grad_accum=1, depthwise={"head": "frozen"})
+    rack = create_rack_from_config(config)
+    later = StageShape(1, 2, depthwise=True, trains_embedding=False)
+    first = StageShape(0, 1, depthwise=True, trains_embedding=True)
+    assert train_flops_per_token(rack, later, SEQ) == 3 * BLOCK + 2 * HEAD
+    assert train_flops_per_token(rack, first, SEQ) == 3 * BLOCK + 3 * HEAD
+    assert forward_flops_per_token(rack, 0, 3, SEQ) == 3 * BLOCK
+    cached = stage_flops(rack, later, SEQ, tokens=10, cached=True, pool_tokens=7, cache_from=0)
+    fresh = stage_flops(rack, later, SEQ, tokens=10, cached=False)
+    assert cached == (3 * BLOCK + 2 * HEAD) * 10 + BLOCK * 7
+    assert fresh == (3 * BLOCK + 2 * HEAD + BLOCK) * 10

@@ -510,3 +510,43 @@ def test_the_mask_token_of_a_runs_objective(vocab: int, given: int | None, mask:
     objective = training_objective(training, vocab, given)
     assert isinstance(objective, MaskedLM) and objective.mask_token_id == mask
     assert mask not in objective.replacement_ids.tolist()
+
+
+def test_a_runs_results_add_up_its_stages() -> None:
+    first, second = stage_result("block_0", 2.4), stage_result("block_1", 2.2)
+    first.extra.update(train_time_s=2.0, cache_memory_bytes=50.0)
+    second.extra.update(train_time_s=3.0, training_memory_bytes=3000.0)
+    position = RunPosition(
+        config_hash="abc",
+        plan=[("block_0", 5), ("block_1", 5)],
+        global_step=10,
+        total_tokens=1000,
+        total_flops=5e9,
+        unique_tokens=400,
+        stage_results=[first, second],
+    )
+    results = position.results(
+        training_architecture="blockwise",
+        objective="clm",
+        planned_stages=2,
+        final={"val/loss": 2.0, "val/perplexity": math.exp(2.0)},
+        next_token_perplexity=7.0,
+        test={"test/loss": 2.1},
+        wall_time_s=9.0,
+        peak_memory_bytes=4096,
+        peak_flops=1e9,
+        device="cpu",
+        weights_dir=None,
+    )
+    assert results.tokens_per_s == pytest.approx(1000 / 5.0)  # training seconds: 2 + 3
+    assert results.mfu == pytest.approx(5e9 / 5.0 / 1e9)
+    assert (results.total_steps, results.flops, results.final_test_loss) == (10, 5e9, 2.1)
+    assert results.final_train_loss == second.train_loss
+    assert results.extra == {
+        "training_memory_bytes": 3000.0,  # the largest stage's
+        "cache_memory_bytes": 50.0,
+        "stages": 2.0,
+        "tokens_seen": 1000.0,
+        "unique_tokens": 400.0,
+        "train_time_s": 5.0,
+    }

@@ -16,9 +16,10 @@
   or in proportion to their trainable parameters (``by_params``). Every stage gets at least one
   step and the stage steps add up to exactly the step budget (a budget smaller than the number
   of stages is an error). A FLOPs budget is split the same way and converted per stage with
-  the trainer's own accounting — a step of the piece and readout, the frozen trunk's forward
-  where it runs, and extending the activation cache over the sample pool once per stage — so
-  the run ends within one optimizer step of the budget (`_steps_for_flops`).
+  the rule the trainer meters with (`stackwise.training.flops`) — a step of the piece and
+  readout, the frozen trunk's forward where it runs, and extending the activation cache over
+  the sample pool once per stage — so the run ends within one optimizer step of the budget
+  (`_steps_for_flops`).
 - In depth-wise runs with ``depthwise.head`` untie or fresh, a tied LM head gets its own weight
   before planning (`prepare_rack`), so every stage trains it.
 - A stack's ``lr`` overrides ``optimizer.lr`` for its stage(s).

@@ -254,10 +254,15 @@ def plan(
     rows: list[list[str]] = []
     notes: list[str] = []
     total_flops = 0.0
+    estimates: dict[str, Any] = {}
     for experiment, runs in plans:
         for run in runs:
-            # estimate_run never raises: what it cannot estimate comes back as a note.
-            estimate = estimate_run(run.config)
+            # estimate_run never raises: what it cannot estimate comes back as a note. Seeds and
+            # learning rates do not change an estimate: each is made once.
+            key = preflight.estimate_key(run.config)
+            if key not in estimates:
+                estimates[key] = estimate_run(run.config)
+            estimate = estimates[key]
             total_flops += estimate.flops
             missing = "-" if estimate.note else ""
             rows.append(

@@ -23,12 +23,14 @@ problems of all files are reported together. torch is imported only where a chec
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from stackwise.config.base import StackWiseConfig
     from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import Experiment, RunSpec
     from stackwise.training.limits import MemoryProblem
@@ -223,10 +225,23 @@ def check_devices(plans: Plans) -> None:
         raise ConfigError.combine(errors)
 
 
+def estimate_key(config: StackWiseConfig) -> str:
+    """What a run's estimates (parameters, steps, FLOPs, memory, disk) depend on: its identity
+    settings without the seed and the learning rate, so replicate seeds and a learning-rate
+    sweep of one grid point are estimated once."""
+    settings = config.identity_dict()
+    training = settings.get("training", {})
+    training.pop("seed", None)
+    optimizer = training.get("optimizer")
+    if isinstance(optimizer, dict):
+        optimizer.pop("lr", None)
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def memory_problems(plans: Plans) -> list[ConfigError]:
     """Runs that cannot fit the memory of their device (estimated parameters and peak memory,
     see `stackwise.training.limits`), as errors naming the setting and the estimate; runs of
-    identical config are estimated once."""
+    identical config but for seed and learning rate are estimated once (`estimate_key`)."""
     from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import setting_line
     from stackwise.training.limits import check_run_memory
@@ -235,9 +250,10 @@ def memory_problems(plans: Plans) -> list[ConfigError]:
     problems: dict[str, MemoryProblem | None] = {}
     for experiment, runs in plans:
         for spec in runs:
-            if spec.config_hash not in problems:
-                problems[spec.config_hash] = check_run_memory(spec.config)
-            problem = problems[spec.config_hash]
+            key = estimate_key(spec.config)
+            if key not in problems:
+                problems[key] = check_run_memory(spec.config)
+            problem = problems[key]
             if problem is None:
                 continue
             errors.append(
@@ -263,9 +279,10 @@ def cache_disk_problems(plans: Plans) -> list[ConfigError]:
     problems: dict[str, str | None] = {}
     for experiment, runs in plans:
         for spec in runs:
-            if spec.config_hash not in problems:
-                problems[spec.config_hash] = pool_disk_problem(spec.config)
-            problem = problems[spec.config_hash]
+            key = estimate_key(spec.config)
+            if key not in problems:
+                problems[key] = pool_disk_problem(spec.config)
+            problem = problems[key]
             if problem is not None:
                 path = ("training", "cache", "max_disk_gb")
                 errors.append(

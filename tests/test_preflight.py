@@ -249,3 +249,19 @@ def test_a_run_goes_to_its_experiment_in_the_store_that_takes_precedence(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     assert run_destination(spec, " ").uri == "http://config:5000"
     assert os.environ["MLFLOW_TRACKING_URI"] == ""
+
+
+def test_estimate_key_ignores_seed_and_learning_rate_only() -> None:
+    from stackwise.config.base import StackWiseConfig
+    from stackwise.preflight import estimate_key
+
+    base = {"model": {"d_model": 32, "n_heads": 2}, "training": {"budget": {"steps": 10}}}
+    key = estimate_key(StackWiseConfig.from_dict(base))
+    replicate = {**base, "training": {"budget": {"steps": 10}, "seed": 3}}
+    swept = {**base, "training": {"budget": {"steps": 10}, "optimizer": {"lr": 0.01}}}
+    assert estimate_key(StackWiseConfig.from_dict(replicate)) == key
+    assert estimate_key(StackWiseConfig.from_dict(swept)) == key
+    longer = {**base, "training": {"budget": {"steps": 20}}}
+    wider = {**base, "model": {"d_model": 64, "n_heads": 2}}
+    assert estimate_key(StackWiseConfig.from_dict(longer)) != key
+    assert estimate_key(StackWiseConfig.from_dict(wider)) != key

@@ -980,3 +980,39 @@ def test_seeds_repeated_or_also_on_the_grid_are_errors(tmp_path: Path) -> None:
 def test_tuned_value_listed_twice_points_at_the_tune_entry(tmp_path: Path) -> None:
     error = experiment_error(tmp_path, "name: x\ntune:\n  lr: [0.001, 0.001]\n")
     assert error.field == "tune.lr.1" and error.line == 3
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    import time
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 10):
+        refs = ", ".join([f"*a{level - 1}"] * 9)
+        levels.append(f"a{level}: &a{level} [{refs}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("name: bomb\nmodel:\n  " + "\n  ".join(levels) + "\n", encoding="utf-8")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as caught:
+        expand_grid(load_experiment(path))
+    assert time.perf_counter() - started < 2.0
+    assert "aliases" in caught.value.message and caught.value.line is not None
+    # a few aliases are fine
+    fine = write(
+        tmp_path,
+        """
+        name: fine
+        training: &t {seq_len: 32, batch_size: 4, budget: {steps: 3}}
+        presets:
+          size: {tiny: {model.d_model: 32, training: *t}}
+        """,
+        name="fine.yaml",
+    )
+    assert load_experiment(fine).config.training["seq_len"] == 32
+
+
+def test_oversized_yaml_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("name: big\ndescription: " + "x" * (5 * 2**20) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_experiment(path)
+    assert "more than the limit" in caught.value.message

@@ -5,7 +5,10 @@ instantiated from tags) through `StrictLoader`, which adds two things plain PyYA
 
 * duplicate keys in one mapping are an error (PyYAML would silently keep the last one), and
 * the line of every key and list item is recorded, so a validation error found later can point
-  at the line of the offending field.
+  at the line of the offending field, and
+* input is bounded: a file over `MAX_YAML_BYTES`, or one whose aliases expand to more than
+  `MAX_YAML_NODES` keys and values (an "alias bomb": nine levels of nine aliases are 9^9 values
+  written in a few lines), is an error found before anything is built from it.
 
 Malformed YAML becomes a `ConfigError` with the file and the parser's line and column.
 """
@@ -29,6 +32,10 @@ from stackwise.config.errors import (
 )
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# Bounds on configuration input: far above any real experiment file (the shipped ones have a
+# few hundred values), far below what would stall validation.
+MAX_YAML_BYTES = 4 * 2**20
+MAX_YAML_NODES = 200_000
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -45,6 +52,17 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
         self.first_line = first_line
 
 
+class ExpansionError(yaml.constructor.ConstructorError):
+    """The document expands (through aliases) to more than `MAX_YAML_NODES` values."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(
+            problem=f"the document expands to more than {MAX_YAML_NODES:,} keys and values "
+            "through YAML aliases (&anchor / *alias); write the values out or use fewer aliases",
+            problem_mark=node.start_mark,
+        )
+
+
 class StrictLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that rejects duplicate keys and records key line numbers.
 
@@ -55,6 +73,7 @@ class StrictLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.key_lines: dict[ConfigPath, int] = {}
+        self.expanded = 0  # nodes visited with aliases expanded (bounded by MAX_YAML_NODES)
 
     def construct_document(self, node: Node) -> Any:
         # Index the whole node tree before building Python objects: the paths of keys are only
@@ -66,6 +85,9 @@ class StrictLoader(yaml.SafeLoader):
     def _index(self, node: Node, path: ConfigPath, active: set[int]) -> None:
         if id(node) in active:  # a recursive alias; its content is indexed where it is defined
             return
+        self.expanded += 1
+        if self.expanded > MAX_YAML_NODES:
+            raise ExpansionError(node)
         active.add(id(node))
         if isinstance(node, MappingNode):
             first_seen: dict[tuple[str, str], int] = {}
@@ -125,6 +147,12 @@ def read_text(path: str | Path) -> str:
 
 def parse_yaml(text: str, *, file: str | Path) -> YamlDocument:
     """Parse YAML text strictly; errors name `file` and the parser's line and column."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"the file has {len(text):,} characters, more than the limit of "
+            f"{MAX_YAML_BYTES:,} for a configuration file",
+            file=file,
+        )
     loader = StrictLoader(text)
     try:
         data = loader.get_single_data()

@@ -348,7 +348,7 @@ def run(
         typer.Option(
             "--executor",
             help="Where grid points train: local (this machine) or ray (a Ray cluster; needs "
-            "pip install 'stackwise[ray]').",
+            "pip install 'stackwise\\[ray]').",
         ),
     ] = "local",
     address: Annotated[
@@ -1034,7 +1034,7 @@ def export(
         typer.Option(
             "--format",
             help="hf: a Hugging Face LlamaForCausalLM folder (Llama-compatible causal racks; "
-            "needs stackwise[hf]); safetensors: weights, spec and config for load_rack.",
+            "needs stackwise\\[hf]); safetensors: weights, spec and config for load_rack.",
             show_default=False,
         ),
     ],

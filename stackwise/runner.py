@@ -72,7 +72,7 @@ from stackwise.tracking.logger import (
     run_tags,
     set_tags,
 )
-from stackwise.tracking.progress import GridProgress
+from stackwise.tracking.progress import GridProgress, plain
 from stackwise.tracking.store import (
     FileLock,
     checkpoint_dir,
@@ -378,7 +378,8 @@ def _run_grid(
     status = "FINISHED"
     try:
         progress.print(
-            f"[bold]{name}[/]: {len(specs)} run(s) → {uri} (parent run {grid.parent_run_id})"
+            f"[bold]{plain(name)}[/]: {len(specs)} run(s) → {plain(uri)} "
+            f"(parent run {grid.parent_run_id})"
         )
         if experiment.path.is_file():
             retry_locked(lambda: client.log_artifact(grid.parent_run_id, str(experiment.path)))
@@ -393,7 +394,7 @@ def _run_grid(
                 if not run_grid_point(grid, spec, options, progress, summary, wait=False):
                     deferred.append(spec)
             for spec in deferred:  # busy in another process: wait for it, then skip or run
-                progress.print(f"  {spec.name}: running in another process, waiting for it")
+                progress.print(f"  {plain(spec.name)}: running in another process, waiting for it")
                 run_grid_point(grid, spec, options, progress, summary, wait=True)
         _finish_grid(grid, progress)
         # A process sharing the store may have died meanwhile: close what it left RUNNING.
@@ -507,7 +508,7 @@ def run_grid_point(
         message = f"{type(error).__name__}: {error}"
         grid.failures += 1
         summary.failed.append((grid.name, spec.name, message))
-        progress.print(f"  [red]✗ {spec.name}: FAILED — {message}[/]", important=True)
+        progress.print(f"  [red]✗ {plain(spec.name)}: FAILED — {plain(message)}[/]", important=True)
         return True
     lock = FileLock(_point_lock_path(grid, point.identity))
     if not lock.acquire(blocking=wait):
@@ -521,7 +522,7 @@ def run_grid_point(
             summary.run_ids[(grid.name, spec.name)] = finished.info.run_id
             message = f"already FINISHED (run {finished.info.run_id})"
             summary.skipped.append((grid.name, spec.name, message))
-            progress.print(f"  [dim]↷ {spec.name}: {message}[/]")
+            progress.print(f"  [dim]↷ {plain(spec.name)}: {plain(message)}[/]")
             return True
         _train_point(grid, point, options, progress, summary)
         return True
@@ -641,7 +642,7 @@ def _train_point(
         verb = "restarting (no checkpoint)"
     else:
         verb = "training"
-    progress.print(f"  ▶ {spec.name}: {verb} (run {run_id})")
+    progress.print(f"  ▶ {plain(spec.name)}: {verb} (run {run_id})")
     started = time.perf_counter()
     logger: MlflowLogger | None = None
     monitor: Any = None
@@ -665,7 +666,7 @@ def _train_point(
         record_failure(client, run_id, message, traceback.format_exc())
         grid.failures += 1
         summary.failed.append((grid.name, spec.name, message))
-        progress.print(f"  [red]✗ {spec.name}: FAILED — {message}[/]", important=True)
+        progress.print(f"  [red]✗ {plain(spec.name)}: FAILED — {plain(message)}[/]", important=True)
         if options.lockstep is not None:
             options.lockstep.failed(message)
         return
@@ -673,7 +674,7 @@ def _train_point(
     loss = final.get("final_val_loss")
     shown = f"val loss {loss:.4f}" if loss is not None else "no validation loss"
     summary.finished.append((grid.name, spec.name, f"{shown}, {elapsed:.1f} s"))
-    progress.print(f"  [green]✓ {spec.name}[/]: {shown} ({elapsed:.1f} s)")
+    progress.print(f"  [green]✓ {plain(spec.name)}[/]: {shown} ({elapsed:.1f} s)")
 
 
 def _point_tags(grid: Grid, point: Point) -> dict[str, str]:
@@ -712,7 +713,7 @@ def _train(
     if metadata is not None and metadata.get(CHECKPOINT_TRAINER_HASH, trainer_hash) != trainer_hash:
         shutil.rmtree(folder, ignore_errors=True)
         progress.print(
-            f"    {point.spec.name}: its checkpoint was written under other settings outside the "
+            f"    {plain(point.spec.name)}: its checkpoint was written under other settings outside the "
             f"run identity (a device name, a data path, the number of processes); starting over "
             f"inside run {run_id}"
         )
@@ -830,7 +831,7 @@ def _finish_grid(grid: Grid, progress: GridProgress) -> None:
         try:
             save_plots(grid.client, frame, folder)
         except Exception as error:  # a plot must never cost the grid its table
-            progress.print(f"  [yellow]plots skipped: {error}[/]")
+            progress.print(f"  [yellow]plots skipped: {plain(error)}[/]")
         retry_locked(lambda: grid.client.log_artifacts(grid.parent_run_id, str(folder)))
     render(frame, "table", console=progress.console, title=f"{grid.name}: comparison")
 
@@ -849,7 +850,7 @@ def _print_summary(summary: RunSummary, console: Console) -> None:
         (summary.failed, "[red]FAILED[/]"),
     ):
         for experiment, run, message in outcomes:
-            table.add_row(experiment, run, label, message)
+            table.add_row(plain(experiment), plain(run), label, plain(message))
     console.print(table)
     counts = (
         f"{len(summary.finished)} finished, {len(summary.skipped)} skipped, "

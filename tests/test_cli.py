@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import textwrap
 import sys
 from pathlib import Path
 
@@ -406,3 +407,35 @@ def test_tables_on_a_narrow_terminal_fold_columns_and_never_cut(tmp_path: Path) 
 
     for spec in expand_grid(load_experiment(QUICKSTART)):
         assert spec.config_hash in text
+
+
+def test_brackets_in_run_names_and_errors_are_printed_not_interpreted(tmp_path: Path) -> None:
+    """Rich markup characters in grid values, run names and error messages: shown as written."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(
+        "".join(f'{{"text": "document number {i} with some words in it"}}\n' for i in range(300)),
+        encoding="utf-8",
+    )
+    (tmp_path / "brackets.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: brackets
+            model: {d_model: 32, n_heads: 2, architecture: {n_stacks: 1, blocks_per_stack: 1}}
+            training: {seq_len: 16, batch_size: 2, budget: {steps: 2}, eval: {batches: 1}}
+            data: {source: files, paths: [docs.jsonl]}
+            tracking: {log_model: false}
+            grid:
+              data.text_column: [text, "[/x]", "[bold]y"]
+            """
+        ).lstrip(),
+        encoding="utf-8",
+    )
+    result = stackwise("run", "brackets.yaml", "--threads", "1", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "MarkupError" not in output
+    assert result.returncode == 1, output  # two points fail: their column does not exist
+    assert "text_column=[/x]" in output and "text_column=[bold]y" in output
+    assert "no column '[/x]'" in output
+    assert "1 finished, 0 skipped, 2 failed" in output
+    help_text = stackwise("run", "--help", cwd=tmp_path).stdout
+    assert "stackwise[ray]" in help_text

@@ -7,6 +7,8 @@ import functools
 import os
 from typing import TYPE_CHECKING
 
+from stackwise.tracking.progress import plain
+
 if TYPE_CHECKING:
     from stackwise.config.experiment import RunSpec
     from stackwise.runner import PointOutcome
@@ -41,25 +43,27 @@ class PointBoard:
     def started(self, spec: RunSpec, where: str = "") -> None:
         self.in_flight += 1
         suffix = f" ({where})" if where else ""
-        self.progress.print(f"  ▶ {spec.name}: started{suffix}  {self.status()}")
+        self.progress.print(
+            f"  ▶ {plain(spec.name)}: started{plain(suffix)}  {plain(self.status())}"
+        )
 
     def finished(self, spec: RunSpec, outcome: PointOutcome) -> None:
         self.in_flight -= 1
         if outcome.status == "busy":
-            self.progress.print(f"  {spec.name}: running in another process, waiting for it")
+            self.progress.print(f"  {plain(spec.name)}: running in another process, waiting for it")
             return
         if outcome.status in ("finished", "skipped"):
             self.done += 1
         else:
             self.failed += 1
         if outcome.status == "finished":
-            line = f"  [green]✓ {spec.name}[/]: {outcome.message}"
+            line = f"  [green]✓ {plain(spec.name)}[/]: {plain(outcome.message)}"
         elif outcome.status == "skipped":
-            line = f"  [dim]↷ {spec.name}: {outcome.message}[/]"
+            line = f"  [dim]↷ {plain(spec.name)}: {plain(outcome.message)}[/]"
         else:
-            line = f"  [red]✗ {spec.name}: FAILED — {outcome.message}[/]"
+            line = f"  [red]✗ {plain(spec.name)}: FAILED — {plain(outcome.message)}[/]"
         failed = outcome.status not in ("finished", "skipped")
-        self.progress.print(f"{line}  {self.status()}", important=failed)
+        self.progress.print(f"{line}  {plain(self.status())}", important=failed)
 
 
 @functools.lru_cache(maxsize=1)

@@ -27,6 +27,14 @@ from rich.table import Column
 from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallback, TrainingResults
 
 
+def plain(text: object) -> str:
+    """`text` as it reads, for a rich markup string: brackets in run names, paths and error
+    messages (`[/x]`, `[bold]`, a gloo error's `[/__w/…]`) are shown, never interpreted."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 class RunProgress(TrainingCallback):
     """Progress bar of one training run: stage, step, loss, tokens/s and ETA; with `log`, also
     one line per finished stage (for output that is not a terminal)."""
@@ -50,7 +58,7 @@ class RunProgress(TrainingCallback):
         if self.progress is None or self.task is None:
             return
         description = (
-            f"[cyan]{self.name}[/] {self.stage}  loss {self.loss:.4f}  "
+            f"[cyan]{plain(self.name)}[/] {plain(self.stage)}  loss {self.loss:.4f}  "
             f"{self.tokens_per_s:,.0f} tok/s"
         )
         self.progress.update(self.task, description=description, **fields)  # type: ignore[arg-type]
@@ -73,7 +81,8 @@ class RunProgress(TrainingCallback):
             stage = result.stage
             loss = "" if result.val_loss is None else f", val loss {result.val_loss:.4f}"
             self.log(
-                f"    {self.name}: stage {stage.index + 1}/{stage.total_stages} {stage.name} "
+                f"    {plain(self.name)}: stage {stage.index + 1}/{stage.total_stages} "
+                f"{plain(stage.name)} "
                 f"done at step {step}: train loss {result.train_loss:.4f}{loss}, "
                 f"{result.tokens_per_s:,.0f} tok/s"
             )
@@ -129,7 +138,7 @@ class GridProgress:
             return RunProgress(None, None, name)
         if self.run_task is not None:
             self.progress.remove_task(self.run_task)
-        self.run_task = self.progress.add_task(f"[cyan]{name}[/]", total=None)
+        self.run_task = self.progress.add_task(f"[cyan]{plain(name)}[/]", total=None)
         log = None if self.console.is_terminal else self.print
         return RunProgress(self.progress, self.run_task, name, log=log)
 
@@ -138,6 +147,9 @@ class GridProgress:
             self.progress.advance(self.grid_task)
 
     def print(self, message: str, important: bool = False) -> None:
-        """A status line above the bars; when quiet only `important` ones (failures) show."""
+        """A status line above the bars; when quiet only `important` ones (failures) show.
+
+        `message` is rich markup: text from users or libraries in it (run names, errors, paths)
+        must be passed through `plain` first."""
         if important or not self.quiet:
             self.console.print(message, highlight=False)

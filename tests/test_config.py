@@ -640,7 +640,9 @@ def test_from_yaml_round_trip_and_strict_errors(tmp_path: Path) -> None:
     [
         ({"training": {"optimizer": {"lr": float("inf")}}}, "training.optimizer.lr", "finite"),
         ({"training": {"optimizer": {"lr": float("nan")}}}, "training.optimizer.lr", "finite"),
-        ({"training": {"budget": {"flops": "1e400"}}}, "training.budget.flops", "finite"),
+        ({"training": {"budget": {"flops": 1e400}}}, "training.budget.flops", "finite"),
+        ({"training": {"optimizer": {"lr": "1e-3"}}}, "training.optimizer.lr", "not a string"),
+        ({"training": {"budget": {"steps": "100"}}}, "training.budget.steps", "not a string"),
         ({"model": {"n_heads": True}}, "model.n_heads", "not a boolean"),
         ({"training": {"optimizer": {"lr": True}}}, "training.optimizer.lr", "not a boolean"),
         (
@@ -649,8 +651,8 @@ def test_from_yaml_round_trip_and_strict_errors(tmp_path: Path) -> None:
             "boolean",
         ),
         ({"training": {"budget": {"steps": 1.5}}}, "training.budget.steps", "whole number"),
-        ({"data": {"max_tokens": "12.5"}}, "data.max_tokens", "whole number"),
-        ({"model": {"d_model": "1e400"}}, "model.d_model", "finite whole number"),
+        ({"data": {"max_tokens": 12.5}}, "data.max_tokens", "whole number"),
+        ({"model": {"d_model": 1e400}}, "model.d_model", "finite whole number"),
     ],
 )
 def test_numbers_must_be_finite_and_booleans_are_not_numbers(
@@ -664,7 +666,8 @@ def test_numbers_must_be_finite_and_booleans_are_not_numbers(
 
 
 def test_integral_floats_are_whole_numbers_from_yaml(tmp_path: Path) -> None:
-    """YAML 1.1 reads `1e6` as a string and `1.0e4` as a float; both are whole numbers."""
+    """`1e6` (a float as in YAML 1.2; PyYAML's YAML 1.1 would make it a string) and `1.0e4` are
+    whole numbers; a quoted number is a string, and strings are not numbers."""
     path = write(
         tmp_path,
         """
@@ -677,9 +680,21 @@ def test_integral_floats_are_whole_numbers_from_yaml(tmp_path: Path) -> None:
     assert run.config.data.max_tokens == 1_000_000 and type(run.config.data.max_tokens) is int
     assert run.config.training.budget.steps == 10_000
     assert run.config.training.optimizer.lr == 0.001
-    assert type(parse_override("training.budget.steps=2e3")[1]) is str  # the schema converts it
+    assert parse_override("training.budget.steps=2e3")[1] == 2000.0
     (over,) = expand_grid(load_experiment(path), ["training.budget.steps=2e3"])
     assert over.config.training.budget.steps == 2000
+    quoted = write(
+        tmp_path,
+        """
+        name: quoted
+        training: {optimizer: {lr: '1e-3'}}
+        """,
+        name="quoted.yaml",
+    )
+    with pytest.raises(ConfigError) as caught:
+        expand_grid(load_experiment(quoted))
+    assert caught.value.field == "training.optimizer.lr" and caught.value.line == 2
+    assert "not a string" in caught.value.message
 
 
 def test_infinite_lr_in_a_file_names_file_line_and_field(tmp_path: Path) -> None:

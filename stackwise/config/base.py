@@ -79,21 +79,16 @@ def _item_kinds(annotation: Any) -> set[type]:
 
 
 def _plain_number(value: Any, kinds: set[type]) -> Any:
-    """Numbers as a user means them: a boolean is not a number, an integral float (`1e6`, also
-    as the string YAML 1.1 makes of it) is a whole number, and `1.5` is not."""
+    """Numbers as a user means them: a boolean is not a number, nor is a string (`'1e-3'` in
+    quotes: the YAML loader reads `1e-3` unquoted as a float), an integral float (`1e6`) is a
+    whole number, and `1.5` is not."""
     if isinstance(value, bool):
         raise ValueError(f"must be a number, not a boolean (got {str(value).lower()})")
+    if isinstance(value, str):
+        raise ValueError(f"must be a number, not a string (got {value!r}); write it without quotes")
     if int not in kinds or float in kinds:
         return value  # float fields: pydantic parses; non-finite values are refused by config
     number = value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            try:
-                number = float(value)
-            except ValueError:
-                return value  # not a number at all: pydantic says so
     if isinstance(number, float):
         if not math.isfinite(number):
             raise ValueError(f"must be a finite whole number, got {value}")

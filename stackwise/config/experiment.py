@@ -65,7 +65,7 @@ from stackwise.config.errors import (
     suggest,
     validation_issues,
 )
-from stackwise.config.loading import load_mapping
+from stackwise.config.loading import load_mapping, read_value
 
 SECTIONS = ("model", "training", "data", "tracking")
 
@@ -661,7 +661,7 @@ def _match_value(axis: Axis, wanted: Any) -> int | None:
     candidates = {value_label(wanted)}
     if isinstance(wanted, str):
         with contextlib.suppress(yaml.YAMLError):
-            candidates.add(value_label(yaml.safe_load(wanted)))
+            candidates.add(value_label(read_value(wanted)))
     for index, label in enumerate(axis.labels):
         if label in candidates:
             return index
@@ -702,16 +702,15 @@ def _exclusions(experiment: Experiment, errors: list[ConfigError]) -> tuple[dict
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """`"training.optimizer.lr=1e-3"` -> (("training", "optimizer", "lr"), 0.001).
 
-    The value is read as YAML (`3` is an int, `[a, b]` a list, `null` None); a value YAML reads
-    as a string (including `1e-3`, which YAML 1.1 does not treat as a number) is left to the
-    schema, which converts numeric strings where a number is expected.
+    The value is read as YAML (`3` is an int, `1e-3` a float as in YAML 1.2, `[a, b]` a list,
+    `null` None); anything else is a string, which the schema refuses where it wants a number.
     """
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {text}: expected key=value, e.g. training.optimizer.lr=0.001")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_value(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return tuple(key.split(".")), value
@@ -819,7 +818,7 @@ def _setting_matches(config: StackWiseConfig, setting: tuple[str, ...], raw: str
     """Whether the run already has `setting = raw`: set it on a copy (validated, so aliases such
     as layerwise -> blockwise apply) and compare the identity hashes."""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_value(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     candidate = config.model_copy(deep=True)

@@ -6,6 +6,9 @@ instantiated from tags) through `StrictLoader`, which adds two things plain PyYA
 * duplicate keys in one mapping are an error (PyYAML would silently keep the last one), and
 * the line of every key and list item is recorded, so a validation error found later can point
   at the line of the offending field, and
+* numbers are read as YAML 1.2 reads them: `1e-3` and `1e6` are floats (YAML 1.1, which
+  PyYAML follows, reads an exponent without a dot as a string), so a quoted `'1e-3'` is the only
+  string that looks like a number — and the schema refuses strings where it wants numbers, and
 * input is bounded: a file over `MAX_YAML_BYTES`, or one whose aliases expand to more than
   `MAX_YAML_NODES` keys and values (an "alias bomb": nine levels of nine aliases are 9^9 values
   written in a few lines), is an error found before anything is built from it.
@@ -15,6 +18,7 @@ Malformed YAML becomes a `ConfigError` with the file and the parser's line and c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,8 +67,25 @@ class ExpansionError(yaml.constructor.ConstructorError):
         )
 
 
-class StrictLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that rejects duplicate keys and records key line numbers.
+# A YAML 1.2 float: digits with an optional fraction and an optional exponent (`1e-3`, `2.5`,
+# `.5`, `6E+2`); what YAML 1.1 already reads as int or float keeps its own resolver.
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+class NumberLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that reads YAML 1.2 exponent floats (`1e-3`) as numbers."""
+
+
+NumberLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def read_value(text: str) -> Any:
+    """A scalar or flow value as YAML (with `NumberLoader`): `--set` and `--only` values."""
+    return yaml.load(text, Loader=NumberLoader)
+
+
+class StrictLoader(NumberLoader):
+    """`NumberLoader` (a `yaml.SafeLoader`) that rejects duplicate keys and records key line numbers.
 
     After `get_single_data()`, `key_lines` maps each path (mapping keys as strings, list
     positions as ints) to its 1-based line.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from torch import nn
 from stackwise.config.base import StackWiseConfig
 from stackwise.model.architecture import create_rack_from_config
 from stackwise.training.callbacks import StageInfo, StageResult
+from stackwise.training.checkpoint import RunCheckpoints
 from stackwise.training.device import training_switches
 from stackwise.training.distributed import Distributed
 from stackwise.training.errors import TrainingError
@@ -550,3 +553,47 @@ def test_a_runs_results_add_up_its_stages() -> None:
         "unique_tokens": 400.0,
         "train_time_s": 5.0,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# a run's checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_are_due_on_the_step_cadence_or_after_the_minutes() -> None:
+    settings = config_for().training.checkpoint
+    steps = RunCheckpoints("unused", settings.model_copy(update={"every_steps": 4}), {})
+    steps.settings = steps.settings.model_copy(update={"every_minutes": None})
+    assert [s for s in range(1, 13) if steps.due(s)] == [4, 8, 12]
+    timed = RunCheckpoints("unused", settings.model_copy(update={"every_minutes": 1e-5}), {})
+    timed.start()
+    assert not timed.due(1)  # 0.6 ms have not passed yet
+    time.sleep(0.002)
+    assert timed.due(1)
+    timed.taken()
+    assert not timed.due(2)
+
+
+def test_a_checkpoint_is_read_back_for_its_own_run_only(tmp_path: Path) -> None:
+    settings = config_for().training.checkpoint
+    checkpoints = RunCheckpoints(tmp_path, settings, {"run_id": "r1"})
+    position = RunPosition(
+        config_hash="abc",
+        plan=[("block_0", 3)],
+        step_in_stage=2,
+        global_step=2,
+        stream=(0, 2),
+        last_logged_loss=3.5,  # (the default, NaN, equals nothing)
+    )
+    weights = {"w": torch.arange(4.0)}
+    path = checkpoints.write(position, weights=weights, optimizer=None, scheduler=None, rng={})
+    assert path.name == "ckpt-00000002-000-000002"
+    read = checkpoints.read(position)
+    assert read is not None
+    assert read[0] == position and torch.equal(read[1].weights["w"], weights["w"])
+    assert read[1].metadata == {"run_id": "r1"}
+    with pytest.raises(TrainingError, match="belongs to another config"):
+        checkpoints.read(replace(position, config_hash="xyz"))
+    with pytest.raises(TrainingError, match="different stage plan"):
+        checkpoints.read(replace(position, plan=[("block_0", 4)]))
+    assert RunCheckpoints(tmp_path / "none", settings, {}).read(position) is None

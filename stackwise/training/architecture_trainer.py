@@ -67,7 +67,7 @@ from stackwise.model.attention import KernelAttention, redraw_kernel_features
 from stackwise.model.materialize import block_is_meta
 from stackwise.training.cache import storage_dtype
 from stackwise.training.callbacks import StageResult, TrainingCallback, TrainingResults
-from stackwise.training.checkpoint import load_checkpoint, save_checkpoint
+from stackwise.training.checkpoint import RunCheckpoints
 from stackwise.training.device import resolve_device, training_switches
 from stackwise.training.distributed import Distributed
 from stackwise.training.errors import TrainingError
@@ -227,7 +227,11 @@ class _Run:
         self.step_start: tuple[RunPosition, dict[str, Any]] | None = None
         self.redraws = False
         self.run_start = 0.0
-        self.last_checkpoint_at = 0.0  # perf_counter of the last checkpoint (checkpoint_due)
+        self.checkpoints: RunCheckpoints | None = None
+        if trainer.checkpoint_dir is not None:
+            self.checkpoints = RunCheckpoints(
+                trainer.checkpoint_dir, cfg.checkpoint, trainer.checkpoint_metadata
+            )
 
     def _objective(self, rack: nn.Module) -> Objective:
         vocab = int(rack.vocab_size)  # type: ignore[arg-type]
@@ -265,11 +269,13 @@ class _Run:
         else:  # blocks move to the device as they come into memory
             for name in ("token_embedding", "norm", "lm_head"):
                 self.rack.get_submodule(name).to(self.device)
-        if self.trainer.checkpoint_dir is not None and self.trainer.resume:
-            self._restore()
+        if self.checkpoints is not None and self.trainer.resume:
+            self._restore(self.checkpoints)
         self.evaluator.build()
         self._emit("on_train_start", [p.info() for p in self.plans])
         self.run_start = time.perf_counter()
+        if self.checkpoints is not None:
+            self.checkpoints.start()
         plan: StagePlan | None = None
         try:
             for plan in self.plans[self.position.stage_index :]:
@@ -277,8 +283,8 @@ class _Run:
             plan = None
             results = self._finish()
         except KeyboardInterrupt:
-            if self.trainer.checkpoint_dir is not None:
-                self._save_checkpoint(interrupted=True)
+            if self.checkpoints is not None:
+                self._save_checkpoint(self.checkpoints, interrupted=True)
             raise
         except _OOM_ERRORS as error:
             where = (
@@ -476,8 +482,8 @@ class _Run:
                 if not logged:
                     val.update(self._progress())  # not a logging step: give val/loss its x
                 self._emit("on_metrics", {**val, "val/stage": float(plan.index)}, self.global_step)
-        if self._checkpoint_due():
-            self._save_checkpoint()
+        if self.checkpoints is not None and self.checkpoints.due(position.global_step):
+            self._save_checkpoint(self.checkpoints)
 
     def _log(self, plan: StagePlan, grad_norm: float | None) -> None:
         """Report the training metrics: the mean loss since the last report, lr, rate, totals."""
@@ -536,8 +542,8 @@ class _Run:
         # Report first: a run resumed from the stage-end checkpoint starts after this stage and
         # never reports it again, so it must reach the callbacks before the checkpoint exists.
         self._emit("on_stage_end", result, self.global_step)
-        if self.trainer.checkpoint_dir is not None:
-            self._save_checkpoint()
+        if self.checkpoints is not None:
+            self._save_checkpoint(self.checkpoints)
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -618,24 +624,10 @@ class _Run:
             "stream": self.stream_generator.get_state(),
         }
 
-    def _checkpoint_due(self) -> bool:
-        """Whether a mid-stage checkpoint is due after this step: every `checkpoint.every_steps`
-        global steps, or once `checkpoint.every_minutes` of training have passed since the last
-        checkpoint (or the start), so a hard kill (SIGKILL, a lost node) loses at most that."""
-        if self.trainer.checkpoint_dir is None:
-            return False
-        every_steps = self.cfg.checkpoint.every_steps
-        if every_steps and self.global_step % every_steps == 0:
-            return True
-        minutes = self.cfg.checkpoint.every_minutes
-        since = time.perf_counter() - max(self.run_start, self.last_checkpoint_at)
-        return minutes is not None and since >= minutes * 60.0
-
-    def _save_checkpoint(self, interrupted: bool = False) -> None:
+    def _save_checkpoint(self, checkpoints: RunCheckpoints, interrupted: bool = False) -> None:
         """Write a checkpoint of the run as it stands; `interrupted` (Ctrl-C): as it stood at
         the start of the running step, which the resumed run then repeats."""
-        assert self.trainer.checkpoint_dir is not None
-        self.last_checkpoint_at = time.perf_counter()
+        checkpoints.taken()
         if not self.dist.is_main:  # under torchrun rank 0 writes; every rank resumes from it
             return
         captured = self.step_start if interrupted else None
@@ -651,48 +643,31 @@ class _Run:
             interrupted=interrupted,
             grad_scaler=self.scaler.state_dict(),
         )
-        now = self.position
-        in_stage = self.optimizer is not None and now.step_in_stage > 0
+        in_stage = self.optimizer is not None and self.position.step_in_stage > 0
         # Callbacks make their records durable first: a resume from this checkpoint will not
         # repeat the steps before it, so nothing reported so far may be lost after it exists.
         self._emit("on_before_checkpoint", self.global_step)
-        path = save_checkpoint(
-            self.trainer.checkpoint_dir,
-            name=f"{now.global_step:08d}-{now.stage_index:03d}-{now.step_in_stage:06d}",
+        path = checkpoints.write(
+            state,
             weights=self.trunk.weights(),
             optimizer=self.optimizer.state_dict() if in_stage and self.optimizer else None,
             scheduler=self.scheduler.state_dict() if in_stage and self.scheduler else None,
             rng=rng,
-            state=state.to_state(),
-            metadata=self.trainer.checkpoint_metadata,
-            keep_last=self.cfg.checkpoint.keep_last,
         )
         self._emit("on_checkpoint", path, self.global_step)
 
-    def _restore(self) -> None:
-        assert self.trainer.checkpoint_dir is not None
-        checkpoint = load_checkpoint(self.trainer.checkpoint_dir)
-        if checkpoint is None:
+    def _restore(self, checkpoints: RunCheckpoints) -> None:
+        """Continue from the newest checkpoint, when there is one."""
+        read = checkpoints.read(self.position)
+        if read is None:
             return
-        expected = self.position
-        if checkpoint.state["config_hash"] != expected.config_hash:
-            raise TrainingError(
-                f"the checkpoint in {checkpoint.path} belongs to another config "
-                f"(hash {checkpoint.state['config_hash']}, this run {expected.config_hash}); "
-                f"use a fresh checkpoint directory or resume=False"
-            )
-        position = RunPosition.from_state(checkpoint.state)
-        if position.plan != expected.plan:
-            raise TrainingError(
-                f"the checkpoint in {checkpoint.path} was written for a different stage plan "
-                f"(another rack?); use a fresh checkpoint directory or resume=False"
-            )
+        position, checkpoint = read
         if self.trunk.pieces is None:
             self.rack.load_state_dict(checkpoint.weights)
             self.rack.to(self.device)
         else:
-            self.trunk.load_out_of_core(checkpoint.weights, self.trainer.checkpoint_dir)
-        self.position = replace(position, interrupted=False)
+            self.trunk.load_out_of_core(checkpoint.weights, checkpoints.directory)
+        self.position = position
         self.stream = BatchStream(self.dataloader, *position.stream)
         self.meter = StageMeter.from_state(position.meter)
         rng = checkpoint.rng

@@ -13,6 +13,11 @@ It is written into a temporary folder and renamed into place, and only then is t
 pointer file replaced (also by rename), so a kill at any moment leaves the previous checkpoint
 intact. ``.pt`` files are read with ``torch.load(weights_only=True)``: nothing is unpickled
 beyond tensors and plain containers.
+
+`RunCheckpoints` are the checkpoints of one training run: when one is due
+(``training.checkpoint``), writing the run's position (`stackwise.training.position`) as its
+state, and reading the newest back for a resume, refused when it belongs to another config or
+stage plan.
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from stackwise.config.base import CheckpointConfig
+from stackwise.training.errors import TrainingError
+from stackwise.training.position import RunPosition
 
 LATEST = "latest"
 PREFIX = "ckpt-"
@@ -171,3 +181,79 @@ def load_checkpoint(checkpoint_dir: str | Path) -> Checkpoint | None:
         state=json.loads((path / "state.json").read_text(encoding="utf-8")),
         metadata=json.loads((path / "metadata.json").read_text(encoding="utf-8")),
     )
+
+
+class RunCheckpoints:
+    """The checkpoints of one run in `directory` (see the module docstring); `metadata` is
+    stored in every one of them."""
+
+    def __init__(
+        self, directory: str | Path, settings: CheckpointConfig, metadata: dict[str, str]
+    ) -> None:
+        self.directory = Path(directory)
+        self.settings = settings
+        self.metadata = dict(metadata)
+        self._last = time.perf_counter()  # when the time cadence last started
+
+    def start(self) -> None:
+        """Training starts (or resumes) now: the time cadence counts from here."""
+        self._last = time.perf_counter()
+
+    def due(self, global_step: int) -> bool:
+        """Whether a checkpoint is due after global step `global_step`: every
+        ``every_steps`` steps, or once ``every_minutes`` have passed since the last checkpoint
+        (or the start), so a hard kill (SIGKILL, a lost node) loses at most that."""
+        every_steps = self.settings.every_steps
+        if every_steps and global_step % every_steps == 0:
+            return True
+        minutes = self.settings.every_minutes
+        return minutes is not None and time.perf_counter() - self._last >= minutes * 60.0
+
+    def taken(self) -> None:
+        """A checkpoint is taken now (every rank of a run notes it; rank 0 writes it)."""
+        self._last = time.perf_counter()
+
+    def write(
+        self,
+        position: RunPosition,
+        *,
+        weights: dict[str, torch.Tensor],
+        optimizer: dict[str, Any] | None,
+        scheduler: dict[str, Any] | None,
+        rng: dict[str, Any],
+    ) -> Path:
+        """Write a checkpoint of the run at `position`, named by its global step, stage and
+        step in the stage."""
+        name = f"{position.global_step:08d}-{position.stage_index:03d}-{position.step_in_stage:06d}"
+        return save_checkpoint(
+            self.directory,
+            name=name,
+            weights=weights,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rng=rng,
+            state=position.to_state(),
+            metadata=self.metadata,
+            keep_last=self.settings.keep_last,
+        )
+
+    def read(self, expected: RunPosition) -> tuple[RunPosition, Checkpoint] | None:
+        """The newest checkpoint and the position it holds (None: there is none yet); a
+        `TrainingError` when it was written for another config or stage plan than the run
+        starting at `expected`."""
+        checkpoint = load_checkpoint(self.directory)
+        if checkpoint is None:
+            return None
+        if checkpoint.state["config_hash"] != expected.config_hash:
+            raise TrainingError(
+                f"the checkpoint in {checkpoint.path} belongs to another config "
+                f"(hash {checkpoint.state['config_hash']}, this run {expected.config_hash}); "
+                f"use a fresh checkpoint directory or resume=False"
+            )
+        position = RunPosition.from_state(checkpoint.state)
+        if position.plan != expected.plan:
+            raise TrainingError(
+                f"the checkpoint in {checkpoint.path} was written for a different stage plan "
+                f"(another rack?); use a fresh checkpoint directory or resume=False"
+            )
+        return replace(position, interrupted=False), checkpoint

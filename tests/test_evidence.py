@@ -36,12 +36,10 @@ seeds: [0, 1]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import run_cli
-
+def store(tmp_path_factory: pytest.TempPathFactory, cli: Any) -> Path:
     folder = tmp_path_factory.mktemp("evidence")
     (folder / "evidence.yaml").write_text(textwrap.dedent(GRID).lstrip(), encoding="utf-8")
-    result = run_cli("run", "evidence.yaml", "--threads", "1", cwd=folder, timeout=600)
+    result = cli("run", "evidence.yaml", "--threads", "1", cwd=folder, timeout=600)
     assert result.returncode == 0, result.stderr
     return folder
 

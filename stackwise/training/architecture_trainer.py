@@ -369,8 +369,10 @@ class _Run:
         if self.pool.batches is not None:
             return
         position = self.position
-        fresh = position.pool_start is None
-        start = self.stream.position if position.pool_start is None else position.pool_start
+        start = position.pool_start
+        fresh = start is None
+        if start is None:
+            start = self.stream.position
         stream, unique = self.pool.draw(start)
         if fresh:
             self.stream = stream

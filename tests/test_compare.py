@@ -1,24 +1,20 @@
-"""`compare_runs` and `stackwise compare` on the shared tracked store (see test_tracking.py)."""
+"""`compare_runs` and `stackwise compare` on the shared tracked store (the `tracked` fixture of
+conftest.py, read in test_tracking.py)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
-from test_tracking import run_cli, shared_tracked_store, store_uri, write_experiment
 from typer.testing import CliRunner
 
 from stackwise.cli import app
 from stackwise.tracking.compare import CompareError, compare_runs, parse_pivot, pivot_frame
-
-
-@pytest.fixture(scope="session")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return shared_tracked_store(tmp_path_factory)
-
+from stackwise.tracking.store import default_tracking_uri
 
 RESULT_COLUMNS = [
     "val_loss",
@@ -119,14 +115,16 @@ def test_compare_formats(tracked: dict[str, Any], tmp_path: Path) -> None:
     assert bad.exit_code == 2
 
 
-def test_compare_subprocess_from_project_folder(tracked: dict[str, Any]) -> None:
+def test_compare_subprocess_from_project_folder(
+    tracked: dict[str, Any], run_cli: Callable[..., Any]
+) -> None:
     """The real console script, default store (./mlruns) found from the working directory."""
     done = run_cli(tracked["cwd"], "compare", "tracked.yaml", "--format", "markdown")
     assert done.returncode == 0, done.stderr
     assert "| mode=stackwise | stackwise |" in done.stdout
 
 
-def test_compare_never_creates_a_store(tmp_path: Path) -> None:
+def test_compare_never_creates_a_store(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     """Comparing in a folder where nothing has run is an error, and leaves the folder empty."""
     for args in (["quickstart"], ["quickstart", "--tracking-uri", "sqlite:///other.db"]):
         done = run_cli(tmp_path, "compare", *args)
@@ -262,28 +260,35 @@ def test_new_and_old_experiments_are_model_training_experiments(
     )
 
 
-def _grid_file(tmp_path: Path, uri: str) -> tuple[Path, list[str], list[str]]:
-    """A two-point file, with the run identities `stackwise run` gives its points as written
-    and with lr=0.002."""
+GridFile = Callable[[Path, str], tuple[Path, list[str], list[str]]]
+
+
+@pytest.fixture
+def grid_file(write_experiment: Callable[..., Path]) -> GridFile:
+    """`grid_file(folder, uri)`: a two-point file, with the run identities `stackwise run` gives
+    its points as written and with lr=0.002."""
     from stackwise.config.experiment import expand_grid, load_experiment
     from stackwise.runner import point_of
 
-    grid = {"training.training_architecture": ["rackwise", "stackwise"]}
-    path = write_experiment(tmp_path, "hand", grid=grid)
-    experiment = load_experiment(path)
-    current = [point_of(s, uri).identity for s in expand_grid(experiment)]
-    other = [point_of(s, uri).identity for s in expand_grid(experiment, [f"{LR}=0.002"])]
-    assert len(set(current + other)) == 4
-    return path, current, other
+    def grid_file(folder: Path, uri: str) -> tuple[Path, list[str], list[str]]:
+        grid = {"training.training_architecture": ["rackwise", "stackwise"]}
+        path = write_experiment(folder, "hand", grid=grid)
+        experiment = load_experiment(path)
+        current = [point_of(s, uri).identity for s in expand_grid(experiment)]
+        other = [point_of(s, uri).identity for s in expand_grid(experiment, [f"{LR}=0.002"])]
+        assert len(set(current + other)) == 4
+        return path, current, other
+
+    return grid_file
 
 
 def test_compare_file_shows_latest_finished_run_of_current_settings(
-    tmp_path: Path, blank_store: Path
+    tmp_path: Path, blank_store: Path, grid_file: GridFile
 ) -> None:
     client, uri = _hand_store(tmp_path, blank_store)
     from stackwise.tracking.store import get_or_create_experiment
 
-    path, (rack, stack), (rack_set, stack_set) = _grid_file(tmp_path, uri)
+    path, (rack, stack), (rack_set, stack_set) = grid_file(tmp_path, uri)
     experiment_id = get_or_create_experiment(client, uri, "hand")
     old, new = {LR: "0.001"}, {LR: "0.002"}
     rackwise, stackwise = {"mode": "rackwise"}, {"mode": "stackwise"}
@@ -355,11 +360,13 @@ def test_compare_file_shows_latest_finished_run_of_current_settings(
     assert by_name_set.exit_code == 2 and "give its file instead" in by_name_set.stderr
 
 
-def test_compare_file_notes_grid_points_without_a_run(tmp_path: Path, blank_store: Path) -> None:
+def test_compare_file_notes_grid_points_without_a_run(
+    tmp_path: Path, blank_store: Path, grid_file: GridFile
+) -> None:
     from stackwise.tracking.store import get_or_create_experiment
 
     client, uri = _hand_store(tmp_path, blank_store)
-    path, (rack, _), (rack_set, _) = _grid_file(tmp_path, uri)
+    path, (rack, _), (rack_set, _) = grid_file(tmp_path, uri)
     experiment_id = get_or_create_experiment(client, uri, "hand")
     _log_run(client, experiment_id, {"mode": "rackwise"}, rack_set, 1)
     notes: list[str] = []
@@ -652,7 +659,9 @@ def test_save_plots_writes_every_png(tmp_path: Path, blank_store: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compare_after_a_set_rerun_shows_the_current_runs(tmp_path: Path) -> None:
+def test_compare_after_a_set_rerun_shows_the_current_runs(
+    tmp_path: Path, write_experiment: Callable[..., Path], run_cli: Callable[..., Any]
+) -> None:
     from mlflow import MlflowClient
 
     from stackwise.tracking.compare import PLOT_FILES, client_history, load_curves, loss_figure
@@ -673,7 +682,7 @@ def test_compare_after_a_set_rerun_shows_the_current_runs(tmp_path: Path) -> Non
     second = run_cli(tmp_path, "run", "rerun.yaml", *rerun_args)
     assert second.returncode == 0, second.stdout + second.stderr
 
-    client = MlflowClient(store_uri(tmp_path))
+    client = MlflowClient(default_tracking_uri(tmp_path))
     experiment = client.get_experiment_by_name("rerun")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     points = client.search_runs(
@@ -688,7 +697,7 @@ def test_compare_after_a_set_rerun_shows_the_current_runs(tmp_path: Path) -> Non
         "mode=stackwise",
     }
 
-    uri, file = store_uri(tmp_path), str(tmp_path / "rerun.yaml")
+    uri, file = default_tracking_uri(tmp_path), str(tmp_path / "rerun.yaml")
 
     def compare_csv(*args: str) -> tuple[list[dict[str, Any]], str]:
         done = _hand_compare(uri, file, "--format", "csv", *args)
@@ -751,7 +760,10 @@ def test_memory_plot_numbers_points_beyond_ten_runs() -> None:
 
 
 def test_compare_file_with_data_files_matches_from_any_folder(
-    tmp_path: Path, blank_store: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    blank_store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_experiment: Callable[..., Path],
 ) -> None:
     """A point's identity includes its data's content, with `data.paths` relative to the file:
     compare finds the run whatever folder it is called from."""

@@ -12,14 +12,18 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_tracking import cli_env, point_runs, run_cli, store_uri, tiny_training, write_experiment
 
 from stackwise.config.experiment import expand_grid, load_experiment
 from stackwise.executors.local import job_slots
+from stackwise.tracking.store import default_tracking_uri
+
+PointRuns = Callable[[Any, str], list[Any]]
+Helper = Callable[..., Any]
 
 # --------------------------------------------------------------------------------------------
 # without engines
@@ -42,10 +46,16 @@ def test_job_slots_split_the_cores_and_hand_out_gpus() -> None:
     assert {s.threads for s in job_slots(2, 16, [], threads=3)} == {3}
 
 
-def _choice_plans(folder: Path, batch_size: int = 4) -> list[tuple[Any, list[Any]]]:
-    training = {**tiny_training(4), "batch_size": batch_size}
-    experiment = load_experiment(write_experiment(folder, "choice", training=training))
-    return [(experiment, expand_grid(experiment))]
+@pytest.fixture
+def choice_plans(write_experiment: Helper, tiny_training: Helper) -> Helper:
+    """`choice_plans(folder, batch_size=4)`: the plans of a one-point experiment file."""
+
+    def choice_plans(folder: Path, batch_size: int = 4) -> list[tuple[Any, list[Any]]]:
+        training = {**tiny_training(4), "batch_size": batch_size}
+        experiment = load_experiment(write_experiment(folder, "choice", training=training))
+        return [(experiment, expand_grid(experiment))]
+
+    return choice_plans
 
 
 @pytest.fixture
@@ -55,12 +65,12 @@ def not_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("not_under_torchrun")
-def test_the_flags_choose_the_executor(tmp_path: Path) -> None:
+def test_the_flags_choose_the_executor(tmp_path: Path, choice_plans: Helper) -> None:
     from stackwise.executors.choice import choose_executor
     from stackwise.executors.local import JobsExecutor
     from stackwise.executors.torchrun import TorchrunExecutor
 
-    plans = _choice_plans(tmp_path)
+    plans = choice_plans(tmp_path)
     assert choose_executor(plans) is None  # here, one point after another
     jobs = choose_executor(plans, jobs=3)
     assert isinstance(jobs, JobsExecutor) and jobs.jobs == 3
@@ -69,7 +79,9 @@ def test_the_flags_choose_the_executor(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("not_under_torchrun")
-def test_flags_that_do_not_go_together_are_all_reported(tmp_path: Path) -> None:
+def test_flags_that_do_not_go_together_are_all_reported(
+    tmp_path: Path, choice_plans: Helper
+) -> None:
     from stackwise.config.errors import ConfigError
     from stackwise.executors.choice import choose_executor
 
@@ -84,7 +96,7 @@ def test_flags_that_do_not_go_together_are_all_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="the Ray cluster decides") as caught:
         choose_executor([], "ray", jobs=2)
     # a batch of 6 does not split over 4 processes: named at the file's line of the setting
-    plans = _choice_plans(tmp_path, batch_size=6)
+    plans = choice_plans(tmp_path, batch_size=6)
     with pytest.raises(ConfigError, match="6 does not divide by the 4 processes") as caught:
         choose_executor(plans, nproc=4)
     (error,) = caught.value.errors
@@ -106,13 +118,13 @@ def test_under_torchrun_is_read_from_the_environment(monkeypatch: pytest.MonkeyP
     assert not under_torchrun()
 
 
-def test_points_options_and_outcomes_travel_as_json(tmp_path: Path) -> None:
+def test_points_options_and_outcomes_travel_as_json(tmp_path: Path, choice_plans: Helper) -> None:
     import json
 
     from stackwise.executors import messages
     from stackwise.runner import PointOutcome, RunOptions
 
-    ((_, specs),) = _choice_plans(tmp_path)
+    ((_, specs),) = choice_plans(tmp_path)
     spec = specs[0]
     travelled = messages.spec_from_json(json.loads(json.dumps(messages.spec_to_json(spec))))
     assert travelled == spec
@@ -127,7 +139,9 @@ def test_points_options_and_outcomes_travel_as_json(tmp_path: Path) -> None:
     assert not written.with_suffix(".tmp").exists()
 
 
-def test_executor_flag_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+def test_executor_flag_mistakes_are_one_line_errors(
+    tmp_path: Path, write_experiment: Helper, tiny_training: Helper, run_cli: Helper
+) -> None:
     path = write_experiment(tmp_path, "flags", training=tiny_training(4))
     cases = [
         (["--address", "auto"], "--address: only goes with --executor ray"),
@@ -145,7 +159,9 @@ def test_executor_flag_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "mlruns").exists()  # nothing written
 
 
-def test_ray_executor_without_ray_names_the_extra(tmp_path: Path) -> None:
+def test_ray_executor_without_ray_names_the_extra(
+    tmp_path: Path, write_experiment: Helper, tiny_training: Helper, cli_env: Helper
+) -> None:
     import subprocess
 
     path = write_experiment(tmp_path, "noray", training=tiny_training(4))
@@ -174,21 +190,33 @@ def test_ray_executor_without_ray_names_the_extra(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _finished_by_name(cwd: Path, name: str) -> dict[str, list[Any]]:
+@pytest.fixture
+def finished_by_name(point_runs: PointRuns) -> Helper:
+    """`finished_by_name(cwd, name)`: run name -> the point runs of that name of experiment
+    `name` in the store of `cwd`."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=store_uri(cwd))
-    experiment = client.get_experiment_by_name(name)
-    assert experiment is not None
-    runs: dict[str, list[Any]] = {}
-    for run in point_runs(client, experiment.experiment_id):
-        runs.setdefault(run.info.run_name, []).append(run)
-    return runs
+    def finished_by_name(cwd: Path, name: str) -> dict[str, list[Any]]:
+        client = MlflowClient(tracking_uri=default_tracking_uri(cwd))
+        experiment = client.get_experiment_by_name(name)
+        assert experiment is not None
+        runs: dict[str, list[Any]] = {}
+        for run in point_runs(client, experiment.experiment_id):
+            runs.setdefault(run.info.run_name, []).append(run)
+        return runs
+
+    return finished_by_name
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_jobs_two_finishes_a_four_point_grid_once_each(tmp_path: Path) -> None:
+def test_jobs_two_finishes_a_four_point_grid_once_each(
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    run_cli: Helper,
+    finished_by_name: Helper,
+) -> None:
     grid = {"training.training_architecture": ["rackwise", "stackwise"], "training.seed": [1, 2]}
     path = write_experiment(tmp_path, "jobs", grid=grid, training=tiny_training(8))
     started = time.monotonic()
@@ -200,7 +228,7 @@ def test_jobs_two_finishes_a_four_point_grid_once_each(tmp_path: Path) -> None:
     # On this machine's cores each of the two jobs got its share, never more.
     cores = len(os.sched_getaffinity(0))
     assert f"({max(1, cores // 2)} thread" in result.stdout
-    runs = _finished_by_name(tmp_path, "jobs")
+    runs = finished_by_name(tmp_path, "jobs")
     expected = {f"mode={m},seed={s}" for m in ("rackwise", "stackwise") for s in (1, 2)}
     assert set(runs) == expected
     for name, found in runs.items():
@@ -209,7 +237,7 @@ def test_jobs_two_finishes_a_four_point_grid_once_each(tmp_path: Path) -> None:
     assert len(hashes) == 4
     again = run_cli(tmp_path, "run", str(path), "--jobs", "2")
     assert "0 finished, 4 skipped, 0 failed" in again.stdout, again.stdout + again.stderr
-    assert {n: len(f) for n, f in _finished_by_name(tmp_path, "jobs").items()} == dict.fromkeys(
+    assert {n: len(f) for n, f in finished_by_name(tmp_path, "jobs").items()} == dict.fromkeys(
         expected, 1
     )
     print(f"--jobs 2, 4 points: {elapsed:.1f} s")
@@ -245,19 +273,34 @@ def _run(path: Path, store: Path, executor: Any = None) -> Any:
     return run_experiments(_plans(path), options, console=Console(width=200, quiet=True))
 
 
-def _points(store: Path, name: str) -> dict[str, Any]:
+@pytest.fixture
+def store_points(point_runs: PointRuns) -> Helper:
+    """`store_points(store, name)`: the point runs of experiment `name` in the store folder
+    `store` (``store/mlflow.db``)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
-    experiment = client.get_experiment_by_name(name)
-    assert experiment is not None
-    return {r.info.run_name: r for r in point_runs(client, experiment.experiment_id)}
+    def store_points(store: Path, name: str) -> list[Any]:
+        client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+        experiment = client.get_experiment_by_name(name)
+        assert experiment is not None
+        return point_runs(client, experiment.experiment_id)
+
+    return store_points
+
+
+def _by_name(runs: list[Any]) -> dict[str, Any]:
+    return {r.info.run_name: r for r in runs}
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ray_grid_records_what_the_local_executor_records(
-    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_cluster: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    store_points: Helper,
 ) -> None:
     from stackwise.executors.ray import RayExecutor
 
@@ -268,7 +311,8 @@ def test_ray_grid_records_what_the_local_executor_records(
     remote = _run(path, tmp_path / "ray", RayExecutor())
     assert local.exit_code == remote.exit_code == 0
     assert len(remote.finished) == 2
-    here, there = _points(tmp_path / "local", "rayvs"), _points(tmp_path / "ray", "rayvs")
+    here = _by_name(store_points(tmp_path / "local", "rayvs"))
+    there = _by_name(store_points(tmp_path / "ray", "rayvs"))
     assert set(here) == set(there) == {"mode=rackwise", "mode=stackwise"}
     for name, run in here.items():
         other = there[name]
@@ -285,7 +329,12 @@ def test_ray_grid_records_what_the_local_executor_records(
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ray_task_killed_fails_its_point_the_others_finish_rerun_completes(
-    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_cluster: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    store_points: Helper,
 ) -> None:
     from mlflow import MlflowClient
 
@@ -330,7 +379,7 @@ def test_ray_task_killed_fails_its_point_the_others_finish_rerun_completes(
     assert summary.exit_code == 1
     assert [run for _, run, _ in summary.failed] == [victim]
     assert sorted(run for _, run, _ in summary.finished) == ["seed=2", "seed=3"]
-    points = _points(store, "raykill")
+    points = _by_name(store_points(store, "raykill"))
     assert points[victim].info.status == "FAILED"
     assert "died" in points[victim].data.tags["error"].lower(), points[victim].data.tags["error"]
     assert {points[n].info.status for n in ("seed=2", "seed=3")} == {"FINISHED"}
@@ -339,17 +388,8 @@ def test_ray_task_killed_fails_its_point_the_others_finish_rerun_completes(
     assert again.exit_code == 0
     assert sorted(run for _, run, _ in again.skipped) == ["seed=2", "seed=3"]
     assert [run for _, run, _ in again.finished] == [victim]
-    statuses = [r.info.status for r in _points_all(store, "raykill") if r.info.run_name == victim]
+    statuses = [r.info.status for r in store_points(store, "raykill") if r.info.run_name == victim]
     assert "FINISHED" in statuses
-
-
-def _points_all(store: Path, name: str) -> list[Any]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
-    experiment = client.get_experiment_by_name(name)
-    assert experiment is not None
-    return point_runs(client, experiment.experiment_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +399,13 @@ def _points_all(store: Path, name: str) -> list[Any]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_two_processes_give_the_loss_curve_of_one(tmp_path: Path) -> None:
+def test_torchrun_two_processes_give_the_loss_curve_of_one(
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    run_cli: Helper,
+    point_runs: PointRuns,
+) -> None:
     from mlflow import MlflowClient
 
     training = {**tiny_training(8), "log_every_steps": 1, "grad_accum_steps": 2}
@@ -406,12 +452,19 @@ def test_torchrun_two_processes_give_the_loss_curve_of_one(tmp_path: Path) -> No
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_run_stopped_by_sigterm_resumes_with_the_same_world_size(tmp_path: Path) -> None:
+def test_torchrun_run_stopped_by_sigterm_resumes_with_the_same_world_size(
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    run_cli: Helper,
+    cli_command: Helper,
+    cli_env: Helper,
+    point_runs: PointRuns,
+) -> None:
     import sqlite3
     import subprocess
 
     from mlflow import MlflowClient
-    from test_tracking import cli_command
 
     training = {**tiny_training(40), "log_every_steps": 1, "training_architecture": "stackwise"}
     path = write_experiment(tmp_path, "resume", training=training)

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import yaml
-from test_tracking import assert_each_step_logged_once, cli_command, cli_env
 
 from stackwise.config.experiment import expand_grid, load_experiment
 from stackwise.runner import point_of
@@ -90,16 +89,17 @@ def _default_hangup() -> None:
 
 
 class Cli:
-    """`stackwise <args>` as a background process whose output is collected as it comes."""
+    """A command (`stackwise <args>`) as a background process whose output is collected as it
+    comes."""
 
-    def __init__(self, cwd: Path, *args: str) -> None:
+    def __init__(self, command: list[str], cwd: Path, env: dict[str, str]) -> None:
         self.lines: list[str] = []
         self.started = time.monotonic()
         self.ended = float("inf")  # when its output closed (it exited)
         self.process = subprocess.Popen(
-            cli_command(*args),
+            command,
             cwd=cwd,
-            env=cli_env(cwd),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -138,10 +138,31 @@ class Cli:
         return self.finish()
 
 
-def run(cwd: Path, *args: str) -> tuple[int, str]:
-    cli = Cli(cwd, *args)
-    output = cli.finish()
-    return cli.process.returncode, output
+Start = Callable[..., Cli]
+Run = Callable[..., tuple[int, str]]
+Helper = Callable[..., Any]
+
+
+@pytest.fixture
+def start(cli_command: Helper, cli_env: Helper) -> Start:
+    """`start(cwd, *args)`: `stackwise <args>` started in `cwd` in the background (a `Cli`)."""
+
+    def start(cwd: Path, *args: str) -> Cli:
+        return Cli(cli_command(*args), cwd, cli_env(cwd))
+
+    return start
+
+
+@pytest.fixture
+def run(start: Start) -> Run:
+    """`run(cwd, *args)`: `stackwise <args>` in `cwd` to its end: (exit code, output)."""
+
+    def run(cwd: Path, *args: str) -> tuple[int, str]:
+        cli = start(cwd, *args)
+        output = cli.finish()
+        return cli.process.returncode, output
+
+    return run
 
 
 def client_of(uri: str) -> Any:
@@ -175,7 +196,11 @@ def identities(path: Path, uri: str) -> list[str]:
 
 
 def test_sigkill_then_sigterm_then_rerun_leaves_one_finished_run_per_point(
-    tmp_path: Path, empty_store: Path
+    tmp_path: Path,
+    empty_store: Path,
+    start: Start,
+    run: Run,
+    assert_each_step_logged_once: Helper,
 ) -> None:
     """kill -9 before the point's first checkpoint, a rerun adopts the orphan and restarts in
     it; SIGTERM checkpoints, marks it KILLED and exits 143; the next rerun resumes: every point
@@ -188,7 +213,7 @@ def test_sigkill_then_sigterm_then_rerun_leaves_one_finished_run_per_point(
 
     # 1. SIGKILL mid-point. Its checkpoint is removed: the state a kill leaves before the
     # first checkpoint (a RUNNING run, some metrics, nothing to resume from).
-    first = Cli(tmp_path, *args)
+    first = start(tmp_path, *args)
     first.wait_for(lambda: read_checkpoint_metadata(folder))
     run_id = read_checkpoint_metadata(folder)["mlflow_run_id"]  # type: ignore[index]
     first.kill(signal.SIGKILL)
@@ -198,7 +223,7 @@ def test_sigkill_then_sigterm_then_rerun_leaves_one_finished_run_per_point(
     assert client.get_metric_history(run_id, "train/loss")
 
     # 2. A rerun adopts the orphan (no second run), then gets SIGTERM mid-point.
-    second = Cli(tmp_path, *args)
+    second = start(tmp_path, *args)
     second.wait_for(lambda: f"restarting (no checkpoint) (run {run_id})" in second.output)
     second.wait_for(lambda: read_checkpoint_metadata(folder))
     output = second.kill(signal.SIGTERM)
@@ -227,7 +252,7 @@ def test_sigkill_then_sigterm_then_rerun_leaves_one_finished_run_per_point(
 
 
 def test_sighup_checkpoints_and_another_store_leaves_it_alone(
-    tmp_path: Path, empty_store: Path
+    tmp_path: Path, empty_store: Path, start: Start, run: Run
 ) -> None:
     """Two stores in one folder: a point interrupted (SIGHUP, exit 129) in a.db keeps its
     checkpoint in a.stackwise/ while the same point runs to the end in b.db; a.db then resumes
@@ -240,7 +265,7 @@ def test_sighup_checkpoints_and_another_store_leaves_it_alone(
     a_folder = checkpoint_dir(a_uri, "stores", identity)
     assert a_folder.is_relative_to(tmp_path / "stores" / "a.stackwise")
 
-    interrupted = Cli(tmp_path, "run", str(path), "--tracking-uri", a_uri)
+    interrupted = start(tmp_path, "run", str(path), "--tracking-uri", a_uri)
     interrupted.wait_for(lambda: read_checkpoint_metadata(a_folder))
     output = interrupted.kill(signal.SIGHUP)
     assert interrupted.process.returncode == 129, output
@@ -263,7 +288,11 @@ def test_sighup_checkpoints_and_another_store_leaves_it_alone(
 
 
 def test_checkpoint_under_another_device_name_restarts_inside_the_run(
-    tmp_path: Path, empty_store: Path
+    tmp_path: Path,
+    empty_store: Path,
+    start: Start,
+    run: Run,
+    assert_each_step_logged_once: Helper,
 ) -> None:
     """`device: cpu` then `device: auto` on a CPU-only machine is one run: its checkpoint (the
     trainer checks its exact config) is dropped and the point trains again inside that run."""
@@ -275,7 +304,7 @@ def test_checkpoint_under_another_device_name_restarts_inside_the_run(
     path = write_file(tmp_path, "device", grid={"training.budget.steps": [1000]})
     (identity,) = identities(path, uri)
     folder = checkpoint_dir(uri, "device", identity)
-    interrupted = Cli(tmp_path, "run", str(path), "--tracking-uri", uri)
+    interrupted = start(tmp_path, "run", str(path), "--tracking-uri", uri)
     interrupted.wait_for(lambda: read_checkpoint_metadata(folder))
     run_id = read_checkpoint_metadata(folder)["mlflow_run_id"]  # type: ignore[index]
     output = interrupted.kill(signal.SIGTERM)
@@ -299,7 +328,7 @@ def test_checkpoint_under_another_device_name_restarts_inside_the_run(
 
 
 def test_identity_follows_data_content_not_folders_or_cadence(
-    tmp_path: Path, empty_store: Path
+    tmp_path: Path, empty_store: Path, run: Run
 ) -> None:
     """One experiment file copied into two folders, each with its own corpus.txt, shares a
     store: the second trains (other data). Run again from another working folder with only
@@ -423,7 +452,7 @@ def servers() -> Iterator[tuple[str, str]]:
 
 
 def test_stores_that_cannot_work_are_one_line_errors(
-    tmp_path: Path, servers: tuple[str, str]
+    tmp_path: Path, servers: tuple[str, str], start: Start
 ) -> None:
     """run, compare and ui against a web page, a server that never answers and a database URI
     without its driver: exit 2 within 15 s, one error line, no traceback, nothing written."""
@@ -442,7 +471,9 @@ def test_stores_that_cannot_work_are_one_line_errors(
             "pip install psycopg2-binary",
         ),
     }
-    processes = {name: (Cli(tmp_path, *args), expected) for name, (args, expected) in cases.items()}
+    processes = {
+        name: (start(tmp_path, *args), expected) for name, (args, expected) in cases.items()
+    }
     elapsed = {}
     for name, (cli, expected) in processes.items():
         output = cli.finish(timeout=60)

@@ -1,15 +1,16 @@
 """`stackwise generate` and `stackwise export` on real runs: the shared tracked store (two tiny
-causal clm runs, see test_tracking.py) and racks logged by hand into a SQLite store."""
+causal clm runs, the `tracked` fixture of conftest.py) and racks logged by hand into a SQLite
+store."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_tracking import point_runs, run_cli, shared_tracked_store
 
 from stackwise.model import create_rack_from_specs
 from stackwise.tracking.export import export_safetensors
@@ -19,18 +20,10 @@ from stackwise.tracking.store import default_tracking_uri, get_or_create_experim
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return shared_tracked_store(tmp_path_factory)
-
-
-def _run_ids(tracked: dict[str, Any]) -> dict[str, str]:
+def run_ids(tracked: dict[str, Any], point_runs: Callable[[Any, str], list[Any]]) -> dict[str, str]:
     """training_architecture -> run id of the tracked grid."""
     runs = point_runs(tracked["client"], tracked["experiment_id"])
     return {r.data.tags["training_architecture"]: r.info.run_id for r in runs}
-
-
-def _generate(cwd: Path, *args: str) -> Any:
-    return run_cli(cwd, "generate", *args)
 
 
 def escaped(text: str) -> str:
@@ -41,10 +34,13 @@ def escaped(text: str) -> str:
     )
 
 
-def test_generate_from_a_run_is_seeded_and_says_its_sampler(tracked: dict[str, Any]) -> None:
-    run_id = _run_ids(tracked)["rackwise"]
-    done = _generate(
+def test_generate_from_a_run_is_seeded_and_says_its_sampler(
+    tracked: dict[str, Any], run_ids: dict[str, str], run_cli: Callable[..., Any]
+) -> None:
+    run_id = run_ids["rackwise"]
+    done = run_cli(
         tracked["cwd"],
+        "generate",
         run_id,
         "-p",
         "The ",
@@ -84,10 +80,11 @@ def test_generate_for_grid_gives_each_finished_point_the_same_prompt_and_seed(
 
 
 @pytest.mark.slow
-def test_generate_runs_side_by_side_cli(tracked: dict[str, Any]) -> None:
-    done = _generate(
-        tracked["cwd"], "--runs", str(tracked["file"]), "-p", "a", "--max-new-tokens", "8"
-    )
+def test_generate_runs_side_by_side_cli(
+    tracked: dict[str, Any], run_cli: Callable[..., Any]
+) -> None:
+    args = ("--runs", str(tracked["file"]), "-p", "a", "--max-new-tokens", "8")
+    done = run_cli(tracked["cwd"], "generate", *args)
     assert done.returncode == 0, done.stderr
     headers = [line for line in done.stdout.splitlines() if line.startswith("── ")]
     assert len(headers) == 2  # both grid points of the file
@@ -96,9 +93,11 @@ def test_generate_runs_side_by_side_cli(tracked: dict[str, Any]) -> None:
     assert "2 runs, prompt 'a', seed 0." in done.stdout
 
 
-def test_export_hf_from_a_depthwise_run(tracked: dict[str, Any], tmp_path: Path) -> None:
+def test_export_hf_from_a_depthwise_run(
+    tracked: dict[str, Any], run_ids: dict[str, str], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
     transformers = pytest.importorskip("transformers")
-    run_id = _run_ids(tracked)["stackwise"]
+    run_id = run_ids["stackwise"]
     rack = load_rack(run_id, tracking_uri=tracked["uri"])
     assert not rack.tie_embeddings  # depth-wise training unties the head
     out = tmp_path / "hf"
@@ -118,9 +117,9 @@ def test_export_hf_from_a_depthwise_run(tracked: dict[str, Any], tmp_path: Path)
 
 
 def test_safetensors_export_of_a_run_generates_like_the_run(
-    tracked: dict[str, Any], tmp_path: Path
+    tracked: dict[str, Any], run_ids: dict[str, str], tmp_path: Path
 ) -> None:
-    run_id = _run_ids(tracked)["rackwise"]
+    run_id = run_ids["rackwise"]
     model = load_trained(run_id, tracking_uri=tracked["uri"])
     export_safetensors(model, tmp_path / "saved")
     config = (tmp_path / "saved" / "config.yaml").read_text()
@@ -193,7 +192,7 @@ def test_the_objective_decides_the_sampler_of_a_causal_rack(mixed_run: dict[str,
 
 
 def test_unsupported_export_exits_2_with_one_line(
-    mixed_run: dict[str, Any], tmp_path: Path
+    mixed_run: dict[str, Any], tmp_path: Path, run_cli: Callable[..., Any]
 ) -> None:
     out = tmp_path / "out"
     done = run_cli(mixed_run["cwd"], "export", mixed_run["run_id"], str(out), "--format", "hf")
@@ -206,7 +205,9 @@ def test_unsupported_export_exits_2_with_one_line(
 
 
 @pytest.mark.slow
-def test_bad_generate_and_export_requests_exit_2(mixed_run: dict[str, Any], tmp_path: Path) -> None:
+def test_bad_generate_and_export_requests_exit_2(
+    mixed_run: dict[str, Any], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
     out = tmp_path / "out"
     unknown = run_cli(mixed_run["cwd"], "generate", "0123456789abcdef", "-p", "x")
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr

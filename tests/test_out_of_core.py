@@ -7,12 +7,12 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_checkpoint import InterruptAt
 
 from stackwise.config.base import StackWiseConfig
 from stackwise.data import build_data
@@ -108,11 +108,11 @@ def test_out_of_core_gives_the_losses_of_an_in_memory_run(mode: str) -> None:
         assert torch.equal(written(ids), reference_rack(ids))
 
 
-def test_out_of_core_resumes_exactly(tmp_path: Path) -> None:
+def test_out_of_core_resumes_exactly(tmp_path: Path, interrupt_at: type) -> None:
     config = config_for(checkpoint={"every_steps": 2})
     _, reference, reference_results = train(config, checkpoint_dir=tmp_path / "reference")
     with pytest.raises(KeyboardInterrupt):
-        train(config, checkpoint_dir=tmp_path / "run", callbacks=[InterruptAt(8)])
+        train(config, checkpoint_dir=tmp_path / "run", callbacks=[interrupt_at(8)])
     _, resumed, results = train(config, checkpoint_dir=tmp_path / "run")
     assert resumed.train == reference.train[8:]
     assert results.final_val_loss == reference_results.final_val_loss  # both from the cache
@@ -194,21 +194,27 @@ def test_out_of_core_trains_a_rack_larger_than_its_memory_growth(tmp_path: Path)
     assert report["loss"] is not None and report["loss"] < 6.0
 
 
-def test_a_tracked_out_of_core_run_logs_a_sharded_rack_that_loads(tmp_path: Path) -> None:
+def test_a_tracked_out_of_core_run_logs_a_sharded_rack_that_loads(
+    tmp_path: Path,
+    tiny_training: Callable[..., dict[str, Any]],
+    write_experiment: Callable[..., Path],
+    run_cli: Callable[..., Any],
+    point_runs: Callable[[Any, str], list[Any]],
+) -> None:
     from mlflow import MlflowClient
-    from test_tracking import point_runs, run_cli, store_uri, tiny_training, write_experiment
 
     from stackwise.tracking.models import load_rack
+    from stackwise.tracking.store import default_tracking_uri
 
     training = {**tiny_training(8), "training_architecture": "blockwise", "out_of_core": True}
     path = write_experiment(tmp_path, "ooc", training=training)
     done = run_cli(tmp_path, "run", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
-    client = MlflowClient(tracking_uri=store_uri(tmp_path))
+    client = MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
     experiment = client.get_experiment_by_name("ooc")
     (run,) = point_runs(client, experiment.experiment_id)
     assert run.info.status == "FINISHED"
-    rack = load_rack(run.info.run_id, tracking_uri=store_uri(tmp_path))
+    rack = load_rack(run.info.run_id, tracking_uri=default_tracking_uri(tmp_path))
     assert rack.n_blocks == 2 and not rack.tie_embeddings  # the depth-wise head was untied
     ids = torch.randint(0, 260, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -5,39 +5,32 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_tracking import (
-    assert_each_step_logged_once,
-    cli_command,
-    cli_env,
-    point_runs,
-    run_cli,
-    shared_tracked_store,
-    store_uri,
-    tiny_training,
-    write_experiment,
-)
 
 from stackwise.config.experiment import expand_grid, load_experiment
 from stackwise.tracking.compare import compare_runs
-from stackwise.tracking.store import checkpoint_dir
+from stackwise.tracking.store import checkpoint_dir, default_tracking_uri
 from stackwise.training.checkpoint import read_checkpoint_metadata
+
+PointRuns = Callable[[Any, str], list[Any]]
+Helper = Callable[..., Any]
 
 
 def _client(cwd: Path) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=store_uri(cwd))
+    return MlflowClient(tracking_uri=default_tracking_uri(cwd))
 
 
 def _identity(cwd: Path, spec: Any) -> str:
     """The run identity (``config_hash`` tag) a grid point gets in the store of `cwd`."""
     from stackwise.runner import point_of
 
-    return point_of(spec, store_uri(cwd)).identity
+    return point_of(spec, default_tracking_uri(cwd)).identity
 
 
 def _experiment_id(cwd: Path, name: str) -> str:
@@ -46,27 +39,34 @@ def _experiment_id(cwd: Path, name: str) -> str:
     return str(experiment.experiment_id)
 
 
-def _finished_once(cwd: Path, name: str, hashes: list[str]) -> dict[str, Any]:
-    """Every config hash has exactly one FINISHED run; returns hash -> that run."""
-    runs = point_runs(_client(cwd), _experiment_id(cwd, name))
-    chosen = {}
-    for config_hash in hashes:
-        finished = [
-            r
-            for r in runs
-            if r.data.tags["config_hash"] == config_hash and r.info.status == "FINISHED"
-        ]
-        assert len(finished) == 1, (config_hash, [(r.info.run_id, r.info.status) for r in runs])
-        chosen[config_hash] = finished[0]
-    return chosen
+FinishedOnce = Callable[[Path, str, list[str]], dict[str, Any]]
 
 
-@pytest.fixture(scope="session")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return shared_tracked_store(tmp_path_factory)
+@pytest.fixture
+def finished_once(point_runs: PointRuns) -> FinishedOnce:
+    """`finished_once(cwd, name, hashes)`: every config hash has exactly one FINISHED run in the
+    store of `cwd`; returns hash -> that run."""
+
+    def finished_once(cwd: Path, name: str, hashes: list[str]) -> dict[str, Any]:
+        runs = point_runs(_client(cwd), _experiment_id(cwd, name))
+        chosen = {}
+        for config_hash in hashes:
+            finished = [
+                r
+                for r in runs
+                if r.data.tags["config_hash"] == config_hash and r.info.status == "FINISHED"
+            ]
+            statuses = [(r.info.run_id, r.info.status) for r in runs]
+            assert len(finished) == 1, (config_hash, statuses)
+            chosen[config_hash] = finished[0]
+        return chosen
+
+    return finished_once
 
 
-def test_second_run_skips_every_point(tracked: dict[str, Any]) -> None:
+def test_second_run_skips_every_point(
+    tracked: dict[str, Any], point_runs: PointRuns, run_cli: Helper
+) -> None:
     """Running the shared store's file again trains nothing (it only adds a parent run)."""
     client, experiment_id = tracked["client"], tracked["experiment_id"]
     before = {r.info.run_id for r in point_runs(client, experiment_id)}
@@ -78,7 +78,9 @@ def test_second_run_skips_every_point(tracked: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_force_reruns_and_compare_shows_latest(tmp_path: Path) -> None:
+def test_force_reruns_and_compare_shows_latest(
+    tmp_path: Path, write_experiment: Helper, run_cli: Helper, point_runs: PointRuns
+) -> None:
     path = write_experiment(
         tmp_path, "forced", grid={"training.training_architecture": ["rackwise"]}
     )
@@ -89,12 +91,22 @@ def test_force_reruns_and_compare_shows_latest(tmp_path: Path) -> None:
     runs = point_runs(_client(tmp_path), _experiment_id(tmp_path, "forced"))
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     # compare shows the grid point once: its latest finished run
-    frame = compare_runs(["forced"], tracking_uri=store_uri(tmp_path))
+    frame = compare_runs(["forced"], tracking_uri=default_tracking_uri(tmp_path))
     latest = max(runs, key=lambda r: r.info.start_time).info.run_id
     assert frame.height == 1 and frame["run_id"][0] == latest
 
 
-def test_sigkill_mid_grid_then_resume_into_same_run(tmp_path: Path) -> None:
+def test_sigkill_mid_grid_then_resume_into_same_run(
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    cli_command: Helper,
+    cli_env: Helper,
+    run_cli: Helper,
+    point_runs: PointRuns,
+    finished_once: FinishedOnce,
+    assert_each_step_logged_once: Helper,
+) -> None:
     path = write_experiment(
         tmp_path,
         "resume",
@@ -104,7 +116,7 @@ def test_sigkill_mid_grid_then_resume_into_same_run(tmp_path: Path) -> None:
     specs = expand_grid(load_experiment(path))
     short, long = specs
     short_id, long_id = _identity(tmp_path, short), _identity(tmp_path, long)
-    folder = checkpoint_dir(store_uri(tmp_path), "resume", long_id)
+    folder = checkpoint_dir(default_tracking_uri(tmp_path), "resume", long_id)
 
     process = subprocess.Popen(
         cli_command("run", str(path), "--quiet"),
@@ -134,7 +146,7 @@ def test_sigkill_mid_grid_then_resume_into_same_run(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"resuming (run {interrupted_run})" in second.stdout
     assert "1 finished, 1 skipped, 0 failed" in second.stdout
-    runs = _finished_once(tmp_path, "resume", [short_id, long_id])
+    runs = finished_once(tmp_path, "resume", [short_id, long_id])
     assert runs[long_id].info.run_id == interrupted_run
     # No duplicate run was opened for the interrupted point, and its curve is complete.
     all_runs = point_runs(client, _experiment_id(tmp_path, "resume"))
@@ -151,13 +163,22 @@ def test_sigkill_mid_grid_then_resume_into_same_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # two CLI processes, ~20 s on 2 cores
-def test_ctrl_c_marks_runs_killed_and_a_rerun_resumes(tmp_path: Path) -> None:
+def test_ctrl_c_marks_runs_killed_and_a_rerun_resumes(
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    cli_command: Helper,
+    cli_env: Helper,
+    run_cli: Helper,
+    finished_once: FinishedOnce,
+    assert_each_step_logged_once: Helper,
+) -> None:
     """SIGINT (Ctrl-C) mid-run: a checkpoint, KILLED runs, exit 130 with a hint, no traceback;
     the same command then resumes into the same run."""
     path = write_experiment(tmp_path, "interrupted", training=tiny_training(24))
     (spec,) = expand_grid(load_experiment(path))
     identity = _identity(tmp_path, spec)
-    folder = checkpoint_dir(store_uri(tmp_path), "interrupted", identity)
+    folder = checkpoint_dir(default_tracking_uri(tmp_path), "interrupted", identity)
     process = subprocess.Popen(
         cli_command("run", str(path)),
         cwd=tmp_path,
@@ -192,13 +213,15 @@ def test_ctrl_c_marks_runs_killed_and_a_rerun_resumes(tmp_path: Path) -> None:
 
     again = run_cli(tmp_path, "run", str(path), "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert _finished_once(tmp_path, "interrupted", [identity])[identity].info.run_id == run_id
+    assert finished_once(tmp_path, "interrupted", [identity])[identity].info.run_id == run_id
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
     assert steps == list(range(4, 25, 4))
     assert_each_step_logged_once(client, run_id)
 
 
-def test_failing_point_does_not_stop_the_grid(tmp_path: Path) -> None:
+def test_failing_point_does_not_stop_the_grid(
+    tmp_path: Path, write_experiment: Helper, run_cli: Helper, point_runs: PointRuns
+) -> None:
     good = tmp_path / "good.txt"
     good.write_text("The quick brown fox jumps over the lazy dog.\n" * 400, encoding="utf-8")
     empty = tmp_path / "empty.txt"
@@ -232,7 +255,13 @@ def test_failing_point_does_not_stop_the_grid(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_lose_nothing(tmp_path: Path) -> None:
+def test_two_concurrent_runs_lose_nothing(
+    tmp_path: Path,
+    write_experiment: Helper,
+    cli_command: Helper,
+    cli_env: Helper,
+    finished_once: FinishedOnce,
+) -> None:
     grid = {"training.training_architecture": ["rackwise", "stackwise"]}
     first = write_experiment(tmp_path, "alpha", grid=grid)
     second = write_experiment(tmp_path, "beta", grid=grid)
@@ -256,7 +285,7 @@ def test_two_concurrent_runs_lose_nothing(tmp_path: Path) -> None:
     client = _client(tmp_path)
     for path, name in ((first, "alpha"), (second, "beta")):
         hashes = [_identity(tmp_path, spec) for spec in expand_grid(load_experiment(path))]
-        runs = _finished_once(tmp_path, name, hashes)
+        runs = finished_once(tmp_path, name, hashes)
         for run in runs.values():
             steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
             assert steps == {4, 8, 12, 16}
@@ -267,14 +296,18 @@ def test_two_concurrent_runs_lose_nothing(tmp_path: Path) -> None:
         assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
 
 
-def test_validation_errors_write_nothing(tmp_path: Path) -> None:
+def test_validation_errors_write_nothing(
+    tmp_path: Path, write_experiment: Helper, run_cli: Helper
+) -> None:
     path = write_experiment(tmp_path, "broken", training={"budget": {"steps": 0}})
     done = run_cli(tmp_path, "run", str(path), "--quiet")
     assert done.returncode == 2
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_run_experiments_in_process_sets_threads(tmp_path: Path) -> None:
+def test_run_experiments_in_process_sets_threads(
+    tmp_path: Path, write_experiment: Helper, finished_once: FinishedOnce
+) -> None:
     """The library entry point (no CLI): trains the grid, records it, honours `threads`."""
     import torch
 
@@ -288,11 +321,11 @@ def test_run_experiments_in_process_sets_threads(tmp_path: Path) -> None:
     try:
         summary = run_experiments(
             [(experiment, specs)],
-            RunOptions(tracking_uri=store_uri(tmp_path), quiet=True, threads=1),
+            RunOptions(tracking_uri=default_tracking_uri(tmp_path), quiet=True, threads=1),
         )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     assert summary.exit_code == 0
     assert [outcome[1] for outcome in summary.finished] == ["default"]
-    _finished_once(tmp_path, "inprocess", [_identity(tmp_path, specs[0])])
+    finished_once(tmp_path, "inprocess", [_identity(tmp_path, specs[0])])

@@ -9,17 +9,14 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_tracking import cli_command, cli_env, shared_tracked_store
 
 from stackwise.tracking.ui import ui_command
 
-
-@pytest.fixture(scope="session")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return shared_tracked_store(tmp_path_factory)
+Helper = Callable[..., Any]
 
 
 def _free_port() -> int:
@@ -37,7 +34,9 @@ def test_ui_command_names_store_and_artifacts() -> None:
 
 
 @pytest.mark.slow
-def test_ui_serves_runs_on_loopback(tracked: dict[str, Any]) -> None:
+def test_ui_serves_runs_on_loopback(
+    tracked: dict[str, Any], cli_command: Helper, cli_env: Helper
+) -> None:
     port = _free_port()
     process = subprocess.Popen(
         cli_command("ui", "--port", str(port)),
@@ -104,7 +103,7 @@ def test_ui_on_a_port_in_use_is_a_user_error(tmp_path: Any) -> None:
     ],
 )
 def test_ui_bad_host_or_port_is_a_clear_user_error(
-    args: list[str], message: str, tmp_path: Any
+    args: list[str], message: str, tmp_path: Any, cli_command: Helper, cli_env: Helper
 ) -> None:
     done = subprocess.run(
         cli_command("ui", *args, "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db"),
@@ -140,7 +139,9 @@ def test_bind_problem_speaks_of_ipv6_hosts_correctly() -> None:
 
 
 @pytest.mark.slow
-def test_ui_port_zero_prints_the_real_port_once_the_server_answers(tmp_path: Any) -> None:
+def test_ui_port_zero_prints_the_real_port_once_the_server_answers(
+    tmp_path: Any, cli_command: Helper, cli_env: Helper
+) -> None:
     process = subprocess.Popen(
         cli_command("ui", "--port", "0", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"),
         cwd=tmp_path,

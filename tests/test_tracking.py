@@ -3,25 +3,18 @@
 A small grid (two training modes of a tiny rack) is run once through the CLI into a SQLite store
 in a temporary folder; the tests read that store back: the experiment, the parent run and its
 nested point runs, tags, params, step metrics, artifacts, and the logged model. The store is
-built once per test session and shared between pytest-xdist workers (under a file lock).
-
-The helpers here (`write_experiment`, `run_cli`, `tiny_training`) are used by the other tracking
-test files too.
+built once per test session and shared between pytest-xdist workers (under a file lock): the
+`tracked` fixture of conftest.py, which the other tracking test files read too.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from stackwise.config.base import StackWiseConfig
 from stackwise.identity import data_fingerprint, run_identity
@@ -33,133 +26,6 @@ from stackwise.tracking.store import (
     resolve_tracking_uri,
     sqlite_path,
 )
-
-# --------------------------------------------------------------------------------------------
-# helpers shared with test_runner.py, test_compare.py and test_ui.py
-# --------------------------------------------------------------------------------------------
-
-
-def tiny_training(steps: int = 16) -> dict[str, Any]:
-    """A training section that runs in about a second on a CPU."""
-    return {
-        "budget": {"steps": steps},
-        "batch_size": 4,
-        "seq_len": 32,
-        "log_every_steps": 4,
-        "device": "cpu",
-        "eval": {"batches": 2},
-        "checkpoint": {"every_steps": 4},
-    }
-
-
-def write_experiment(
-    folder: Path,
-    name: str,
-    grid: dict[str, list[Any]] | None = None,
-    training: dict[str, Any] | None = None,
-    **sections: Any,
-) -> Path:
-    """An experiment file with a tiny rack, written to ``folder/<name>.yaml``."""
-    document: dict[str, Any] = {
-        "name": name,
-        "model": {
-            "d_model": 32,
-            "n_heads": 2,
-            "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
-        },
-        "training": training or tiny_training(),
-        "data": {"max_tokens": 20000},
-    }
-    for section, value in sections.items():
-        document[section] = value
-    if grid is not None:
-        document["grid"] = grid
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def cli_env(cwd: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["COLUMNS"] = "200"
-    # Tests run in parallel on few cores: one intra-op thread per training process avoids
-    # OpenMP oversubscription, which slows tiny models down by an order of magnitude.
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "stackwise", *args]
-
-
-def run_cli(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`stackwise <args>` as a subprocess in `cwd` (default store: ``cwd/mlruns``)."""
-    return subprocess.run(
-        cli_command(*args),
-        cwd=cwd,
-        env=cli_env(cwd),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def store_uri(cwd: Path) -> str:
-    return default_tracking_uri(cwd)
-
-
-def point_runs(client: Any, experiment_id: str) -> list[Any]:
-    return list(
-        client.search_runs([experiment_id], filter_string="tags.`stackwise.role` = 'point'")
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# the shared store
-# --------------------------------------------------------------------------------------------
-
-GRID = {"training.training_architecture": ["rackwise", "stackwise"]}
-
-
-def shared_tracked_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One CLI run of a two-point grid, shared by every test file and xdist worker (read-only):
-    the first caller runs it under a file lock, later callers find its result on disk."""
-    from mlflow import MlflowClient
-
-    # Per test session: xdist workers share their session's folder (the parent of their own);
-    # a plain run uses its own, never the user-wide parent that outlives the session (a store
-    # left there by older code would be read back instead of testing this code).
-    base = tmp_path_factory.getbasetemp()
-    session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    shared = session / "stackwise-tracked-store"
-    shared.mkdir(exist_ok=True)
-    with open(shared / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        info_path = shared / "info.json"
-        if not info_path.exists():
-            path = write_experiment(shared, "tracked", grid=GRID)
-            done = run_cli(shared, "run", str(path), "--quiet")
-            info = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
-            info_path.write_text(json.dumps(info), encoding="utf-8")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    assert info["returncode"] == 0, info["stdout"] + info["stderr"]
-    info["cwd"] = shared
-    info["uri"] = store_uri(shared)
-    info["file"] = shared / "tracked.yaml"
-    info["client"] = client = MlflowClient(tracking_uri=info["uri"])
-    experiment = client.get_experiment_by_name("tracked")
-    assert experiment is not None
-    info["experiment_id"] = experiment.experiment_id
-    return info
-
-
-@pytest.fixture(scope="session")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return shared_tracked_store(tmp_path_factory)
-
 
 # --------------------------------------------------------------------------------------------
 # store resolution (no MLflow needed)
@@ -271,7 +137,9 @@ def test_run_prints_comparison_and_summary(tracked: dict[str, Any]) -> None:
     assert (root / "artifacts").is_dir()
 
 
-def test_parent_and_nested_point_runs(tracked: dict[str, Any]) -> None:
+def test_parent_and_nested_point_runs(
+    tracked: dict[str, Any], point_runs: Callable[[Any, str], list[Any]]
+) -> None:
     client, experiment_id = tracked["client"], tracked["experiment_id"]
     points = point_runs(client, experiment_id)
     first_parents = {r.data.tags["mlflow.parentRunId"] for r in points}
@@ -292,7 +160,9 @@ def test_parent_and_nested_point_runs(tracked: dict[str, Any]) -> None:
     } <= artifacts
 
 
-def test_point_tags_params_and_artifacts(tracked: dict[str, Any]) -> None:
+def test_point_tags_params_and_artifacts(
+    tracked: dict[str, Any], point_runs: Callable[[Any, str], list[Any]]
+) -> None:
     import stackwise
 
     client, experiment_id = tracked["client"], tracked["experiment_id"]
@@ -319,14 +189,11 @@ def test_point_tags_params_and_artifacts(tracked: dict[str, Any]) -> None:
         assert tags["stackwise.data_fingerprint"] == data_fingerprint(config.data)
 
 
-def assert_each_step_logged_once(client: Any, run_id: str) -> None:
-    """No metric of the run has two values at one step (replayed or repeated logging)."""
-    for key in client.get_run(run_id).data.metrics:
-        steps = [m.step for m in client.get_metric_history(run_id, key)]
-        assert len(steps) == len(set(steps)), (key, sorted(steps))
-
-
-def test_step_metrics_and_summaries(tracked: dict[str, Any]) -> None:
+def test_step_metrics_and_summaries(
+    tracked: dict[str, Any],
+    point_runs: Callable[[Any, str], list[Any]],
+    assert_each_step_logged_once: Callable[[Any, str], None],
+) -> None:
     client, experiment_id = tracked["client"], tracked["experiment_id"]
     for run in point_runs(client, experiment_id):
         run_id, metrics = run.info.run_id, run.data.metrics
@@ -362,7 +229,9 @@ def test_step_metrics_and_summaries(tracked: dict[str, Any]) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # MLflow's pyfunc loader nags about type hints
-def test_logged_model_loads_by_run_id(tracked: dict[str, Any]) -> None:
+def test_logged_model_loads_by_run_id(
+    tracked: dict[str, Any], point_runs: Callable[[Any, str], list[Any]]
+) -> None:
     import mlflow
 
     import stackwise
@@ -396,7 +265,11 @@ def test_logged_model_loads_by_run_id(tracked: dict[str, Any]) -> None:
     [(True, "untie", False), (True, "frozen", True), (False, "untie", False)],
 )
 def test_log_rack_round_trip_identical_logits(
-    tmp_path: Path, tie_embeddings: bool, head: str, tied_after: bool
+    tmp_path: Path,
+    tie_embeddings: bool,
+    head: str,
+    tied_after: bool,
+    tiny_training: Callable[..., dict[str, Any]],
 ) -> None:
     from stackwise.model.architecture import create_rack_from_config
     from stackwise.tracking.models import load_rack, log_rack
@@ -464,7 +337,9 @@ def _stage(index: int, steps: int) -> Any:
     return StageInfo(index, f"stack_{index}", "stack", (index, index + 1), steps, 100, 2)
 
 
-def test_logger_records_each_step_once_also_after_resume(tmp_path: Path) -> None:
+def test_logger_records_each_step_once_also_after_resume(
+    tmp_path: Path, assert_each_step_logged_once: Callable[[Any, str], None]
+) -> None:
     from stackwise.tracking.logger import MlflowLogger, logged_steps
     from stackwise.tracking.store import get_or_create_experiment, open_client
 

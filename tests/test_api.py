@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from conftest import TinyConfig
 from torch import nn
 
 import stackwise
 from stackwise.data import build_data
-from stackwise.training.callbacks import TrainingCallback
+
+TinyConfig = Callable[..., Any]  # the `tiny_config` fixture (conftest.py)
 
 
 def _naive_test_loss(rack: nn.Module, sequences: torch.Tensor, batch_size: int) -> float:
@@ -56,45 +58,36 @@ def test_train_returns_the_trained_rack_and_its_test_loss(
     assert results.final_test_loss == pytest.approx(expected, rel=1e-6)
 
 
-class Steps(TrainingCallback):
-    """The steps the trainer reported a training loss for."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-
-    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if "train/loss" in metrics:
-            self.steps.append(step)
-
-
 def test_train_takes_a_yaml_file_a_dict_and_callbacks(
-    tmp_path: Path, tiny_config: TinyConfig
+    tmp_path: Path, tiny_config: TinyConfig, recording_callback: type
 ) -> None:
     config = tiny_config("rackwise", steps=3, log_every_steps=1)
     path = tmp_path / "run.yaml"
     config.to_yaml(path)
-    counted = Steps()
+    counted = recording_callback()
     from_file = stackwise.train(path, callbacks=[counted])
     from_dict = stackwise.train(config.to_dict())
-    assert counted.steps == [1, 2, 3]
+    assert counted.steps() == [1, 2, 3]
     # the same config three ways is the same run (seeded): the same trained weights
     for name, weight in from_file.rack.state_dict().items():
         assert torch.equal(weight, from_dict.rack.state_dict()[name]), name
     assert from_file.results.final_test_loss == from_dict.results.final_test_loss
 
 
-def test_train_resumes_from_its_checkpoint_folder(tmp_path: Path, tiny_config: TinyConfig) -> None:
+def test_train_resumes_from_its_checkpoint_folder(
+    tmp_path: Path, tiny_config: TinyConfig, recording_callback: type
+) -> None:
     """A finished run's checkpoint folder: training again resumes at its end (no new steps);
     with ``resume=False`` it trains from the start."""
     config = tiny_config("rackwise", steps=4, log_every_steps=1, checkpoint={"every_steps": 2})
     first = stackwise.train(config, checkpoint_dir=tmp_path)
     assert any(tmp_path.iterdir())
-    resumed, restarted = Steps(), Steps()
+    resumed, restarted = recording_callback(), recording_callback()
     again = stackwise.train(config, checkpoint_dir=tmp_path, callbacks=[resumed])
-    assert resumed.steps == []
+    assert resumed.steps() == []
     assert again.results.total_steps == first.results.total_steps
     stackwise.train(config, checkpoint_dir=tmp_path, callbacks=[restarted], resume=False)
-    assert restarted.steps == [1, 2, 3, 4]
+    assert restarted.steps() == [1, 2, 3, 4]
     for name, weight in first.rack.state_dict().items():
         assert torch.equal(weight, again.rack.state_dict()[name]), name
 

@@ -8,6 +8,9 @@ stackwise.x import y`` points at the module ``stackwise.x.y`` when that is a mod
 
 The layers, lowest first (design.md: "config → model, data → training → tracking → runner →
 executors → cli"): a layer imports nothing from a layer above it.
+
+The tests follow a rule of their own: no test module imports another or conftest.py; what they
+share is a fixture of conftest.py.
 """
 
 from __future__ import annotations
@@ -362,4 +365,99 @@ def test_layers_are_named_by_the_first_package_level() -> None:
     # only the upward import is reported; runner -> training and model -> config point down
     assert layer_violations(graph) == [
         "stackwise.config.base (config) imports stackwise.model.norm (model)  b:3"
+    ]
+
+
+# -- the tests themselves: no test module imports another ------------------------------------
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _imported_names(node: ast.Import | ast.ImportFrom | ast.Call) -> list[str]:
+    """What `node` imports, as dotted names: ``import a.b`` gives a.b; ``from a import b`` gives
+    a and a.b; a relative ``from . import b`` gives .b; ``importlib.import_module("a")`` and
+    ``__import__("a")`` with a literal name give a; any other call nothing."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = "." * node.level + (node.module or "")
+        if not node.module:
+            return [base + alias.name for alias in node.names]
+        return [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    if node.args and isinstance(node.args[0], ast.Constant):
+        function = node.func
+        name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+        if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+            return [node.args[0].value]
+    return []
+
+
+def imports_between_tests(folder: Path = TESTS) -> list[str]:
+    """Every import, anywhere in a test module or the conftest.py of `folder` (inside functions
+    and under ``if TYPE_CHECKING:`` too), of a module of that folder, as ``file:line imports
+    name``. What tests share belongs in conftest.py as fixtures, which they get as arguments."""
+    local = {path.stem for path in folder.glob("*.py")}
+
+    def is_local(name: str) -> bool:
+        parts = name.lstrip(".").split(".")
+        if parts[0] == folder.name and not name.startswith("."):
+            parts = parts[1:]  # tests.test_x: the folder as a package
+        return bool(parts) and parts[0] in local
+
+    found: list[tuple[str, int, str]] = []
+    for path in [*folder.glob("test_*.py"), folder / "conftest.py"]:
+        if not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if not isinstance(node, ast.Import | ast.ImportFrom | ast.Call):
+                continue
+            name = next((n for n in _imported_names(node) if is_local(n)), None)
+            if name is not None:
+                found.append((path.name, node.lineno, name))
+    return [f"{file}:{line} imports {name}" for file, line, name in sorted(found)]
+
+
+def test_no_test_module_imports_another_or_conftest() -> None:
+    found = imports_between_tests()
+    assert not found, (
+        "test modules import each other (share it as a fixture in conftest.py instead):\n"
+        + "\n".join(found)
+    )
+
+
+def test_every_way_of_importing_a_test_module_is_found(tmp_path: Path) -> None:
+    folder = tmp_path / "tests"
+    folder.mkdir()
+    files = {
+        "conftest.py": "import os\nimport test_b\n",
+        "test_a.py": (
+            "from typing import TYPE_CHECKING\n"
+            "import pytest\n"
+            "import testing_tools\n"
+            "from stackwise.test_b import x\n"
+            "from test_b import helper\n"
+            "if TYPE_CHECKING:\n"
+            "    from conftest import Alias\n"
+            "def late():\n"
+            "    import tests.test_c\n"
+            "    from tests import test_b\n"
+            "    from . import conftest\n"
+            "    importlib.import_module('test_c')\n"
+            "    from tests import fixtures_elsewhere\n"
+        ),
+        "test_b.py": "helper = 1\n",
+        "test_c.py": "from .test_b import helper\n",
+        "notes.txt": "import test_b\n",
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    assert imports_between_tests(folder) == [
+        "conftest.py:2 imports test_b",
+        "test_a.py:5 imports test_b",
+        "test_a.py:7 imports conftest",
+        "test_a.py:9 imports tests.test_c",
+        "test_a.py:10 imports tests.test_b",
+        "test_a.py:11 imports .conftest",
+        "test_a.py:12 imports test_c",
+        "test_c.py:1 imports .test_b",
     ]

@@ -968,9 +968,7 @@ def test_seeds_and_tune_multiply_runs_without_becoming_coordinates(tmp_path: Pat
 def test_seeds_repeated_or_also_on_the_grid_are_errors(tmp_path: Path) -> None:
     error = experiment_error(tmp_path, "name: x\nseeds: [0, 1, 0]\n")
     assert error.field == "seeds" and "repeated: 0" in error.message
-    error = experiment_error(
-        tmp_path, "name: x\ngrid:\n  training.seed: [0, 1]\nseeds: [2, 3]\n"
-    )
+    error = experiment_error(tmp_path, "name: x\ngrid:\n  training.seed: [0, 1]\nseeds: [2, 3]\n")
     assert error.field == "seeds" and "training.seed" in error.message
     error = experiment_error(tmp_path, "name: x\ntune:\n  size: [small]\n")
     assert error.field == "tune.size" and "preset axis" in error.message

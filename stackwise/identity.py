@@ -9,8 +9,10 @@ interrupted; both look the point up by its identity, computed here in four steps
 2. `resolve_data_paths` makes relative `data.paths` absolute against the experiment file's
    folder, so a file means the same data whatever the working folder.
 3. `data_fingerprint` hashes what those paths hold: per file its size, sha256 and the format it
-   is read as (the built-in corpus: its text). File hashes are cached by path, size and
-   modification time in a small JSON file, so an unchanged corpus is read once.
+   is read as (the built-in corpus: its text). File hashes are cached by path, size,
+   modification time, inode and status-change time (ctime) in a small JSON file, so an unchanged
+   corpus is read once; an edit that keeps the size and restores the modification time (`cp -p`,
+   `rsync -t`, `tar`) still changes the ctime, which no user can set back.
 4. `run_identity` combines the identity settings (with `data.paths` replaced by the fingerprint
    and `training.device` by the device *type* it resolves to, where `training.precision` only
    counts on CUDA: CPU and MPS train in fp32) into a 16-hex-digit hash.
@@ -56,7 +58,8 @@ def resolve_data_paths(config: StackWiseConfig, base: Path) -> StackWiseConfig:
 
 
 class FingerprintCache:
-    """sha256 of files by (absolute path, size, mtime), kept in a JSON file between runs.
+    """sha256 of files by (absolute path, size, mtime, inode, ctime), kept in a JSON file
+    between runs.
 
     A missing or unreadable cache file is an empty cache; writes go through a temporary file
     and a rename, so concurrent processes at worst recompute a hash.
@@ -73,7 +76,8 @@ class FingerprintCache:
                     self.entries = {k: v for k, v in data.items() if isinstance(v, dict)}
 
     def sha256(self, file: Path) -> tuple[int, str]:
-        """(size, sha256 hex) of `file`, from the cache when size and mtime still match."""
+        """(size, sha256 hex) of `file`, from the cache when size, mtime, inode and ctime all
+        still match (anything else: hashed again)."""
         key = str(file.resolve())
         stat = file.stat()
         entry = self.entries.get(key)
@@ -81,6 +85,8 @@ class FingerprintCache:
             entry
             and entry.get("size") == stat.st_size
             and entry.get("mtime_ns") == stat.st_mtime_ns
+            and entry.get("inode") == stat.st_ino
+            and entry.get("ctime_ns") == stat.st_ctime_ns
         ):
             return stat.st_size, str(entry["sha256"])
         digest = hashlib.sha256()
@@ -90,6 +96,8 @@ class FingerprintCache:
         self.entries[key] = {
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
+            "inode": stat.st_ino,
+            "ctime_ns": stat.st_ctime_ns,
             "sha256": digest.hexdigest(),
         }
         self.changed = True

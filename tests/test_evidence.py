@@ -208,3 +208,36 @@ def test_point_view_chooses_on_mean_validation_loss_and_aggregates_the_chosen_se
     assert every.height == 12
     counted, _ = comparison_table(frame, "json", pivot="mode x lr", agg="count")
     assert counted.filter(counted["mode"] == "rackwise")["0.001"][0] == 3
+
+
+def test_loss_plot_draws_replicates_as_their_mean_with_a_min_max_band() -> None:
+    from stackwise.tracking.compare import RunCurve, loss_figure
+
+    def curve(seed: int, losses: list[float], group: str | None) -> RunCurve:
+        steps = [10, 20, 30]
+        return RunCurve(
+            label=f"mode=rackwise,lr=0.01,seed={seed}",
+            mode="rackwise",
+            style="",
+            val=list(zip(steps, losses, strict=True)),
+            tokens=[(s, 100.0 * s) for s in steps],
+            flops=[(s, 1e9 * s) for s in steps],
+            group=group,
+        )
+
+    replicates = [
+        curve(0, [3.0, 2.0, 1.5], "mode=rackwise,lr=0.01"),
+        curve(1, [3.4, 2.2, 1.7], "mode=rackwise,lr=0.01"),
+        curve(2, [3.2, 2.6, 1.6], "mode=rackwise,lr=0.01"),
+    ]
+    alone = curve(0, [4.0, 3.0, 2.5], None)
+    figure = loss_figure([*replicates, alone])
+    axis = figure.axes[0]
+    lines = [line for line in axis.lines if len(line.get_xdata())]
+    assert len(lines) == 2  # one mean line for the three seeds, one for the single run
+    assert list(lines[0].get_ydata()) == pytest.approx([3.2, 2.2666667, 1.6])
+    assert list(lines[0].get_xdata()) == pytest.approx([1e10, 2e10, 3e10])
+    band = axis.collections[0].get_paths()[0].vertices[:, 1]
+    assert min(band) == pytest.approx(1.5) and max(band) == pytest.approx(3.4)
+    assert "mean of 3 seeds (band: min-max)" in lines[0].get_label()
+    assert list(lines[1].get_ydata()) == [4.0, 3.0, 2.5]

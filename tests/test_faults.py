@@ -408,6 +408,29 @@ def test_identity_ignores_cadence_and_device_name_but_not_content(tmp_path: Path
     )
 
 
+def test_fingerprint_sees_a_same_size_edit_whose_mtime_was_restored(tmp_path: Path) -> None:
+    """`cp -p`, `rsync -t` and `tar` restore the modification time: the content still counts."""
+    import hashlib
+    import time
+
+    from stackwise.config.base import DataConfig
+    from stackwise.identity import FingerprintCache, data_fingerprint
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("alpha " * 100, encoding="utf-8")
+    data = DataConfig(source="files", paths=[str(corpus)])
+    cache_file = tmp_path / "fingerprints.json"
+    first = data_fingerprint(data, FingerprintCache(cache_file))
+    stat = corpus.stat()
+    time.sleep(0.05)  # a later status change on coarse clocks too
+    corpus.write_text("omega " * 100, encoding="utf-8")  # same size
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # mtime put back
+    assert corpus.stat().st_size == stat.st_size and corpus.stat().st_mtime_ns == stat.st_mtime_ns
+    second = data_fingerprint(data, FingerprintCache(cache_file))
+    assert second != first
+    assert hashlib.sha256(corpus.read_bytes()).hexdigest() in cache_file.read_text()
+
+
 # --------------------------------------------------------------------------------------------
 # pre-checks
 # --------------------------------------------------------------------------------------------

@@ -823,6 +823,9 @@ class RunCurve:
     final_tokens: float | None = None
     final_flops: float | None = None
     peak_memory_mb: float | None = None
+    # Replicates (runs of one grid point and tuned values that differ only in their seed) share
+    # a group: the loss plot draws their mean with a min-max band.
+    group: str | None = None
 
 
 def client_history(clients: MlflowClient | Mapping[str, MlflowClient]) -> MetricHistory:
@@ -843,7 +846,7 @@ def load_curves(frame: pl.DataFrame, history: MetricHistory) -> list[RunCurve]:
         c
         for c in frame.columns
         if c != mode_column
-        and c not in _NOT_STYLE
+        and c not in (*_NOT_STYLE, "point", "tuned_axes")
         and c not in RESULT_COLUMNS
         and frame.schema[c] == pl.String
         and frame[c].drop_nulls().n_unique() > 1  # blank where it does not apply (head)
@@ -859,8 +862,12 @@ def load_curves(frame: pl.DataFrame, history: MetricHistory) -> list[RunCurve]:
         if repeated and row.get("config_hash"):
             label = f"{label} [{str(row['config_hash'])[:7]}]"
         stages = history(run_id, "stage/index")
+        group = None
+        if row.get("seed") is not None and "point" in frame.columns:
+            group = label.removesuffix(f",seed={row['seed']}")
         curves.append(
             RunCurve(
+                group=group,
                 label=label,
                 mode=str(row.get(mode_column) or "?"),
                 style=", ".join(f"{c}={row[c]}" for c in style_columns if row[c] is not None),
@@ -990,23 +997,59 @@ def _legend_outside(axis: Any, handles: list[Any], title: str | None = None) -> 
     )
 
 
+def _replicate_groups(curves: Sequence[RunCurve]) -> list[list[RunCurve]]:
+    """Curves grouped by replicate group (a curve without one is its own group), in order."""
+    groups: dict[str, list[RunCurve]] = {}
+    for index, curve in enumerate(curves):
+        groups.setdefault(curve.group or f"\0{index}", []).append(curve)
+    return list(groups.values())
+
+
+def _mean_curve(
+    group: Sequence[RunCurve], x: str
+) -> tuple[list[float], list[float], list[float], list[float], list[int]]:
+    """x, mean, min and max of the validation losses of replicates, over the evaluation points
+    they all have (replicates evaluate at the same steps and FLOPs; a shorter curve, e.g. an
+    unfinished run, cuts the others), and the stage-boundary indices of the first."""
+    points = [_curve_points(curve, x) for curve in group]
+    length = min(len(xs) for xs, _, _ in points)
+    xs, _, marks = points[0]
+    columns = [[ys[i] for _, ys, _ in points] for i in range(length)]
+    means = [sum(c) / len(c) for c in columns]
+    return (
+        xs[:length],
+        means,
+        [min(c) for c in columns],
+        [max(c) for c in columns],
+        [m for m in marks if m < length],
+    )
+
+
 def loss_figure(curves: Sequence[RunCurve], x: str = "flops") -> Figure:
     """Validation loss against executed training FLOPs (`x="flops"`) or training tokens
     (`x="tokens"`): one line per run on one axis, colour by mode, line style by the other grid
-    coordinates, diamonds where a depth-wise stage ends and the next begins."""
+    coordinates, diamonds where a depth-wise stage ends and the next begins. Replicates (runs
+    that differ only in their seed) are one line, their mean, with a shaded min-max band."""
     from matplotlib.lines import Line2D
 
     if x not in ("flops", "tokens"):
         raise ValueError(f"x must be 'flops' or 'tokens', not {x!r}")
-    figure = _new_figure(11, _height(len(curves) + 1))
+    groups = _replicate_groups(curves)
+    figure = _new_figure(11, _height(len(groups) + 1))
     axis = figure.add_subplot()
     colours, styles = _palette(curves)
     handles: list[Any] = []
     every_x: list[float] = []
-    for curve in curves:
-        xs, ys, marks = _curve_points(curve, x)
+    for group in groups:
+        curve = group[0]
+        if len(group) == 1:
+            xs, ys, marks = _curve_points(curve, x)
+            label = curve.label if xs else f"{curve.label} (no {x} / validation loss recorded)"
+        else:
+            xs, ys, low, high, marks = _mean_curve(group, x)
+            label = f"{curve.group}: mean of {len(group)} seeds (band: min-max)"
+            axis.fill_between(xs, low, high, color=colours[curve.mode], alpha=0.18, linewidth=0)
         every_x.extend(xs)
-        label = curve.label if xs else f"{curve.label} (no {x} / validation loss recorded)"
         (line,) = axis.plot(
             xs,
             ys,
@@ -1037,6 +1080,11 @@ def loss_figure(curves: Sequence[RunCurve], x: str = "flops") -> Figure:
     axis.set_ylabel("validation loss")
     against = "executed training FLOPs" if x == "flops" else "training tokens"
     axis.set_title(f"validation loss vs {against} ({_plural(len(curves), 'run')})")
+    if len(groups) < len(curves):
+        axis.set_title(
+            f"validation loss vs {against} ({_plural(len(curves), 'run')}, "
+            f"{_plural(len(groups), 'line')}: replicate seeds averaged)"
+        )
     axis.grid(True, which="major", alpha=0.3)
     _legend_outside(axis, handles)
     return figure

@@ -356,7 +356,9 @@ def frontier_tables(analysis: FrontierAnalysis, frame: pl.DataFrame) -> dict[str
     executed FLOPs and epochs), then fits, paired gaps, multipliers and crossovers."""
     runs = frontier_runs(frame)
     group = ["mode", "budget"]
-    metrics = [c for c in ("test_loss", "val_loss", "flops", "epochs") if c in runs.columns]
+    metrics: list[str] = [
+        c for c in ("test_loss", "val_loss", "flops", "epochs") if c in runs.columns
+    ]
     points = aggregate_replicates(runs, group, metrics)
     order = {m: i for i, m in enumerate(runs["mode"].unique(maintain_order=True).to_list())}
     points = points.sort(pl.col("mode").replace_strict(order, default=len(order)), pl.col("budget"))

@@ -1031,3 +1031,26 @@ def test_oversized_yaml_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_experiment(path)
     assert "more than the limit" in caught.value.message
+
+
+def test_numbers_on_axes_keep_the_text_they_were_written_as(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        name: labels
+        grid:
+          training.budget.flops: [1.0e11, 3.16e12]
+        tune:
+          lr: [0.001, 3.0e-2]
+        exclude:
+          - {lr: 3e-2, budget: 1e11}
+        """,
+    )
+    runs = expand_grid(load_experiment(path))
+    assert [r.name for r in runs] == [
+        "budget=1.0e11,lr=0.001",
+        "budget=3.16e12,lr=0.001",
+        "budget=3.16e12,lr=3.0e-2",
+    ]
+    assert runs[-1].config.training.optimizer.lr == 0.03
+    assert runs[-1].config.training.budget.flops == 3.16e12

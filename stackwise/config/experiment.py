@@ -297,6 +297,7 @@ class Experiment:
     path: Path
     config: ExperimentConfig
     lines: dict[ConfigPath, int] = field(default_factory=dict)
+    number_texts: dict[ConfigPath, str] = field(default_factory=dict)  # numbers as written
     presets: dict[str, dict[str, tuple[Assignment, ...]]] = field(default_factory=dict)
     base: tuple[Assignment, ...] = ()
     axes: tuple[Axis, ...] = ()
@@ -439,7 +440,9 @@ def load_experiment(path: str | Path) -> Experiment:
             error, ExperimentConfig, file=file, lines=document.lines
         ) from None
 
-    experiment = Experiment(path=Path(file), config=config, lines=document.lines)
+    experiment = Experiment(
+        path=Path(file), config=config, lines=document.lines, number_texts=document.number_texts
+    )
     errors: list[ConfigError] = []
 
     # Base settings: the sections at the top of the file.
@@ -506,7 +509,13 @@ def load_experiment(path: str | Path) -> Experiment:
             continue
         first_key[setting_key] = key
         per_value: list[tuple[Assignment, ...]] = []
-        labels = [value_label(v) for v in values]
+        # A number keeps the text it was written as (`budget=1.0e11`, not 100000000000.0).
+        labels = [
+            experiment.number_texts.get((*where, position), value_label(value))
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            else value_label(value)
+            for position, value in enumerate(values)
+        ]
         if role == "tune" and key in presets:
             errors.append(
                 experiment.error(
@@ -657,14 +666,21 @@ def _unknown_axis(experiment: Experiment, name: str) -> str:
 
 
 def _match_value(axis: Axis, wanted: Any) -> int | None:
-    """Index of the axis value equal to `wanted` (compared by label, also as YAML text)."""
+    """Index of the axis value equal to `wanted` (compared by label, also as YAML text; numbers
+    by value, so `3e-2` finds a value written `3.0e-2`)."""
     candidates = {value_label(wanted)}
+    number = wanted
     if isinstance(wanted, str):
         with contextlib.suppress(yaml.YAMLError):
-            candidates.add(value_label(read_value(wanted)))
+            number = read_value(wanted)
+            candidates.add(value_label(number))
     for index, label in enumerate(axis.labels):
         if label in candidates:
             return index
+    if isinstance(number, int | float) and not isinstance(number, bool):
+        for index, value in enumerate(axis.values):
+            if isinstance(value, int | float) and not isinstance(value, bool) and value == number:
+                return index
     return None
 
 

@@ -94,6 +94,9 @@ class StrictLoader(NumberLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.key_lines: dict[ConfigPath, int] = {}
+        # The text of every number as written (`1.0e11`, `3e-2`): run names show what the file
+        # says, not a re-printed float.
+        self.number_texts: dict[ConfigPath, str] = {}
         self.expanded = 0  # nodes visited with aliases expanded (bounded by MAX_YAML_NODES)
 
     def construct_document(self, node: Node) -> Any:
@@ -110,6 +113,8 @@ class StrictLoader(NumberLoader):
         if self.expanded > MAX_YAML_NODES:
             raise ExpansionError(node)
         active.add(id(node))
+        if isinstance(node, ScalarNode) and node.tag.endswith((":int", ":float")):
+            self.number_texts.setdefault(path, node.value)
         if isinstance(node, MappingNode):
             first_seen: dict[tuple[str, str], int] = {}
             for key_node, value_node in node.value:
@@ -143,6 +148,7 @@ class YamlDocument:
     path: Path
     data: Any
     lines: dict[ConfigPath, int] = field(default_factory=dict)
+    number_texts: dict[ConfigPath, str] = field(default_factory=dict)  # numbers as written
 
     def line_of(self, path: ConfigPath) -> int | None:
         """Line of `path` (or of its nearest recorded ancestor)."""
@@ -204,7 +210,12 @@ def parse_yaml(text: str, *, file: str | Path) -> YamlDocument:
         raise ConfigError(f"invalid YAML: {error}", file=file) from None
     finally:
         loader.dispose()
-    return YamlDocument(path=Path(file), data=data, lines=dict(loader.key_lines))
+    return YamlDocument(
+        path=Path(file),
+        data=data,
+        lines=dict(loader.key_lines),
+        number_texts=dict(loader.number_texts),
+    )
 
 
 def load_yaml(path: str | Path) -> YamlDocument:

@@ -94,15 +94,18 @@ def _numeric(frame: pl.DataFrame, columns: Sequence[str]) -> pl.DataFrame:
     return frame.with_columns(changes) if changes else frame
 
 
-def tuned_runs(frame: pl.DataFrame, metric: str = "val_loss") -> tuple[pl.DataFrame, Any]:
+def tuned_runs(
+    frame: pl.DataFrame, metric: str = "val_loss", numeric_budget: bool = False
+) -> tuple[pl.DataFrame, Any]:
     """The runs of each grid point's chosen tuned values (all runs when nothing is tuned) and
-    the selection (None when nothing is tuned)."""
+    the selection (None when nothing is tuned). Budgets stay the labels of the file (`1.0e11`)
+    unless `numeric_budget`."""
     tuned = tuned_columns(frame)
     if not tuned:
         return frame, None
     if "seed" not in frame.columns:
         frame = frame.with_columns(pl.lit(0, dtype=pl.Int64).alias("seed"))
-    numeric = _numeric(frame, [*tuned, "budget"])
+    numeric = _numeric(frame, [*tuned, "budget"] if numeric_budget else tuned)
     selection = select_tuned(numeric, ["point"], tuned, seed="seed", metric=metric)
     return selection.runs, selection
 
@@ -186,7 +189,7 @@ def frontier_runs(frame: pl.DataFrame) -> pl.DataFrame:
         )
     if "mode" not in frame.columns:
         raise EvidenceError("--frontier compares training modes: the grid needs a `mode` axis")
-    runs, _ = tuned_runs(frame)
+    runs, _ = tuned_runs(frame, numeric_budget=True)
     runs = _numeric(runs, ["budget"])
     if runs.schema["budget"] != pl.Float64:
         raise EvidenceError("--frontier: the budget axis must hold numbers of FLOPs")
@@ -257,7 +260,7 @@ def build_report(
     specs = expand_grid(experiment)
     first = specs[0].config
     analysis: FrontierAnalysis | None = None
-    runs, selection = tuned_runs(frame)
+    runs, selection = tuned_runs(frame, numeric_budget=True)
     if selection is None:
         raise EvidenceError(
             f"{file}: a report compares tuned, replicated runs; the file needs `tune:` (and "

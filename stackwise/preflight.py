@@ -25,15 +25,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from stackwise.config.base import StackWiseConfig
     from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import Experiment, RunSpec
-    from stackwise.training.limits import MemoryProblem
 
 Plans = list[tuple["Experiment", list["RunSpec"]]]
 
@@ -238,33 +237,37 @@ def estimate_key(config: StackWiseConfig) -> str:
     return json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _problems_once(
+    plans: Plans, check: Callable[[StackWiseConfig], Any]
+) -> Iterator[tuple[Experiment, RunSpec, Any]]:
+    """(experiment, run, problem) for every run whose `check` finds one; runs of identical
+    config but for seed and learning rate are checked once (`estimate_key`)."""
+    found: dict[str, Any] = {}
+    for experiment, runs in plans:
+        for spec in runs:
+            key = estimate_key(spec.config)
+            if key not in found:
+                found[key] = check(spec.config)
+            if found[key] is not None:
+                yield experiment, spec, found[key]
+
+
 def memory_problems(plans: Plans) -> list[ConfigError]:
     """Runs that cannot fit the memory of their device (estimated parameters and peak memory,
-    see `stackwise.training.limits`), as errors naming the setting and the estimate; runs of
-    identical config but for seed and learning rate are estimated once (`estimate_key`)."""
+    see `stackwise.training.limits`), as errors naming the setting and the estimate."""
     from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import setting_line
     from stackwise.training.limits import check_run_memory
 
-    errors: list[ConfigError] = []
-    problems: dict[str, MemoryProblem | None] = {}
-    for experiment, runs in plans:
-        for spec in runs:
-            key = estimate_key(spec.config)
-            if key not in problems:
-                problems[key] = check_run_memory(spec.config)
-            problem = problems[key]
-            if problem is None:
-                continue
-            errors.append(
-                ConfigError(
-                    f"run {spec.name} {problem.message}",
-                    file=experiment.file,
-                    field=problem.field,
-                    line=setting_line(experiment, spec, tuple(problem.field.split("."))),
-                )
-            )
-    return errors
+    return [
+        ConfigError(
+            f"run {spec.name} {problem.message}",
+            file=experiment.file,
+            field=problem.field,
+            line=setting_line(experiment, spec, tuple(problem.field.split("."))),
+        )
+        for experiment, spec, problem in _problems_once(plans, check_run_memory)
+    ]
 
 
 def cache_disk_problems(plans: Plans) -> list[ConfigError]:
@@ -275,25 +278,16 @@ def cache_disk_problems(plans: Plans) -> list[ConfigError]:
     from stackwise.config.experiment import setting_line
     from stackwise.training.disk_budget import pool_disk_problem
 
-    errors: list[ConfigError] = []
-    problems: dict[str, str | None] = {}
-    for experiment, runs in plans:
-        for spec in runs:
-            key = estimate_key(spec.config)
-            if key not in problems:
-                problems[key] = pool_disk_problem(spec.config)
-            problem = problems[key]
-            if problem is not None:
-                path = ("training", "cache", "max_disk_gb")
-                errors.append(
-                    ConfigError(
-                        f"run {spec.name}: {problem}",
-                        file=experiment.file,
-                        field=".".join(path),
-                        line=setting_line(experiment, spec, path),
-                    )
-                )
-    return errors
+    path = ("training", "cache", "max_disk_gb")
+    return [
+        ConfigError(
+            f"run {spec.name}: {problem}",
+            file=experiment.file,
+            field=".".join(path),
+            line=setting_line(experiment, spec, path),
+        )
+        for experiment, spec, problem in _problems_once(plans, pool_disk_problem)
+    ]
 
 
 def check_stores(plans: Plans, cli_uri: str | None) -> None:

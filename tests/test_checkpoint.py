@@ -15,7 +15,6 @@ from stackwise.config.base import StackWiseConfig
 from stackwise.data import build_data
 from stackwise.model.architecture import create_rack_from_config
 from stackwise.training.architecture_trainer import ArchitectureTrainer, TrainingError
-from stackwise.training.callbacks import TrainingCallback
 from stackwise.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -50,15 +49,6 @@ def config_for(mode: str, objective: str, **training: Any) -> StackWiseConfig:
     )
 
 
-class InterruptAt(TrainingCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step == self.step and "train/loss" in metrics:
-            raise KeyboardInterrupt
-
-
 def _train(config: StackWiseConfig, directory: Path, callbacks: list[Any]) -> dict[str, Any]:
     data = build_data(config.data, config.training)
     rack = create_rack_from_config(config)
@@ -79,12 +69,12 @@ def _train(config: StackWiseConfig, directory: Path, callbacks: list[Any]) -> di
     ],
 )
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
-    tmp_path: Path, mode: str, objective: str, stop: int
+    tmp_path: Path, mode: str, objective: str, stop: int, interrupt_at: type
 ) -> None:
     config = config_for(mode, objective, grad_accum_steps=2)
     reference = _train(config, tmp_path / "reference", [])
     with pytest.raises(KeyboardInterrupt):
-        _train(config, tmp_path / "run", [InterruptAt(stop)])
+        _train(config, tmp_path / "run", [interrupt_at(stop)])
     state = load_checkpoint(tmp_path / "run")
     assert state is not None and state.state["global_step"] == stop
     assert state.state["interrupted"] is True
@@ -95,11 +85,11 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
         assert torch.equal(reference[key], resumed[key]), key
 
 
-def test_resume_from_a_stage_end_checkpoint(tmp_path: Path) -> None:
+def test_resume_from_a_stage_end_checkpoint(tmp_path: Path, interrupt_at: type) -> None:
     config = config_for("blockwise", "mlm", checkpoint={"every_steps": None})
     reference = _train(config, tmp_path / "reference", [])
     with pytest.raises(KeyboardInterrupt):
-        _train(config, tmp_path / "run", [InterruptAt(5)])  # last step of stage 0
+        _train(config, tmp_path / "run", [interrupt_at(5)])  # last step of stage 0
     resumed = _train(config, tmp_path / "run", [])
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
@@ -218,7 +208,9 @@ def test_interrupt_while_drawing_the_sample_pool_resumes_exactly(tmp_path: Path)
         assert torch.equal(reference[key], resumed[key]), key
 
 
-def test_resume_restores_the_loss_scale(tmp_path: Path, monkeypatch) -> None:
+def test_resume_restores_the_loss_scale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt_at: type
+) -> None:
     """The fp16 GradScaler's scale is part of the checkpoint (a CPU scaler stands in for CUDA)."""
     scalers: list[torch.amp.GradScaler] = []
     real_scaler = torch.amp.GradScaler
@@ -232,7 +224,7 @@ def test_resume_restores_the_loss_scale(tmp_path: Path, monkeypatch) -> None:
     config = config_for("rackwise", "mlm", budget={"steps": 6})
     reference = _train(config, tmp_path / "reference", [])
     with pytest.raises(KeyboardInterrupt):
-        _train(config, tmp_path / "run", [InterruptAt(4)])
+        _train(config, tmp_path / "run", [interrupt_at(4)])
     resumed = _train(config, tmp_path / "run", [])
     # The scale doubles after every step: 2^4 * 2^6 after six steps, resumed or not.
     assert scalers[0].get_scale() == scalers[-1].get_scale() == 2.0**10

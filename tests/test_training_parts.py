@@ -502,8 +502,8 @@ def test_training_switches_are_put_back(monkeypatch: pytest.MonkeyPatch) -> None
     assert torch.are_deterministic_algorithms_enabled() == before
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     cuda = training_switches(torch.device("cuda"), deterministic=True)
-    with pytest.raises(TrainingError, match="CUBLAS_WORKSPACE_CONFIG"), cuda:
-        pass
+    with pytest.raises(TrainingError, match="CUBLAS_WORKSPACE_CONFIG"):
+        cuda.__enter__()  # refused on entry, before any switch is changed
     assert torch.are_deterministic_algorithms_enabled() == before
 
 

@@ -42,7 +42,6 @@ from typing import Any, overload
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray
-from scipy import optimize
 
 from stackwise.analysis.replicates import aggregate_replicates, t_interval
 
@@ -195,13 +194,10 @@ def fit_power_law_or_reason(
     def feasible(p: FloatArray) -> bool:
         return bool(np.all(np.isfinite(p)) and np.all(p >= lower) and np.all(p <= upper))
 
-    for i in _starts(sse_grid):
-        if a_grid[i] <= 0:
-            continue
-        start = np.array(
-            [max(float(e_grid[i]), 0.0), math.log(float(a_grid[i])), float(_ALPHA_GRID[i])]
-        )
-        candidates = [(float(sse_grid[i]), float(start[0]), float(start[1]), float(start[2]))]
+    from scipy import optimize  # imported when a fit is made: `stackwise compare` starts fast
+
+    def refine(start: FloatArray) -> tuple[float, float, float, float] | None:
+        """The least-squares fit from `start`, or None where the solver cannot use it."""
         with np.errstate(over="ignore", invalid="ignore"):
             try:
                 # Levenberg-Marquardt first (fast); the bounded method when it leaves the bounds
@@ -210,11 +206,24 @@ def fit_power_law_or_reason(
                     result = optimize.least_squares(
                         residual, start, jac=jacobian, bounds=(lower, upper), x_scale="jac"
                     )
-                if feasible(result.x) and math.isfinite(result.cost):
-                    e, log_a, alpha = (float(v) for v in result.x)
-                    candidates.append((2.0 * float(result.cost), e, log_a, alpha))
-            except Exception:  # pragma: no cover - the contract is "never raises"
-                pass
+            except (ValueError, np.linalg.LinAlgError):
+                return None
+        if not (feasible(result.x) and math.isfinite(result.cost)):
+            return None
+        e, log_a, alpha = (float(v) for v in result.x)
+        return 2.0 * float(result.cost), e, log_a, alpha
+
+    for i in _starts(sse_grid):
+        if a_grid[i] <= 0:
+            continue
+        start = np.array(
+            [max(float(e_grid[i]), 0.0), math.log(float(a_grid[i])), float(_ALPHA_GRID[i])]
+        )
+        # the grid start stays a candidate when the solver cannot improve on it
+        candidates = [(float(sse_grid[i]), float(start[0]), float(start[1]), float(start[2]))]
+        refined = refine(start)
+        if refined is not None:
+            candidates.append(refined)
         for candidate in candidates:
             if best is None or candidate[0] < best[0]:
                 best = candidate
@@ -487,6 +496,8 @@ def _crossover(
     mode_fit: PowerLawFit, ref_fit: PowerLawFit, low: float, high: float
 ) -> float | None:
     """Smallest budget in [low, high] where the two fitted curves meet, or None."""
+    from scipy import optimize
+
     grid = np.linspace(math.log(low), math.log(high), _CROSSOVER_GRID)
 
     def difference(log_c: float) -> float:

@@ -15,17 +15,17 @@ Method:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
 from stackwise.analysis.frontier import PowerLawFit
 
-__all__ = ["MODE_COLOURS", "frontier_figure", "save_figure"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["MODE_COLOURS", "SPARE_COLOURS", "frontier_figure", "save_figure"]
 
 MODE_COLOURS = {
     "rackwise": "#1f77b4",
@@ -34,7 +34,7 @@ MODE_COLOURS = {
     "layerwise": "#2ca02c",
     "progressive": "#9467bd",
 }
-_SPARE_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+SPARE_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 _BANDS = {"std": "±1 std over seeds", "sem": "±1 s.e.m. over seeds", "none": ""}
 
 
@@ -48,11 +48,16 @@ def frontier_figure(
     """Loss against compute (`x`: ``budget`` or ``flops``) per mode; see the module docstring."""
     if band not in _BANDS:
         raise ValueError(f"band must be one of {', '.join(_BANDS)}; got {band!r}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     figure = Figure(figsize=(7.5, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
     modes = list(dict.fromkeys(points.get_column("mode").to_list()))
-    spare = iter(_SPARE_COLOURS * (len(modes) // len(_SPARE_COLOURS) + 1))
+    spare = iter(SPARE_COLOURS * (len(modes) // len(SPARE_COLOURS) + 1))
     colours = {m: MODE_COLOURS.get(m) or next(spare) for m in modes}
     xs_all: list[float] = []
     for mode in modes:

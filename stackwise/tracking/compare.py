@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import polars as pl
 
+from stackwise.analysis.plots import MODE_COLOURS, SPARE_COLOURS
 from stackwise.tracking.logger import (
     TAG_CONFIG_HASH,
     TAG_GRID_PREFIX,
@@ -769,16 +770,8 @@ def render(
 # --------------------------------------------------------------------------------------------
 
 PLOT_FILES = ("loss_over_flops.png", "loss_over_tokens.png", "val_loss_memory.png")
-# Colour by training mode (blockwise and layerwise are the same thing); other modes, and mode
-# labels a preset axis invents, take the remaining colours in order.
-MODE_COLOURS = {
-    "rackwise": "#1f77b4",
-    "stackwise": "#ff7f0e",
-    "blockwise": "#2ca02c",
-    "layerwise": "#2ca02c",
-    "progressive": "#9467bd",
-}
-SPARE_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+# Colour by training mode, as in the frontier plot (blockwise and layerwise are the same
+# thing); other modes, and mode labels a preset axis invents, take the spare colours in order.
 LINE_STYLES: tuple[Any, ...] = (
     "-",
     "--",

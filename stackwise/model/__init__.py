@@ -4,6 +4,7 @@ See `stackwise.model.architecture` for the model and its builders and
 `stackwise.model.attention` for MHA/GQA, MLA and kernel (linear) attention.
 """
 
+from stackwise.config.blocks import BlockSpec, default_d_ff, default_n_heads
 from stackwise.model.architecture import (
     Block,
     Rack,
@@ -14,8 +15,6 @@ from stackwise.model.architecture import (
     create_rack_from_specs,
     create_simple_rack,
     create_stack_from_spec,
-    default_d_ff,
-    default_n_heads,
 )
 from stackwise.model.attention import (
     GroupedQueryAttention,
@@ -28,6 +27,7 @@ from stackwise.model.attention import (
 
 __all__ = [
     "Block",
+    "BlockSpec",
     "GroupedQueryAttention",
     "KernelAttention",
     "MultiHeadLatentAttention",

@@ -8,8 +8,9 @@
   train one piece on cached hidden states. A causal Rack also runs incrementally
   (`new_cache`, `forward_cached`), which `Rack.generate` (`stackwise.model.generation`) uses.
 
-A *block spec* is a plain dict of `Block` keyword arguments with every default resolved
-(`create_block_spec`); a *stack spec* is ``{stack_id, n_blocks, block_spec, freeze_blocks}``;
+A *block spec* is every setting of a block with its defaults resolved
+(`stackwise.config.blocks.BlockSpec`; as a plain dict of `Block` keyword arguments from
+`create_block_spec` and in saved racks); a *stack spec* is ``{stack_id, n_blocks, block_spec, freeze_blocks}``;
 ``Rack.spec()`` returns everything `create_rack_from_specs` needs to rebuild the same architecture.
 
 Initialisation (GPT-2 / Llama style, done by the Rack): every linear and embedding weight is
@@ -30,131 +31,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise.config.base import BYTE_VOCAB_SIZE, ModelConfig, StackWiseConfig
+from stackwise.config.blocks import BlockSpec
 from stackwise.model.attention import (
-    ATTENTION_MODES,
-    FAVOR_SAMPLINGS,
     GroupedQueryAttention,
     KernelAttention,
     MultiHeadLatentAttention,
 )
 from stackwise.model.norm import RMSNorm
 
-ATTENTION_TYPES = ("mha", "gqa", "mla", "kernel")
-
 # --------------------------------------------------------------------------------------------
-# Block specs and their defaults
+# Block specs (resolved by `stackwise.config.blocks.BlockSpec`)
 # --------------------------------------------------------------------------------------------
 
 
-def default_n_heads(d_model: int) -> int:
-    """``max(1, d_model // 64)`` heads (head width 64), lowered until it divides d_model with an
-    even head width (RoPE rotates channel pairs)."""
-    n_heads = max(1, d_model // 64)
-    while n_heads > 1 and (d_model % n_heads or (d_model // n_heads) % 2):
-        n_heads -= 1
-    return n_heads
-
-
-def default_d_ff(d_model: int) -> int:
-    """SwiGLU hidden width: ``8/3 * d_model`` (same parameters as a 4x GELU FFN), rounded up to a
-    multiple of 256 when d_model >= 1024 (Llama: 4096 -> 11008) and of 8 below (512 -> 1368)."""
-    multiple = 256 if d_model >= 1024 else 8
-    return multiple * math.ceil(8 * d_model / 3 / multiple)
-
-
-def default_rope_head_dim(head_dim: int) -> int:
-    """MLA's decoupled RoPE width: half the head width, rounded down to even, at least 2."""
-    return max(2, (head_dim // 2) // 2 * 2)
-
-
-def create_block_spec(
-    d_model: int,
-    d_ff: int | None = None,
-    n_heads: int | None = None,
-    n_kv_heads: int | None = None,
-    attention_type: str = "mha",
-    attention_mode: str = "bidirectional",
-    dropout: float = 0.0,
-    freeze_up_proj: bool = False,
-    use_rope: bool = True,
-    rope_theta: float = 10000.0,
-    norm_eps: float = 1e-5,
-    kv_lora_rank: int | None = None,
-    q_lora_rank: int | None = None,
-    qk_rope_head_dim: int | None = None,
-    kernel_feature_map: str = "elu",
-    kernel_n_features: int | None = None,
-    kernel_chunk_size: int = 64,
-    kernel_seed: int = 0,
-    kernel_redraw_every: int | None = None,
-    kernel_favor_sampling: str = "regularized",
-) -> dict[str, Any]:
+def create_block_spec(d_model: int, **options: Any) -> dict[str, Any]:
     """A validated block spec: `Block` keyword arguments with every default filled in.
 
-    Defaults: ``n_heads`` from `default_n_heads`, ``d_ff`` from `default_d_ff`.
-    ``n_kv_heads`` defaults to ``n_heads``; ``mha`` and ``gqa`` are one implementation, so
-    ``mha`` with fewer K/V heads is grouped-query attention (the type is a label); ``kernel``
-    shares K/V heads the same way; ``mla`` has no K/V heads (it shares one latent), so it must
-    be None there. For ``mla``: ``kv_lora_rank`` defaults to
-    ``d_model // 4`` and ``qk_rope_head_dim`` to `default_rope_head_dim`. Options of other
-    attention types are kept in the spec but unused.
+    The settings and their defaults are those of `stackwise.config.blocks.BlockSpec` (``d_ff``,
+    ``n_heads``, ``n_kv_heads``, ``attention_type``, ``attention_mode``, ``dropout``,
+    ``freeze_up_proj``, ``use_rope``, ``rope_theta``, ``norm_eps``, the mla options
+    ``kv_lora_rank``, ``q_lora_rank``, ``qk_rope_head_dim`` and the ``kernel_*`` options):
+    ``n_heads`` from `default_n_heads`, ``d_ff`` from `default_d_ff`, ``n_kv_heads`` =
+    ``n_heads`` (mla: none), mla's ``kv_lora_rank`` = ``d_model // 4``.
     """
-    if attention_type not in ATTENTION_TYPES:
-        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
-    if attention_mode not in ATTENTION_MODES:
-        raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
-    n_heads = default_n_heads(d_model) if n_heads is None else n_heads
-    if d_model % n_heads:
-        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-    head_dim = d_model // n_heads
-    if attention_type == "mla":
-        if n_kv_heads is not None:
-            raise ValueError("attention_type 'mla' shares one latent; n_kv_heads does not apply")
-        kv_lora_rank = max(1, d_model // 4) if kv_lora_rank is None else kv_lora_rank
-        if qk_rope_head_dim is None:
-            qk_rope_head_dim = default_rope_head_dim(head_dim)
-    else:
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-    if n_kv_heads is not None and n_heads % n_kv_heads:
-        raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
-    if use_rope and attention_type != "mla" and head_dim % 2:
-        raise ValueError(f"RoPE needs an even head width; d_model/n_heads = {head_dim}")
-    if attention_type == "kernel":
-        if kernel_redraw_every is not None and kernel_redraw_every < 1:
-            raise ValueError(f"kernel_redraw_every must be at least 1, got {kernel_redraw_every}")
-        if kernel_favor_sampling not in FAVOR_SAMPLINGS:
-            raise ValueError(
-                f"kernel_favor_sampling must be one of {FAVOR_SAMPLINGS}, "
-                f"got {kernel_favor_sampling!r}"
-            )
-        odd = kernel_n_features is not None and kernel_n_features % 2 == 1
-        if use_rope and kernel_feature_map == "favor" and odd:
-            raise ValueError(
-                f"RoPE rotates kernel features in pairs; kernel_n_features must be even, "
-                f"got {kernel_n_features}"
-            )
-    return {
-        "d_model": d_model,
-        "d_ff": default_d_ff(d_model) if d_ff is None else d_ff,
-        "n_heads": n_heads,
-        "n_kv_heads": n_kv_heads,
-        "attention_type": attention_type,
-        "attention_mode": attention_mode,
-        "dropout": dropout,
-        "freeze_up_proj": freeze_up_proj,
-        "use_rope": use_rope,
-        "rope_theta": rope_theta,
-        "norm_eps": norm_eps,
-        "kv_lora_rank": kv_lora_rank,
-        "q_lora_rank": q_lora_rank,
-        "qk_rope_head_dim": qk_rope_head_dim,
-        "kernel_feature_map": kernel_feature_map,
-        "kernel_n_features": kernel_n_features,
-        "kernel_chunk_size": kernel_chunk_size,
-        "kernel_seed": kernel_seed,
-        "kernel_redraw_every": kernel_redraw_every,
-        "kernel_favor_sampling": kernel_favor_sampling,
-    }
+    return BlockSpec.resolve(d_model, **options).as_dict()
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,61 +92,18 @@ class Block(nn.Module):
     re-initialises all its blocks (see the module docstring).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int | None = None,
-        n_heads: int | None = None,
-        n_kv_heads: int | None = None,
-        attention_type: str = "mha",
-        attention_mode: str = "bidirectional",
-        dropout: float = 0.0,
-        freeze_up_proj: bool = False,
-        use_rope: bool = True,
-        rope_theta: float = 10000.0,
-        norm_eps: float = 1e-5,
-        kv_lora_rank: int | None = None,
-        q_lora_rank: int | None = None,
-        qk_rope_head_dim: int | None = None,
-        kernel_feature_map: str = "elu",
-        kernel_n_features: int | None = None,
-        kernel_chunk_size: int = 64,
-        kernel_seed: int = 0,
-        kernel_redraw_every: int | None = None,
-        kernel_favor_sampling: str = "regularized",
-    ) -> None:
+    def __init__(self, d_model: int, **options: Any) -> None:
         super().__init__()
-        spec = create_block_spec(
-            d_model,
-            d_ff,
-            n_heads,
-            n_kv_heads,
-            attention_type,
-            attention_mode,
-            dropout,
-            freeze_up_proj,
-            use_rope,
-            rope_theta,
-            norm_eps,
-            kv_lora_rank,
-            q_lora_rank,
-            qk_rope_head_dim,
-            kernel_feature_map,
-            kernel_n_features,
-            kernel_chunk_size,
-            kernel_seed,
-            kernel_redraw_every,
-            kernel_favor_sampling,
-        )
+        spec = BlockSpec.resolve(d_model, **options)
         self._spec = spec
         self.d_model = d_model
-        self.attention_type: str = spec["attention_type"]
-        self.attention_mode: str = spec["attention_mode"]
-        self.attn_norm = RMSNorm(d_model, eps=norm_eps)
+        self.attention_type: str = spec.attention_type
+        self.attention_mode: str = spec.attention_mode
+        self.attn_norm = RMSNorm(d_model, eps=spec.norm_eps)
         self.attn = _build_attention(spec)
-        self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
-        self.ffn = SwiGLU(d_model, spec["d_ff"], freeze_up_proj)
-        self.dropout = nn.Dropout(dropout)
+        self.ffn_norm = RMSNorm(d_model, eps=spec.norm_eps)
+        self.ffn = SwiGLU(d_model, spec.d_ff, spec.freeze_up_proj)
+        self.dropout = nn.Dropout(spec.dropout)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = h + self.dropout(self.attn(self.attn_norm(h), attention_mask))
@@ -264,7 +121,12 @@ class Block(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """The block spec this block was built from (``Block(**block.spec())`` rebuilds it)."""
-        return dict(self._spec)
+        return self._spec.as_dict()
+
+    @property
+    def block_spec(self) -> BlockSpec:
+        """The resolved spec this block was built from."""
+        return self._spec
 
     def freeze(self) -> None:
         """Stop gradients to every parameter of the block."""
@@ -277,35 +139,35 @@ class Block(nn.Module):
             self.ffn.up_proj.weight.requires_grad_(False)
 
 
-def _build_attention(spec: Mapping[str, Any]) -> nn.Module:
-    common = {
-        "d_model": spec["d_model"],
-        "n_heads": spec["n_heads"],
-        "attention_mode": spec["attention_mode"],
-        "use_rope": spec["use_rope"],
-        "rope_theta": spec["rope_theta"],
+def _build_attention(spec: BlockSpec) -> nn.Module:
+    common: dict[str, Any] = {
+        "d_model": spec.d_model,
+        "n_heads": spec.n_heads,
+        "attention_mode": spec.attention_mode,
+        "use_rope": spec.use_rope,
+        "rope_theta": spec.rope_theta,
     }
-    if spec["attention_type"] in ("mha", "gqa"):
-        return GroupedQueryAttention(
-            n_kv_heads=spec["n_kv_heads"], dropout=spec["dropout"], **common
-        )
-    if spec["attention_type"] == "mla":
+    if spec.attention_type in ("mha", "gqa"):
+        return GroupedQueryAttention(n_kv_heads=spec.n_kv_heads, dropout=spec.dropout, **common)
+    if spec.attention_type == "mla":
+        # `BlockSpec.resolve` fills both in for mla.
+        assert spec.kv_lora_rank is not None and spec.qk_rope_head_dim is not None
         return MultiHeadLatentAttention(
-            kv_lora_rank=spec["kv_lora_rank"],
-            q_lora_rank=spec["q_lora_rank"],
-            qk_rope_head_dim=spec["qk_rope_head_dim"],
-            dropout=spec["dropout"],
-            norm_eps=spec["norm_eps"],
+            kv_lora_rank=spec.kv_lora_rank,
+            q_lora_rank=spec.q_lora_rank,
+            qk_rope_head_dim=spec.qk_rope_head_dim,
+            dropout=spec.dropout,
+            norm_eps=spec.norm_eps,
             **common,
         )
     return KernelAttention(
-        n_kv_heads=spec["n_kv_heads"],
-        feature_map=spec["kernel_feature_map"],
-        n_features=spec["kernel_n_features"],
-        chunk_size=spec["kernel_chunk_size"],
-        seed=spec["kernel_seed"],
-        redraw_every=spec.get("kernel_redraw_every"),
-        sampling=spec.get("kernel_favor_sampling", "regularized"),
+        n_kv_heads=spec.n_kv_heads,
+        feature_map=spec.kernel_feature_map,
+        n_features=spec.kernel_n_features,
+        chunk_size=spec.kernel_chunk_size,
+        seed=spec.kernel_seed,
+        redraw_every=spec.kernel_redraw_every,
+        sampling=spec.kernel_favor_sampling,
         **common,
     )
 
@@ -740,42 +602,15 @@ def create_rack_from_config(config: Mapping[str, Any] | Any, seed: int | None = 
         seed = full.training.seed if seed is None else seed
     else:
         model = ModelConfig.model_validate(dict(config))
-    stack_specs = []
-    for index, stack in enumerate(model.resolved_stacks()):
-        attention_type = stack.attention_type or model.attention_type
-        n_kv_heads = stack.n_kv_heads or model.n_kv_heads
-        block_spec = create_block_spec(
-            d_model=model.d_model,
-            d_ff=stack.d_ff or model.d_ff,
-            n_heads=stack.n_heads or model.n_heads,
-            n_kv_heads=None if attention_type == "mla" else n_kv_heads,
-            attention_type=attention_type,
-            attention_mode=stack.attention_mode or model.attention_mode,
-            dropout=model.dropout if stack.dropout is None else stack.dropout,
-            freeze_up_proj=(
-                model.freeze_up_proj if stack.freeze_up_proj is None else stack.freeze_up_proj
-            ),
-            use_rope=model.use_rope,
-            rope_theta=model.rope_theta,
-            norm_eps=model.norm_eps,
-            kv_lora_rank=model.mla.kv_lora_rank,
-            q_lora_rank=model.mla.q_lora_rank,
-            qk_rope_head_dim=model.mla.rope_head_dim,
-            kernel_feature_map=model.kernel.feature_map,
-            kernel_n_features=model.kernel.n_features,
-            kernel_chunk_size=model.kernel.chunk_size,
-            kernel_seed=model.kernel.seed,
-            kernel_redraw_every=model.kernel.redraw_every,
-            kernel_favor_sampling=model.kernel.favor_sampling,
-        )
-        stack_specs.append(
-            {
-                "stack_id": index,
-                "n_blocks": stack.n_blocks,
-                "block_spec": block_spec,
-                "freeze_blocks": stack.freeze_blocks,
-            }
-        )
+    stack_specs = [
+        {
+            "stack_id": index,
+            "n_blocks": stack.n_blocks,
+            "block_spec": model.block_spec(stack).as_dict(),
+            "freeze_blocks": stack.freeze_blocks,
+        }
+        for index, stack in enumerate(model.resolved_stacks())
+    ]
     return create_rack_from_specs(
         vocab_size=BYTE_VOCAB_SIZE if model.vocab_size is None else model.vocab_size,
         d_model=model.d_model,

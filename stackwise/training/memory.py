@@ -63,16 +63,6 @@ if TYPE_CHECKING:
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 
 
-def _default_d_ff(d_model: int) -> int:
-    # Same rule as `stackwise.model.architecture.default_d_ff` (kept free of torch here).
-    multiple = 256 if d_model >= 1024 else 8
-    return multiple * math.ceil(8 * d_model / 3 / multiple)
-
-
-def _default_rope_head_dim(head_dim: int) -> int:
-    return max(2, (head_dim // 2) // 2 * 2)
-
-
 def vocab_size_of(config: StackWiseConfig, vocab_size: int | None = None) -> int:
     """The vocabulary a run's rack is built with (config, else tokenizer, else the given one)."""
     if config.model.vocab_size is not None:
@@ -93,22 +83,19 @@ def parameter_count(config: StackWiseConfig, vocab_size: int | None = None) -> i
     d = model.d_model
     vocab = vocab_size_of(config, vocab_size)
     total = vocab * d + d + (0 if model.tie_embeddings else vocab * d)
-    for stack in model.resolved_stacks():
-        n_heads = stack.n_heads or model.n_heads
-        head_dim = d // n_heads
-        attention = stack.attention_type or model.attention_type
-        d_ff = stack.d_ff or model.d_ff or _default_d_ff(d)
-        block = 2 * d + 3 * d * d_ff
-        if attention == "mla":
-            rope = model.mla.rope_head_dim or _default_rope_head_dim(head_dim)
-            kv_rank = model.mla.kv_lora_rank or max(1, d // 4)
+    for stack, spec in zip(model.resolved_stacks(), model.block_specs(), strict=True):
+        n_heads, head_dim = spec.n_heads, spec.head_dim
+        block = 2 * d + 3 * d * spec.d_ff
+        if spec.attention_type == "mla":
+            rope = spec.qk_rope_head_dim or 0
+            kv_rank = spec.kv_lora_rank or 0
             q_width = n_heads * (head_dim + rope)
-            q_rank = model.mla.q_lora_rank
+            q_rank = spec.q_lora_rank
             block += d * q_width if q_rank is None else d * q_rank + q_rank + q_rank * q_width
             block += d * (kv_rank + rope) + kv_rank + kv_rank * n_heads * 2 * head_dim
             block += n_heads * head_dim * d
         else:
-            n_kv_heads = stack.n_kv_heads or model.n_kv_heads or n_heads
+            n_kv_heads = spec.n_kv_heads or n_heads
             block += d * (n_heads + 2 * n_kv_heads) * head_dim + n_heads * head_dim * d
         total += stack.n_blocks * block
     return total
@@ -602,11 +589,10 @@ def memory_upper_bound(config: StackWiseConfig) -> int:
     weights = 16 * (parameter_count(config) + vocab * d)
     micro = training.batch_size * training.seq_len
     activations = 0
-    for stack in model.resolved_stacks():
-        heads = stack.n_heads or model.n_heads
-        d_ff = stack.d_ff or model.d_ff or _default_d_ff(d)
+    for stack, spec in zip(model.resolved_stacks(), model.block_specs(), strict=True):
         per_block = (
-            micro * (32 * d + 8 * d_ff) + training.batch_size * heads * training.seq_len**2 * 3
+            micro * (32 * d + 8 * spec.d_ff)
+            + training.batch_size * spec.n_heads * training.seq_len**2 * 3
         )
         activations += stack.n_blocks * 4 * per_block
     logits = 4 * 4 * micro * vocab

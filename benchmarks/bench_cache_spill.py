@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from _report import publish
 
+import stackwise
 from stackwise.config.base import StackWiseConfig
-from stackwise.model.architecture import create_rack_from_config
-from stackwise.training.architecture_trainer import ArchitectureTrainer
 from stackwise.training.cache import ActivationCache
 
 
@@ -84,8 +83,7 @@ def stage_step_seconds(location: str, device: str) -> float:
     batches = [
         torch.randint(0, 256, (16, 128), generator=generator) for _ in range(steps_per_stage)
     ]
-    rack = create_rack_from_config(config)
-    results = ArchitectureTrainer(config).train_architecture(rack, batches)
+    results = stackwise.train(config, batches=batches).results
     cached = results.stages[1:]
     assert all(s.extra.get("cache_on_disk") == float(location == "disk") for s in cached)
     return sum(s.wall_time_s for s in cached) / sum(s.steps for s in cached)

@@ -13,9 +13,9 @@ The cap holds for the whole process (Python, torch, the rack, training):
 - **rss** (otherwise): the trial runs uncapped and fits when its peak resident set size (VmHWM)
   stays within the cap.
 
-Training modes are listed once in `modes()`: rackwise, blockwise, and — detected from the config
-schema, present only once the trainer has the feature — blockwise with ``training.out_of_core:
-true`` (blocks not yet trained are not materialised and finished ones live on disk).
+Training modes are listed once in `modes()`: rackwise, blockwise, and blockwise with
+``training.out_of_core: true`` (blocks not yet trained are not materialised and finished ones live
+on disk).
 
 Run: ``python benchmarks/bench_capacity.py [--cap-mb 768 --d-model 256 --max-depth 256]``
 ``--quick``: a tiny rack at depth 1 only (seconds; for tests).
@@ -48,21 +48,15 @@ GOAL_RATIO = 16.0
 
 
 def modes() -> dict[str, dict[str, Any]]:
-    """Mode label -> ``training`` settings of the trial and whether the rack is built on the
-    meta device (shapes only; the trainer draws each block when its stage starts). Out-of-core
-    blockwise is listed only when the config schema has ``training.out_of_core``."""
-    from stackwise.config.base import TrainingConfig
-
-    listed: dict[str, dict[str, Any]] = {
-        "rackwise": {"training": {"training_architecture": "rackwise"}, "meta": False},
-        "blockwise": {"training": {"training_architecture": "blockwise"}, "meta": False},
+    """Mode label -> ``training`` settings of the trial (an out-of-core rack is built on the
+    meta device: shapes only; the trainer draws each block when its stage starts)."""
+    return {
+        "rackwise": {"training": {"training_architecture": "rackwise"}},
+        "blockwise": {"training": {"training_architecture": "blockwise"}},
+        "blockwise_out_of_core": {
+            "training": {"training_architecture": "blockwise", "out_of_core": True}
+        },
     }
-    if "out_of_core" in TrainingConfig.model_fields:
-        listed["blockwise_out_of_core"] = {
-            "training": {"training_architecture": "blockwise", "out_of_core": True},
-            "meta": True,
-        }
-    return listed
 
 
 # -- memory caps -----------------------------------------------------------------------------
@@ -172,9 +166,9 @@ def child(args: argparse.Namespace) -> None:
         Path(args.cgroup, "cgroup.procs").write_text(str(os.getpid()))
     import torch
 
+    import stackwise
+    from stackwise.api import build_rack
     from stackwise.config.base import StackWiseConfig
-    from stackwise.model.architecture import create_rack_from_config
-    from stackwise.training.architecture_trainer import ArchitectureTrainer
     from stackwise.training.metrics import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
@@ -202,13 +196,12 @@ def child(args: argparse.Namespace) -> None:
         }
     )
     start = time.perf_counter()
-    with torch.device("meta") if mode["meta"] else contextlib.nullcontext():
-        rack = create_rack_from_config(config)
+    rack = build_rack(config)  # out of core: on the meta device
     parameters = rack.get_parameter_count()
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch_size, args.seq_len)
     batches = [torch.randint(0, 256, shape, generator=generator) for _ in range(steps)]
-    results = ArchitectureTrainer(config).train_architecture(rack, batches)
+    results = stackwise.train(config, batches=batches, rack=rack).results
     print(
         json.dumps(
             {

@@ -18,9 +18,8 @@ import argparse
 import torch
 from _report import headline, publish
 
+import stackwise
 from stackwise.config.base import StackWiseConfig
-from stackwise.model.architecture import create_rack_from_config
-from stackwise.training.architecture_trainer import ArchitectureTrainer
 
 
 def time_run(n_blocks: int, cached: bool, args: argparse.Namespace) -> float:
@@ -44,12 +43,10 @@ def time_run(n_blocks: int, cached: bool, args: argparse.Namespace) -> float:
             },
         }
     )
-    rack = create_rack_from_config(config)
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch_size, args.seq_len)
     batches = [torch.randint(0, 256, shape, generator=generator) for _ in range(16)]
-    results = ArchitectureTrainer(config).train_architecture(rack, batches)
-    return results.wall_time_s
+    return stackwise.train(config, batches=batches).results.wall_time_s
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ Printed as JSON and written to ``benchmarks/results/bench_logging_overhead.json`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -29,12 +30,12 @@ from typing import Any
 import torch
 from _report import headline, publish
 
+import stackwise
 from stackwise.config.base import StackWiseConfig
 from stackwise.data import build_data
 from stackwise.model.architecture import create_rack_from_config
 from stackwise.tracking.logger import MlflowLogger
 from stackwise.tracking.store import default_tracking_uri, get_or_create_experiment, open_client
-from stackwise.training.architecture_trainer import ArchitectureTrainer
 from stackwise.training.callbacks import TrainingCallback
 
 HOOKS = ("on_train_start", "on_stage_start", "on_metrics", "on_stage_end", "on_train_end")
@@ -99,7 +100,8 @@ def main() -> None:
             "data": {"max_tokens": args.max_tokens},
         }
     )
-    data = build_data(config.data, config.training)
+    # As measured from the start: no final test evaluation.
+    data = dataclasses.replace(build_data(config.data, config.training), test_loader=None)
     tokens_per_step = args.batch_size * args.seq_len
 
     with tempfile.TemporaryDirectory(prefix="bench-logging-") as folder:
@@ -117,9 +119,7 @@ def main() -> None:
                 timed = TimedHooks(logger)
                 callbacks.append(timed)
             start = time.perf_counter()
-            ArchitectureTrainer(config, callbacks=callbacks).train_architecture(
-                rack, data.train_loader, data.val_loader
-            )
+            stackwise.train(config, callbacks=callbacks, data=data, rack=rack)
             if logged:
                 close_start = time.perf_counter()
                 logger.close()

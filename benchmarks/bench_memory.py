@@ -30,9 +30,9 @@ MODES = ("rackwise", "stackwise", "blockwise")
 def measure(mode: str, steps_per_stage: int, batch_size: int, seq_len: int, d_model: int) -> dict:
     import torch
 
+    import stackwise
     from stackwise.config.base import StackWiseConfig
     from stackwise.model.architecture import create_rack_from_config
-    from stackwise.training.architecture_trainer import ArchitectureTrainer
     from stackwise.training.metrics import current_rss_bytes, peak_rss_bytes
 
     n_blocks, n_stacks = 12, 3
@@ -62,7 +62,7 @@ def measure(mode: str, steps_per_stage: int, batch_size: int, seq_len: int, d_mo
         torch.randint(0, 256, (batch_size, seq_len), generator=generator) for _ in range(steps)
     ]
     baseline = current_rss_bytes()
-    results = ArchitectureTrainer(config).train_architecture(rack, batches)
+    results = stackwise.train(config, batches=batches, rack=rack).results
     return {
         "mode": mode,
         "peak_rss_delta_bytes": peak_rss_bytes() - baseline,

@@ -36,6 +36,7 @@ import torch
 from _report import headline, publish
 from torch import nn
 
+import stackwise
 from stackwise.config.base import StackWiseConfig
 from stackwise.model.architecture import SwiGLU, create_rack_from_config
 from stackwise.model.attention import (
@@ -44,7 +45,6 @@ from stackwise.model.attention import (
     MultiHeadLatentAttention,
 )
 from stackwise.model.norm import RMSNorm
-from stackwise.training.architecture_trainer import ArchitectureTrainer
 from stackwise.training.callbacks import TrainingCallback
 from stackwise.training.optim import build_optimizer
 
@@ -119,12 +119,12 @@ def train(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     relative to the peak, filled in by the caller."""
     steps = args.steps if mode == "rackwise" else args.steps_per_stage * args.layers
     warm = make_config(mode, args, 1 if mode == "rackwise" else args.layers)
-    ArchitectureTrainer(warm).train_architecture(create_rack_from_config(warm), batches(args, 1))
+    stackwise.train(warm, batches=batches(args, 1))
     config = make_config(mode, args, steps)
     rack = create_rack_from_config(config)
     data = batches(args, steps)
     start = clock()
-    results = ArchitectureTrainer(config).train_architecture(rack, data)
+    results = stackwise.train(config, batches=data, rack=rack).results
     whole_call = clock() - start
     train_seconds = results.extra["train_time_s"] if args.clock == "wall" else whole_call
     return {
@@ -208,7 +208,7 @@ def profile_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     plan = schedule(wait=1, warmup=0, active=steps, repeat=1)
     with profile(activities=[ProfilerActivity.CPU], schedule=plan) as prof:
         start = time.perf_counter()
-        ArchitectureTrainer(config, callbacks=[StepMarks(prof)]).train_architecture(rack, data)
+        stackwise.train(config, callbacks=[StepMarks(prof)], batches=data, rack=rack)
         wall = time.perf_counter() - start
     for handle in handles:
         handle.remove()

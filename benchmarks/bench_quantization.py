@@ -14,16 +14,17 @@ Goal: int8 within 0.01 nats of fp32 at half the trunk's bf16 bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 from _report import headline, publish
 
+import stackwise
 from stackwise.config.base import StackWiseConfig
 from stackwise.data import build_data
 from stackwise.model.architecture import create_rack_from_config
-from stackwise.training.architecture_trainer import ArchitectureTrainer
 
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
@@ -51,7 +52,8 @@ def run(precision: str, args: argparse.Namespace) -> tuple[float, float, int]:
             "data": {"max_tokens": args.max_tokens},
         }
     )
-    data = build_data(config.data, config.training)
+    # As measured from the start: no final test evaluation.
+    data = dataclasses.replace(build_data(config.data, config.training), test_loader=None)
     rack = create_rack_from_config(config)
     # Weights of the linear layers the trunk holds in the last stage (all blocks but one).
     linear = sum(
@@ -61,9 +63,7 @@ def run(precision: str, args: argparse.Namespace) -> tuple[float, float, int]:
         if isinstance(m, torch.nn.Linear)
     )
     start = time.perf_counter()
-    results = ArchitectureTrainer(config).train_architecture(
-        rack, data.train_loader, data.val_loader
-    )
+    results = stackwise.train(config, data=data, rack=rack).results
     seconds = time.perf_counter() - start
     assert results.final_val_loss is not None
     return results.final_val_loss, seconds, linear * BYTES[precision]

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from stackwise.config.base import StackWiseConfig
     from stackwise.data import DataBundle
     from stackwise.model.architecture import Rack
@@ -42,7 +44,7 @@ class TrainedRun:
 
     results: TrainingResults
     rack: Rack  # trained in place (out of core: blocks on the meta device, weights in results)
-    data: DataBundle
+    data: DataBundle | None  # None when trained on given batches
     config: StackWiseConfig  # as trained: ``model.vocab_size`` filled in from the tokenizer
 
 
@@ -96,31 +98,46 @@ def train(
     resume: bool = True,
     checkpoint_metadata: Mapping[str, str] | None = None,
     data: DataBundle | None = None,
+    batches: Iterable[torch.Tensor] | None = None,
+    rack: Rack | None = None,
 ) -> TrainedRun:
     """Train `config` (a `StackWiseConfig`, its dict or a YAML path): data -> rack -> trainer.
 
     `callbacks` receive the trainer's progress (`stackwise.training.callbacks.TrainingCallback`);
     `checkpoint_dir` enables checkpoints and, with `resume`, continues from the newest one;
     `checkpoint_metadata` is stored in every checkpoint. `data` reuses data already built for
-    this config (`load_data`) instead of building it again. Raises
+    this config (`load_data`) instead of building it again. `batches` (token-id tensors
+    ``[B, T]``) replace the configured corpus: the run trains on them, with no validation or
+    test split and ``data`` None in the result (synthetic data, as the benchmarks use); without
+    ``model.vocab_size`` the rack has the byte tokenizer's 260. `rack` is an untrained rack already built from this
+    config (`build_rack`), to count or hook before training; it is trained in place. Raises
     `stackwise.training.architecture_trainer.TrainingError` for a run that cannot go on (a
     non-finite loss, out of memory).
     """
     from stackwise.training.architecture_trainer import ArchitectureTrainer
 
     resolved = as_config(config)
-    if data is None:
+    if batches is not None:
+        if data is not None:
+            raise ValueError("give data or batches, not both")
+    elif data is None:
         resolved, data = load_data(resolved)
     else:
         resolved = with_vocabulary(resolved, data)
-    rack = build_rack(resolved)
+    if rack is None:
+        rack = build_rack(resolved)
     trainer = ArchitectureTrainer(
         resolved,
         callbacks=list(callbacks),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         checkpoint_metadata=None if checkpoint_metadata is None else dict(checkpoint_metadata),
-        mask_token_id=data.tokenizer.mask_id,
+        mask_token_id=None if data is None else data.tokenizer.mask_id,
     )
-    results = trainer.train_architecture(rack, data.train_loader, data.val_loader, data.test_loader)
+    if data is None:
+        results = trainer.train_architecture(rack, list(batches or ()))
+    else:
+        results = trainer.train_architecture(
+            rack, data.train_loader, data.val_loader, data.test_loader
+        )
     return TrainedRun(results=results, rack=rack, data=data, config=resolved)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import stackwise
+from stackwise.api import build_rack
 from stackwise.data import build_data
 
 TinyConfig = Callable[..., Any]  # the `tiny_config` fixture (conftest.py)
@@ -92,6 +93,29 @@ def test_train_resumes_from_its_checkpoint_folder(
         assert torch.equal(weight, again.rack.state_dict()[name]), name
 
 
+def test_train_on_given_batches_and_a_rack_built_beforehand(
+    tiny_config: TinyConfig, recording_callback: type
+) -> None:
+    """Given batches replace the corpus (no validation or test data); a given rack is the one
+    trained, in place. The first logged loss is the untrained rack's cross entropy on the first
+    batch, computed here by hand."""
+    config = tiny_config("rackwise", steps=2, log_every_steps=1, model={"vocab_size": 50})
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50, (4, 32), generator=generator) for _ in range(2)]
+    rack = build_rack(config)
+    untrained = {name: weight.clone() for name, weight in rack.state_dict().items()}
+    expected = _naive_test_loss(rack, batches[0], batch_size=4)
+    rack.train()
+    counted = recording_callback()
+    trained = stackwise.train(config, batches=batches, rack=rack, callbacks=[counted])
+    assert trained.rack is rack and trained.data is None
+    assert counted.losses[0] == pytest.approx(expected, rel=1e-5)
+    assert trained.results.final_test_loss is None
+    assert any(not torch.equal(w, untrained[n]) for n, w in rack.state_dict().items())
+    with pytest.raises(ValueError, match="data or batches"):
+        stackwise.train(config, batches=batches, data=build_data(config.data, config.training))
+
+
 def test_importing_stackwise_stays_light() -> None:
     """`stackwise.train` is there without torch: torch is loaded when it trains."""
     code = (
@@ -108,8 +132,6 @@ def test_importing_stackwise_stays_light() -> None:
 
 
 def test_an_out_of_core_rack_is_built_on_the_meta_device(tiny_config: TinyConfig) -> None:
-    from stackwise.api import build_rack
-
     config = tiny_config("blockwise", out_of_core=True)
     assert {p.device.type for p in build_rack(config).parameters()} == {"meta"}
     in_memory = tiny_config("blockwise")

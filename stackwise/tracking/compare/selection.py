@@ -1,0 +1,119 @@
+"""Which grid-point runs a comparison shows: every run of the experiments read from MLflow,
+then per grid point the latest FINISHED run of its current identity (or of its run name), with
+notes on what is left out, or every run grouped by grid point for ``--all``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from stackwise.tracking.compare.common import plural
+from stackwise.tracking.logger import TAG_CONFIG_HASH, TAG_ROLE, TAG_RUN_NAME
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+
+def search_point_runs(
+    client: MlflowClient, experiment_ids: list[str], run_ids: Iterable[str] | None = None
+) -> list[Run]:
+    """All grid-point runs of the experiments (every page), oldest first."""
+    from mlflow.entities import ViewType
+
+    filter_string = f"tags.`{TAG_ROLE}` = 'point'"
+    runs: list[Run] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs(
+            experiment_ids,
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    if run_ids is not None:
+        wanted = set(run_ids)
+        runs = [r for r in runs if r.info.run_id in wanted]
+    return runs
+
+
+def _config_hash(run: Run) -> str:
+    return run.data.tags.get(TAG_CONFIG_HASH, run.info.run_id)
+
+
+def point_name(run: Run) -> str:
+    """The name of a run's grid point (its run name)."""
+    return run.data.tags.get(TAG_RUN_NAME) or run.info.run_name or run.info.run_id
+
+
+def _latest(runs: Sequence[Run]) -> Run:
+    """The latest FINISHED run of `runs` (oldest first), else the latest attempt."""
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return (finished or list(runs))[-1]
+
+
+def _grouped(runs: Sequence[Run], key: Callable[[Run], str]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    return groups
+
+
+def select_runs(
+    runs: Sequence[Run], current: Sequence[str] | None, label: str, notes: list[str] | None = None
+) -> list[Run]:
+    """The runs the default view shows, in grid order (`runs` oldest first).
+
+    With `current` (run identities of a file's grid points, grid order): per hash its latest
+    FINISHED run, else its latest attempt. Without: the same per grid point (run name). What is
+    left out, and grid points that have no run yet, are reported in `notes` under `label`.
+    """
+    if current is None:
+        chosen = [_latest(group) for group in _grouped(runs, point_name).values()]
+    else:
+        by_hash = _grouped(runs, _config_hash)
+        chosen = [_latest(by_hash[h]) for h in current if h in by_hash]
+        missing = len([h for h in current if h not in by_hash])
+        if missing and notes is not None:
+            notes.append(
+                f"{label}: {plural(missing, 'grid point')} of the current settings "
+                f"{'has' if missing == 1 else 'have'} no run yet (stackwise run starts them)"
+            )
+    left_out = len(runs) - len(chosen)
+    if left_out and notes is not None:
+        shown = {_config_hash(r) for r in chosen}
+        other = len([r for r in runs if _config_hash(r) not in shown])
+        parts = []
+        if other:
+            parts.append(plural(other, "run") + " of other settings")
+        if left_out - other:
+            parts.append(plural(left_out - other, "other attempt"))
+        notes.append(f"{label}: not shown: {' and '.join(parts)}; --all lists every run")
+    return chosen
+
+
+def all_in_point_order(runs: Sequence[Run], chosen: Sequence[Run]) -> list[Run]:
+    """Every run, grouped by grid point (points in the order of `chosen`, then the rest), each
+    point's runs oldest first."""
+    groups = _grouped(runs, point_name)
+    order = list(dict.fromkeys([point_name(r) for r in chosen] + list(groups)))
+    return [run for name in order for run in groups[name]]
+
+
+def differing_params(runs: Sequence[Run]) -> list[str]:
+    """Param keys whose value differs between runs of one grid point (a missing param counts
+    as a value), sorted."""
+    keys: set[str] = set()
+    for group in _grouped(runs, point_name).values():
+        if len(group) < 2:
+            continue
+        for key in set().union(*(r.data.params for r in group)):
+            if len({r.data.params.get(key) for r in group}) > 1:
+                keys.add(key)
+    return sorted(keys)

@@ -15,9 +15,10 @@ tracking store:
 
 Before training, `stackwise run` (and `plan`) also check that each run's device exists here
 (`check_devices`) and that every tracking store the runs write to can be used
-(`check_stores`). Every problem is a `ConfigError` naming the file, line and dotted field; all
-problems of all files are reported together. torch is imported only where a check needs it, so
-``stackwise validate`` stays fast.
+(`check_stores`); `stackwise plan` shows every run's estimate (`run_estimates`). Every problem
+is a `ConfigError` naming the file, line and dotted field; all problems of all files are
+reported together. torch is imported only where a check needs it, so ``stackwise validate``
+stays fast.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from stackwise.config.base import StackWiseConfig
     from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import Experiment, RunSpec
+    from stackwise.training.plan import RunEstimate
 
 Plans = list[tuple["Experiment", list["RunSpec"]]]
 
@@ -237,19 +239,36 @@ def estimate_key(config: StackWiseConfig) -> str:
     return json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _problems_once(
-    plans: Plans, check: Callable[[StackWiseConfig], Any]
+def _each_once(
+    plans: Plans, compute: Callable[[StackWiseConfig], Any]
 ) -> Iterator[tuple[Experiment, RunSpec, Any]]:
-    """(experiment, run, problem) for every run whose `check` finds one; runs of identical
-    config but for seed and learning rate are checked once (`estimate_key`)."""
+    """(experiment, run, `compute` of its config) for every run; runs of identical config but
+    for seed and learning rate are computed once (`estimate_key`)."""
     found: dict[str, Any] = {}
     for experiment, runs in plans:
         for spec in runs:
             key = estimate_key(spec.config)
             if key not in found:
-                found[key] = check(spec.config)
-            if found[key] is not None:
-                yield experiment, spec, found[key]
+                found[key] = compute(spec.config)
+            yield experiment, spec, found[key]
+
+
+def _problems_once(
+    plans: Plans, check: Callable[[StackWiseConfig], Any]
+) -> Iterator[tuple[Experiment, RunSpec, Any]]:
+    """(experiment, run, problem) for every run whose `check` finds one; runs of identical
+    config but for seed and learning rate are checked once (`estimate_key`)."""
+    return ((e, spec, p) for e, spec, p in _each_once(plans, check) if p is not None)
+
+
+def run_estimates(plans: Plans) -> Iterator[tuple[Experiment, RunSpec, RunEstimate]]:
+    """Every run with its estimate (`stackwise.training.plan.estimate_run`: parameters and
+    steps per stage, FLOPs, memory, device; what it cannot estimate is its `note`, it never
+    raises), in plan order; runs of identical config but for seed and learning rate share one
+    estimate, made once."""
+    from stackwise.training.plan import estimate_run
+
+    return _each_once(plans, estimate_run)
 
 
 def memory_problems(plans: Plans) -> list[ConfigError]:

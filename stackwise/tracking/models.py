@@ -13,7 +13,8 @@ files (``stackwise export --format safetensors`` writes one).
 
 `load_trained(run_id | folder)` adds what generation needs besides the weights: the run's
 tokenizer (a BPE is stored with the model as ``tokenizer.json``; byte runs need none), its
-training objective and its resolved config (``config.yaml``).
+training objective and its resolved config (``config.yaml``). `open_trained` loads a run or
+folder a user named, every way it can fail a one-line `TrainedModelError`.
 """
 
 from __future__ import annotations
@@ -300,6 +301,39 @@ def load_trained(source: str, tracking_uri: str | None = None) -> TrainedModel:
             seq_len=fields.get("seq_len"),
         )
     return _load_trained_run(source, resolve_tracking_uri(tracking_uri))
+
+
+def open_trained(source: str, tracking_uri: str | None = None) -> TrainedModel:
+    """`load_trained` of a run id or folder a user named: a run is looked up only in a store
+    that exists and can be used, and every way it can fail is a `TrainedModelError` of one
+    line."""
+    from mlflow.exceptions import MlflowException
+
+    from stackwise.tracking.store import check_tracking_uri, sqlite_path
+
+    if Path(source).is_dir():
+        try:
+            return load_trained(source)
+        except TrainedModelError:
+            raise
+        except (OSError, ValueError) as error:
+            raise TrainedModelError(str(error)) from error
+    uri = resolve_tracking_uri(tracking_uri)
+    database = sqlite_path(uri)
+    if database is not None and not database.exists():
+        raise TrainedModelError(
+            f"{source}: not a folder, and there is no tracking store at {database} to find it in"
+        )
+    problem = check_tracking_uri(uri)
+    if problem is not None:
+        raise TrainedModelError(problem)
+    try:
+        return load_trained(source, tracking_uri=uri)
+    except MlflowException as error:
+        first = error.message.splitlines()[0]
+        raise TrainedModelError(
+            f"{source}: not a folder, and not a run of {uri} ({first})"
+        ) from None
 
 
 def _load_trained_run(run_id: str, uri: str) -> TrainedModel:

@@ -873,6 +873,8 @@ def test_parameter_count_without_building_matches_the_built_rack(data: dict) -> 
     ("data", "field"),
     [
         ({"model": {"d_model": 1_000_000_000, "n_heads": 8}}, "model.d_model"),
+        # 16 bytes a parameter (weights, gradients, AdamW state) dominate, not the batch.
+        ({"model": {"d_model": 100_000, "n_heads": 8}}, "model.d_model"),
         (
             {"model": {"architecture": {"n_stacks": 1024, "blocks_per_stack": 1024}}},
             "model.architecture.n_stacks",

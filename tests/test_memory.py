@@ -387,3 +387,99 @@ def test_a_cache_in_memory_is_cache_memory_not_saved_activations() -> None:
     assert stage["training_memory_bytes"] == pytest.approx(plan, rel=0.25)
     # The read micro-batch counts as one micro-batch: as the trunk output computed per step.
     assert stage["activations_bytes"] == uncached.stages[1].extra["activations_bytes"]
+
+
+# --------------------------------------------------------------------------------------------
+# pre-checks whose cost does not grow with the run
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attention", "objective", "shape"),
+    [("mha", "clm", (64, 512)), ("kernel", "clm", (2, 16384)), ("mla", "mlm", (3, 16384))],
+)
+def test_activations_of_a_large_shape_are_read_off_small_ones(
+    attention: str, objective: str, shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above `EXACT_ACTIVATION_TOKENS` the estimate counts smaller shapes and extrapolates
+    (linear in the batch, quadratic in the length): it gives what counting the full shape
+    gives, byte for byte."""
+    import stackwise.training.memory as memory
+    from stackwise.training.stages import plan_stages
+
+    batch_size, seq_len = shape
+    config = StackWiseConfig.model_validate(
+        {
+            "model": {
+                "d_model": 32,
+                "n_heads": 2,
+                "attention_type": attention,
+                "attention_mode": "causal" if objective == "clm" else "bidirectional",
+                "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
+            },
+            "training": {
+                "training_architecture": "stackwise",
+                "objective": objective,
+                "batch_size": batch_size,
+                "seq_len": seq_len,
+                "budget": {"steps": 4},
+            },
+        }
+    )
+    rack = memory.skeleton(config)
+    plans = plan_stages(config, rack)
+    counted: list[int] = []
+    count = memory.estimate_activation_bytes
+
+    def recording(*args: Any, inputs: torch.Tensor, **kwargs: Any) -> int:
+        counted.append(inputs.numel())
+        return count(*args, inputs=inputs, **kwargs)
+
+    monkeypatch.setattr(memory, "estimate_activation_bytes", recording)
+    monkeypatch.setattr(memory, "EXACT_ACTIVATION_TOKENS", 2**12)
+    extrapolated = [m.activations_bytes for m in memory.stage_training_memory(config, rack, plans)]
+    assert max(counted) <= 2**12  # never the full shape
+    monkeypatch.setattr(memory, "EXACT_ACTIVATION_TOKENS", 10**12)
+    exact = [m.activations_bytes for m in memory.stage_training_memory(config, rack, plans)]
+    assert extrapolated == exact
+
+
+def test_an_absurd_sequence_length_is_refused_from_its_shapes(tmp_path: Path) -> None:
+    """`validate` of a run that needs terabytes: exit 2, the length named, and the check's memory
+    the same as for an ordinary length (nothing the size of the run is allocated)."""
+    experiment = tmp_path / "long.yaml"
+    experiment.write_text(
+        textwrap.dedent(
+            """\
+            name: long
+            training:
+              training_architecture: rackwise
+              device: cpu
+              budget: {steps: 10}
+            """
+        )
+    )
+
+    def validate(seq_len: int) -> tuple[subprocess.CompletedProcess[str], float]:
+        code = (
+            "import resource, subprocess, sys\n"
+            "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+            "sys.stderr.write(done.stdout + done.stderr)\n"
+            "sys.exit(done.returncode)\n"
+        )
+        command = [sys.executable, "-m", "stackwise", "validate", str(experiment)]
+        command += ["--set", f"training.seq_len={seq_len}"]
+        done = subprocess.run(
+            [sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=300
+        )
+        return done, int(done.stdout.strip()) / 1024
+
+    ordinary, ordinary_mib = validate(64)
+    assert ordinary.returncode == 0, ordinary.stderr
+    absurd, absurd_mib = validate(100_000_000)
+    assert absurd.returncode == 2, absurd.stderr
+    assert "training.seq_len" in absurd.stderr and "Traceback" not in absurd.stderr
+    assert "needs at least" in absurd.stderr
+    # 1e8 tokens of int64 ids alone would be 763 MiB.
+    assert absurd_mib < ordinary_mib + 100, (ordinary_mib, absurd_mib)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,14 +165,22 @@ def estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunE
             return _estimate_run(config, vocab_size)
         except Exception as error:  # an estimate must never stop `plan` or validation
             note = f"cannot plan the stages: {error}"
-    # A lower bound of the peak: the fp32 weights, and one micro-batch's hidden states and logits.
+    return RunEstimate(
+        total_parameters=parameters,
+        peak_memory_bytes=memory_floor(config, vocab_size),
+        device=device,
+        note=note,
+    )
+
+
+def memory_floor(config: StackWiseConfig, vocab_size: int | None = None) -> int:
+    """A lower bound of a run's peak memory, from its shapes alone (no torch): the fp32 weights,
+    and one micro-batch's hidden states and logits."""
     training = config.training
     micro_tokens = training.batch_size * training.seq_len
     vocab = vocab_size_of(config, vocab_size)
-    floor = 4 * parameters + 4 * micro_tokens * (config.model.d_model + vocab)
-    return RunEstimate(
-        total_parameters=parameters, peak_memory_bytes=floor, device=device, note=note
-    )
+    parameters = parameter_count(config, vocab_size)
+    return 4 * parameters + 4 * micro_tokens * (config.model.d_model + vocab)
 
 
 def _estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> RunEstimate:
@@ -341,6 +349,40 @@ def estimate_activation_bytes(*args: Any, **kwargs: Any) -> int:
     return metrics.estimate_activation_bytes(*args, **kwargs)
 
 
+#: Above this many tokens per micro-batch, a stage's saved activations are counted at smaller
+#: shapes and extrapolated, so that estimating a run never allocates in proportion to its size
+#: (`_extrapolated`).
+EXACT_ACTIVATION_TOKENS = 2**16
+
+
+def _extrapolated(count: Callable[[int, int], int], batch: int, length: int, step: int) -> int:
+    """``count(batch, length)``, evaluated on at most `EXACT_ACTIVATION_TOKENS` tokens.
+
+    What a forward saves for backward is linear in the batch size (every activation has a batch
+    dimension; weights cast once do not) and at most quadratic in the sequence length (attention
+    scores; everything else is linear). So a large shape is read off small ones: two batch sizes
+    give the line in the batch size, and three lengths (multiples of `step`, the kernel
+    attention's chunk) at batch 1 and 2 give the parabola in the length. Exact when the shape is
+    small.
+    """
+    if batch * length <= EXACT_ACTIVATION_TOKENS:
+        return count(batch, length)
+    if 2 * length <= EXACT_ACTIVATION_TOKENS:
+        small = EXACT_ACTIVATION_TOKENS // (2 * length)
+        one, two = count(small, length), count(2 * small, length)
+        return one + (two - one) * (batch - small) // small
+    t = max(step, EXACT_ACTIVATION_TOKENS // 8 // step * step)
+    x = length / t
+
+    def in_length(b: int) -> float:
+        # The parabola through lengths t, 2t, 4t (Lagrange form), at `length`.
+        y1, y2, y4 = count(b, t), count(b, 2 * t), count(b, 4 * t)
+        return y1 * (x - 2) * (x - 4) / 3 - y2 * (x - 1) * (x - 4) / 2 + y4 * (x - 1) * (x - 2) / 6
+
+    at_one = in_length(1)
+    return round(at_one + (in_length(2) - at_one) * (batch - 1))
+
+
 def stage_training_memory(
     config: StackWiseConfig,
     rack: nn.Module,
@@ -350,6 +392,7 @@ def stage_training_memory(
     """Training memory of each of `plans` on the skeleton `rack` (see the module docstring)."""
     import torch
 
+    from stackwise.model.attention import RotaryEmbedding
     from stackwise.training.metrics import TrainingMemory, fake_tensor_mode
     from stackwise.training.objectives import build_objective
     from stackwise.training.stages import eligible_parameters
@@ -359,8 +402,6 @@ def stage_training_memory(
     vocab = int(rack.vocab_size)  # type: ignore[arg-type]
     # What a stage saves for backward depends on the objective, not on its settings.
     objective = build_objective(training.objective, vocab_size=vocab, mask_token_id=vocab - 1)
-    ids = torch.zeros(training.batch_size, training.seq_len, dtype=torch.long)
-    batch = objective.corrupt(ids, torch.Generator().manual_seed(0))
     eligible = eligible_parameters(rack)
     mode = fake_tensor_mode()
     rack.train()
@@ -368,16 +409,32 @@ def stage_training_memory(
     for plan in plans:
         params = _trained(rack, plan, eligible)
         param_bytes = sum(p.numel() * p.element_size() for p in params)
-        activations = estimate_activation_bytes(
-            rack,
-            plan.start,
-            plan.end,
-            from_embedding=not plan.depthwise or plan.trains_embedding,
-            trainable={id(p) for p in params},
-            inputs=batch.inputs,
-            loss=lambda logits: objective.loss(logits, batch),
-            autocast_dtype=autocast_dtype(config, device),
-            mode=mode,
+        trainable = {id(p) for p in params}
+
+        def saved(
+            batch_size: int, length: int, plan: StagePlan = plan, trainable: set[int] = trainable
+        ) -> int:
+            # Saved for backward is a view of the rotation table: counted by its storage, which
+            # is as long as the longest sequence seen, so each count starts without one.
+            for module in rack.modules():
+                if isinstance(module, RotaryEmbedding):
+                    module.clear_cache()
+            ids = torch.zeros(batch_size, length, dtype=torch.long)
+            batch = objective.corrupt(ids, torch.Generator().manual_seed(0))
+            return estimate_activation_bytes(
+                rack,
+                plan.start,
+                plan.end,
+                from_embedding=not plan.depthwise or plan.trains_embedding,
+                trainable=trainable,
+                inputs=batch.inputs,
+                loss=lambda logits: objective.loss(logits, batch),
+                autocast_dtype=autocast_dtype(config, device),
+                mode=mode,
+            )
+
+        activations = _extrapolated(
+            saved, training.batch_size, training.seq_len, config.model.kernel.chunk_size
         )
         memories.append(
             TrainingMemory(
@@ -627,10 +684,14 @@ def format_bytes(n: float) -> str:
 
 
 def blamed_field(config: StackWiseConfig, estimate: RunEstimate) -> str:
-    """The setting that most makes a run big: the model's width or depth when the weights
-    dominate the estimate, else the batch's size or length."""
+    """The setting that most makes a run big: the model's width or depth when its parameters
+    (with their gradients and optimizer state) are at least half the estimate, else the batch's
+    size or length."""
     model, training = config.model, config.training
-    weights = 4 * estimate.total_parameters
+    # What the parameters hold: every weight in fp32, and gradients and AdamW state (12 bytes a
+    # parameter) of the largest stage's trained ones.
+    trained = max((stage.trainable_parameters for stage in estimate.stages), default=0)
+    weights = 4 * estimate.total_parameters + 12 * trained
     if weights * 2 >= estimate.peak_memory_bytes:
         vocab = vocab_size_of(config)
         stacks = model.resolved_stacks()
@@ -678,21 +739,34 @@ def memory_problem(
 def check_run_memory(config: StackWiseConfig) -> MemoryProblem | None:
     """Estimate one run and compare it with its device (None when it fits or the device is not
     available here, which the device check reports). Runs that fit for certain by
-    `memory_upper_bound` are not estimated (no torch import)."""
+    `memory_upper_bound`, and runs on the CPU that cannot fit by `memory_floor`, are decided
+    from their shapes (no torch import); the estimate in between never allocates in proportion
+    to the run's size (`EXACT_ACTIVATION_TOKENS`)."""
     import psutil
 
-    floor = int(psutil.virtual_memory().available)
-    if config.training.device != "cpu":
-        floor = min(floor, ANY_DEVICE_BYTES)
+    ram = int(psutil.virtual_memory().available)
+    cpu = config.training.device == "cpu"
+    floor = ram if cpu else min(ram, ANY_DEVICE_BYTES)
     if memory_upper_bound(config) <= floor:
         return None
+    if cpu:
+        available, where = ram, "the RAM available on this machine (cpu)"
+    else:
+        from stackwise.training.device import resolve_device
 
-    from stackwise.training.device import resolve_device
-
-    try:
-        device = resolve_device(config.training.device)
-    except (RuntimeError, ValueError):
-        return None
-    estimate = estimate_run(config)
-    available, where = device_memory(device)
+        try:
+            device = resolve_device(config.training.device)
+        except (RuntimeError, ValueError):
+            return None
+        available, where = device_memory(device)
+    lower = memory_floor(config)
+    if lower > available:
+        # Too large for certain: said from the shapes, without building or estimating anything.
+        estimate = RunEstimate(
+            total_parameters=parameter_count(config),
+            peak_memory_bytes=lower,
+            note="a lower bound: the weights and one batch",
+        )
+    else:
+        estimate = estimate_run(config)
     return memory_problem(config, estimate, available, where)

@@ -59,6 +59,10 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = cached
         return cached[:seq_len]
 
+    def clear_cache(self) -> None:
+        """Forget the rotation tables (the next call builds one for its own length)."""
+        self._cache.clear()
+
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Rotate ``x [..., T, dim]`` by its position along the second-to-last axis, counted
         from ``start``."""

@@ -21,27 +21,15 @@ estimated further, so validating ordinary files stays light.
    the cache without using more than end-to-end training of the same rack would: the rackwise
    stage's training memory, less the largest depth-wise stage's, less the pool's token ids.
    With ``cache.location: auto`` a cache larger than that spills to a memory-mapped file.
-5. *The disk budget*: a spilled pool larger than ``cache.max_disk_gb`` (default: half the free
-   disk where the cache is written) is a mistake in the input (`pool_disk_problem`). The pool
-   is bounded by the whole step budget first (no stage has more steps than the run); only a
-   run over that bound, or with a FLOPs budget, is planned exactly (`pool_plan`).
-6. *Limits*: a run is screened with a generous upper bound of its peak memory
-   (`memory_upper_bound`, arithmetic only); one whose bound fits its device for certain is not
-   estimated further. Otherwise its estimated peak is compared with the device's memory
-   (`device_memory`: the RAM available now for CPU and MPS, the total memory for CUDA); a run
-   that cannot fit becomes a `MemoryProblem` naming the setting most responsible for the size
-   (`blamed_field`). `stackwise validate`, `plan` and `run` report it as a user error unless
-   ``--no-memory-check`` is given.
+5. The disk budget of a spilled pool is checked by `stackwise.training.disk_budget`, and
+   whether a run fits its device by `stackwise.training.limits`; both import this module.
 """
 
 from __future__ import annotations
 
-import math
-import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stackwise.config.base import BYTE_VOCAB_SIZE, StackWiseConfig
@@ -523,6 +511,12 @@ def cache_memory_allowance(
     return max(0, rackwise.total_bytes - largest - pool_bytes)
 
 
+def caches_pool(config: StackWiseConfig) -> bool:
+    """Whether the run caches a sample pool (depth-wise, `depthwise.data: pool`, cache on)."""
+    training = config.training
+    return training.is_depthwise and training.depthwise.data == "pool" and training.cache.enabled
+
+
 def pool_plan(config: StackWiseConfig) -> tuple[int, int]:
     """(sequences in the sample pool, bytes of its activation cache) of a run, planned on a
     skeleton; (0, 0) when the run caches nothing."""
@@ -535,238 +529,3 @@ def pool_plan(config: StackWiseConfig) -> tuple[int, int]:
         return 0, 0
     rows = pool_rows(config, plans)
     return rows, pool_cache_bytes(config, rows)
-
-
-# --------------------------------------------------------------------------------------------
-# the disk budget
-# --------------------------------------------------------------------------------------------
-
-
-def cache_directory(config: StackWiseConfig) -> Path:
-    """Where a spilled cache of a `stackwise run` is written: ``cache.directory``, else beside
-    the checkpoints, which live under the working folder (``./mlruns``)."""
-    directory = config.training.cache.directory
-    return Path(directory).expanduser() if directory is not None else Path.cwd()
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
-def disk_budget_bytes(config: StackWiseConfig) -> tuple[int, str]:
-    """The disk a spilled pool may use, and how to name that budget in a message."""
-    limit = config.training.cache.max_disk_gb
-    if limit is not None:
-        return int(limit * 1e9), f"training.cache.max_disk_gb: {limit:g}"
-    directory = cache_directory(config)
-    free = shutil.disk_usage(_existing_parent(directory)).free
-    return free // 2, f"half the free disk in {directory} ({free / 1e9:.3g} GB free)"
-
-
-def caches_pool(config: StackWiseConfig) -> bool:
-    """Whether the run caches a sample pool (depth-wise, `depthwise.data: pool`, cache on)."""
-    training = config.training
-    return training.is_depthwise and training.depthwise.data == "pool" and training.cache.enabled
-
-
-def pool_rows_bound(config: StackWiseConfig) -> int | None:
-    """At most how many sequences the pool holds, from a step or token budget (None: a FLOPs
-    budget, which only planning converts to steps)."""
-    training = config.training
-    budget = training.budget
-    if budget.steps is not None:
-        steps = budget.steps
-    elif budget.tokens is not None:
-        per_step = training.batch_size * training.grad_accum_steps * training.seq_len
-        steps = max(1, round(budget.tokens / per_step))
-    else:
-        return None
-    return steps * training.grad_accum_steps * training.batch_size
-
-
-def pool_disk_problem(config: StackWiseConfig) -> str | None:
-    """Why the run's sample pool cannot be cached on its disk budget, or None when it can."""
-    if not caches_pool(config):
-        return None
-    training = config.training
-    per_row = training.seq_len * config.model.d_model * ELEMENT_BYTES[training.cache.dtype]
-    budget, named = disk_budget_bytes(config)
-    bound = pool_rows_bound(config)
-    if bound is not None and bound * per_row <= budget:
-        return None
-
-    rows, size = pool_plan(config)
-    if size <= budget:
-        return None
-    return (
-        f"the activation cache of the sample pool needs {size / 1e9:.3g} GB ({rows:,} sequences "
-        f"x seq_len {training.seq_len} x d_model {config.model.d_model} x "
-        f"{ELEMENT_BYTES[training.cache.dtype]} bytes of cache.dtype {training.cache.dtype}), "
-        f"more than the disk budget of {budget / 1e9:.3g} GB ({named}); lower training.budget, "
-        f"set training.cache.dtype: bf16 or training.depthwise.data: fresh, or raise "
-        f"training.cache.max_disk_gb"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# limits
-# --------------------------------------------------------------------------------------------
-
-
-# Memory every accelerator a run may resolve to (`auto`, `cuda`, `mps`) is taken to have without
-# asking torch; a run whose upper bound is below it (and below the free RAM) fits anywhere.
-ANY_DEVICE_BYTES = 2 * 2**30
-
-
-def memory_upper_bound(config: StackWiseConfig) -> int:
-    """A generous upper bound of a run's peak training memory in bytes, from the config alone.
-
-    Every parameter trainable at once with AdamW (16 bytes; an untied depth-wise head counted
-    again), fp32 activations of every block for one micro-batch (attention probabilities
-    included), logits with their gradients, and an activation cache of the whole token budget;
-    doubled.
-    """
-    model, training = config.model, config.training
-    budget = training.budget
-    per_step = training.batch_size * training.grad_accum_steps * training.seq_len
-    if budget.steps is not None:
-        tokens = budget.steps * per_step
-    elif budget.tokens is not None:
-        tokens = budget.tokens + per_step
-    else:
-        # Every trained token costs at least the forward and input gradient of the LM head
-        # (2 x 2 x d_model x vocab FLOPs), which bounds the tokens a FLOPs budget can buy.
-        readout = 4 * model.d_model * vocab_size_of(config)
-        tokens = math.ceil((budget.flops or 0.0) / readout) + per_step
-    d = model.d_model
-    vocab = vocab_size_of(config)
-    weights = 16 * (parameter_count(config) + vocab * d)
-    micro = training.batch_size * training.seq_len
-    activations = 0
-    for stack, spec in zip(model.resolved_stacks(), model.block_specs(), strict=True):
-        per_block = (
-            micro * (32 * d + 8 * spec.d_ff)
-            + training.batch_size * spec.n_heads * training.seq_len**2 * 3
-        )
-        activations += stack.n_blocks * 4 * per_block
-    logits = 4 * 4 * micro * vocab
-    cache = (tokens + training.eval.batches * micro) * (4 * d + 8)
-    return 2 * (weights + activations + logits + cache)
-
-
-def device_memory(device: torch.device) -> tuple[int, str]:
-    """Bytes a run on `device` can use, and how to name that memory in a message."""
-    import psutil
-
-    if device.type == "cuda":
-        import torch
-
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        properties = torch.cuda.get_device_properties(index)
-        return int(properties.total_memory), f"{properties.name} ({device.type}:{index})"
-    available = int(psutil.virtual_memory().available)
-    return available, f"the RAM available on this machine ({device.type})"
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'; up to EiB, then in scientific notation."""
-    value = float(n)
-    for suffix in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if abs(value) < 1024 or suffix == "EiB":
-            if suffix == "B":
-                return f"{value:.0f} B"
-            return f"{value:.1f} {suffix}" if abs(value) < 1024 else f"{value:.2e} {suffix}"
-        value /= 1024
-    return f"{n:.3g} B"
-
-
-def blamed_field(config: StackWiseConfig, estimate: RunEstimate) -> str:
-    """The setting that most makes a run big: the model's width or depth when its parameters
-    (with their gradients and optimizer state) are at least half the estimate, else the batch's
-    size or length."""
-    model, training = config.model, config.training
-    # What the parameters hold: every weight in fp32, and gradients and AdamW state (12 bytes a
-    # parameter) of the largest stage's trained ones.
-    trained = max((stage.trainable_parameters for stage in estimate.stages), default=0)
-    weights = 4 * estimate.total_parameters + 12 * trained
-    if weights * 2 >= estimate.peak_memory_bytes:
-        vocab = vocab_size_of(config)
-        stacks = model.resolved_stacks()
-        depth = sum(s.n_blocks for s in stacks)
-        if vocab * model.d_model * 2 > estimate.total_parameters:
-            return "model.vocab_size" if model.vocab_size is not None else "data.bpe_vocab_size"
-        if depth / 8 > (model.d_model / 512) ** 2:
-            if model.stacks is not None:
-                return "model.stacks"
-            architecture = model.architecture
-            if architecture.n_stacks >= architecture.blocks_per_stack:
-                return "model.architecture.n_stacks"
-            return "model.architecture.blocks_per_stack"
-        return "model.d_model"
-    if training.batch_size / 16 >= training.seq_len / 128:
-        return "training.batch_size"
-    return "training.seq_len"
-
-
-@dataclass(frozen=True)
-class MemoryProblem:
-    """A run that cannot fit its device: the setting to change and what to tell the user."""
-
-    field: str
-    message: str
-
-
-def memory_problem(
-    config: StackWiseConfig, estimate: RunEstimate, available: int, where: str
-) -> MemoryProblem | None:
-    """Why a run with this estimate cannot fit `available` bytes (None when it fits)."""
-    peak = estimate.peak_memory_bytes
-    if peak <= available:
-        return None
-    amount = "at least" if estimate.note else "an estimated"
-    return MemoryProblem(
-        field=blamed_field(config, estimate),
-        message=f"needs {amount} {format_bytes(peak)} of memory at its peak "
-        f"({estimate.total_parameters:.3g} parameters), more than the "
-        f"{format_bytes(available)} of {where}; make it smaller, or pass --no-memory-check "
-        f"to try anyway",
-    )
-
-
-def check_run_memory(config: StackWiseConfig) -> MemoryProblem | None:
-    """Estimate one run and compare it with its device (None when it fits or the device is not
-    available here, which the device check reports). Runs that fit for certain by
-    `memory_upper_bound`, and runs on the CPU that cannot fit by `memory_floor`, are decided
-    from their shapes (no torch import); the estimate in between never allocates in proportion
-    to the run's size (`EXACT_ACTIVATION_TOKENS`)."""
-    import psutil
-
-    ram = int(psutil.virtual_memory().available)
-    cpu = config.training.device == "cpu"
-    floor = ram if cpu else min(ram, ANY_DEVICE_BYTES)
-    if memory_upper_bound(config) <= floor:
-        return None
-    if cpu:
-        available, where = ram, "the RAM available on this machine (cpu)"
-    else:
-        from stackwise.training.device import resolve_device
-
-        try:
-            device = resolve_device(config.training.device)
-        except (RuntimeError, ValueError):
-            return None
-        available, where = device_memory(device)
-    lower = memory_floor(config)
-    if lower > available:
-        # Too large for certain: said from the shapes, without building or estimating anything.
-        estimate = RunEstimate(
-            total_parameters=parameter_count(config),
-            peak_memory_bytes=lower,
-            note="a lower bound: the weights and one batch",
-        )
-    else:
-        estimate = estimate_run(config)
-    return memory_problem(config, estimate, available, where)

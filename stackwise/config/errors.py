@@ -179,6 +179,25 @@ def unknown_field_message(name: str, known: Sequence[str], *, name_in_message: b
     return f"{head}; known fields: {', '.join(sorted(known))}"
 
 
+def field_paths(root: type[BaseModel]) -> list[tuple[str, ...]]:
+    """Every field path below `root` (sections and settings; list items not entered)."""
+    found: list[tuple[str, ...]] = []
+    for name, field in root.model_fields.items():
+        found.append((name,))
+        inner = _model_class(field.annotation)
+        if inner is not None:
+            found.extend((name, *rest) for rest in field_paths(inner))
+    return found
+
+
+def full_paths_of(root: type[BaseModel], partial: Sequence[str]) -> list[str]:
+    """The field paths below `root` that end with `partial` (``budget.steps`` ->
+    ``training.budget.steps``), shortest first."""
+    tail = tuple(partial)
+    matches = [path for path in field_paths(root) if path[-len(tail) :] == tail]
+    return [dotted(path) for path in sorted(matches, key=len)]
+
+
 @dataclass(frozen=True)
 class PathProblem:
     """Why a dotted key names no setting: segment `index` (`name`) is not a field of `parent`."""
@@ -187,26 +206,39 @@ class PathProblem:
     name: str
     parent: str
     known: tuple[str, ...]  # fields of `parent`; empty when `parent` is a single setting
+    elsewhere: tuple[str, ...] = ()  # full paths of the same key written from a wrong place
 
     def message(self, *, name_in_message: bool = True) -> str:
         if not self.known:
             return (
                 f"'{self.parent}' is a single setting, not a section; it has no field '{self.name}'"
             )
+        if self.elsewhere:
+            head = f"unknown field '{self.name}'" if name_in_message else "unknown field"
+            quoted = [f"'{path}'" for path in self.elsewhere]
+            return f"{head}; did you mean {' or '.join(quoted)}?"
         return unknown_field_message(self.name, self.known, name_in_message=name_in_message)
 
 
 def find_path_problem(root: type[BaseModel], path: Sequence[str]) -> PathProblem | None:
     """The first segment of `path` that is not a field below `root` (None when all are).
 
-    Used for grid axes, presets and `--set`: each dotted key must reach an existing field.
+    Used for grid axes, presets and `--set`: each dotted key must reach an existing field. A key
+    whose rest exists deeper down (``budget.steps``, ``training.lr``) names the full path.
     """
     model: type[BaseModel] | None = root
     for index, part in enumerate(path):
         if model is None:
             return PathProblem(index, part, dotted(path[:index]), ())
         if part not in model.model_fields:
-            return PathProblem(index, part, dotted(path[:index]), tuple(model.model_fields))
+            prefix = dotted(path[:index])
+            elsewhere = tuple(
+                f"{prefix}.{below}" if prefix else below
+                for below in full_paths_of(model, path[index:])
+            )
+            return PathProblem(
+                index, part, dotted(path[:index]), tuple(model.model_fields), elsewhere
+            )
         model = _model_class(model.model_fields[part].annotation)
     return None
 
@@ -228,6 +260,9 @@ class Issue:
 
     path: ConfigPath
     message: str
+
+
+_QUOTED = re.compile(r"'([^']*)'")
 
 
 def _show(value: Any) -> str:
@@ -264,7 +299,11 @@ def validation_issues(error: ValidationError, root: type[BaseModel]) -> list[Iss
                 f"got {context.get('actual_length', 0)}"
             )
         elif kind == "literal_error":
-            message = f"got {_show(value)}; allowed values: {context.get('expected', '?')}"
+            expected = str(context.get("expected", "?"))
+            message = f"got {_show(value)}; allowed values: {expected}"
+            close = suggest(str(value), _QUOTED.findall(expected)) if _is_scalar(value) else None
+            if close is not None:
+                message = f"got {_show(value)}; did you mean '{close}'? (allowed: {expected})"
         elif kind in ("value_error", "assertion_error"):
             raw = context.get("error")
             text = str(raw) if raw is not None else str(item.get("msg", ""))

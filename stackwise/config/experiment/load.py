@@ -23,6 +23,7 @@ from stackwise.config.errors import (
     format_validation_error,
     raise_if_any,
     suggest,
+    validation_issues,
 )
 from stackwise.config.experiment.grid import check_repeats, exclusions, factors
 from stackwise.config.experiment.naming import (
@@ -32,7 +33,7 @@ from stackwise.config.experiment.naming import (
     value_labels,
 )
 from stackwise.config.experiment.schema import BUILTIN_PRESETS, SECTIONS, ExperimentConfig
-from stackwise.config.experiment.settings import Assignment, flatten, settings_at
+from stackwise.config.experiment.settings import Assignment, flatten, resolve, settings_at
 from stackwise.config.experiment.spec import Axis, Experiment, Role
 from stackwise.config.loading import load_mapping
 
@@ -63,11 +64,14 @@ def load_experiment(path: str | Path) -> Experiment:
     base: list[Assignment] = []
     for section, tree in config.base.items():
         base.extend(flatten(tree, (section,), (section,)))
-    _check_assignments(experiment, base, errors)
+    valid = _check_assignments(experiment, base, errors)
     experiment.base = tuple(base)
 
     experiment.presets = _presets(experiment, errors)
     experiment.axes = _axes(experiment, errors)
+    if errors:
+        # Found together with the misspelt keys: the values of the base settings written right.
+        errors.extend(_base_value_errors(experiment, valid))
     raise_if_any(errors)
 
     experiment.factors = factors(experiment, errors)
@@ -79,11 +83,13 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def _check_assignments(
     experiment: Experiment, assignments: Sequence[Assignment], errors: list[ConfigError]
-) -> None:
-    """Report each setting whose config path the run schema does not have."""
+) -> list[Assignment]:
+    """Report each setting whose config path the run schema does not have; the others."""
+    valid: list[Assignment] = []
     for assignment in assignments:
         problem = find_path_problem(StackWiseConfig, assignment.path)
         if problem is None:
+            valid.append(assignment)
             continue
         where = assignment.file_path
         if where is None:
@@ -109,6 +115,26 @@ def _check_assignments(
         errors.append(
             experiment.error(problem.message(name_in_message=not last_segment), where[:cut])
         )
+    return valid
+
+
+def _base_value_errors(experiment: Experiment, base: Sequence[Assignment]) -> list[ConfigError]:
+    """The errors of values that base settings give their own field (a value not allowed, a
+    number out of range), checked on the base settings alone; problems between settings, which
+    the grid may resolve, are left to `expand_grid`."""
+    tree, _ = resolve(base)
+    try:
+        StackWiseConfig.model_validate(tree)
+    except ValidationError as error:
+        written = {assignment.path: assignment for assignment in base}
+        found = []
+        for issue in validation_issues(error, StackWiseConfig):
+            assignment = written.get(tuple(str(part) for part in issue.path))
+            if assignment is None or assignment.file_path is None:
+                continue
+            found.append(experiment.error(issue.message, assignment.file_path))
+        return found
+    return []
 
 
 def _presets(

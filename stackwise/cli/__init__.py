@@ -23,6 +23,7 @@ report, ui) and `racks` (generate, export).
 from __future__ import annotations
 
 from stackwise.cli.app import app
+from stackwise.cli.examples import examples, init
 from stackwise.cli.experiments import plan, schema, validate
 from stackwise.cli.options import (
     FilesArgument,
@@ -48,7 +49,19 @@ from stackwise.cli.results import compare, report, ui
 from stackwise.cli.running import run
 
 # The commands, in the order `stackwise --help` lists them.
-for _command in (validate, plan, run, schema, compare, report, ui, generate, export):
+for _command in (
+    validate,
+    plan,
+    run,
+    schema,
+    compare,
+    report,
+    ui,
+    generate,
+    export,
+    examples,
+    init,
+):
     app.command()(_command)
 
 

@@ -56,7 +56,7 @@ def test_every_block_of_the_rack_is_built_from_its_stacks_spec() -> None:
     stacks = config.model.resolved_stacks()
     expected = [
         spec
-        for stack, spec in zip(stacks, config.model.block_specs())
+        for stack, spec in zip(stacks, config.model.block_specs(), strict=True)
         for _ in range(stack.n_blocks)
     ]
     built = [block.block_spec for block in rack.blocks]

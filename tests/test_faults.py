@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from stackwise.config.experiment import expand_grid, load_experiment
 from stackwise.runner import point_of
@@ -53,35 +52,41 @@ def new_store(empty_store: Path, database: Path) -> str:
     return f"sqlite:///{database}"
 
 
-def write_file(
-    folder: Path, name: str, grid: dict[str, list[Any]] | None = None, **data: Any
-) -> Path:
-    """A tiny experiment (d_model 32, 2 blocks, seq_len 16, batch 2) in `folder/<name>.yaml`."""
-    document: dict[str, Any] = {
-        "name": name,
-        "model": {
-            "d_model": 32,
-            "n_heads": 2,
-            "architecture": {"n_stacks": 1, "blocks_per_stack": 2},
-        },
-        "training": {
-            "budget": {"steps": 60},
-            "batch_size": 2,
-            "seq_len": 16,
-            "log_every_steps": LOG_EVERY,
-            "device": "cpu",
-            "eval": {"batches": 1},
-            "checkpoint": {"every_steps": 50},
-        },
-        "data": {"max_tokens": 20000, **data},
-        "tracking": {"log_model": False},
-    }
-    if grid:
-        document["grid"] = grid
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return path
+# The rack and training of every experiment here: d_model 32, 2 blocks, seq_len 16, batch 2.
+FAULTS_MODEL = {"d_model": 32, "n_heads": 2, "architecture": {"n_stacks": 1, "blocks_per_stack": 2}}
+FAULTS_TRAINING = {
+    "budget": {"steps": 60},
+    "batch_size": 2,
+    "seq_len": 16,
+    "log_every_steps": LOG_EVERY,
+    "device": "cpu",
+    "eval": {"batches": 1},
+    "checkpoint": {"every_steps": 50},
+}
+
+
+WriteFile = Callable[..., Path]
+
+
+@pytest.fixture
+def write_file(write_experiment: WriteFile) -> WriteFile:
+    """`write_file(folder, name, grid=None, **data)`: a tiny experiment (`FAULTS_MODEL`,
+    `FAULTS_TRAINING`, no model logged) in ``folder/<name>.yaml``; `data` adds data settings."""
+
+    def write_file(
+        folder: Path, name: str, grid: dict[str, list[Any]] | None = None, **data: Any
+    ) -> Path:
+        return write_experiment(
+            folder,
+            name,
+            grid=grid,
+            training=FAULTS_TRAINING,
+            model=FAULTS_MODEL,
+            data={"max_tokens": 20000, **data},
+            tracking={"log_model": False},
+        )
+
+    return write_file
 
 
 def _default_hangup() -> None:
@@ -198,6 +203,7 @@ def identities(path: Path, uri: str) -> list[str]:
 def test_sigkill_then_sigterm_then_rerun_leaves_one_finished_run_per_point(
     tmp_path: Path,
     empty_store: Path,
+    write_file: WriteFile,
     start: Start,
     run: Run,
     assert_each_step_logged_once: Helper,
@@ -252,7 +258,7 @@ def test_sigkill_then_sigterm_then_rerun_leaves_one_finished_run_per_point(
 
 
 def test_sighup_checkpoints_and_another_store_leaves_it_alone(
-    tmp_path: Path, empty_store: Path, start: Start, run: Run
+    tmp_path: Path, empty_store: Path, write_file: WriteFile, start: Start, run: Run
 ) -> None:
     """Two stores in one folder: a point interrupted (SIGHUP, exit 129) in a.db keeps its
     checkpoint in a.stackwise/ while the same point runs to the end in b.db; a.db then resumes
@@ -290,6 +296,7 @@ def test_sighup_checkpoints_and_another_store_leaves_it_alone(
 def test_checkpoint_under_another_device_name_restarts_inside_the_run(
     tmp_path: Path,
     empty_store: Path,
+    write_file: WriteFile,
     start: Start,
     run: Run,
     assert_each_step_logged_once: Helper,
@@ -328,7 +335,7 @@ def test_checkpoint_under_another_device_name_restarts_inside_the_run(
 
 
 def test_identity_follows_data_content_not_folders_or_cadence(
-    tmp_path: Path, empty_store: Path, run: Run
+    tmp_path: Path, empty_store: Path, write_file: WriteFile, run: Run
 ) -> None:
     """One experiment file copied into two folders, each with its own corpus.txt, shares a
     store: the second trains (other data). Run again from another working folder with only
@@ -475,7 +482,7 @@ def servers() -> Iterator[tuple[str, str]]:
 
 
 def test_stores_that_cannot_work_are_one_line_errors(
-    tmp_path: Path, servers: tuple[str, str], start: Start
+    tmp_path: Path, servers: tuple[str, str], write_file: WriteFile, start: Start
 ) -> None:
     """run, compare and ui against a web page, a server that never answers and a database URI
     without its driver: exit 2 within 15 s, one error line, no traceback, nothing written."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,61 +20,14 @@ from stackwise.training.callbacks import StageInfo, StageResult, TrainingCallbac
 from stackwise.training.objectives import build_objective
 from stackwise.training.plan import estimate_run, plan_stages
 
-
-def tiny_config(
-    mode: str = "blockwise", objective: str = "clm", steps: int = 12, **training: Any
-) -> StackWiseConfig:
-    model: dict[str, Any] = {
-        "d_model": 32,
-        "n_heads": 2,
-        "architecture": {"n_stacks": 2, "blocks_per_stack": 1},
-        "attention_mode": "causal" if objective == "clm" else "bidirectional",
-    }
-    model.update(training.pop("model", {}))
-    return StackWiseConfig.from_dict(
-        {
-            "model": model,
-            "training": {
-                "training_architecture": mode,
-                "objective": objective,
-                "batch_size": 4,
-                "seq_len": 32,
-                "budget": {"steps": steps},
-                "optimizer": {"lr": 3e-3},
-                "schedule": {"warmup_fraction": 0.0},
-                "log_every_steps": 1,
-                "eval": {"batches": 2},
-                **training,
-            },
-            "data": {"max_tokens": 30_000},
-        }
-    )
+TinyConfig = Callable[..., StackWiseConfig]  # the `tiny_config` fixture (conftest.py)
 
 
-class Recorder(TrainingCallback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-        self.stages: list[StageInfo] = []
-        self.events: list[str] = []
-
-    def on_train_start(self, stages: list[StageInfo]) -> None:
-        self.events.append("train_start")
-
-    def on_stage_start(self, stage: StageInfo, step: int) -> None:
-        self.stages.append(stage)
-        self.events.append(f"stage_start:{stage.name}")
-
-    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics.append((step, metrics))
-        if "train/loss" in metrics:
-            self.losses.append(metrics["train/loss"])
-
-    def on_stage_end(self, result: StageResult, step: int) -> None:
-        self.events.append(f"stage_end:{result.stage.name}")
-
-    def on_train_end(self, results: Any) -> None:
-        self.events.append("train_end")
+@pytest.fixture
+def tiny_config(tiny_config: TinyConfig) -> TinyConfig:
+    """The shared tiny config (conftest.py) logging every step: these tests read each step's
+    metrics."""
+    return functools.partial(tiny_config, log_every_steps=1)
 
 
 def run(config: StackWiseConfig, callbacks: list[TrainingCallback] | None = None, **kw: Any):
@@ -101,7 +56,7 @@ def held_out_loss(rack: nn.Module, config: StackWiseConfig, loader: Any) -> floa
 
 @pytest.mark.parametrize("objective", ["clm", "mlm", "diffusion"])
 @pytest.mark.parametrize("mode", ["rackwise", "stackwise", "blockwise"])
-def test_loss_falls(mode: str, objective: str) -> None:
+def test_loss_falls(mode: str, objective: str, tiny_config: TinyConfig) -> None:
     config = tiny_config(mode, objective, steps=24)
     data = build_data(config.data, config.training)
     rack = create_rack_from_config(config)
@@ -138,7 +93,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     ],
 )
 def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(
-    tie: bool, head: str, frozen_precision: str
+    tie: bool, head: str, frozen_precision: str, tiny_config: TinyConfig
 ) -> None:
     config = tiny_config(
         "blockwise",
@@ -180,7 +135,9 @@ def test_frozen_pieces_are_bitwise_unchanged_after_their_stage(
         assert not torch.equal(heads[0], heads[-1])  # an untied head trains in every stage
 
 
-def test_declared_frozen_stack_is_never_trained() -> None:
+def test_declared_frozen_stack_is_never_trained(
+    tiny_config: TinyConfig, recording_callback: type
+) -> None:
     config = tiny_config(
         "stackwise",
         "mlm",
@@ -191,7 +148,7 @@ def test_declared_frozen_stack_is_never_trained() -> None:
     )
     rack = create_rack_from_config(config)
     frozen = _snapshot(rack.stacks[1])
-    recorder = Recorder()
+    recorder = recording_callback()
     data = build_data(config.data, config.training)
     results = ArchitectureTrainer(config, [recorder]).train_architecture(rack, data.train_loader)
     assert [s.stage.name for s in results.stages] == ["stack_0", "stack_2"]
@@ -199,7 +156,9 @@ def test_declared_frozen_stack_is_never_trained() -> None:
     assert all(not p.requires_grad for p in rack.stacks[1].parameters())  # flags restored
 
 
-def test_a_frozen_first_stack_warns_that_the_embedding_never_trains() -> None:
+def test_a_frozen_first_stack_warns_that_the_embedding_never_trains(
+    tiny_config: TinyConfig,
+) -> None:
     model = {"stacks": [{"n_blocks": 1, "freeze_blocks": True}, {"n_blocks": 1}]}
     config = tiny_config("stackwise", "mlm", steps=4, model=model)
     rack = create_rack_from_config(config)
@@ -213,7 +172,7 @@ def test_a_frozen_first_stack_warns_that_the_embedding_never_trains() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
-def test_backward_stops_at_the_trainable_piece() -> None:
+def test_backward_stops_at_the_trainable_piece(tiny_config: TinyConfig) -> None:
     config = tiny_config("blockwise", "clm", steps=6, cache={"enabled": False})
     rack = create_rack_from_config(config)
     stage = {"index": 0}
@@ -246,7 +205,7 @@ def test_backward_stops_at_the_trainable_piece() -> None:
     assert rack.token_embedding.weight.grad is None
 
 
-def test_non_finite_loss_names_stage_and_step() -> None:
+def test_non_finite_loss_names_stage_and_step(tiny_config: TinyConfig) -> None:
     config = tiny_config("blockwise", "clm", steps=4)
     rack = create_rack_from_config(config)
     with torch.no_grad():
@@ -262,7 +221,7 @@ def test_non_finite_loss_names_stage_and_step() -> None:
         ArchitectureTrainer(config).train_architecture(rack, data.train_loader)
 
 
-def test_plain_tensor_and_dict_batches_as_in_the_seed() -> None:
+def test_plain_tensor_and_dict_batches_as_in_the_seed(tiny_config: TinyConfig) -> None:
     config = tiny_config("blockwise", "mlm", steps=4)
     torch.manual_seed(0)
     tensors = [torch.randint(0, 256, (2, 16)) for _ in range(3)]
@@ -274,7 +233,7 @@ def test_plain_tensor_and_dict_batches_as_in_the_seed() -> None:
     assert results.total_steps == 4
 
 
-def test_budget_split_equal_tokens_by_params_and_fractions() -> None:
+def test_budget_split_equal_tokens_by_params_and_fractions(tiny_config: TinyConfig) -> None:
     config = tiny_config(
         "blockwise", steps=10, model={"architecture": {"n_stacks": 3, "blocks_per_stack": 1}}
     )
@@ -306,7 +265,7 @@ def test_budget_split_equal_tokens_by_params_and_fractions() -> None:
     assert [p.trains_embedding for p in plans] == [True, False, False]
 
 
-def test_layerwise_is_blockwise_and_fusion_adds_a_joint_stage() -> None:
+def test_layerwise_is_blockwise_and_fusion_adds_a_joint_stage(tiny_config: TinyConfig) -> None:
     config = tiny_config(
         "blockwise", "mlm", steps=4, fusion={"enabled": True, "steps": 3, "lr": 1e-3}
     )
@@ -329,8 +288,8 @@ def test_layerwise_is_blockwise_and_fusion_adds_a_joint_stage() -> None:
     assert not torch.equal(embedding[1], embedding[2])  # fusion trains it again
 
 
-def test_callbacks_order_and_metrics() -> None:
-    recorder = Recorder()
+def test_callbacks_order_and_metrics(tiny_config: TinyConfig, recording_callback: type) -> None:
+    recorder = recording_callback()
     config = tiny_config("stackwise", "clm", steps=4, eval={"batches": 1, "every_steps": 1})
     run(config, [recorder])
     assert recorder.events == [
@@ -348,7 +307,7 @@ def test_callbacks_order_and_metrics() -> None:
     assert steps == [1, 2, 3, 4]
 
 
-def test_estimate_run_matches_the_plan() -> None:
+def test_estimate_run_matches_the_plan(tiny_config: TinyConfig) -> None:
     config = tiny_config("blockwise", "mlm", steps=10)
     estimate = estimate_run(config)
     rack = create_rack_from_config(config)
@@ -390,9 +349,9 @@ def test_tuple_batches_carry_their_padding_mask() -> None:
     ],
 )
 def test_validation_metrics_name_what_each_objective_estimates(
-    objective: str, names: set[str]
+    objective: str, names: set[str], tiny_config: TinyConfig, recording_callback: type
 ) -> None:
-    recorder = Recorder()
+    recorder = recording_callback()
     config = tiny_config("rackwise", objective, steps=2, eval={"batches": 1})
     _, results = run(config, [recorder])
     val = [m for _, m in recorder.metrics if "val/loss" in m]
@@ -413,7 +372,9 @@ def test_validation_metrics_name_what_each_objective_estimates(
         assert final[0]["final/ppl_bound"] == pytest.approx(math.exp(nelbo))
 
 
-def test_deterministic_algorithms_during_training_and_restored_after() -> None:
+def test_deterministic_algorithms_during_training_and_restored_after(
+    tiny_config: TinyConfig,
+) -> None:
     seen: list[bool] = []
 
     class Probe(TrainingCallback):
@@ -430,7 +391,7 @@ def test_deterministic_algorithms_during_training_and_restored_after() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is switched on only on CUDA")
-def test_tf32_flags_are_restored_after_cuda_training() -> None:
+def test_tf32_flags_are_restored_after_cuda_training(tiny_config: TinyConfig) -> None:
     seen: list[tuple[bool, bool]] = []
 
     class Probe(TrainingCallback):
@@ -452,12 +413,14 @@ def test_tf32_flags_are_restored_after_cuda_training() -> None:
 
 
 @pytest.mark.parametrize("mode", ["rackwise", "blockwise"])
-def test_test_loss_is_the_trained_racks_cross_entropy_over_every_test_batch(mode: str) -> None:
+def test_test_loss_is_the_trained_racks_cross_entropy_over_every_test_batch(
+    mode: str, tiny_config: TinyConfig, recording_callback: type
+) -> None:
     config = tiny_config(mode, "clm", steps=8)
     data = build_data(config.data, config.training)
     assert data.test_loader is not None
     rack = create_rack_from_config(config)
-    recorder = Recorder()
+    recorder = recording_callback()
     results = ArchitectureTrainer(config, callbacks=[recorder]).train_architecture(
         rack, data.train_loader, data.val_loader, data.test_loader
     )

@@ -82,7 +82,11 @@ def test_compare_unknown_experiment(tracked: dict[str, Any]) -> None:
 def test_compare_formats(tracked: dict[str, Any], tmp_path: Path) -> None:
     table = _compare(tracked, "tracked")
     assert table.exit_code == 0, table.output
-    assert "mode=rackwise" in table.output and "val_loss" in table.output
+    # A table shows the coordinates that vary and the headline results; --columns all, all.
+    header = table.output.splitlines()[1].split()
+    assert header == ["mode", "val_loss", "test_loss", "flops", "training_memory_mb", "wall_time_s"]
+    every = _compare(tracked, "tracked", "--columns", "all")
+    assert "mode=rackwise" in every.output and "tokens_per_s" in every.output
 
     csv = _compare(tracked, "tracked", "--format", "csv")
     assert csv.exit_code == 0, csv.output
@@ -707,6 +711,16 @@ def test_compare_after_a_set_rerun_shows_the_current_runs(
     rows, notes = compare_csv()
     assert [r["run_id"] for r in rows] == [r.info.run_id for r in original]
     assert "1 run of other settings" in notes
+    assert "which the grid does not set" not in notes  # the file's current runs agree
+    # By experiment name, the latest run of each point: the learning rates differ, and the grid
+    # does not set it (it was --set for one point).
+    by_name = _hand_compare(uri, "rerun", "--format", "csv")
+    assert by_name.exit_code == 0, by_name.output
+    assert (
+        f"shown runs differ in {LR}, which the grid does not set "
+        "(0.0003 in mode=rackwise; 0.002 in mode=stackwise)" in by_name.stderr
+    )
+    assert "training.training_architecture" not in by_name.stderr  # the grid sets it
     rows, _ = compare_csv(*rerun_args)
     assert [r["run_id"] for r in rows] == [rerun.info.run_id]
     rows, _ = compare_csv("--all")

@@ -131,6 +131,20 @@ def test_run_prints_comparison_and_summary(tracked: dict[str, Any]) -> None:
     out = tracked["stdout"]
     assert "tracked: comparison" in out
     assert "2 finished, 0 skipped, 0 failed" in out
+    # One table (the comparison): its headline columns, numbers to four significant digits;
+    # no MLflow INFO lines about creating the store, no progress bar in a pipe.
+    header = next(line for line in out.splitlines() if line.startswith("mode "))
+    assert header.split() == [
+        "mode",
+        "val_loss",
+        "test_loss",
+        "flops",
+        "training_memory_mb",
+        "wall_time_s",
+    ]
+    assert "summary" not in out
+    both = out + tracked["stderr"]
+    assert "INFO mlflow" not in both and "━" not in both
     # Default store layout, created by the run.
     root = Path(tracked["cwd"]) / "mlruns"
     assert (root / "mlflow.db").is_file()

@@ -22,6 +22,8 @@ report, ui) and `racks` (generate, export).
 
 from __future__ import annotations
 
+import os
+
 from stackwise.cli.app import app
 from stackwise.cli.examples import examples, init
 from stackwise.cli.experiments import plan, schema, validate
@@ -66,7 +68,9 @@ for _command in (
 
 
 def main() -> None:
-    """Console-script entry point (`stackwise`)."""
+    """Console-script entry point (`stackwise`). MLflow's own INFO lines (creating a store's
+    tables, …) are left out unless ``MLFLOW_LOGGING_LEVEL`` asks for them."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     app()
 
 

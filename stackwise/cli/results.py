@@ -83,7 +83,9 @@ def compare(
         typer.Option(
             "--columns",
             help="Only these columns, in this order (comma-separated, e.g. "
-            "run,val_loss,flops,unique_tokens); the run name always stays first.",
+            "run,val_loss,flops,unique_tokens; the run name always stays first), or 'all'. "
+            "Default in a table: the coordinates that vary, val_loss, test_loss, flops, "
+            "training_memory_mb and wall_time_s.",
             show_default=False,
         ),
     ] = None,
@@ -113,7 +115,10 @@ def compare(
         FORMATS,
         CompareError,
         compare_runs,
+        headline_frame,
+        parse_pivot,
         render,
+        resolve_metric,
         save_plots,
         select_columns,
     )
@@ -153,8 +158,10 @@ def compare(
         table, view_notes = comparison_table(frame, format_, pivot, metric, agg, all_runs)
         for message in [*notes, *view_notes]:
             note(message)
-        if columns is not None:
+        if columns is not None and columns.strip() != "all":
             table = select_columns(table, columns)
+        elif columns is None and format_ == "table" and pivot is None:
+            table = headline_frame(table)
         if plot is not None:
             try:
                 written = save_plots(clients, frame, plot)
@@ -163,8 +170,15 @@ def compare(
             for path in written:
                 stderr_console().print(f"wrote {path}")
         frame = table
-        title = ", ".join(experiments) if format_ == "table" else None
-        text = render(frame, format_, output=output, console=stdout_console(), title=title)
+        title = None
+        if format_ == "table":
+            title = ", ".join(experiments)
+            if pivot is not None:
+                rows, across = parse_pivot(pivot)
+                title += f": {resolve_metric(metric)} ({rows} x {across})"
+        text = render(
+            frame, format_, output=output, console=stdout_console(), title=title, short=True
+        )
     except (CompareError, EvidenceError) as error:
         fail([str(error)])
     except MlflowException as error:  # a store that exists but cannot be read as asked

@@ -1,6 +1,6 @@
 """What a `stackwise run` reports: what happened to every grid point (`RunSummary`), each
-grid's comparison table (printed, and logged with its plots on the grid's parent run) and the
-summary table at the end.
+grid's comparison table (printed, and logged with its plots on the grid's parent run) and, at the
+end, the counts and a table of the points that failed.
 """
 
 from __future__ import annotations
@@ -41,7 +41,13 @@ def finish_grid(grid: Grid, progress: GridProgress) -> None:
 
     import polars as pl
 
-    from stackwise.tracking.compare import render, runs_frame, save_plots, to_markdown
+    from stackwise.tracking.compare import (
+        headline_frame,
+        render,
+        runs_frame,
+        save_plots,
+        to_markdown,
+    )
 
     order = [grid.point_run_ids[s.name] for s in grid.specs if s.name in grid.point_run_ids]
     if not order:
@@ -69,26 +75,27 @@ def finish_grid(grid: Grid, progress: GridProgress) -> None:
         except Exception as error:  # a plot must never cost the grid its table
             progress.print(f"  [yellow]plots skipped: {plain(error)}[/]")
         retry_locked(lambda: grid.client.log_artifacts(grid.parent_run_id, str(folder)))
-    render(frame, "table", console=progress.console, title=f"{grid.name}: comparison")
+    render(
+        headline_frame(frame),
+        "table",
+        console=progress.console,
+        title=f"{grid.name}: comparison (stackwise compare --columns all: every column)",
+        short=True,
+    )
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:
-    """Every point's outcome as a table, then the counts (in red when a point failed)."""
-    from rich.table import Table
+    """The counts of what happened, after a table of the points that failed (the comparison
+    table has shown the others, and each skipped point had its line)."""
+    from stackwise.tracking.tables import Column, print_table
 
-    table = Table(title="stackwise run: summary")
-    table.add_column("experiment")
-    table.add_column("run")
-    table.add_column("outcome")
-    table.add_column("details")
-    for outcomes, label in (
-        (summary.finished, "[green]finished[/]"),
-        (summary.skipped, "[dim]skipped[/]"),
-        (summary.failed, "[red]FAILED[/]"),
-    ):
-        for experiment, run, message in outcomes:
-            table.add_row(plain(experiment), plain(run), label, plain(message))
-    console.print(table)
+    if summary.failed:
+        print_table(
+            console,
+            [Column("experiment", key=True), Column("run", key=True), Column("error")],
+            [list(outcome) for outcome in summary.failed],
+            title="failed points",
+        )
     counts = (
         f"{len(summary.finished)} finished, {len(summary.skipped)} skipped, "
         f"{len(summary.failed)} failed"

@@ -89,6 +89,18 @@ def parameter_count(config: StackWiseConfig, vocab_size: int | None = None) -> i
     return total
 
 
+def planned_compute(config: StackWiseConfig) -> float:
+    """A run's training compute from its config alone (no torch): its FLOPs budget, else 6 FLOPs
+    per parameter per trained token (end-to-end training's cost; a depth-wise run spends less).
+    For weighing runs against each other (a grid's progress), not for reporting."""
+    budget, training = config.training.budget, config.training
+    if budget.flops is not None:
+        return float(budget.flops)
+    per_step = training.batch_size * training.grad_accum_steps * training.seq_len
+    tokens = budget.tokens if budget.tokens is not None else (budget.steps or 0) * per_step
+    return 6.0 * parameter_count(config) * tokens
+
+
 # --------------------------------------------------------------------------------------------
 # the run estimate
 # --------------------------------------------------------------------------------------------

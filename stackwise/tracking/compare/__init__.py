@@ -71,12 +71,19 @@ from stackwise.tracking.compare.plots import (
     save_plots,
 )
 from stackwise.tracking.compare.selection import select_runs
-from stackwise.tracking.compare.shape import parse_pivot, pivot_frame, select_columns
+from stackwise.tracking.compare.shape import (
+    HEADLINE_RESULTS,
+    headline_frame,
+    parse_pivot,
+    pivot_frame,
+    select_columns,
+)
 
 __all__ = [
     "AGGREGATIONS",
     "DEFAULT_METRIC",
     "FORMATS",
+    "HEADLINE_RESULTS",
     "HEAD_PARAM",
     "HIDDEN_IN_TABLES",
     "INTEGER_COLUMNS",
@@ -99,6 +106,7 @@ __all__ = [
     "compare_runs",
     "current_identity",
     "display_frame",
+    "headline_frame",
     "load_curves",
     "loss_figure",
     "memory_figure",

@@ -55,6 +55,22 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def format_short(value: Any) -> str:
+    """A frame value as a terminal table shows it: floats to four significant digits (1.606,
+    20.56, 8.665; engineering notation outside 1e-3 .. 1e6, thousands separators from 1,000 up);
+    everything else as `format_cell`."""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        magnitude = abs(value)
+        if 1e-3 <= magnitude < 1000:
+            decimals = max(0, 3 - math.floor(math.log10(magnitude)))
+            return f"{value:.{decimals}f}"
+        if 1000 <= magnitude < 1e6:
+            return f"{value:,.0f}"
+    if isinstance(value, float) and value == 0:
+        return "0"
+    return format_cell(value)
+
+
 def to_markdown(frame: pl.DataFrame) -> str:
     """The frame as a Markdown table, its cells formatted as in `table_cells` (pipes escaped)."""
     header = "| " + " | ".join(frame.columns) + " |"
@@ -65,19 +81,23 @@ def to_markdown(frame: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_cells(frame: pl.DataFrame) -> tuple[list[Column], list[list[str]]]:
-    """The frame as table columns and formatted cells (numbers right-aligned, names as keys)."""
+def table_cells(frame: pl.DataFrame, short: bool = False) -> tuple[list[Column], list[list[str]]]:
+    """The frame as table columns and formatted cells (numbers right-aligned, names as keys);
+    `short`: numbers to four significant digits (`format_short`)."""
     columns = [
         Column(name, numeric=frame.schema[name].is_numeric(), key=name in KEY_COLUMNS)
         for name in frame.columns
     ]
-    rows = [[format_cell(value) for value in row] for row in frame.iter_rows()]
+    cell = format_short if short else format_cell
+    rows = [[cell(value) for value in row] for row in frame.iter_rows()]
     return columns, rows
 
 
-def print_frame(frame: pl.DataFrame, console: Console, title: str | None = None) -> None:
+def print_frame(
+    frame: pl.DataFrame, console: Console, title: str | None = None, short: bool = False
+) -> None:
     """The frame as a table that never cuts a run name or a number (see `print_table`)."""
-    columns, rows = table_cells(frame)
+    columns, rows = table_cells(frame, short)
     print_table(console, columns, rows, title=title, styles={"status": STATUS_STYLES})
 
 
@@ -87,11 +107,13 @@ def render(
     output: str | Path | None = None,
     console: Console | None = None,
     title: str | None = None,
+    short: bool = False,
 ) -> str | None:
     """Write `frame` in `fmt` to `output` (a file) or return/print it.
 
     ``table`` prints a rich table to `console`; ``csv``, ``markdown`` and ``json`` return the
-    text (and also write it when `output` is given); ``parquet`` needs `output`.
+    text (and also write it when `output` is given); ``parquet`` needs `output`. `short`
+    prints a table's numbers to four significant digits.
     """
     if fmt not in FORMATS:
         raise CompareError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -106,9 +128,9 @@ def render(
         shown = display_frame(frame)
         if output is not None:
             with open(output, "w", encoding="utf-8") as handle:
-                print_frame(shown, Console(file=handle), title)  # a file: plain full rows
+                print_frame(shown, Console(file=handle), title, short)  # a file: plain rows
             return None
-        print_frame(shown, console or Console(), title)
+        print_frame(shown, console or Console(), title, short)
         return None
     if fmt == "csv":
         text = frame.write_csv()

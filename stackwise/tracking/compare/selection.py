@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from stackwise.config.base import NOT_IDENTITY
 from stackwise.tracking.compare.common import plural
-from stackwise.tracking.logger import TAG_CONFIG_HASH, TAG_ROLE, TAG_RUN_NAME
+from stackwise.tracking.logger import TAG_CONFIG_HASH, TAG_PARENT, TAG_ROLE, TAG_RUN_NAME
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -95,7 +96,59 @@ def select_runs(
         if left_out - other:
             parts.append(plural(left_out - other, "other attempt"))
         notes.append(f"{label}: not shown: {' and '.join(parts)}; --all lists every run")
+    if notes is not None:
+        notes.extend(f"{label}: {line}" for line in settings_outside_grid(runs, chosen))
     return chosen
+
+
+# Params that never make two runs compute different things (`NOT_IDENTITY`), and the grid's
+# own coordinates.
+_NOT_SETTINGS = (*(".".join(path) for path in NOT_IDENTITY), "grid.", "tune.")
+
+
+def _grid_driven(runs: Sequence[Run], key: str) -> bool:
+    """Whether the grid sets `key`: its value differs between runs of one `stackwise run` (one
+    parent run); where no run shares its parent with another, whether it matches one grid
+    coordinate value for value."""
+    by_parent = _grouped(runs, lambda r: r.data.tags.get(TAG_PARENT, r.info.run_id))
+    shared = [group for group in by_parent.values() if len(group) > 1]
+    if shared:
+        return any(len({r.data.params.get(key) for r in group}) > 1 for group in shared)
+    axes = {k for r in runs for k in r.data.params if k.startswith("grid.")}
+    for axis in axes:
+        pairs = {(r.data.params.get(axis), r.data.params.get(key)) for r in runs}
+        if len(pairs) == len({a for a, _ in pairs}) == len({v for _, v in pairs}):
+            return True
+    return False
+
+
+def settings_outside_grid(runs: Sequence[Run], shown: Sequence[Run], limit: int = 3) -> list[str]:
+    """A line for each setting (up to `limit`) whose value differs between the `shown` runs
+    although the grid does not set it — runs of different budgets, learning rates or seeds
+    side by side, which a comparison must not read as the grid's effect. `runs` are all the
+    runs of the experiments, which tell what the grid sets (`_grid_driven`)."""
+    if len(shown) < 2:
+        return []
+    keys = sorted({k for r in shown for k in r.data.params if not k.startswith(_NOT_SETTINGS)})
+    lines: list[str] = []
+    for key in keys:
+        values = {r.data.params.get(key) for r in shown}
+        if len(values) < 2 or _grid_driven(runs, key):
+            continue
+        groups: dict[str, list[Run]] = {}
+        for run in shown:
+            groups.setdefault(str(run.data.params.get(key, "-")), []).append(run)
+        listed = "; ".join(
+            f"{value} in {', '.join(point_name(r) for r in group)}"
+            for value, group in groups.items()
+        )
+        lines.append(
+            f"shown runs differ in {key}, which the grid does not set ({listed}); their "
+            "difference is not the grid's alone"
+        )
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"and {len(lines) - limit} more settings differ (--all)"]
+    return lines
 
 
 def all_in_point_order(runs: Sequence[Run], chosen: Sequence[Run]) -> list[Run]:

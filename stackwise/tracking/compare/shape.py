@@ -19,6 +19,39 @@ from stackwise.tracking.compare.common import (
 )
 from stackwise.tracking.compare.formatting import format_cell
 
+#: The results a terminal table shows by default (`headline_frame`).
+HEADLINE_RESULTS = ("val_loss", "test_loss", "flops", "training_memory_mb", "wall_time_s")
+
+
+def headline_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """What a terminal table shows unless `--columns` asks for more: the grid coordinates that
+    differ between the rows (the run name only where they do not tell every row apart, as
+    in an ``--all`` frame), the status where a run did not finish, and `HEADLINE_RESULTS`."""
+    shown_results = {*RESULT_COLUMNS, *HEADLINE_RESULTS}
+    derived = tuple(f"{name}_" for name in shown_results)
+    candidates = [
+        c
+        for c in frame.columns
+        if c not in shown_results
+        and c not in RUN_BOOKKEEPING
+        and c not in KEY_COLUMNS
+        and c not in ("point", "n", "start_time", "config_hash", "tuned_axes")
+        and not c.startswith(derived)
+        and "." not in c  # the differing params of an --all frame
+    ]
+    if "mode" in candidates and "training_architecture" in candidates:
+        candidates.remove("training_architecture")  # the mode axis says it
+    # A setting that only some runs have (the depth-wise head) tells nothing apart.
+    varying = [c for c in candidates if frame[c].drop_nulls().n_unique() > 1]
+    keys = [c for c in ("experiment",) if c in frame.columns and frame[c].n_unique() > 1]
+    identified = bool(varying) and frame.select([*keys, *varying]).is_unique().all()
+    if not identified:
+        keys += [c for c in ("run", "point") if c in frame.columns][:1]
+    if "status" in frame.columns and (frame["status"] != "FINISHED").any():
+        varying.append("status")
+    results = [c for c in HEADLINE_RESULTS if c in frame.columns]
+    return frame.select([*keys, *varying, *results])
+
 
 def select_columns(frame: pl.DataFrame, columns: str) -> pl.DataFrame:
     """The columns named in `columns` (comma-separated), in that order, behind the columns that

@@ -67,6 +67,7 @@ BENCHMARKS = (
     "bench_favor.py",
     "bench_logging_overhead.py",
     "bench_quantization.py",
+    "bench_startup.py",
 )
 
 

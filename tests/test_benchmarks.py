@@ -158,6 +158,14 @@ def test_logging_overhead_quick(tmp_path: Path) -> None:
     assert len(data["plain_wall_s"]) == len(data["logged_wall_s"]) == 1
 
 
+@pytest.mark.slow
+def test_startup_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_startup", tmp_path)
+    assert set(data["seconds"]) == {"help", "validate", "plan", "compare"}
+    for timing in data["seconds"].values():
+        assert timing["ratio"] == pytest.approx(timing["command_s"] / timing["reference_s"])
+
+
 # -- the README table -------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ them now, or MLflow experiment names, and the identity each grid point of a file
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,11 +98,14 @@ def current_identity(spec: RunSpec, fingerprints: dict[str, str] | None = None) 
 
 
 def _device_type(name: str) -> str:
-    """The device type a `training.device` value trains on here (`auto` resolved)."""
-    import torch
-
+    """The device type a `training.device` value trains on here (`auto` resolved). torch is
+    imported only to resolve `auto` where an accelerator may exist (macOS, or a Linux machine
+    with NVIDIA or ROCm device files): without them `auto` is the CPU."""
     if name != "auto":
-        return torch.device(name).type
+        return name.split(":")[0]  # validated by the config: cpu, cuda[:N], mps
+    accelerators = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+    if sys.platform != "darwin" and not any(Path(p).exists() for p in accelerators):
+        return "cpu"
     from stackwise.training.device import resolve_device
 
     return resolve_device(name).type

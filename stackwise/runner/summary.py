@@ -48,6 +48,7 @@ def finish_grid(grid: Grid, progress: GridProgress) -> None:
         save_plots,
         to_markdown,
     )
+    from stackwise.tracking.ui import VIEW_TAG, runs_view
 
     order = [grid.point_run_ids[s.name] for s in grid.specs if s.name in grid.point_run_ids]
     if not order:
@@ -75,6 +76,9 @@ def finish_grid(grid: Grid, progress: GridProgress) -> None:
         except Exception as error:  # a plot must never cost the grid its table
             progress.print(f"  [yellow]plots skipped: {plain(error)}[/]")
         retry_locked(lambda: grid.client.log_artifacts(grid.parent_run_id, str(folder)))
+    axes = list(grid.specs[0].coordinates) if grid.specs else []
+    view = runs_view(axes)
+    retry_locked(lambda: grid.client.set_experiment_tag(grid.experiment_id, VIEW_TAG, view))
     render(
         headline_frame(frame),
         "table",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -28,9 +29,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from stackwise.tracking.store import (
     artifact_root,
@@ -180,6 +183,8 @@ def launch_ui(
     try:
         if wait_until_serving(process, url):
             console.print(f"  [bold]{url}[/]   (Ctrl-C to stop)")
+            for name, link in experiment_links(tracking_uri, url):
+                console.print(f"  {escape(name)}: {link}", highlight=False)
         elif process.poll() is None:
             console.print(f"[red]the MLflow server did not answer on {url} in time[/]")
             return _stop_group(process) or 1
@@ -190,6 +195,57 @@ def launch_ui(
         return _stop_group(process)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage) unless the URL
+# asks for the training runs: `workflowType` is read from the URL, else from the browser's
+# storage, where it defaults to GenAI. A view shared through an experiment tag
+# (`mlflow.sharedViewState.<key>`, opened with `viewStateShareKey=<key>`) picks the columns: the
+# headline results and the grid coordinates, grid points only (no empty parent runs).
+RUNS_VIEW = "runs?workflowType=machine_learning"
+VIEW_KEY = "stackwise"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_METRICS = (
+    "final_val_loss",
+    "final_test_loss",
+    "flops",
+    "training_memory_bytes",
+    "wall_time_s",
+)
+MAX_LINKS = 10  # experiments linked by name; more are found from the first page
+
+
+def runs_view(grid_axes: Sequence[str]) -> str:
+    """The shared view of an experiment's runs (JSON): its grid points, newest first, with
+    `VIEW_METRICS` and the grid coordinates as columns."""
+    columns = [f"tags.`grid.{axis}`" for axis in grid_axes]
+    columns += [f"metrics.`{name}`" for name in VIEW_METRICS]
+    state = {
+        "searchFilter": "tags.`stackwise.role` = 'point'",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "selectedColumns": columns,
+    }
+    return json.dumps(state)
+
+
+def experiment_link(url: str, experiment_id: str, shared_view: bool = True) -> str:
+    """The page of an experiment's training runs (its runs table, not the GenAI overview)."""
+    view = f"&viewStateShareKey={VIEW_KEY}" if shared_view else ""
+    return f"{url}/#/experiments/{experiment_id}/{RUNS_VIEW}{view}"
+
+
+def experiment_links(tracking_uri: str, url: str) -> list[tuple[str, str]]:
+    """(name, runs-table link) of the store's experiments, newest first, up to `MAX_LINKS`
+    (the empty Default experiment left out)."""
+    from mlflow.entities import ViewType
+
+    client = open_client(tracking_uri)
+    experiments = client.search_experiments(
+        view_type=ViewType.ACTIVE_ONLY, max_results=MAX_LINKS + 1, order_by=["creation_time DESC"]
+    )
+    shown = [e for e in experiments if e.name != "Default"][:MAX_LINKS]
+    return [(e.name, experiment_link(url, e.experiment_id, VIEW_TAG in e.tags)) for e in shown]
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> int:

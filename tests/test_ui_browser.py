@@ -35,6 +35,12 @@ def test_the_printed_link_opens_the_runs_table(
     tracked: dict[str, Any], cli_command: Helper, cli_env: Helper, tmp_path: Path
 ) -> None:
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    driver = playwright.sync_playwright().start()
+    try:
+        browser = driver.chromium.launch(executable_path=_chromium(), headless=True)
+    except Exception as error:  # no browser here: say so, before starting anything
+        driver.stop()
+        pytest.skip(f"no Chromium to drive ({type(error).__name__}): install chromium")
     process = subprocess.Popen(
         cli_command("ui", "--port", "0"),
         cwd=tracked["cwd"],
@@ -56,26 +62,22 @@ def test_the_printed_link_opens_the_runs_table(
         suffix = "runs?workflowType=machine_learning&viewStateShareKey=stackwise"
         assert link.endswith(f"/#/experiments/{tracked['experiment_id']}/{suffix}")
 
-        with playwright.sync_playwright() as driver:
-            try:
-                browser = driver.chromium.launch(executable_path=_chromium(), headless=True)
-            except Exception as error:  # no browser: say so instead of failing
-                pytest.skip(f"no Chromium to drive ({type(error).__name__})")
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(link)
-            # The grid's run, its points nested under it: open it as a user would.
-            expander = page.locator("button[data-component-id*='runnamecellrenderer']").first
-            expander.wait_for(state="visible", timeout=60_000)
-            expander.click()
-            for column in ("final_val_loss", "final_test_loss", "flops"):
-                assert page.get_by_text(column, exact=True).count() >= 1, column
-            for name in ("mode=rackwise", "mode=stackwise"):
-                page.get_by_text(name, exact=True).first.wait_for(state="visible", timeout=60_000)
-            # The training-runs view, not the GenAI overview (traces, token usage).
-            assert page.get_by_text("Token usage").count() == 0
-            screenshot = Path(os.environ.get("STACKWISE_UI_SCREENSHOT") or tmp_path / "ui.png")
-            page.screenshot(path=str(screenshot))
-            browser.close()
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(link)
+        # The grid's run, its points nested under it: open it as a user would.
+        expander = page.locator("button[data-component-id*='runnamecellrenderer']").first
+        expander.wait_for(state="visible", timeout=60_000)
+        expander.click()
+        for column in ("final_val_loss", "final_test_loss", "flops"):
+            assert page.get_by_text(column, exact=True).count() >= 1, column
+        for name in ("mode=rackwise", "mode=stackwise"):
+            page.get_by_text(name, exact=True).first.wait_for(state="visible", timeout=60_000)
+        # The training-runs view, not the GenAI overview (traces, token usage).
+        assert page.get_by_text("Token usage").count() == 0
+        screenshot = Path(os.environ.get("STACKWISE_UI_SCREENSHOT") or tmp_path / "ui.png")
+        page.screenshot(path=str(screenshot))
     finally:
+        browser.close()
+        driver.stop()
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)

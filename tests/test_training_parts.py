@@ -597,3 +597,33 @@ def test_a_checkpoint_is_read_back_for_its_own_run_only(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="different stage plan"):
         checkpoints.read(replace(position, plan=[("block_0", 4)]))
     assert RunCheckpoints(tmp_path / "none", settings, {}).read(position) is None
+
+
+def test_the_optimizer_is_adamw_fused_on_the_cpu_decaying_matrices_only() -> None:
+    """Two steps of `build_optimizer` against AdamW written out here (decoupled decay on the
+    matrix, none on the vector)."""
+    from stackwise.config.base import OptimizerConfig
+    from stackwise.training.optim import build_optimizer
+
+    generator = torch.Generator().manual_seed(0)
+    matrix = nn.Parameter(torch.randn(8, 4, generator=generator))
+    vector = nn.Parameter(torch.randn(4, generator=generator))
+    config = OptimizerConfig(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = build_optimizer([matrix, vector], config, 0.01, torch.device("cpu"))
+    assert all(group["fused"] for group in optimizer.param_groups)
+    expected = {"matrix": matrix.detach().clone(), "vector": vector.detach().clone()}
+    moments = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in expected.items()}
+    for step in (1, 2):
+        grads = {name: torch.randn(p.shape, generator=generator) for name, p in expected.items()}
+        matrix.grad, vector.grad = grads["matrix"].clone(), grads["vector"].clone()
+        optimizer.step()
+        for name, value in expected.items():
+            first, second = moments[name]
+            first.mul_(0.9).add_(0.1 * grads[name])
+            second.mul_(0.95).add_(0.05 * grads[name] ** 2)
+            decay = 0.1 if name == "matrix" else 0.0
+            value.mul_(1 - 0.01 * decay)
+            update = (first / (1 - 0.9**step)) / ((second / (1 - 0.95**step)).sqrt() + 1e-8)
+            value.sub_(0.01 * update)
+    assert torch.allclose(matrix.detach(), expected["matrix"], atol=1e-6)
+    assert torch.allclose(vector.detach(), expected["vector"], atol=1e-6)

@@ -213,12 +213,13 @@ def _log_run(
     status: str = "FINISHED",
     params: dict[str, str] | None = None,
     metrics: dict[str, float] | None = None,
-    history: dict[str, list[tuple[int, float]]] | None = None,
+    history: dict[str, list[tuple[int, float]] | list[tuple[int, float, float]]] | None = None,
     mode: str | None = None,
     size: str = "small",
     objective: str = "clm",
 ) -> str:
-    """One grid-point run as `stackwise run` tags it, started at `start_s` seconds."""
+    """One grid-point run as `stackwise run` tags it, started at `start_s` seconds. A history
+    point is (step, value) or (step, value, seconds after the run's start): when it was logged."""
     from mlflow.entities import Metric, Param
 
     name = ",".join(f"{k}={v}" for k, v in coordinates.items())
@@ -236,7 +237,9 @@ def _log_run(
     run_id = run.info.run_id
     values = [Metric(k, v, 0, 999) for k, v in (metrics or {}).items()]
     for key, points in (history or {}).items():
-        values += [Metric(key, v, 0, step) for step, v in points]
+        for step, value, *seconds in points:
+            logged = start + round(seconds[0] * 1000) if seconds else 0
+            values.append(Metric(key, value, logged, step))
     param_list = [Param(k, v) for k, v in (params or {}).items()]
     client.log_batch(run_id, metrics=values, params=param_list)
     client.set_terminated(run_id, status=status, end_time=start + 1000)
@@ -480,8 +483,9 @@ MIB = 2**20
 
 
 def _plot_store(tmp_path: Path, blank_store: Path) -> tuple[Any, str, dict[str, str]]:
-    """Experiment `plots`: a rackwise and a two-stage stackwise run with per-step series, an
-    older run without `train/flops`, and a failed run that recorded nothing."""
+    """Experiment `plots`: a rackwise and a two-stage stackwise run with per-step series (logged
+    at known seconds after training starts) and their training memory, an older run without
+    `train/flops`, timestamps or training memory, and a failed run that recorded nothing."""
     from stackwise.tracking.store import get_or_create_experiment
 
     client, uri = _hand_store(tmp_path, blank_store)
@@ -494,12 +498,19 @@ def _plot_store(tmp_path: Path, blank_store: Path) -> tuple[Any, str, dict[str, 
             {"size": "small", "mode": "rackwise"},
             "h1",
             1,
-            metrics={"final_val_loss": 2.5, "flops": 16e9, "peak_memory_bytes": 100 * MIB},
+            metrics={
+                "final_val_loss": 2.5,
+                "flops": 16e9,
+                "peak_memory_bytes": 100 * MIB,
+                "training_memory_bytes": 40 * MIB,
+                "wall_time_s": 81.0,
+            },
             history={
                 "train/tokens": tokens,
                 "train/flops": [(s, 1e9 * s) for s in (4, 8, 12, 16)],
-                "val/loss": [(6, 3.0), (16, 2.5)],
-                "stage/index": [(0, 0.0)],
+                # training starts 5 s after the run (setup), validations 30 s and 80 s later
+                "val/loss": [(6, 3.0, 35.0), (16, 2.5, 85.0)],
+                "stage/index": [(0, 0.0, 5.0)],
             },
         ),
         "stack": _log_run(
@@ -509,13 +520,19 @@ def _plot_store(tmp_path: Path, blank_store: Path) -> tuple[Any, str, dict[str, 
             "h2",
             2,
             params={"training.depthwise.head": "untie"},
-            metrics={"final_val_loss": 2.75, "flops": 12e9, "peak_memory_bytes": 60 * MIB},
+            metrics={
+                "final_val_loss": 2.75,
+                "flops": 12e9,
+                "peak_memory_bytes": 60 * MIB,
+                "training_memory_bytes": 20 * MIB,
+                "wall_time_s": 71.0,
+            },
             history={
                 "train/tokens": tokens,
                 # stage 1: 1e9 FLOPs per step; stage 2 (from step 8): 0.5e9 per step
                 "train/flops": [(4, 4e9), (8, 8e9), (12, 10e9), (16, 12e9)],
-                "val/loss": [(8, 3.25), (10, 3.0), (16, 2.75)],
-                "stage/index": [(0, 0.0), (8, 1.0)],
+                "val/loss": [(8, 3.25, 42.0), (10, 3.0, 52.5), (16, 2.75, 72.0)],
+                "stage/index": [(0, 0.0, 2.0), (8, 1.0, 42.0)],
             },
         ),
         "old": _log_run(
@@ -525,7 +542,12 @@ def _plot_store(tmp_path: Path, blank_store: Path) -> tuple[Any, str, dict[str, 
             "h3",
             3,
             params={"training.depthwise.head": "untie"},
-            metrics={"final_val_loss": 2.2, "flops": 20e9, "peak_memory_bytes": 150 * MIB},
+            metrics={
+                "final_val_loss": 2.2,
+                "flops": 20e9,
+                "peak_memory_bytes": 150 * MIB,
+                "wall_time_s": 55.0,
+            },
             history={"train/tokens": tokens, "val/loss": [(8, 2.6), (16, 2.2)]},
         ),
         "failed": _log_run(
@@ -542,6 +564,16 @@ def _lines_by_run(figure: Any, names: list[str]) -> dict[str, Any]:
     return lines
 
 
+def _panels(figure: Any) -> dict[str, dict[str, Any]]:
+    """Panel title's mode -> {run name: its line} of a loss figure with one panel per mode."""
+    return {
+        axis.get_title().split(" (")[0]: {
+            line.get_label().split(" (")[0]: line for line in axis.lines
+        }
+        for axis in figure.axes
+    }
+
+
 def _legend_outside(figure: Any) -> None:
     figure.canvas.draw()
     (axis,) = figure.axes
@@ -549,60 +581,179 @@ def _legend_outside(figure: Any) -> None:
     assert legend.get_window_extent().x0 >= axis.get_window_extent().x1
 
 
-def test_loss_plots_draw_one_line_per_run_on_one_axis(tmp_path: Path, blank_store: Path) -> None:
+def _legend_entries(axis: Any) -> list[str]:
+    return [text.get_text() for text in axis.get_legend().get_texts()]
+
+
+def test_loss_plots_draw_one_panel_per_mode(tmp_path: Path, blank_store: Path) -> None:
     from stackwise.tracking.compare import client_history, load_curves, loss_figure
 
     client, uri, runs = _plot_store(tmp_path, blank_store)
     frame = compare_runs(["plots"], tracking_uri=uri)
-    names = frame["run"].to_list()
-    assert len(names) == 4
-    name = dict(zip(frame["run_id"].to_list(), names, strict=True))
+    assert len(frame["run"].to_list()) == 4
+    name = dict(zip(frame["run_id"].to_list(), frame["run"].to_list(), strict=True))
+    names = {key: name[run_id] for key, run_id in runs.items()}
     curves = load_curves(frame, client_history(client))
 
     figure = loss_figure(curves, "flops")
-    lines = _lines_by_run(figure, names)
-    assert figure.axes[0].get_xscale() == "log"
-    stack, rack = lines[name[runs["stack"]]], lines[name[runs["rack"]]]
+    panels = _panels(figure)
+    assert {mode: set(lines) for mode, lines in panels.items()} == {
+        "rackwise": {names["rack"], names["failed"]},
+        "stackwise": {names["stack"], names["old"]},
+    }
+    rackwise, stackwise = figure.axes
+    # One y axis and one x range for all panels: the modes compare at a glance.
+    assert rackwise.get_shared_y_axes().joined(rackwise, stackwise)
+    assert rackwise.get_xlim() == stackwise.get_xlim() and rackwise.get_xscale() == "log"
+    stack, rack = panels["stackwise"][names["stack"]], panels["rackwise"][names["rack"]]
     # Val points at the FLOPs executed by then: step 10 lies in stage 2 (0.5e9 per step).
     assert list(stack.get_xdata()) == [8e9, 9e9, 12e9]
     assert list(stack.get_ydata()) == [3.25, 3.0, 2.75]
     assert stack.get_markevery() == [0]  # the stage boundary at step 8
     assert list(rack.get_xdata()) == [6e9, 16e9] and rack.get_marker() in (None, "None", "")
-    assert stack.get_color() != rack.get_color()
-    # Same size: same line style (`head`, blank for rackwise, is no coordinate of its own).
-    assert frame["head"].to_list() == [None, "untie", "untie", None]
-    assert stack.get_linestyle() == rack.get_linestyle()
-    old = lines[name[runs["old"]]]
-    assert old.get_color() == stack.get_color()  # same mode
-    assert old.get_linestyle() != stack.get_linestyle()  # other size
+    old = panels["stackwise"][names["old"]]
     assert list(old.get_xdata()) == [20e9] and list(old.get_ydata()) == [2.2]  # final point
-    failed = lines[name[runs["failed"]]]
+    failed = panels["rackwise"][names["failed"]]
     assert len(failed.get_xdata()) == 0 and "no flops / validation loss" in failed.get_label()
-    _legend_outside(figure)
+    # Within a mode the two sizes take two colours; `head` (untie for both stackwise runs,
+    # blank for rackwise) varies in no panel and picks nothing.
+    assert frame["head"].to_list() == [None, "untie", "untie", None]
+    assert stack.get_color() != old.get_color() and rack.get_color() != failed.get_color()
+    # Each panel's legend sits under it and names its lines by the size.
+    figure.canvas.draw()
+    for axis in figure.axes:
+        assert axis.get_legend().get_window_extent().y1 <= axis.get_window_extent().y0
+    assert _legend_entries(rackwise) == [
+        "size=small",
+        "size=medium (no flops / validation loss recorded)",
+    ]
+    assert _legend_entries(stackwise) == [
+        "size=small",
+        "size=medium",
+        "stage boundary (depth-wise)",
+    ]
+    assert rackwise.get_legend().get_title().get_text() == "rackwise: colour size"
 
-    figure = loss_figure(curves, "tokens")
-    lines = _lines_by_run(figure, names)
-    assert list(lines[name[runs["stack"]]].get_xdata()) == [2048.0, 2560.0, 4096.0]
-    assert list(lines[name[runs["old"]]].get_xdata()) == [2048.0, 4096.0]
-    _legend_outside(figure)
+    panels = _panels(loss_figure(curves, "tokens"))
+    assert list(panels["stackwise"][names["stack"]].get_xdata()) == [2048.0, 2560.0, 4096.0]
+    assert list(panels["stackwise"][names["old"]].get_xdata()) == [2048.0, 4096.0]
 
 
-def test_memory_plot_labels_one_point_per_run(tmp_path: Path, blank_store: Path) -> None:
+def test_loss_panel_colours_the_coordinate_that_varies_most() -> None:
+    """12 blockwise runs (head x init x data) and a rackwise reference: the blockwise panel has
+    12 lines, one colour per head (the coordinate with the most values), the same init and data
+    the same line style, and no two lines alike."""
+    import itertools
+
+    from stackwise.tracking.compare import RunCurve, loss_figure
+
+    def run(mode: str, head: str, init: str, data: str, loss: float) -> RunCurve:
+        steps = [10, 20, 30]
+        coordinates = {"head": head, "init": init, "data": data}
+        return RunCurve(
+            label=f"mode={mode}," + ",".join(f"{k}={v}" for k, v in coordinates.items()),
+            mode=mode,
+            style=", ".join(f"{k}={v}" for k, v in coordinates.items()),
+            val=[(s, loss + 10 / s) for s in steps],
+            tokens=[(s, 100.0 * s) for s in steps],
+            flops=[(s, 1e9 * s) for s in steps],
+            coordinates=coordinates,
+        )
+
+    settings = list(itertools.product(("untie", "fresh", "frozen"), ("random", "copy"), ("a", "b")))
+    curves = [run("blockwise", *s, 2.0 + i / 100) for i, s in enumerate(settings)]
+    curves.append(run("rackwise", "untie", "random", "a", 2.5))
+    figure = loss_figure(curves, "flops")
+    blockwise, rackwise = figure.axes
+    assert len(blockwise.lines) == 12 and len(rackwise.lines) == 1
+    colour_of = {s: line.get_color() for s, line in zip(settings, blockwise.lines, strict=True)}
+    style_of = {s: line.get_linestyle() for s, line in zip(settings, blockwise.lines, strict=True)}
+    for head in ("untie", "fresh", "frozen"):
+        assert len({c for s, c in colour_of.items() if s[0] == head}) == 1
+    assert len(set(colour_of.values())) == 3
+    for rest in itertools.product(("random", "copy"), ("a", "b")):
+        assert len({st for s, st in style_of.items() if s[1:] == rest}) == 1
+    assert len(set(style_of.values())) == 4
+    assert len({(colour_of[s], style_of[s]) for s in settings}) == 12
+    legend = blockwise.get_legend()
+    assert legend.get_title().get_text() == "blockwise: colour head, line style init / data"
+    assert _legend_entries(blockwise)[0] == "head=untie, init=random, data=a"
+    assert legend.get_lines()[1].get_linestyle() == style_of[("untie", "random", "b")]
+    # A rerun with the same coordinates: coordinates cannot tell the lines apart, so each line
+    # takes its own colour and its run's name.
+    reruns = [
+        run("stackwise", "untie", "random", "a", 2.0),
+        run("stackwise", "fresh", "random", "a", 2.1),
+    ]
+    reruns.insert(1, run("stackwise", "untie", "random", "a", 2.2))
+    reruns[1].label += " [abc1234]"
+    (axis,) = loss_figure(reruns, "flops").axes
+    assert len({line.get_color() for line in axis.lines}) == 3
+    assert _legend_entries(axis) == [curve.label for curve in reruns]
+
+
+def test_loss_over_time_uses_the_metric_timestamps(tmp_path: Path, blank_store: Path) -> None:
+    from stackwise.tracking.compare import (
+        client_history,
+        client_timestamps,
+        load_curves,
+        loss_figure,
+    )
+
+    client, uri, runs = _plot_store(tmp_path, blank_store)
+    frame = compare_runs(["plots"], tracking_uri=uri)
+    name = dict(zip(frame["run_id"].to_list(), frame["run"].to_list(), strict=True))
+    curves = load_curves(frame, client_history(client), client_timestamps(client))
+    figure = loss_figure(curves, "seconds")
+    panels = _panels(figure)
+    # Seconds from the training start (the first stage/index) to each val/loss.
+    assert list(panels["rackwise"][name[runs["rack"]]].get_xdata()) == [30.0, 80.0]
+    stack = panels["stackwise"][name[runs["stack"]]]
+    assert list(stack.get_xdata()) == [40.0, 50.5, 70.0]
+    assert list(stack.get_ydata()) == [3.25, 3.0, 2.75]
+    # No timestamps: the run's final point, at its wall_time_s.
+    old = panels["stackwise"][name[runs["old"]]]
+    assert list(old.get_xdata()) == [55.0] and list(old.get_ydata()) == [2.2]
+    title = figure.get_suptitle()
+    assert "wall-clock time" in title and "MLflow timestamps" in title
+    assert "1 run without them: final point (wall_time_s)" in title
+    assert figure.axes[0].get_xscale() == "linear" and figure.axes[0].get_xlim()[0] == 0
+
+
+def test_memory_plot_places_runs_at_their_training_memory(
+    tmp_path: Path, blank_store: Path
+) -> None:
     from stackwise.tracking.compare import client_history, load_curves, memory_figure
 
     client, uri, runs = _plot_store(tmp_path, blank_store)
     frame = compare_runs(["plots"], tracking_uri=uri)
     name = dict(zip(frame["run_id"].to_list(), frame["run"].to_list(), strict=True))
-    figure = memory_figure(load_curves(frame, client_history(client)))
+    curves = load_curves(frame, client_history(client))
+    figure = memory_figure(curves)
     lines = _lines_by_run(figure, frame["run"].to_list())
-    expected = {"rack": (100.0, 2.5), "stack": (60.0, 2.75), "old": (150.0, 2.2)}
+    # rack and stack recorded their training memory (40 and 20 MiB; process peaks 100 and 60);
+    # old did not: it stands at its peak memory, hollow.
+    expected = {"rack": (40.0, 2.5), "stack": (20.0, 2.75), "old": (150.0, 2.2)}
     for key, point in expected.items():
         line = lines[name[runs[key]]]
         assert (*line.get_xdata(), *line.get_ydata()) == point
+    assert lines[name[runs["old"]]].get_markerfacecolor() == "none"
+    assert lines[name[runs["rack"]]].get_markerfacecolor() != "none"
     assert len(lines[name[runs["failed"]]].get_xdata()) == 0
-    labels = sorted(text.get_text() for text in figure.axes[0].texts)
+    axis = figure.axes[0]
+    assert axis.get_xlabel().startswith("training memory (MiB)")
+    assert "peak process memory (MiB), for 1 run without a recorded training memory" in (
+        axis.get_xlabel()
+    )
+    assert any("hollow: peak process memory" in e for e in _legend_entries(axis))
+    labels = sorted(text.get_text() for text in axis.texts)
     assert labels == sorted(name[runs[key]] for key in expected)
     _legend_outside(figure)
+    # Every run with its training memory: the axis is training memory alone.
+    recorded = [c for c in curves if c.training_memory_mb is not None]
+    axis = memory_figure(recorded).axes[0]
+    assert "peak" not in axis.get_xlabel()
+    assert not any("peak" in e for e in _legend_entries(axis))
 
 
 def test_memory_plot_shows_every_run_of_one_size(tmp_path: Path, blank_store: Path) -> None:
@@ -623,7 +774,10 @@ def test_memory_plot_shows_every_run_of_one_size(tmp_path: Path, blank_store: Pa
                 {"attention": attention, "mode": mode},
                 f"h{index}",
                 index,
-                metrics={"final_val_loss": loss + index / 1e4, "peak_memory_bytes": memory * MIB},
+                metrics={
+                    "final_val_loss": loss + index / 1e4,
+                    "training_memory_bytes": memory * MIB,
+                },
             )
     frame = compare_runs(["attention"], tracking_uri=uri)
     figure = memory_figure(load_curves(frame, client_history(client)))
@@ -646,8 +800,12 @@ def test_save_plots_writes_every_png(tmp_path: Path, blank_store: Path) -> None:
     frame = compare_runs(["plots"], tracking_uri=uri)
     written = save_plots(client, frame, tmp_path / "plots")
     assert [p.name for p in written] == list(PLOT_FILES)
+    assert "loss_over_time.png" in PLOT_FILES
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same runs give the same files, byte for byte.
+    again = save_plots(client, frame, tmp_path / "again")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]
     done = _hand_compare(uri, "plots", "--plot", str(tmp_path / "cli"), "--format", "csv")
     assert done.exit_code == 0, done.output
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == sorted(PLOT_FILES)
@@ -737,9 +895,12 @@ def test_compare_after_a_set_rerun_shows_the_current_runs(
     # The FLOPs view draws every validation point of each run at its executed FLOPs.
     frame = compare_runs(["rerun"], tracking_uri=uri, all_runs=True)
     curves = load_curves(frame, client_history(client))
-    lines = loss_figure(curves, "flops").axes[0].lines
+    figure = loss_figure(curves, "flops")
+    assert [axis.get_title() for axis in figure.axes] == ["rackwise (1 run)", "stackwise (2 runs)"]
+    lines = {line.get_label(): line for axis in figure.axes for line in axis.lines}
     assert len(lines) == 3
-    for run, line in zip(frame.iter_rows(named=True), lines, strict=True):
+    for run, curve in zip(frame.iter_rows(named=True), curves, strict=True):
+        line = lines[curve.label]
         assert "train/flops" in client.get_run(run["run_id"]).data.metrics
         val_steps = client.get_metric_history(run["run_id"], "val/loss")
         assert len(line.get_xdata()) == len(val_steps) > 1

@@ -18,8 +18,9 @@ parameters — plus status, start time and config hash. Which runs it shows:
 4. A pivot cell holding several runs is an error naming what differs inside it, unless an
    aggregation (mean, min, max, last) is asked for.
 5. Plots (PNG files on each parent run, or ``--plot DIR``) draw one mark per run: validation loss
-   against executed FLOPs and against tokens (all runs on one axis, stage boundaries marked),
-   and final validation loss against peak memory (labelled points).
+   against executed FLOPs, tokens and wall-clock seconds (one panel per mode, lines coloured by
+   the coordinate that varies most within it, stage boundaries marked), and final validation
+   loss against training memory (labelled points).
 
 The package's parts: `common` (columns, metric names, formats, `CompareError`), `experiments`
 (files and names -> experiments, current run identities), `selection` (which runs of a grid
@@ -42,7 +43,14 @@ from stackwise.tracking.compare.common import (
     CompareError,
     resolve_metric,
 )
-from stackwise.tracking.compare.curves import MetricHistory, RunCurve, client_history, load_curves
+from stackwise.tracking.compare.curves import (
+    X_AXES,
+    MetricHistory,
+    RunCurve,
+    client_history,
+    client_timestamps,
+    load_curves,
+)
 from stackwise.tracking.compare.experiments import (
     ExperimentRef,
     current_identity,
@@ -63,6 +71,7 @@ from stackwise.tracking.compare.plots import (
     LEGEND_ROWS,
     LINE_STYLES,
     NAMED_POINTS,
+    PANEL_COLOURS,
     PLOT_FILES,
     POINT_MARKERS,
     STAGE_MARKER,
@@ -91,6 +100,7 @@ __all__ = [
     "LINE_STYLES",
     "METRIC_ALIASES",
     "NAMED_POINTS",
+    "PANEL_COLOURS",
     "PLOT_FILES",
     "POINT_MARKERS",
     "RESULT_COLUMNS",
@@ -98,11 +108,13 @@ __all__ = [
     "STAGE_MARKER",
     "STATUS_STYLES",
     "TUNED_AXES",
+    "X_AXES",
     "CompareError",
     "ExperimentRef",
     "MetricHistory",
     "RunCurve",
     "client_history",
+    "client_timestamps",
     "compare_runs",
     "current_identity",
     "display_frame",

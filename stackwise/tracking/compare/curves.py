@@ -1,5 +1,11 @@
 """What the comparison plots draw, read from MLflow: one `RunCurve` per run of a comparison
-frame, the points of its validation curve against FLOPs or tokens, and the mean of replicates."""
+frame, the points of its validation curve against FLOPs, tokens or wall-clock seconds, and the
+mean of replicates.
+
+Wall-clock seconds come from the timestamps MLflow stores with each metric (taken when the
+trainer reports it): a validation point's time is its ``val/loss`` timestamp less that of the
+run's first ``stage/index`` (step 0, when training starts). A resumed run's seconds include the
+time it was stopped."""
 
 from __future__ import annotations
 
@@ -17,12 +23,14 @@ if TYPE_CHECKING:
 
 # (run id, metric key) -> [(step, value)], oldest step first.
 MetricHistory = Callable[[str, str], list[tuple[int, float]]]
+X_AXES = ("flops", "tokens", "seconds")  # what a loss curve can be drawn against
 
 
 @dataclass
 class RunCurve:
     """What the plots draw for one run: its validation curve, the cumulative tokens and FLOPs
-    logged with the train metrics (the x axes), stage boundaries, and its final results."""
+    logged with the train metrics and the seconds since training started at each validation
+    (the x axes), stage boundaries, and its final results."""
 
     label: str
     mode: str
@@ -34,7 +42,15 @@ class RunCurve:
     final_val_loss: float | None = None
     final_tokens: float | None = None
     final_flops: float | None = None
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None  # the process's peak (RSS, or the device's peak)
+    # Weights, gradients, optimizer state and saved activations of the largest stage.
+    training_memory_mb: float | None = None
+    wall_time_s: float | None = None
+    # The other grid coordinates by name ({"size": "small"}): the loss plot colours a mode's
+    # lines by the one that varies most within the mode.
+    coordinates: dict[str, str] = field(default_factory=dict)
+    # (step, seconds since training started) of each validation point (`client_timestamps`).
+    seconds: list[tuple[int, float]] = field(default_factory=list)
     # Replicates (runs of one grid point and tuned values that differ only in their seed) share
     # a group: the loss plot draws their mean with a min-max band.
     group: str | None = None
@@ -58,8 +74,22 @@ def client_history(clients: MlflowClient | Mapping[str, MlflowClient]) -> Metric
     return history
 
 
-def load_curves(frame: pl.DataFrame, history: MetricHistory) -> list[RunCurve]:
-    """One `RunCurve` per row of a comparison frame, in its order."""
+def client_timestamps(clients: MlflowClient | Mapping[str, MlflowClient]) -> MetricHistory:
+    """A `MetricHistory` of when each step's metric was logged (MLflow's timestamp, seconds)."""
+
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+        client = clients[run_id] if isinstance(clients, Mapping) else clients
+        metrics = client.get_metric_history(run_id, key)
+        return sorted({int(m.step): m.timestamp / 1000 for m in metrics}.items())
+
+    return history
+
+
+def load_curves(
+    frame: pl.DataFrame, history: MetricHistory, times: MetricHistory | None = None
+) -> list[RunCurve]:
+    """One `RunCurve` per row of a comparison frame, in its order; `times` (see
+    `client_timestamps`) gives each validation point its wall-clock seconds."""
     mode_column = "mode" if "mode" in frame.columns else "training_architecture"
     style_columns = [
         c
@@ -90,6 +120,7 @@ def load_curves(frame: pl.DataFrame, history: MetricHistory) -> list[RunCurve]:
                 label=label,
                 mode=str(row.get(mode_column) or "?"),
                 style=", ".join(f"{c}={row[c]}" for c in style_columns if row[c] is not None),
+                coordinates={c: str(row[c]) for c in style_columns if row[c] is not None},
                 val=history(run_id, "val/loss"),
                 tokens=history(run_id, "train/tokens"),
                 flops=history(run_id, "train/flops"),
@@ -98,9 +129,25 @@ def load_curves(frame: pl.DataFrame, history: MetricHistory) -> list[RunCurve]:
                 final_tokens=_final_tokens(row, history),
                 final_flops=row.get("flops"),
                 peak_memory_mb=row.get("peak_memory_mb"),
+                training_memory_mb=row.get("training_memory_mb"),
+                wall_time_s=row.get("wall_time_s"),
+                seconds=_seconds(run_id, times) if times is not None else [],
             )
         )
     return curves
+
+
+def _seconds(run_id: str, times: MetricHistory) -> list[tuple[int, float]]:
+    """(step, seconds since training started) of each ``val/loss`` of a run; nothing when the
+    run has no training start (``stage/index`` at step 0) or no timestamps (all zero)."""
+    starts = times(run_id, "stage/index")
+    if not starts or starts[0][0] != 0 or starts[0][1] <= 0:
+        return []
+    start = starts[0][1]
+    val = times(run_id, "val/loss")
+    if any(seconds < start for _, seconds in val):
+        return []
+    return [(step, seconds - start) for step, seconds in val]
 
 
 def _final_tokens(row: dict[str, Any], history: MetricHistory) -> float | None:
@@ -127,12 +174,16 @@ def _at(series: Sequence[tuple[int, float]], step: int) -> float:
 
 
 def curve_points(curve: RunCurve, x: str) -> tuple[list[float], list[float], list[int]]:
-    """x values, val losses and the indices of stage-boundary points of one run's curve.
+    """x values (`x`: one of `X_AXES`), val losses and the indices of stage-boundary points of
+    one run's curve.
 
-    A run without the per-step series (recorded before it was logged) is drawn as its final
-    point only, when it has the summary value: nothing is guessed."""
-    series = curve.flops if x == "flops" else curve.tokens
-    final = curve.final_flops if x == "flops" else curve.final_tokens
+    A run without the per-step series (recorded before it was logged, or without timestamps)
+    is drawn as its final point only, when it has the summary value (``flops``,
+    ``tokens_seen``, ``wall_time_s``): nothing is guessed."""
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {', '.join(X_AXES)}, not {x!r}")
+    series = {"flops": curve.flops, "tokens": curve.tokens, "seconds": curve.seconds}[x]
+    final = {"flops": curve.final_flops, "tokens": curve.final_tokens}.get(x, curve.wall_time_s)
     if not series:
         loss = curve.final_loss
         if final is None or not curve.val or loss is None:
@@ -158,14 +209,16 @@ def mean_curve(
 ) -> tuple[list[float], list[float], list[float], list[float], list[int]]:
     """x, mean, min and max of the validation losses of replicates, over the evaluation points
     they all have (replicates evaluate at the same steps and FLOPs; a shorter curve, e.g. an
-    unfinished run, cuts the others), and the stage-boundary indices of the first."""
+    unfinished run, cuts the others), and the stage-boundary indices of the first. x is the
+    mean over the replicates too (the same FLOPs and tokens; seconds differ)."""
     points = [curve_points(curve, x) for curve in group]
     length = min(len(xs) for xs, _, _ in points)
-    xs, _, marks = points[0]
+    marks = points[0][2]
     columns = [[ys[i] for _, ys, _ in points] for i in range(length)]
     means = [sum(c) / len(c) for c in columns]
+    xs = [sum(p[0][i] for p in points) / len(points) for i in range(length)]
     return (
-        xs[:length],
+        xs,
         means,
         [min(c) for c in columns],
         [max(c) for c in columns],
@@ -174,8 +227,15 @@ def mean_curve(
 
 
 def final_point(curve: RunCurve) -> tuple[float, float] | None:
-    """(peak memory MiB, final val loss) of a run, or None when it has no result."""
+    """(memory MiB, final val loss) of a run, or None when it has no result: its training
+    memory, or the process's peak for a run that did not record it (`uses_training_memory`)."""
     loss = curve.final_loss
-    if loss is None or curve.peak_memory_mb is None:
+    memory = curve.training_memory_mb if uses_training_memory(curve) else curve.peak_memory_mb
+    if loss is None or memory is None:
         return None
-    return float(curve.peak_memory_mb), float(loss)
+    return float(memory), float(loss)
+
+
+def uses_training_memory(curve: RunCurve) -> bool:
+    """Whether `final_point` places a run at its training memory (else at its peak memory)."""
+    return curve.training_memory_mb is not None and curve.training_memory_mb > 0

@@ -56,7 +56,9 @@ def typecheck(session: nox.Session) -> None:
 
 
 # The CPU benchmark set, in full mode (about 10 minutes on 2 cores). Each writes its JSON to
-# benchmarks/results/; report.py then rewrites the README's table from them.
+# benchmarks/results/; report.py then rewrites the README's table from them. The GPU set is
+# `bash benchmarks/gpu.sh` on a CUDA machine (not a nox session: it needs the machine's CUDA
+# torch); its *_cuda.json results join the same table.
 BENCHMARKS = (
     "bench_vs_llama.py",
     "bench_mfu.py",

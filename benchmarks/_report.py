@@ -3,9 +3,11 @@
 Every result gets a ``run`` section saying where and how it was measured: machine (CPU model,
 cores), torch version, UTC date, load average when the script started, and the command. A
 ``--quick`` run (tiny shapes, seconds; what the tests run) is marked ``"quick": true`` and goes to
-``results/quick/`` unless told otherwise, so it never replaces a full result. Scripts that state a
-goal add ``headline`` rows (what, figure, goal, met, note), which `report.py` turns into the
-README's benchmark table.
+``results/quick/`` unless told otherwise, so it never replaces a full result. A result measured on
+another device than the CPU (``--device cuda``) says so in ``device``, names the GPU as its machine
+and is written as ``<name>_cuda.json``, beside the CPU result. Scripts that state a goal add
+``headline`` rows (what, figure, goal, met, note), which `report.py` turns into the README's
+benchmark table.
 """
 
 from __future__ import annotations
@@ -33,16 +35,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_info() -> dict[str, Any]:
-    """Machine, versions, date, load and command of this process."""
+def gpu_model() -> str:
+    """The CUDA device's name and the CUDA version torch was built with."""
+    import torch
+
+    return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+
+
+def run_info(device: str = "cpu") -> dict[str, Any]:
+    """Machine, versions, date, load and command of this process; on a GPU the machine is the
+    GPU, with its host CPU."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     script = Path(sys.argv[0])
     with contextlib.suppress(ValueError):  # a script outside the working folder: as given
         script = script.resolve().relative_to(Path.cwd())
+    machine = f"{cpu_model()}, {cores} cores ({platform.machine()})"
+    if device != "cpu":
+        machine = f"{gpu_model()}, host {machine}"
     return {
-        "machine": f"{cpu_model()}, {cores} cores ({platform.machine()})",
+        "machine": machine,
+        "device": device,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -60,16 +74,25 @@ def headline(
     return {"what": what, "figure": figure, "goal": goal, "met": met, "note": note}
 
 
+def result_name(name: str, device: str = "cpu") -> str:
+    """The results file's stem: `name` on the CPU, ``<name>_cuda`` on CUDA."""
+    return name if device == "cpu" else f"{name}_{device}"
+
+
 def publish(
-    name: str, result: dict[str, Any], out: str | Path | None = None, quick: bool = False
+    name: str,
+    result: dict[str, Any],
+    out: str | Path | None = None,
+    quick: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Print `result` as JSON and write it to `out` (default: ``results/<name>.json``, or
-    ``results/quick/<name>.json`` for a quick run)."""
-    result = {**result, "quick": quick, "run": run_info()}
+    ``results/quick/<name>.json`` for a quick run; ``<name>_cuda.json`` for a CUDA run)."""
+    result = {**result, "device": device, "quick": quick, "run": run_info(device)}
     text = json.dumps(result, indent=2)
     print(text)
     if out is None:
-        out = (RESULTS / "quick" if quick else RESULTS) / f"{name}.json"
+        out = (RESULTS / "quick" if quick else RESULTS) / f"{result_name(name, device)}.json"
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n", encoding="utf-8")

@@ -16,9 +16,17 @@ Two shapes by default (``--shapes``): d_model 256 x 4 layers (8 heads, 2 K/V hea
 d_model 512 x 8 layers (8 heads, 2 K/V heads, batch 4), both at seq 256. ``--quick``: one tiny
 shape, two rounds (seconds; for tests).
 
-Printed as JSON and written to ``benchmarks/results/bench_vs_llama.json``.
+``--device cuda`` runs both models on the GPU (the clock waits for it with
+``torch.cuda.synchronize()``; fp32 matmuls on TF32 tensor cores, as the trainer sets them);
+``--precision bf16`` runs both forwards and losses under the same
+``torch.autocast("cuda", dtype=torch.bfloat16)`` that StackWise's ``training.precision: bf16``
+uses.
+
+Printed as JSON and written to ``benchmarks/results/bench_vs_llama.json`` (on CUDA:
+``bench_vs_llama_cuda.json``).
 
     python benchmarks/bench_vs_llama.py [--shapes 256x4,512x8 --seq-len 256 ...]
+    python benchmarks/bench_vs_llama.py --device cuda --precision bf16 --shapes 1024x8,2048x8
 
 Needs the `bench` extra (``pip install -e .[bench]``, i.e. transformers).
 Goal: speed_ratio >= 1.0 at both shapes.
@@ -30,8 +38,9 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+import _device
 import torch
 import torch.nn.functional as F
 from _report import headline, publish
@@ -95,17 +104,20 @@ def build_llama(shape: Shape, args: argparse.Namespace, d_ff: int) -> nn.Module:
 
 
 def make_step(
-    model: nn.Module, logits_of: Callable[[torch.Tensor], torch.Tensor], vocab_size: int
-) -> Callable[[torch.Tensor], float]:
+    model: nn.Module,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    args: argparse.Namespace,
+) -> Callable[[torch.Tensor], None]:
+    """One training step; it does not wait for the GPU (the timing loop synchronizes)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step(ids: torch.Tensor) -> float:
-        logits = logits_of(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, vocab_size), ids[:, 1:].reshape(-1))
+    def step(ids: torch.Tensor) -> None:
+        with _device.autocast(args.device, args.precision):
+            logits = logits_of(ids[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, args.vocab_size), ids[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss.detach())
 
     return step
 
@@ -136,15 +148,17 @@ def compare(shape: Shape, args: argparse.Namespace) -> dict:
     counts = {"stackwise": unique_parameter_count(rack), "llama": unique_parameter_count(llama)}
     if counts["stackwise"] != counts["llama"]:
         raise SystemExit(f"parameter counts differ at {shape.label}: {counts}")
+    rack.to(args.device)
+    llama.to(args.device)
 
     steps = {
-        "stackwise": make_step(rack, rack, args.vocab_size),
-        "llama": make_step(llama, lambda ids: llama(input_ids=ids).logits, args.vocab_size),
+        "stackwise": make_step(rack, rack, args),
+        "llama": make_step(llama, lambda ids: llama(input_ids=ids).logits, args),
     }
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(
         0, args.vocab_size, (shape.batch_size, args.seq_len + 1), generator=generator
-    )
+    ).to(args.device)
     for step in steps.values():
         for _ in range(args.warmup):
             step(batch)
@@ -154,9 +168,11 @@ def compare(shape: Shape, args: argparse.Namespace) -> dict:
         # Alternate which model goes first so drift in machine speed hits both alike.
         order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
         for name in order:
+            _device.synchronize(args.device)
             start = clock()
             for _ in range(args.steps):
                 steps[name](batch)
+            _device.synchronize(args.device)
             per_step[name].append((clock() - start) / args.steps)
 
     median = {name: statistics.median(times) for name, times in per_step.items()}
@@ -193,10 +209,17 @@ def main() -> None:
         help="`thread_cpu`: CPU time of the (single) compute thread, robust to other load on "
         "the machine; implies --threads 1",
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="every shape's batch (default: per shape)"
+    )
+    _device.add_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="one tiny shape, 2 rounds (seconds)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args()
+    _device.check(parser, args)
     shapes = parse_shapes(args.shapes)
+    if args.batch_size is not None:
+        shapes = [replace(shape, batch_size=args.batch_size) for shape in shapes]
     if args.quick:
         shapes, args.seq_len, args.rounds, args.steps, args.warmup = [QUICK_SHAPE], 32, 2, 1, 1
         args.threads = 1
@@ -207,11 +230,16 @@ def main() -> None:
     import transformers
 
     results = {shape.label: compare(shape, args) for shape in shapes}
+    on = ""
+    if args.device == "cuda":
+        on = f", on {torch.cuda.get_device_name()}, {args.precision}" + (
+            " autocast" if args.precision == "bf16" else " (TF32 matmuls)"
+        )
     rows = [
         headline(
             f"Training speed vs Hugging Face Llama (sdpa), causal GQA, d_model {r['shape']['d_model']}"
             f" x {r['shape']['layers']} layers, seq {args.seq_len}, batch {r['shape']['batch_size']}"
-            ", forward + backward + AdamW, interleaved rounds, median",
+            f", forward + backward + AdamW, interleaved rounds, median{on}",
             f"**{r['speed_ratio']:.2f}x** Llama's steps/s ({r['median_step_s']['stackwise']:.3f} s"
             f" vs {r['median_step_s']['llama']:.3f} s per step; fastest rounds:"
             f" {r['speed_ratio_best_round']:.2f}x)",
@@ -231,11 +259,15 @@ def main() -> None:
         "speed_ratio": {label: r["speed_ratio"] for label, r in results.items()},
         "goal": "speed_ratio >= 1.0 at every shape",
         "goal_met": all(r["speed_ratio"] >= 1.0 for r in results.values()),
-        "config": {**vars(args), "threads": torch.get_num_threads()},
+        "config": {
+            **vars(args),
+            "threads": torch.get_num_threads(),
+            "tf32": args.device == "cuda",
+        },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "headline": rows,
     }
-    publish("bench_vs_llama", result, args.out, quick=args.quick)
+    publish("bench_vs_llama", result, args.out, quick=args.quick, device=args.device)
 
 
 if __name__ == "__main__":

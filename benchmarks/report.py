@@ -4,7 +4,9 @@ Every result with ``headline`` rows (see `_report.headline`) gives one table row
 what was measured, the command that measured it, the figure, the goal, whether it is met (and
 where it is missed, what stands in the way), and the machine, date and load of the run. The table
 replaces whatever stands between the markers ``<!-- bench:start -->`` and ``<!-- bench:end -->``;
-the rest of the file is left as it is. Results of ``--quick`` runs are never shown.
+the rest of the file is left as it is. Results of ``--quick`` runs are never shown. GPU results
+(``*_cuda.json``, written by ``benchmarks/gpu.sh``) follow the CPU rows; without any, one row says
+the GPU set was not run.
 
     python benchmarks/report.py [--results benchmarks/results] [--readme README.md] [--check]
 
@@ -32,7 +34,9 @@ ORDER = (
     "bench_attention",
     "bench_favor",
     "bench_logging_overhead",
+    "bench_quickstart",
 )
+GPU_NOT_RUN = "GPU: not run (no GPU on the machine that produced this table)"
 
 
 class ReportError(Exception):
@@ -57,7 +61,16 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
         data.setdefault("benchmark", path.stem)
         results.append(data)
     rank = {name: index for index, name in enumerate(ORDER)}
-    return sorted(results, key=lambda r: (rank.get(r["benchmark"], len(ORDER)), r["benchmark"]))
+    return sorted(
+        results,
+        key=lambda r: (on_gpu(r), rank.get(r["benchmark"], len(ORDER)), r["benchmark"]),
+    )
+
+
+def on_gpu(result: dict[str, Any]) -> bool:
+    """Whether `result` was measured on a GPU (results from before devices were recorded are
+    CPU results)."""
+    return result.get("device", "cpu") != "cpu"
 
 
 def render_table(results: list[dict[str, Any]]) -> str:
@@ -91,6 +104,9 @@ def render_table(results: list[dict[str, Any]]) -> str:
                 where,
             ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if not any(on_gpu(result) for result in results):
+        cells = [GPU_NOT_RUN, "—", "—", "n/a", "`bash benchmarks/gpu.sh`", "—"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

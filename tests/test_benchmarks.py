@@ -1,24 +1,37 @@
-"""The benchmark scripts in their --quick mode (real subprocesses, tiny shapes) and the README
-table generator (benchmarks/report.py) on temporary files."""
+"""The benchmark scripts in their --quick mode (real subprocesses, tiny shapes), the GPU set's
+script (benchmarks/gpu.sh) on a machine without CUDA, and the README table generator
+(benchmarks/report.py) on temporary files."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 
 from stackwise.config.base import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+GPU_SCRIPT = BENCHMARKS / "gpu.sh"
 HEADLINE_KEYS = {"what", "figure", "goal", "met", "note"}
-RUN_KEYS = {"machine", "torch", "date", "command", "load_average_at_start"}
+RUN_KEYS = {"machine", "device", "torch", "date", "command", "load_average_at_start"}
+GPU_NOT_RUN = "GPU: not run (no GPU on the machine that produced this table)"
+
+
+def without_cuda(**extra: str) -> dict[str, str]:
+    """This environment with every CUDA device hidden (so the test holds on a GPU machine too)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def run_quick(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
@@ -36,6 +49,9 @@ def run_quick(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     assert data["quick"] is True
     assert set(data["run"]) >= RUN_KEYS
     assert f"benchmarks/{script}.py --quick" in data["run"]["command"]
+    # Unless told otherwise a benchmark runs on the CPU and says so.
+    expected_device = extra[extra.index("--device") + 1] if "--device" in extra else "cpu"
+    assert data["device"] == data["run"]["device"] == expected_device
     assert data["headline"], "a benchmark with a goal reports a headline row"
     for row in data["headline"]:
         assert set(row) == HEADLINE_KEYS
@@ -45,7 +61,8 @@ def run_quick(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
 def test_vs_llama_quick(tmp_path: Path) -> None:
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("needs the bench extra (transformers)")
-    data = run_quick("bench_vs_llama", tmp_path)
+    data = run_quick("bench_vs_llama", tmp_path, "--device", "cpu")
+    assert data["config"]["precision"] == "fp32" and not data["config"]["tf32"]
     (shape,) = data["shapes"].values()
     # Same architecture, so the same parameter count; both models really trained.
     assert shape["parameters"]["stackwise"] == shape["parameters"]["llama"]
@@ -56,8 +73,11 @@ def test_vs_llama_quick(tmp_path: Path) -> None:
 
 
 def test_mfu_quick(tmp_path: Path) -> None:
-    data = run_quick("bench_mfu", tmp_path)
+    data = run_quick("bench_mfu", tmp_path, "--device", "cpu")
     peak = data["peak"]
+    # On the CPU there is no datasheet: MFU is against the measured peak, as it always was.
+    assert peak["datasheet"] is None and peak["flops_per_s"] == peak["measured_flops_per_s"]
+    assert data["profile"]["time_measured"] == "CPU operator self time"
     size = peak["before"]["size"]
     assert math.isclose(
         peak["before"]["flops_per_s"], 2 * size**3 / peak["before"]["best_seconds"], rel_tol=1e-9
@@ -67,6 +87,7 @@ def test_mfu_quick(tmp_path: Path) -> None:
         run = data["runs"][mode]
         expected = run["flops"] / run["train_seconds"] / peak["flops_per_s"]
         assert math.isclose(run["mfu"], expected, rel_tol=1e-9)
+        assert run["mfu_vs_measured_peak"] == run["mfu"]
         assert run["mfu"] > 0
     fractions = data["profile"]["fractions"]
     assert "matmul" in fractions and "optimizer (adamw)" in fractions
@@ -75,7 +96,8 @@ def test_mfu_quick(tmp_path: Path) -> None:
 
 
 def test_memory_quick(tmp_path: Path) -> None:
-    data = run_quick("bench_memory", tmp_path)
+    data = run_quick("bench_memory", tmp_path, "--device", "cpu")
+    assert data["figure_key"] == "peak_rss_delta_bytes"
     runs = data["runs"]
     assert set(runs) == {"rackwise", "stackwise", "blockwise"}
     # Each mode trains the same rack for its stages: 1, 3 (stacks) and 12 (blocks) x 2 steps.
@@ -166,16 +188,126 @@ def test_startup_quick(tmp_path: Path) -> None:
         assert timing["ratio"] == pytest.approx(timing["command_s"] / timing["reference_s"])
 
 
+@pytest.mark.slow
+def test_quickstart_quick(tmp_path: Path) -> None:
+    """The quickstart grid through the real CLI into a temporary store: its three runs, read
+    back with `stackwise compare`, and the wall time of the whole command around them."""
+    data = run_quick("bench_quickstart", tmp_path, "--device", "cpu")
+    runs = data["runs"]
+    assert set(runs) == {"layerwise", "stackwise", "rackwise"}
+    assert all(
+        run["status"] == "FINISHED" and math.isfinite(run["val_loss"]) for run in runs.values()
+    )
+    assert data["settings"]["overrides"][0] == "training.device=cpu"
+    assert data["runs_wall_seconds"] == pytest.approx(sum(r["wall_time_s"] for r in runs.values()))
+    assert data["wall_seconds"] > data["runs_wall_seconds"] > 0
+    assert f"**{data['wall_seconds']:.0f} s**" in data["headline"][0]["figure"]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("bench_mfu", ["--device", "cuda"], "--device cuda: no CUDA device here"),
+        ("bench_memory", ["--device", "cuda"], "--device cuda: no CUDA device here"),
+        ("bench_vs_llama", ["--precision", "bf16"], "--precision bf16 needs --device cuda"),
+    ],
+)
+def test_a_device_this_machine_cannot_run_is_a_one_line_error(
+    tmp_path: Path, script: str, args: list[str], message: str
+) -> None:
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--quick", "--out", str(out), *args],
+        cwd=ROOT,
+        env=without_cuda(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"{script}.py: error: ") and message in line
+    assert not out.exists()
+
+
+def _load_benchmark_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("device", "file_name"), [("cpu", "bench_x.json"), ("cuda", "bench_x_cuda.json")]
+)
+def test_a_result_is_written_under_its_device_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, file_name: str
+) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    report = _load_benchmark_module("_report")
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    path = report.publish("bench_x", {"benchmark": "bench_x"}, device=device)
+    assert path == tmp_path / file_name
+    data = json.loads(path.read_text())
+    assert data["device"] == data["run"]["device"] == device
+    if device == "cuda":
+        assert data["run"]["machine"].startswith(torch.cuda.get_device_name())
+
+
+# -- the GPU set ----------------------------------------------------------------------------
+
+
+def test_gpu_script_without_cuda_stops_at_once_with_status_2(tmp_path: Path) -> None:
+    """On a machine where torch sees no CUDA device, gpu.sh says so in one line and exits 2
+    before any benchmark starts (it would otherwise make a log folder under TMPDIR first)."""
+    assert os.access(GPU_SCRIPT, os.X_OK), "benchmarks/gpu.sh is executable"
+    start = time.monotonic()
+    done = subprocess.run(
+        [str(GPU_SCRIPT)],
+        cwd=tmp_path,  # it finds the repository from its own path
+        env=without_cuda(PYTHON=sys.executable, TMPDIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("gpu.sh: no CUDA device: torch.cuda.is_available() is false")
+    assert done.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+    assert elapsed < 30
+
+
+def test_gpu_script_is_valid_shell() -> None:
+    done = subprocess.run(["bash", "-n", str(GPU_SCRIPT)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    done = subprocess.run(["shellcheck", str(GPU_SCRIPT)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
 # -- the README table -------------------------------------------------------------------------
 
 
-def _result(name: str, rows: list[dict[str, Any]], quick: bool = False) -> dict[str, Any]:
+def _result(
+    name: str, rows: list[dict[str, Any]], quick: bool = False, device: str | None = None
+) -> dict[str, Any]:
+    """A result as `publish` writes it (`device` None: as written before devices were
+    recorded)."""
+    machine = "Test CPU, 2 cores (x86_64)"
+    if device == "cuda":
+        machine = f"Test GPU (CUDA 12.4), host {machine}"
     return {
         "benchmark": name,
         "quick": quick,
         "headline": rows,
+        **({} if device is None else {"device": device}),
         "run": {
-            "machine": "Test CPU, 2 cores (x86_64)",
+            "machine": machine,
             "torch": "2.0",
             "date": "2030-01-02 03:04 UTC",
             "load_average_at_start": [0.25, 0.5, 0.5],
@@ -229,8 +361,13 @@ def test_report_rewrites_only_between_the_markers(tmp_path: Path) -> None:
     header, *table = rows
     assert header.startswith("| What |")
     # Llama rows first (the README's order), then depth; a missed goal carries its note, with
-    # the pipe escaped so the table keeps its columns.
-    assert [r.split(" | ")[0] for r in table] == ["| Speed a", "| Speed b", "| Depth"]
+    # the pipe escaped so the table keeps its columns. No GPU result: one row says so.
+    assert [r.split(" | ")[0] for r in table] == [
+        "| Speed a",
+        "| Speed b",
+        "| Depth",
+        f"| {GPU_NOT_RUN}",
+    ]
     assert table[1].split(" | ")[3] == "**no**: a \\| b"
     assert table[0].split(" | ")[3] == "yes"
     assert "`python benchmarks/bench_vs_llama.py`" in table[0]
@@ -243,6 +380,51 @@ def test_report_rewrites_only_between_the_markers(tmp_path: Path) -> None:
     assert _report("--results", str(results), "--readme", str(readme), "--check").returncode == 0
     readme.write_text(text.replace("Speed a", "Speed z"))
     assert _report("--results", str(results), "--readme", str(readme), "--check").returncode == 1
+
+
+def _table_rows(readme: Path) -> list[list[str]]:
+    """The generated table's rows (the header left out), split into cells."""
+    text = readme.read_text()
+    body = text[text.index("<!-- bench:start -->") : text.index("<!-- bench:end -->")]
+    rows = [line for line in body.splitlines() if line.startswith("| ")][1:]
+    return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
+
+
+def test_report_gpu_rows_follow_the_cpu_rows_when_cuda_results_exist(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n<!-- bench:start -->\n<!-- bench:end -->\n")
+    (results / "bench_mfu.json").write_text(
+        json.dumps(_result("bench_mfu", [_row("MFU cpu", "0.67", False, "slow")]))
+    )
+    # A quick GPU result is never shown, so the GPU set still counts as not run.
+    (results / "quick").mkdir()
+    quick = _result("bench_mfu", [_row("MFU gpu quick", "0.1", None)], quick=True, device="cuda")
+    (results / "bench_mfu_cuda.json").write_text(json.dumps(quick))
+    assert _report("--results", str(results), "--readme", str(readme)).returncode == 0
+    rows = _table_rows(readme)
+    assert [r[0] for r in rows] == ["MFU cpu", GPU_NOT_RUN]
+    assert rows[1][1:] == ["—", "—", "n/a", "`bash benchmarks/gpu.sh`", "—"]
+
+    # Hand-made GPU results (as gpu.sh writes them): their rows come after every CPU row, in
+    # the README's order, name the GPU, and the "not run" row is gone.
+    (results / "bench_mfu_cuda.json").write_text(
+        json.dumps(_result("bench_mfu", [_row("MFU gpu", "0.45", None)], device="cuda"))
+    )
+    (results / "bench_vs_llama_cuda.json").write_text(
+        json.dumps(_result("bench_vs_llama", [_row("Speed gpu", "1.2x", True)], device="cuda"))
+    )
+    (results / "bench_depth.json").write_text(
+        json.dumps(_result("bench_depth", [_row("Depth", "2.06", True)]))
+    )
+    assert _report("--results", str(results), "--readme", str(readme)).returncode == 0
+    rows = _table_rows(readme)
+    assert [r[0] for r in rows] == ["MFU cpu", "Depth", "Speed gpu", "MFU gpu"]
+    assert rows[2][3] == "yes" and rows[3][3] == "n/a"
+    assert rows[2][5].startswith("Test GPU (CUDA 12.4), host Test CPU")
+    assert rows[0][5].startswith("Test CPU")
+    assert GPU_NOT_RUN not in readme.read_text()
 
 
 def test_report_without_markers_is_a_clear_error(tmp_path: Path) -> None:

@@ -39,21 +39,26 @@ from typing import Any
 import torch
 from torch import nn
 
-# Dense peak FLOP/s by GPU name substring: (bf16/fp16 tensor core, tf32 tensor core).
+# Dense peak FLOP/s by GPU name substring: (bf16/fp16 tensor core, tf32 tensor core). First
+# match wins, so longer names come before their prefixes ("H100 NVL" before "H100", "L40S" and
+# "L40" before "L4"). Sources: NVIDIA's product datasheets, which quote tensor-core figures
+# "with sparsity"; the dense figure is half of that.
 GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989e12, 494e12),
-    "H100 NVL": (835e12, 418e12),
-    "H100 PCIe": (756e12, 378e12),
-    "H100": (989e12, 494e12),
-    "A100": (312e12, 156e12),
-    "A10G": (70e12, 35e12),
-    "A10": (125e12, 62.5e12),
-    "L40S": (362e12, 183e12),
-    "L4": (121e12, 60e12),
-    "V100": (125e12, 15.7e12),
-    "RTX 4090": (165e12, 82.6e12),
-    "RTX 3090": (71e12, 35.6e12),
-    "T4": (65e12, 8.1e12),
+    "H200 NVL": (835e12, 418e12),  # H200 NVL datasheet: BF16 1,671 / TF32 835 sparse
+    "H200": (989e12, 494e12),  # H200 SXM datasheet: BF16 1,979 / TF32 989 sparse
+    "H100 NVL": (835e12, 418e12),  # H100 NVL datasheet (per GPU): BF16 1,671 / TF32 835 sparse
+    "H100 PCIe": (756e12, 378e12),  # H100 PCIe datasheet: BF16 1,513 / TF32 756 sparse
+    "H100": (989e12, 494e12),  # H100 SXM datasheet: BF16 1,979 / TF32 989 sparse
+    "A100": (312e12, 156e12),  # A100 datasheet (SXM and PCIe): BF16 312 / TF32 156 dense
+    "A10G": (70e12, 35e12),  # no NVIDIA datasheet (AWS G5 part); commonly quoted figures
+    "A10": (125e12, 62.5e12),  # A10 datasheet: BF16 125 / TF32 62.5 dense
+    "L40S": (362e12, 183e12),  # L40S datasheet: BF16 733 / TF32 366 sparse
+    "L40": (181e12, 90.5e12),  # L40 datasheet: BF16 362 / TF32 181 sparse
+    "L4": (121e12, 60e12),  # L4 datasheet: BF16 242 / TF32 120 sparse
+    "V100": (125e12, 15.7e12),  # V100 SXM2 datasheet: FP16 tensor 125, FP32 15.7 (no bf16, tf32)
+    "RTX 4090": (165e12, 82.6e12),  # Ada whitepaper: BF16 (FP32 accumulate) 165.2 / TF32 82.6
+    "RTX 3090": (71e12, 35.6e12),  # Ampere GA102 whitepaper: BF16 71 / TF32 35.6 dense
+    "T4": (65e12, 8.1e12),  # T4 datasheet: FP16 tensor 65, FP32 8.1 (no bf16, tf32)
 }
 
 

@@ -11,7 +11,11 @@ tracking store:
 - every run fits its device's memory, when asked (`memory_problems`, the estimates of
   `stackwise.training.limits`);
 - every depth-wise run's sample pool fits the disk its activation cache may spill to
-  (`cache_disk_problems`).
+  (`cache_disk_problems`);
+- every run's data has text, enough for one sequence of ``training.seq_len`` tokens on each
+  side of the train/validation/test split, and its budget does not go over the training data
+  more than `MAX_EPOCHS` times (`data_problems`: a warning, an error with ``strict``), each
+  data config measured once by `stackwise.data.sizes` (file sizes; nothing is tokenized).
 
 Before training, `stackwise run` (and `plan`) also check that each run's device exists here
 (`check_devices`) and that every tracking store the runs write to can be used
@@ -23,6 +27,7 @@ stays fast.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -31,9 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from stackwise.config.base import StackWiseConfig
+    from stackwise.config.base import DataConfig, StackWiseConfig
     from stackwise.config.errors import ConfigError
     from stackwise.config.experiment import Experiment, RunSpec
+    from stackwise.data.sizes import CorpusSize
     from stackwise.training.plan import RunEstimate
 
 Plans = list[tuple["Experiment", list["RunSpec"]]]
@@ -75,12 +81,16 @@ def load_plans(
     max_runs: int | None = None,
     memory_check: bool = False,
     notes: list[str] | None = None,
+    strict: bool = False,
+    warnings: list[ConfigError] | None = None,
 ) -> Plans:
     """Load and fully validate every file (all errors of all files together), expanding grids
     with `overrides` (``--set``) and `only` (``--only``): every file loads, every run is valid,
     no two files share an experiment name, every data file exists, every depth-wise run's
     sample pool fits its cache's disk; a grid over `max_runs` points (default: `MAX_RUNS`) is
-    an error, and with `memory_check` so is a run that cannot fit its device's memory.
+    an error, and with `memory_check` so is a run that cannot fit its device's memory. Data
+    without text, or too short to split, is an error; a budget over `MAX_EPOCHS` passes over
+    its training data is added to `warnings`, and is an error with `strict`.
 
     Raises `ConfigError` with every problem found. Notes about merged duplicate runs are added
     to `notes` once the files are valid (also when no run matches `only`, which is then
@@ -122,6 +132,17 @@ def load_plans(
     if memory_check:  # for the files that loaded, also when others did not
         errors.extend(memory_problems(plans))
     errors.extend(cache_disk_problems(plans))
+    data_errors, repeats = data_problems(plans)
+    errors.extend(data_errors)
+    if strict:
+        errors.extend(
+            ConfigError(
+                f"{r.message} (an error with --strict)", file=r.file, field=r.field, line=r.line
+            )
+            for r in repeats
+        )
+    if warnings is not None and not strict:
+        warnings.extend(repeats)
     if errors:
         raise ConfigError.combine(errors)
     if notes is not None:
@@ -193,6 +214,235 @@ def missing_data_files(plans: Plans) -> list[ConfigError]:
                     ConfigError(message, file=experiment.file, field="data.paths", line=line)
                 )
     return errors
+
+
+#: Passes over its training data above which a run's budget is reported before it starts (a
+#: warning; an error with ``--strict``). Up to about 4 epochs repeated text trains nearly as
+#: well as new text, and past about 16 it adds almost nothing (Muennighoff et al. 2023,
+#: "Scaling Data-Constrained Language Models"); `stackwise report` flags results past 4. A
+#: budget more than 10 times its data is most likely a mistake in the file (too little data,
+#: or too many steps) rather than a study of repetition.
+MAX_EPOCHS = 10
+
+
+def _data_label(data: DataConfig) -> str:
+    """The data as the user wrote it: its files (a few), or the corpus's name."""
+    if data.source != "files":
+        return f"the {data.source} corpus"
+    shown = ", ".join(data.paths[:3])
+    return shown + (f" (+{len(data.paths) - 3} more)" if len(data.paths) > 3 else "")
+
+
+def _runs_label(specs: Sequence[RunSpec], count: int) -> str:
+    """'' for the only run of a file; else which of its `count` runs a problem is about (run
+    names hold commas: they are set apart by semicolons)."""
+    if count == 1:
+        return ""
+    if len(specs) == count:
+        return f" (all {count} runs)"
+    if len(specs) == 1:
+        return f" (run {specs[0].name})"
+    names = "; ".join(spec.name for spec in specs[:3])
+    more = f"; {len(specs) - 3} more" if len(specs) > 3 else ""
+    return f" ({len(specs)} runs: {names}{more})"
+
+
+def _budget_tokens(config: StackWiseConfig) -> tuple[int, str] | None:
+    """(training tokens, where they come from) of a run's budget; None when a FLOPs budget
+    cannot be planned. Steps and tokens need no torch; FLOPs need the run's stage plan (its
+    rack built on the meta device, as `plan` does)."""
+    training = config.training
+    budget = training.budget
+    per_step = training.batch_size * training.grad_accum_steps * training.seq_len
+    if budget.steps is not None:
+        return budget.steps * per_step, f"{budget.steps:,} steps of {per_step:,} tokens"
+    if budget.tokens is not None:
+        return max(1, round(budget.tokens / per_step)) * per_step, f"{budget.tokens:,} tokens"
+    from stackwise.training.memory import (
+        MAX_PLANNED_BLOCKS,
+        MAX_PLANNED_PARAMETERS,
+        parameter_count,
+        skeleton,
+    )
+    from stackwise.training.stages import plan_stages
+
+    if (
+        config.model.n_blocks > MAX_PLANNED_BLOCKS
+        or parameter_count(config) > MAX_PLANNED_PARAMETERS
+    ):
+        return None
+    try:
+        steps = sum(stage.steps for stage in plan_stages(config, skeleton(config)))
+    except Exception:  # a run whose stages cannot be planned: the run itself says why
+        return None
+    return (
+        steps * per_step,
+        f"{budget.flops:.3g} FLOPs, about {steps:,} steps of {per_step:,} tokens",
+    )
+
+
+def _measure(data: DataConfig) -> CorpusSize | tuple[str, str] | None:
+    """`stackwise.data.sizes.corpus_size` of `data` (paths resolved); what the loader would
+    refuse as (field, message); None when a file is missing (`missing_data_files` says so)."""
+    from stackwise.data.sizes import corpus_size
+
+    try:
+        return corpus_size(data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        field, _, message = str(error).partition(": ")
+        if not field.startswith("data."):
+            field, message = "data.paths", str(error)
+        return field, message
+
+
+def _split(data: DataConfig, seq_len: int, size: CorpusSize) -> int | str:
+    """The training tokens of the split the run will make (`stackwise.data.packing.
+    split_lengths`: the runtime's own, on lengths), or why it cannot give every side one
+    sequence of `seq_len` tokens."""
+    from stackwise.data.packing import packed_rows, split_lengths
+
+    try:
+        split = split_lengths(
+            size.lengths,
+            val_fraction=data.val_fraction,
+            seq_len=seq_len,
+            seed=data.split_seed,
+            max_tokens=data.max_tokens,
+            test_fraction=data.test_fraction,
+        )
+    except ValueError as error:
+        return str(error).removeprefix("data: ")
+    return packed_rows(split.train, seq_len) * seq_len
+
+
+def _report(
+    found: dict[tuple[Any, ...], tuple[tuple[str, ...], str, list[RunSpec]]],
+    kind: tuple[Any, ...],
+    path: tuple[str, ...],
+    message: str,
+    spec: RunSpec,
+) -> None:
+    """Add run `spec` to the group `kind` of `found` (made with `path` and `message`)."""
+    found.setdefault(kind, (path, message, []))[2].append(spec)
+
+
+def data_problems(plans: Plans) -> tuple[list[ConfigError], list[ConfigError]]:
+    """What each run's data allows: (errors, warnings).
+
+    Errors: data the loader cannot read, data without text, and data too short for one
+    sequence of ``training.seq_len`` tokens on each side of the train/validation/test split.
+    Warnings: a budget that goes over the training data more than `MAX_EPOCHS` times. Each
+    data config is measured once (`stackwise.data.sizes.corpus_size`: file sizes, or the text
+    of a small corpus; nothing is tokenized), its split drawn only where its bounds
+    (`stackwise.data.sizes.training_tokens`) leave the answer open, and each problem is
+    reported once per file, for the runs it concerns. Counts are UTF-8 bytes, the byte
+    tokenizer's tokens; a BPE run splits its text by bytes too (so a split that fails here
+    fails there) but has fewer tokens than bytes, so its epochs here are a lower bound. Missing
+    files are left to `missing_data_files`.
+    """
+    from stackwise.config.errors import ConfigError
+    from stackwise.config.experiment import setting_line
+    from stackwise.data.sizes import training_tokens
+    from stackwise.identity import resolve_data_paths
+
+    measured: dict[str, CorpusSize | tuple[str, str] | None] = {}  # by data config
+    splits: dict[tuple[str, int], int | str] = {}  # by data config and seq_len
+    budgets: dict[str, tuple[int, str] | None] = {}  # by `estimate_key`
+    errors: list[ConfigError] = []
+    warnings: list[ConfigError] = []
+    for experiment, runs in plans:
+        base = experiment.path.resolve().parent
+        # (kind, what decides it) -> (field path, message, its runs): one report per group
+        found: dict[tuple[Any, ...], tuple[tuple[str, ...], str, list[RunSpec]]] = {}
+        report = functools.partial(_report, found)
+        for spec in runs:
+            data = resolve_data_paths(spec.config, base).data
+            key = json.dumps(data.to_dict(), sort_keys=True)
+            if key not in measured:
+                measured[key] = _measure(data)
+            size = measured[key]
+            if size is None:
+                continue
+            if isinstance(size, tuple):
+                field, message = size
+                report(("read", key), tuple(field.split(".")), message, spec)
+                continue
+            label = _data_label(spec.config.data)
+            limited = data.max_tokens is not None and (
+                sum(n + 1 for n in size.lengths) + size.unread_bytes > data.max_tokens
+            )
+            if limited:
+                label += f" cut to data.max_tokens={data.max_tokens:,}"
+            if not size.lengths and not size.unread_bytes:
+                empty = ["empty or only whitespace"] if "text" in size.formats else []
+                if size.formats - {"text"}:
+                    empty.append(f"no non-empty value in the column {data.text_column!r}")
+                message = f"{label}: no text to train on ({' / '.join(empty)})"
+                report(("empty", key), ("data", "paths"), message, spec)
+                continue
+            seq_len = spec.config.training.seq_len
+            bounds = training_tokens(size, data, seq_len)
+            if bounds is None:  # only the split can tell whether every side gets a sequence
+                if (key, seq_len) not in splits:
+                    splits[key, seq_len] = _split(data, seq_len, size)
+                train = splits[key, seq_len]
+                if isinstance(train, str):
+                    message = f"{label}: {train}"
+                    if data.tokenizer == "bpe":
+                        message += " (a BPE run splits its text by UTF-8 bytes, counted here)"
+                    if limited:
+                        path: tuple[str, ...] = ("data", "max_tokens")
+                    elif data.source == "files":
+                        path = ("data", "paths")
+                    else:
+                        path = ("training", "seq_len")
+                    report(("short", key, seq_len), path, message, spec)
+                    continue
+                low = high = train
+            else:
+                low, high = bounds.low, bounds.high
+            estimate = estimate_key(spec.config)
+            if estimate not in budgets:
+                budgets[estimate] = _budget_tokens(spec.config)
+            budget = budgets[estimate]
+            if budget is None or budget[0] <= MAX_EPOCHS * max(low, 1):
+                continue  # within the limit, whatever the split
+            spent, described = budget
+            upper = bounds is not None and bounds.upper
+            if upper:
+                tokens = high
+            else:
+                if low != high:  # the bounds leave it open: draw the split
+                    if (key, seq_len) not in splits:
+                        splits[key, seq_len] = _split(data, seq_len, size)
+                    split = splits[key, seq_len]
+                    assert isinstance(split, int)  # the bounds hold only for splits that work
+                    low = high = split
+                tokens = high
+            if spent <= MAX_EPOCHS * max(tokens, 1):
+                continue
+            unit = "bytes" if data.tokenizer == "bpe" else "tokens"
+            at_least = "at least " if upper or data.tokenizer == "bpe" else ""
+            message = (
+                f"the budget ({described}) goes over the training data {at_least}"
+                f"{spent / max(tokens, 1):,.1f} times, more than {MAX_EPOCHS} epochs: {label} "
+                f"gives {'at most ' if upper else ''}{tokens:,} training {unit}; add data or "
+                f"lower the budget"
+            )
+            given = spec.config.training.budget
+            name = "steps" if given.steps is not None else "tokens" if given.tokens else "flops"
+            report(("epochs", key, seq_len, spent), ("training", "budget", name), message, spec)
+        for (kind, *_), (path, message, specs) in found.items():
+            problem = ConfigError(
+                message + _runs_label(specs, len(runs)),
+                file=experiment.file,
+                field=".".join(path),
+                line=setting_line(experiment, specs[0], path),
+            )
+            (warnings if kind == "epochs" else errors).append(problem)
+    return errors, warnings
 
 
 def check_devices(plans: Plans) -> None:

@@ -6,6 +6,7 @@ installed; there, a missing Ray is a failure, not a skip (STACKWISE_REQUIRE_RAY=
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -186,6 +187,241 @@ def test_ray_executor_without_ray_names_the_extra(
 
 
 # --------------------------------------------------------------------------------------------
+# stopping: signals, and the store on the way out
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_stop_signal_a_library_turns_into_ctrl_c_keeps_its_exit_status() -> None:
+    """Ray catches the exception a signal handler raises inside ``ray.wait`` and raises a plain
+    KeyboardInterrupt in its place: the runner still reports SIGTERM (exit 143), not Ctrl-C."""
+    from stackwise.runner import Interrupted, signals_as_interrupts
+
+    with pytest.raises(KeyboardInterrupt) as caught, signals_as_interrupts():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None  # what Ray raises instead
+    assert isinstance(caught.value, Interrupted)
+    assert caught.value.signum == signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("sig", "raised"), [(signal.SIGTERM, "Interrupted"), (signal.SIGINT, "KeyboardInterrupt")]
+)
+def test_a_signal_during_a_deferred_step_stops_the_run_right_after_it(
+    sig: signal.Signals, raised: str
+) -> None:
+    """Handing a task to Ray and recording it, starting a job, shutting a cluster down: a signal
+    meanwhile waits for the step to end, then stops the run as it would have."""
+    from stackwise.runner import signals_as_interrupts, signals_deferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt) as caught, signals_as_interrupts():
+        with signals_deferred():
+            os.kill(os.getpid(), sig)
+            time.sleep(0.2)
+            steps.append("step done")
+        steps.append("after the step")
+    assert steps == ["step done"]
+    assert type(caught.value).__name__ == raised
+    assert getattr(caught.value, "signum", signal.SIGINT) == sig
+
+
+def test_an_interrupt_inside_a_store_read_leaves_no_lock_once_released(tmp_path: Path) -> None:
+    """Ctrl-C that lands as an MLflow query returns leaves its SQLite cursor open, held by the
+    interrupt's traceback: the database is locked, for this process too (it could not mark its
+    run KILLED; the probe of a Ray driver waited 6 minutes on that). Released, it is not."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from stackwise.tracking.store import end_run_or_say_why, release_interrupted_calls
+
+    database = tmp_path / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+
+    def writable() -> bool:
+        """Whether another connection can commit a write (a reader's lock holds that off)."""
+        with contextlib.closing(sqlite3.connect(database, timeout=0.1)) as other:
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                assert "database is locked" in str(error)
+                return False
+            return True
+
+    armed = [True]
+
+    def ctrl_c(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed and statement.lstrip().upper().startswith("SELECT"):
+            armed.clear()
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the query ran
+
+    event.listen(Engine, "after_cursor_execute", ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.get_run(run_id)
+    finally:
+        event.remove(Engine, "after_cursor_execute", ctrl_c)
+    assert not writable()  # what an interrupted call leaves
+    release_interrupted_calls(caught.value)
+    assert writable()
+    assert end_run_or_say_why(client, run_id, "KILLED") is None
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_ctrl_c_while_a_point_opens_its_run_leaves_no_run_running(
+    tmp_path: Path, write_experiment: Helper, tiny_training: Helper
+) -> None:
+    """Ctrl-C that lands while a point logs the params of its new run, before its training (and
+    the handler that marks a training run KILLED) begins: the grid closes that run KILLED too,
+    and the rerun continues inside it."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    path = write_experiment(tmp_path, "early", training=tiny_training(4))
+    store = tmp_path / "store"
+    uri = f"sqlite:///{store}/mlflow.db"
+
+    armed = [True]
+
+    def ctrl_c(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed and statement.lstrip().startswith("INSERT INTO params"):
+            armed.clear()
+            raise KeyboardInterrupt
+
+    event.listen(Engine, "after_cursor_execute", ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(path, store)
+    finally:
+        event.remove(Engine, "after_cursor_execute", ctrl_c)
+    assert not armed  # it landed
+    (point,) = assert_stopped(uri, "early").values()
+    again = _run(path, store)
+    assert again.exit_code == 0
+    assert assert_one_finished_run_per_point(uri, "early", {"default"}) == {"default": point}
+
+
+class Driver:
+    """`stackwise <args>` in the background in a session of its own (Ray's processes, jobs and
+    torchrun launches are in it too), its output collected as it comes."""
+
+    def __init__(self, command: list[str], cwd: Path, env: dict[str, str]) -> None:
+        import subprocess
+
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            # A runner under `nohup` ignores SIGHUP and hands that on: start it as a terminal
+            # would.
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, f"ended early:\n{self.finish()}"
+            assert time.monotonic() < deadline, f"timed out:\n{self.output}"
+            time.sleep(0.1)
+
+    def wait_for_points(self, store: str, name: str, count: int, timeout: float = 240) -> None:
+        """Until `count` point runs of experiment `name` are RUNNING and have logged a step
+        (the store is read once the driver has opened the grid: creating its tables from two
+        processes at once is a race MLflow loses)."""
+        self.wait_for(lambda: " run(s) → " in self.output, timeout)
+        self.wait_for(lambda: len(live_points(store, name, with_metric=True)) >= count, timeout)
+
+    def finish(self, timeout: float = 300) -> str:
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return self.output
+
+    def left_behind(self, within: float = 20) -> list[str]:
+        """Processes of its session still there `within` seconds after it ended."""
+        import psutil
+
+        deadline = time.monotonic() + within
+        while True:
+            left = []
+            for process in psutil.process_iter(["name", "status"]):
+                with contextlib.suppress(psutil.Error, OSError):
+                    if (
+                        process.info["status"] != psutil.STATUS_ZOMBIE
+                        and os.getsid(process.pid) == self.process.pid
+                    ):
+                        left.append(process.info["name"])
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+
+
+def runs_of(store: str, name: str) -> list[Any]:
+    """Every run of experiment `name` in the store at URI `store` (point and parent runs)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name(name)
+    return [] if experiment is None else list(client.search_runs([experiment.experiment_id]))
+
+
+def live_points(store: str, name: str, with_metric: bool = False) -> list[Any]:
+    """The RUNNING point runs of experiment `name` (those that logged a step, if asked)."""
+    try:
+        runs = runs_of(store, name)
+    except Exception:  # the store is being created
+        return []
+    return [
+        run
+        for run in runs
+        if run.info.status == "RUNNING"
+        and run.data.tags.get("stackwise.role") == "point"
+        and (not with_metric or "train/loss" in run.data.metrics)
+    ]
+
+
+def assert_stopped(store: str, name: str) -> dict[str, str]:
+    """Nothing of experiment `name` RUNNING: parent runs and any point run KILLED. Returns the
+    point runs' ids by run name."""
+    runs = runs_of(store, name)
+    statuses = {(r.data.tags.get("stackwise.role"), r.info.status) for r in runs}
+    assert statuses <= {("grid", "KILLED"), ("point", "KILLED")}, statuses
+    assert ("grid", "KILLED") in statuses
+    return {
+        r.info.run_name: r.info.run_id for r in runs if r.data.tags["stackwise.role"] == "point"
+    }
+
+
+def assert_one_finished_run_per_point(store: str, name: str, points: set[str]) -> dict[str, str]:
+    runs = [r for r in runs_of(store, name) if r.data.tags.get("stackwise.role") == "point"]
+    assert sorted(r.info.run_name for r in runs) == sorted(points)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    return {r.info.run_name: r.info.run_id for r in runs}
+
+
+# --------------------------------------------------------------------------------------------
 # --jobs
 # --------------------------------------------------------------------------------------------
 
@@ -241,6 +477,124 @@ def test_jobs_two_finishes_a_four_point_grid_once_each(
         expected, 1
     )
     print(f"--jobs 2, 4 points: {elapsed:.1f} s")
+
+
+def _owner_pid(run: Any) -> int:
+    return int(run.data.tags["stackwise.owner"].rpartition(":")[2])
+
+
+def _kill_and_wait(pid: int) -> None:
+    """SIGKILL process `pid` (not a child of this one) and wait until it is gone."""
+    import psutil
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout=30)
+
+
+def test_a_killed_drivers_folder_stays_while_its_jobs_run_and_is_swept_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `--jobs`/`--nproc` driver's task folder goes when the driver ends; one a SIGKILL left
+    behind stays while a job of that driver still runs (it holds the folder's lock) and is swept
+    once the last of them has ended."""
+    import subprocess
+    import tempfile
+
+    from stackwise.executors.common import driver_folder, sweep_driver_folders
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    code = (
+        "import subprocess, sys\n"
+        "from stackwise.executors.common import driver_folder\n"
+        "with driver_folder('jobs') as (folder, held):\n"
+        "    job = subprocess.Popen(['sleep', '60'], pass_fds=(held,))\n"
+        "    print(folder, job.pid, flush=True)\n"
+        "    job.wait()\n"
+    )
+    env = {**os.environ, "TMPDIR": str(temp)}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert driver.stdout is not None
+    folder_text, job_pid = driver.stdout.readline().split()
+    folder = Path(folder_text)
+    assert folder.parent == temp and folder.name.startswith(f"stackwise-jobs-{driver.pid}-")
+    driver.kill()
+    driver.wait()
+    assert folder.is_dir()  # nothing ran to remove it
+    assert sweep_driver_folders(temp) == [] and folder.is_dir()  # its job still runs
+    _kill_and_wait(int(job_pid))
+    assert sweep_driver_folders(temp) == [folder] and not folder.exists()
+
+    # Any other end removes it at once.
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with pytest.raises(KeyboardInterrupt), driver_folder("torchrun") as (own, _):
+        assert own.parent == temp and own.is_dir()
+        raise KeyboardInterrupt
+    assert list(temp.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_jobs_killed_outright_a_rerun_sweeps_their_folder_and_continues_their_runs(
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    cli_command: Helper,
+    cli_env: Helper,
+) -> None:
+    """SIGKILL of one job (the driver marks its point FAILED, its process lost), then of the
+    driver: its task folder stays while its other job runs (that job holds it), and the next
+    `--jobs` run sweeps it; that rerun continues both points inside their runs."""
+    import subprocess
+
+    from stackwise.executors.common import sweep_driver_folders
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**cli_env(tmp_path), "TMPDIR": str(temp)}
+    path = write_experiment(
+        tmp_path,
+        "jobskill",
+        grid={"training.seed": [1, 2]},
+        # No checkpoint before the end: the reruns restart inside the runs of the lost jobs.
+        training={**tiny_training(120), "checkpoint": {"every_steps": 1000}},
+        tracking={"log_model": False},
+    )
+    store = default_tracking_uri(tmp_path)
+    driver = Driver(cli_command("run", str(path), "--jobs", "2"), tmp_path, env)
+    driver.wait_for_points(store, "jobskill", 2)
+    (folder,) = temp.glob(f"stackwise-jobs-{driver.process.pid}-*")
+    jobs = {run.info.run_name: run for run in live_points(store, "jobskill")}
+    _kill_and_wait(_owner_pid(jobs["seed=1"]))
+    driver.wait_for(lambda: "seed=1: FAILED" in driver.output)
+    driver.process.kill()
+    driver.finish()
+    assert folder.is_dir()
+    assert sweep_driver_folders(temp) == [] and folder.is_dir()  # held by the job still running
+    _kill_and_wait(_owner_pid(jobs["seed=2"]))
+    lost = {r.info.run_name: r for r in runs_of(store, "jobskill") if r.info.run_name in jobs}
+    assert lost["seed=1"].info.status == "FAILED"
+    assert "SIGKILL" in lost["seed=1"].data.tags["error"]
+    assert lost["seed=2"].info.status == "RUNNING"
+
+    again = subprocess.run(
+        cli_command("run", str(path), "--jobs", "2"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert list(temp.glob("stackwise-*")) == []  # the stale folder swept, its own removed
+    finished = assert_one_finished_run_per_point(store, "jobskill", {"seed=1", "seed=2"})
+    assert finished == {name: run.info.run_id for name, run in jobs.items()}  # same runs
+    assert "error" not in {k for r in runs_of(store, "jobskill") for k in r.data.tags}
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +695,9 @@ def test_ray_task_killed_fails_its_point_the_others_finish_rerun_completes(
     from stackwise.executors.ray import RayExecutor
 
     monkeypatch.chdir(tmp_path)
-    training = {**tiny_training(48), "log_every_steps": 2}
+    # No checkpoint before the end: the victim dies with nothing to resume from (the state
+    # that left two runs of a point before a rerun continued inside the lost one).
+    training = {**tiny_training(48), "log_every_steps": 2, "checkpoint": {"every_steps": 1000}}
     path = write_experiment(
         tmp_path, "raykill", grid={"training.seed": [1, 2, 3]}, training=training
     )
@@ -388,13 +744,114 @@ def test_ray_task_killed_fails_its_point_the_others_finish_rerun_completes(
     assert again.exit_code == 0
     assert sorted(run for _, run, _ in again.skipped) == ["seed=2", "seed=3"]
     assert [run for _, run, _ in again.finished] == [victim]
-    statuses = [r.info.status for r in store_points(store, "raykill") if r.info.run_name == victim]
-    assert "FINISHED" in statuses
+    # Continued inside its FAILED run (its process was lost; the point did not fail), as a
+    # `--jobs` rerun does: one run, FINISHED, without the error of the lost process.
+    (rerun,) = [r for r in store_points(store, "raykill") if r.info.run_name == victim]
+    assert rerun.info.run_id == points[victim].info.run_id
+    assert rerun.info.status == "FINISHED" and "error" not in rerun.data.tags
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("sig", "when"),
+    [(signal.SIGINT, "tasks start"), (signal.SIGTERM, "points train")],
+    ids=["SIGINT-as-tasks-start", "SIGTERM-as-points-train"],
+)
+def test_ray_driver_stopped_by_a_signal_leaves_nothing_running_and_a_rerun_resumes(
+    sig: signal.Signals,
+    when: str,
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    cli_command: Helper,
+    cli_env: Helper,
+    run_cli: Helper,
+) -> None:
+    """The documented stop through the CLI on a local Ray cluster: exit 128 + signal with its
+    line, no traceback and no wait on a locked store, the point and parent runs KILLED, no Ray
+    process left, and a rerun that finishes each point inside the run it had."""
+    if os.environ.get("STACKWISE_REQUIRE_RAY") != "1":
+        pytest.importorskip("ray")
+    training = {**tiny_training(200), "log_every_steps": 2}
+    grid = {"training.seed": [1, 2]}
+    path = write_experiment(tmp_path, "raystop", grid=grid, training=training)
+    store = default_tracking_uri(tmp_path)
+    args = ("run", str(path), "--executor", "ray")
+    driver = Driver(cli_command(*args), tmp_path, cli_env(tmp_path))
+    if when == "tasks start":  # handed to Ray, their workers not yet running the points
+        driver.wait_for(lambda: driver.output.count(": started") == 2)
+    else:
+        driver.wait_for_points(store, "raystop", 1)
+    stopped = time.monotonic()
+    driver.process.send_signal(sig)
+    output = driver.finish(timeout=240)
+    took = time.monotonic() - stopped
+    assert driver.process.returncode == 128 + sig, output
+    word = "interrupted" if sig == signal.SIGINT else sig.name
+    assert f"{word}: the run in progress is marked KILLED" in output
+    assert "Traceback" not in output and "database is locked" not in output, output
+    assert took < 120, took  # the tasks stopped at once, nothing waited on a lock
+    killed = assert_stopped(store, "raystop")
+    if when == "points train":
+        assert killed  # a point had started: its run KILLED, not FAILED
+    assert driver.left_behind() == []  # the local cluster went with the driver
+
+    again = run_cli(tmp_path, *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    finished = assert_one_finished_run_per_point(store, "raystop", {"seed=1", "seed=2"})
+    assert killed.items() <= finished.items()  # resumed inside the runs it had
+    print(f"Ray driver stopped by {sig.name} as {when} in {took:.1f} s")
 
 
 # --------------------------------------------------------------------------------------------
 # torchrun
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_driver_stopped_by_sighup_as_ranks_start_leaves_nothing_behind(
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    cli_command: Helper,
+    cli_env: Helper,
+) -> None:
+    """SIGHUP (a closed terminal) while a point's ranks start: exit 129 with its line, the runs
+    KILLED, no rank, launcher or task folder left; a rerun finishes every point."""
+    import subprocess
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**cli_env(tmp_path), "TMPDIR": str(temp)}
+    training = {**tiny_training(16), "log_every_steps": 1}
+    grid = {"training.seed": [1, 2]}
+    path = write_experiment(tmp_path, "hup", grid=grid, training=training)
+    store = default_tracking_uri(tmp_path)
+    args = ("run", str(path), "--nproc", "2")
+    driver = Driver(cli_command(*args), tmp_path, env)
+    driver.wait_for(lambda: "seed=1: started (torchrun" in driver.output)
+    driver.process.send_signal(signal.SIGHUP)
+    output = driver.finish(timeout=240)
+    assert driver.process.returncode == 128 + signal.SIGHUP, output
+    assert "SIGHUP: the run in progress is marked KILLED" in output
+    assert "database is locked" not in output
+    assert_stopped(store, "hup")
+    assert driver.left_behind() == []
+    assert list(temp.glob("stackwise-*")) == []
+
+    again = subprocess.run(
+        cli_command(*args),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_one_finished_run_per_point(store, "hup", {"seed=1", "seed=2"})
 
 
 @pytest.mark.slow
@@ -512,3 +969,4 @@ def test_torchrun_run_stopped_by_sigterm_resumes_with_the_same_world_size(
     assert math.isclose(
         runs[0].data.metrics["final/loss"], single.data.metrics["final/loss"], rel_tol=1e-5
     )
+

@@ -224,30 +224,32 @@ def test_failing_point_does_not_stop_the_grid(
 ) -> None:
     good = tmp_path / "good.txt"
     good.write_text("The quick brown fox jumps over the lazy dog.\n" * 400, encoding="utf-8")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("", encoding="utf-8")
+    # Enough bytes for the split, which passes the pre-run checks, but a BPE packs 200 equal
+    # bytes into a handful of tokens: too few once tokenized, found by the run.
+    repeated = tmp_path / "repeated.txt"
+    repeated.write_text("a" * 200, encoding="utf-8")
     path = write_experiment(
         tmp_path,
         "failing",
-        data={"source": "files", "max_tokens": 20000},
+        data={"source": "files", "max_tokens": 20000, "tokenizer": "bpe", "bpe_vocab_size": 300},
         presets={
             "corpus": {
-                "empty": {"data.paths": [str(empty)]},
+                "repeated": {"data.paths": [str(repeated)]},
                 "good": {"data.paths": [str(good)]},
             }
         },
-        grid={"corpus": ["empty", "good"]},
+        grid={"corpus": ["repeated", "good"]},
     )
     done = run_cli(tmp_path, "run", str(path), "--quiet")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "1 finished, 0 skipped, 1 failed" in done.stdout
-    assert "FAILED" in done.stdout and "contain no text" in done.stdout
+    assert "FAILED" in done.stdout and "too few" in done.stdout
     client = _client(tmp_path)
     runs = {r.info.run_name: r for r in point_runs(client, _experiment_id(tmp_path, "failing"))}
     assert runs["corpus=good"].info.status == "FINISHED"
-    failed = runs["corpus=empty"]
+    failed = runs["corpus=repeated"]
     assert failed.info.status == "FAILED"
-    assert "contain no text" in failed.data.tags["error"]
+    assert "too few" in failed.data.tags["error"]
     trace = Path(client.download_artifacts(failed.info.run_id, "error.txt")).read_text()
     assert "Traceback" in trace and "ValueError" in trace
     parent = client.get_run(failed.data.tags["mlflow.parentRunId"])

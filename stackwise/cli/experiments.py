@@ -21,6 +21,7 @@ from stackwise.cli.options import (
     NoMemoryCheckOption,
     OnlyOption,
     SetOption,
+    StrictOption,
 )
 from stackwise.cli.output import (
     EXIT_STALE,
@@ -41,11 +42,12 @@ def validate(
     only: OnlyOption = None,
     max_runs: MaxRunsOption = None,
     no_memory_check: NoMemoryCheckOption = False,
+    strict: StrictOption = False,
 ) -> None:
     """Check experiment files and every run of their grids (and that each run fits its
     device's memory); print runs per file."""
     with user_errors():
-        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check)
+        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check, strict)
     from stackwise.tracking.tables import Column, print_table
 
     console = stdout_console()
@@ -65,6 +67,7 @@ def plan(
     only: OnlyOption = None,
     max_runs: MaxRunsOption = None,
     no_memory_check: NoMemoryCheckOption = False,
+    strict: StrictOption = False,
 ) -> None:
     """Estimate each run (parameters, FLOPs, memory, device); trains nothing.
 
@@ -72,7 +75,7 @@ def plan(
     stage, estimated training FLOPs (with the activation cache), estimated peak memory and the device.
     """
     with user_errors():
-        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check)
+        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check, strict)
         preflight.check_devices(plans)
     from stackwise.tracking.tables import Column, print_table
 

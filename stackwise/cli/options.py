@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from stackwise.preflight import MAX_EPOCHS
+
 FilesArgument = Annotated[
     list[str],
     typer.Argument(
@@ -49,6 +51,14 @@ NoMemoryCheckOption = Annotated[
     typer.Option(
         "--no-memory-check",
         help="Accept runs whose estimated peak memory exceeds the memory of their device.",
+    ),
+]
+StrictOption = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Treat warnings about the data as errors: a budget that goes over its training "
+        f"data more than {MAX_EPOCHS} times (epochs) stops the command before anything runs.",
     ),
 ]
 

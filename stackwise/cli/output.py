@@ -50,6 +50,11 @@ def note(message: str) -> None:
     stderr_console().print(Text("note:", style="yellow"), Text(message))
 
 
+def warn(message: str) -> None:
+    """Print a warning (one line, on stderr): likely a mistake, but the command goes on."""
+    stderr_console().print(Text("warning:", style="bold yellow"), Text(message))
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a `ConfigError` raised inside the block into clean messages and exit status 2."""
@@ -71,14 +76,24 @@ def load_plans(
     only: Sequence[str],
     max_runs: int | None,
     memory_check: bool,
+    strict: bool = False,
 ) -> Plans:
-    """`stackwise.preflight.load_plans`, printing its notes (merged duplicate runs)."""
+    """`stackwise.preflight.load_plans`, printing its notes (merged duplicate runs) and its
+    warnings (data repeated more than `stackwise.preflight.MAX_EPOCHS` times; errors with
+    `strict`)."""
+    from stackwise.config.errors import ConfigError
+
     notes: list[str] = []
+    warnings: list[ConfigError] = []
     try:
-        return preflight.load_plans(patterns, overrides, only, max_runs, memory_check, notes)
+        return preflight.load_plans(
+            patterns, overrides, only, max_runs, memory_check, notes, strict, warnings
+        )
     finally:
         for message in notes:
             note(message)
+        for warning in warnings:
+            warn(warning.format())
 
 
 def human_count(n: float, unit: str = "") -> str:

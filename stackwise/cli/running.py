@@ -2,7 +2,9 @@
 where the flags say (`stackwise.executors`) and track it (`stackwise.runner`).
 
 ``--dry-run`` lists the runs that would train instead; Ctrl-C, SIGTERM and SIGHUP end the
-command with exit status 128 + signal, the run in progress marked KILLED.
+command with exit status 128 + signal, the run in progress marked KILLED; a tracking server
+that stops answering for longer than ``tracking.server_wait_minutes`` ends it with one line
+and exit status 75 (`stackwise.tracking.store.TrackingUnavailable`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from stackwise.cli.options import (
     NoMemoryCheckOption,
     OnlyOption,
     SetOption,
+    StrictOption,
 )
 from stackwise.cli.output import (
     EXIT_INTERRUPTED,
@@ -32,6 +35,11 @@ from stackwise.cli.output import (
     user_errors,
 )
 from stackwise.preflight import Plans
+from stackwise.tracking.store import (
+    EXIT_TRACKING_UNAVAILABLE,
+    TrackingUnavailable,
+    is_lock_error,
+)
 
 if TYPE_CHECKING:
     from stackwise.config.base import BudgetConfig
@@ -70,6 +78,7 @@ def run(
     ] = None,
     max_runs: MaxRunsOption = None,
     no_memory_check: NoMemoryCheckOption = False,
+    strict: StrictOption = False,
     executor: Annotated[
         str,
         typer.Option(
@@ -123,7 +132,7 @@ def run(
 ) -> None:
     """Validate every file and grid first, then train and track each run."""
     with user_errors():
-        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check)
+        plans = load_plans(files, set_ or [], only or [], max_runs, not no_memory_check, strict)
     if dry_run:
         _print_runs(plans)
         stdout_console().print("Dry run: nothing was trained or written.")
@@ -144,35 +153,52 @@ def run(
             if address is None:  # a remote cluster's devices are its workers'
                 preflight.check_devices(plans)
             preflight.check_stores(plans, tracking_uri)
-        if chosen is not None and hasattr(chosen, "connect"):
-            chosen.connect()  # before anything is written: a cluster that cannot be reached
     except ExecutorError as error:
         fail([str(error)], summary="nothing was run or written.")
-    from stackwise.runner import RunOptions, run_experiments
+    from stackwise.runner import RunOptions, run_experiments, signals_as_interrupts
 
     options = RunOptions(
         tracking_uri=tracking_uri, force=force, quiet=quiet, threads=threads, executor=chosen
     )
     try:
-        if under_torchrun():
-            from stackwise.executors.torchrun import LockstepBroken, run_grid_on_ranks
-
+        # From the start of a cluster to its shutdown, SIGTERM and SIGHUP stop as Ctrl-C does.
+        with signals_as_interrupts():
             try:
-                ranked = run_grid_on_ranks(plans, options)
-            except LockstepBroken as error:
-                stderr_console().print(
-                    Text(
-                        f"error: a point failed on rank 0 ({error}); this torchrun launch "
-                        "stops here. Run the same command again to go on with the others.",
-                        style="red",
-                    )
-                )
-                raise typer.Exit(1) from None
-            if ranked is None:  # a rank other than 0: rank 0 reports
-                raise typer.Exit(0)
-            summary = ranked
-        else:
-            summary = run_experiments(plans, options)
+                if chosen is not None and hasattr(chosen, "connect"):
+                    try:
+                        chosen.connect()  # before anything is written: a cluster out of reach
+                    except ExecutorError as error:
+                        fail([str(error)], summary="nothing was run or written.")
+                if under_torchrun():
+                    from stackwise.executors.torchrun import LockstepBroken, run_grid_on_ranks
+
+                    try:
+                        ranked = run_grid_on_ranks(plans, options)
+                    except LockstepBroken as error:
+                        stderr_console().print(
+                            Text(
+                                f"error: a point failed on rank 0 ({error}); this torchrun "
+                                "launch stops here. Run the same command again to go on with "
+                                "the others.",
+                                style="red",
+                            )
+                        )
+                        raise typer.Exit(1) from None
+                    if ranked is None:  # a rank other than 0: rank 0 reports
+                        raise typer.Exit(0)
+                    summary = ranked
+                else:
+                    summary = run_experiments(plans, options)
+            finally:
+                if chosen is not None and hasattr(chosen, "close"):
+                    chosen.close()
+    except TrackingUnavailable as stop:
+        # One line: what stopped, what was kept, and how to go on (exit 75, EX_TEMPFAIL).
+        stderr_console().print(
+            Text("error:", style="bold red"),
+            Text(f"{stop}; run the same command again once the server answers to resume."),
+        )
+        raise typer.Exit(EXIT_TRACKING_UNAVAILABLE) from None
     except KeyboardInterrupt as error:
         # Ctrl-C, or SIGTERM/SIGHUP turned into the same by the runner: exit 128 + signal.
         signum = getattr(error, "signum", None)
@@ -185,9 +211,19 @@ def run(
             )
         )
         raise typer.Exit(EXIT_INTERRUPTED if signum is None else 128 + signum) from None
-    finally:
-        if chosen is not None and hasattr(chosen, "close"):
-            chosen.close()
+    except Exception as error:
+        if not is_lock_error(error):
+            raise
+        # SQLite allows one writer at a time; another process kept the store through every retry.
+        stderr_console().print(
+            Text("error:", style="bold red"),
+            Text(
+                "the tracking store stayed locked by another process through every retry "
+                "(database is locked); run the same command again once it is free (finished "
+                "points are skipped, the others resume)."
+            ),
+        )
+        raise typer.Exit(1) from None
     raise typer.Exit(summary.exit_code)
 
 

@@ -178,6 +178,13 @@ class TrackingConfig(BaseConfig):
     )
     log_model: bool = Field(True, description="Log the trained Rack as an MLflow model.")
     system_metrics: bool = Field(False, description="Record CPU/GPU/memory system metrics.")
+    server_wait_minutes: float = Field(
+        5.0,
+        gt=0,
+        description="How long a run waits for a tracking server that stopped answering "
+        "(training goes on, metrics are held) before it checkpoints and stops; run the same "
+        "command again to resume.",
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,32 +13,35 @@ positional fallback without the held-out tail), so no validation text shapes its
 With BPE, ``max_tokens`` and ``val_fraction`` therefore count bytes; the run holds at most
 ``max_tokens`` tokens. If the held-out text is too short for one sequence of BPE tokens, the
 split is redone positionally with a tail long enough for one (the BPE is trained again).
+
+Every name below is imported from its module when first used: reading and measuring a corpus
+(`stackwise.data.sources`, `stackwise.data.sizes`: the pre-run checks) needs neither numpy nor
+torch, which tokenizing, packing and loading do.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from stackwise.config.base import DataConfig, TrainingConfig
-from stackwise.data.loader import SequenceLoader
-from stackwise.data.packing import (
-    DocumentSplit,
-    PackedSplits,
-    pack,
-    split_and_pack,
-    split_documents,
-)
-from stackwise.data.sources import builtin_documents, load_documents
-from stackwise.data.tokenizer import (
-    SPECIAL_TOKENS,
-    BPETokenizer,
-    ByteTokenizer,
-    Tokenizer,
-    special_ids_for,
-)
+if TYPE_CHECKING:
+    from stackwise.data.bundle import DataBundle, build_data, build_tokenizer, split_and_tokenize
+    from stackwise.data.loader import SequenceLoader
+    from stackwise.data.packing import (
+        DocumentSplit,
+        PackedSplits,
+        pack,
+        split_and_pack,
+        split_documents,
+    )
+    from stackwise.data.sources import builtin_documents, load_documents
+    from stackwise.data.tokenizer import (
+        SPECIAL_TOKENS,
+        BPETokenizer,
+        ByteTokenizer,
+        Tokenizer,
+        special_ids_for,
+    )
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -60,120 +63,27 @@ __all__ = [
     "split_documents",
 ]
 
-
-@dataclass
-class DataBundle:
-    """Everything a run needs from the data side."""
-
-    tokenizer: Tokenizer
-    train_loader: SequenceLoader
-    val_loader: SequenceLoader
-    train_tokens: int
-    val_tokens: int
-    test_loader: SequenceLoader | None = None
-    test_tokens: int = 0
-
-
-def build_tokenizer(data: DataConfig, training_documents: list[str]) -> Tokenizer:
-    """The configured tokenizer; a BPE is trained on `training_documents` (and nothing else)."""
-    if data.tokenizer == "byte":
-        return ByteTokenizer()
-    return BPETokenizer.train(training_documents, data.bpe_vocab_size)
+# name -> the module of this package that defines it
+_HOMES = {
+    **dict.fromkeys(
+        ["DataBundle", "build_data", "build_tokenizer", "split_and_tokenize"], "bundle"
+    ),
+    "SequenceLoader": "loader",
+    **dict.fromkeys(
+        ["DocumentSplit", "PackedSplits", "pack", "split_and_pack", "split_documents"], "packing"
+    ),
+    **dict.fromkeys(["builtin_documents", "load_documents"], "sources"),
+    **dict.fromkeys(
+        ["SPECIAL_TOKENS", "BPETokenizer", "ByteTokenizer", "Tokenizer", "special_ids_for"],
+        "tokenizer",
+    ),
+}
 
 
-def _as_text(piece: np.ndarray) -> str:
-    # A piece cut inside a multi-byte character loses that character on both sides.
-    return piece.astype(np.uint8).tobytes().decode("utf-8", errors="ignore")
-
-
-def _split(
-    data: DataConfig, training: TrainingConfig, byte_docs: list[np.ndarray], min_val_tokens: int = 0
-) -> DocumentSplit:
-    return split_documents(
-        byte_docs,
-        val_fraction=data.val_fraction,
-        seq_len=training.seq_len,
-        seed=data.split_seed,
-        max_tokens=data.max_tokens,
-        min_val_tokens=min_val_tokens,
-        test_fraction=data.test_fraction,
-    )
-
-
-def _encode_all(tokenizer: Tokenizer, documents: list[str]) -> list[np.ndarray]:
-    if isinstance(tokenizer, ByteTokenizer):
-        return [tokenizer.encode_array(doc) for doc in documents]
-    if isinstance(tokenizer, BPETokenizer):
-        return [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(documents)]
-    return [np.asarray(tokenizer.encode(doc), dtype=np.int64) for doc in documents]
-
-
-def split_and_tokenize(
-    data: DataConfig, training: TrainingConfig, documents: list[str]
-) -> tuple[Tokenizer, PackedSplits]:
-    """The tokenizer and the packed train/validation sequences of `documents` (module doc)."""
-    byte_docs = [ByteTokenizer().encode_array(doc) for doc in documents]
-    split = _split(data, training, byte_docs)
-    seq_len = training.seq_len
-    if data.tokenizer == "byte":
-        tokenizer: Tokenizer = ByteTokenizer()
-        train_ids, val_ids, test_ids = split.train, split.val, split.test
-    else:
-        for attempt in range(2):
-            train_text = [_as_text(piece) for piece in split.train]
-            tokenizer = build_tokenizer(data, train_text)
-            train_ids = _encode_all(tokenizer, train_text)
-            val_ids = _encode_all(tokenizer, [_as_text(piece) for piece in split.val])
-            test_ids = _encode_all(tokenizer, [_as_text(piece) for piece in split.test])
-            val_rows = sum(len(ids) + 1 for ids in val_ids) // seq_len
-            test_rows = sum(len(ids) + 1 for ids in test_ids) // seq_len
-            enough = val_rows >= 1 and (data.test_fraction <= 0 or test_rows >= 1)
-            if enough or attempt == 1:
-                break
-            # Hold out (positionally) enough bytes for one sequence of BPE tokens, with margin.
-            train_tokens = max(1, sum(len(ids) for ids in train_ids))
-            bytes_per_token = sum(len(piece) for piece in split.train) / train_tokens
-            split = _split(
-                data,
-                training,
-                byte_docs,
-                min_val_tokens=math.ceil(1.25 * seq_len * bytes_per_token),
-            )
-    train = pack(train_ids, seq_len, tokenizer.eos_id)
-    val = pack(val_ids, seq_len, tokenizer.eos_id)
-    test = pack(test_ids, seq_len, tokenizer.eos_id) if data.test_fraction > 0 else None
-    if len(train) < 1 or len(val) < 1 or (test is not None and len(test) < 1):
-        sides = (
-            "a train, a validation and a test" if test is not None else "a train and a validation"
-        )
-        raise ValueError(
-            f"data: after tokenization the corpus has too few tokens for {sides} "
-            f"sequence of training.seq_len={seq_len} tokens; add text, raise data.max_tokens "
-            f"or lower training.seq_len"
-        )
-    corpus = sum(len(ids) + 1 for side in (train_ids, val_ids, test_ids) for ids in side)
-    return tokenizer, PackedSplits(train, val, corpus, test)
-
-
-def build_data(data: DataConfig, training: TrainingConfig) -> DataBundle:
-    """Read, split, tokenize and pack the configured corpus; loaders use `training.batch_size`."""
-    tokenizer, splits = split_and_tokenize(data, training, load_documents(data))
-    train_loader = SequenceLoader(
-        splits.train, training.batch_size, shuffle=True, seed=training.seed, drop_last=True
-    )
-    val_loader = SequenceLoader(splits.val, training.batch_size, shuffle=False, drop_last=False)
-    test = splits.test
-    test_loader = (
-        None
-        if test is None
-        else SequenceLoader(test, training.batch_size, shuffle=False, drop_last=False)
-    )
-    return DataBundle(
-        tokenizer=tokenizer,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        train_tokens=int(splits.train.numel()),
-        val_tokens=int(splits.val.numel()),
-        test_loader=test_loader,
-        test_tokens=0 if test is None else int(test.numel()),
-    )
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value

@@ -19,10 +19,14 @@ trained on the training side only (see `stackwise.data.build_data`). `split_and_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where a tensor is made: the split itself needs no torch
+    import torch
 
 
 @dataclass
@@ -50,6 +54,8 @@ def limit_tokens(documents: list[np.ndarray], max_tokens: int | None) -> list[np
 
 def pack(documents: list[np.ndarray], seq_len: int, eos_id: int) -> torch.Tensor:
     """Concatenate documents with [EOS] after each and cut into rows of `seq_len` tokens."""
+    import torch
+
     stream = _stream(documents, eos_id)
     n_rows = len(stream) // seq_len
     return torch.from_numpy(stream[: n_rows * seq_len].reshape(n_rows, seq_len).copy())
@@ -77,7 +83,8 @@ class DocumentSplit:
     test: list[np.ndarray] = field(default_factory=list)
 
 
-def _packed_rows(documents: list[np.ndarray], seq_len: int) -> int:
+def packed_rows(documents: list[np.ndarray], seq_len: int) -> int:
+    """Rows of `seq_len` tokens that `pack` makes of `documents`."""
     return sum(len(d) + 1 for d in documents) // seq_len
 
 
@@ -119,8 +126,8 @@ def split_documents(
         rest = shuffled[len(val_docs) :]
         test_docs = _take(rest[:-1], test_fraction * total) if test_fraction > 0 else []
         train_docs = rest[len(test_docs) :]
-        enough = _packed_rows(train_docs, seq_len) >= 1 and _packed_rows(val_docs, seq_len) >= 1
-        if enough and (test_fraction <= 0 or _packed_rows(test_docs, seq_len) >= 1):
+        enough = packed_rows(train_docs, seq_len) >= 1 and packed_rows(val_docs, seq_len) >= 1
+        if enough and (test_fraction <= 0 or packed_rows(test_docs, seq_len) >= 1):
             return DocumentSplit(train_docs, val_docs, total, by_document=True, test=test_docs)
 
     # Too few documents: split the packed stream by position instead, at row boundaries.
@@ -138,6 +145,30 @@ def split_documents(
     train, held_out = _cut_stream(shuffled, (n_rows - n_val - n_test) * seq_len)
     val, test = _cut_stream(held_out, n_val * seq_len) if n_test else (held_out, [])
     return DocumentSplit(train, val, total, by_document=False, test=test)
+
+
+def split_lengths(
+    lengths: Sequence[int],
+    *,
+    val_fraction: float,
+    seq_len: int,
+    seed: int,
+    max_tokens: int | None = None,
+    test_fraction: float = 0.0,
+) -> DocumentSplit:
+    """`split_documents` of documents with these token counts, without their tokens: the split
+    depends on the lengths only, so the sizes of a corpus tell whether (and how) it splits
+    before it is read. The sides hold zero-filled views that take no memory."""
+    zero = np.zeros(1, dtype=np.uint8)
+    documents = [np.broadcast_to(zero, (int(n),)) for n in lengths]
+    return split_documents(
+        documents,
+        val_fraction=val_fraction,
+        seq_len=seq_len,
+        seed=seed,
+        max_tokens=max_tokens,
+        test_fraction=test_fraction,
+    )
 
 
 def _cut_stream(documents: list[np.ndarray], cut: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

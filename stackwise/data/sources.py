@@ -48,14 +48,16 @@ _STDLIB_SKIP = {
 
 def stdlib_files() -> list[Path]:
     """The `.py` files of the standard library in the `stdlib` corpus, sorted by relative path."""
+    import os
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    found = [
-        path
-        for path in root.rglob("*.py")
-        if not _STDLIB_SKIP.intersection(path.relative_to(root).parts[:-1])
-    ]
+    found: list[Path] = []
+    # The skipped folders are not entered at all: site-packages alone can hold many times the
+    # files of the library.
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _STDLIB_SKIP]
+        found.extend(Path(folder, name) for name in names if name.endswith(".py"))
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
@@ -151,7 +153,11 @@ def read_documents(path: Path, fmt: str, text_column: str = "text") -> list[str]
             raise ValueError(_jsonl_problem(path) or f"data.paths: {path}: {error}") from None
         return _column_values(frame, text_column, path)
     if fmt == "parquet":
-        return _column_values(pl.read_parquet(path), text_column, path)
+        try:
+            frame = pl.read_parquet(path)
+        except pl.exceptions.PolarsError as error:
+            raise ValueError(f"data.paths: {path}: not a readable Parquet file ({error})") from None
+        return _column_values(frame, text_column, path)
     raise ValueError(f"data.format: unknown format {fmt!r}")
 
 

@@ -16,8 +16,10 @@ where each point trains. The steps:
    ownership and failure handling are exactly those of a local `stackwise run`.
 4. Each point's `PointOutcome` goes back to the driver, which counts it (`PointBoard`: done,
    running, failed) and builds the grid's comparison at the end. A point whose process died
-   without an outcome (killed, lost node) is marked FAILED with the error by `mark_lost_point`;
-   the other points go on, and the exit status is 1.
+   without an outcome (killed, lost node) is marked FAILED with the error by `mark_lost_point`
+   (a rerun continues inside that run); the other points go on, and the exit status is 1.
+   A signal to the driver reaches every point in flight; the driver waits for their processes
+   to end (killing those that outlive a grace) before the runner marks the grid KILLED.
 5. A point that another process holds comes back ``busy`` and is run again at the end, waiting
    for its lock (as the local runner does).
 

@@ -11,27 +11,30 @@
 3. When a slot frees up the next point starts there; a point another process holds comes back
    ``busy`` and runs again at the end, waiting for its lock.
 4. Ctrl-C, SIGTERM and SIGHUP reach every running job as the same signal (each saves its
-   checkpoint and marks its run KILLED); a job that does not stop within `STOP_GRACE_S` is
-   killed.
+   checkpoint and marks its run KILLED); a job that does not stop within `STOP_GRACE_S` (or
+   at a second Ctrl-C) is killed, and the runner marks what it left RUNNING KILLED.
+5. Task and result files live in a `driver_folder`, removed when the driver ends however it
+   ends; one a killed driver left behind is swept by the next ``--jobs`` or ``--nproc`` run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from stackwise.executors.common import PointBoard, available_cpus
+from stackwise.executors.common import PointBoard, available_cpus, driver_folder
 from stackwise.executors.messages import options_to_json, outcome_from_json, spec_to_json
 from stackwise.executors.point import mark_lost_point
+from stackwise.runner.signals import signals_deferred
 
 if TYPE_CHECKING:
     from stackwise.config.experiment import RunSpec
@@ -119,7 +122,7 @@ class JobsExecutor:
         queue = [(spec, False) for spec in specs]
         deferred: list[tuple[RunSpec, bool]] = []
         running: list[_Job] = []
-        with tempfile.TemporaryDirectory(prefix="stackwise-jobs-") as temp:
+        with driver_folder("jobs") as (temp, held):
             try:
                 while queue or running or deferred:
                     if not queue and not running:
@@ -127,10 +130,11 @@ class JobsExecutor:
                     while queue and free:
                         spec, wait = queue.pop(0)
                         slot = free.pop(0)
-                        job = self._start(
-                            context, spec, options, slots[slot], slot, wait, Path(temp), logs
-                        )
-                        running.append(job)
+                        with signals_deferred():  # a job started is a job the driver stops
+                            job = self._start(
+                                context, spec, options, slots[slot], slot, wait, temp, logs, held
+                            )
+                            running.append(job)
                         board.started(spec, f"{slots[slot].describe()}, log {job.log_path}")
                     time.sleep(POLL_S)
                     for job in [j for j in running if j.process.poll() is not None]:
@@ -157,6 +161,7 @@ class JobsExecutor:
         wait: bool,
         temp: Path,
         logs: Path,
+        held: int,
     ) -> _Job:
         stem = f"{index}-{_safe(spec.name)}"
         task_path, result = temp / f"{stem}.task.json", temp / f"{stem}.result.json"
@@ -187,6 +192,7 @@ class JobsExecutor:
             env=env,
             # Its own session: a terminal's Ctrl-C reaches the driver, which forwards it.
             start_new_session=True,
+            pass_fds=(held,),  # the folder's lock: kept while the job runs, even without us
         )
         return _Job(spec, index, process, result, log_path, log)
 
@@ -206,17 +212,22 @@ class JobsExecutor:
 
 
 def _stop(running: list[_Job], signum: int) -> None:
-    """Forward the driver's stop signal to every running job; kill what outlives the grace."""
+    """Forward the driver's stop signal to every running job; kill what outlives the grace, or
+    all that still runs as soon as Ctrl-C is pressed again. Returns once every job has ended."""
     for job in running:
         if job.process.poll() is None:
             job.process.send_signal(signum)
     deadline = time.monotonic() + STOP_GRACE_S
+    try:
+        for job in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass  # interrupted again: no more waiting (the first interrupt goes on)
     for job in running:
-        try:
-            job.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if job.process.poll() is None:
             job.process.kill()
-            job.process.wait()
+        job.process.wait()
         job.log.close()
 
 

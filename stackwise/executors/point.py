@@ -60,12 +60,13 @@ def run_point(
 
 def mark_lost_point(context: GridContext, spec: RunSpec, message: str) -> PointOutcome:
     """A point whose process died without an outcome: its run of this grid (RUNNING, or KILLED
-    by a signal) becomes FAILED with `message` as its error; a point that died before its run
-    existed is only reported."""
+    by a signal) becomes FAILED with `message` as its error, tagged `TAG_LOST` so that a rerun
+    continues inside it (from its checkpoint, or from the start when it has none) as it would
+    a KILLED run; a point that died before its run existed is only reported."""
     from mlflow.entities import ViewType
 
-    from stackwise.runner import PointOutcome, record_failure
-    from stackwise.tracking.logger import TAG_PARENT
+    from stackwise.runner import TAG_LOST, PointOutcome, record_failure
+    from stackwise.tracking.logger import TAG_PARENT, set_tags
     from stackwise.tracking.store import open_client, retry_locked
 
     client = open_client(context.uri)
@@ -83,6 +84,7 @@ def mark_lost_point(context: GridContext, spec: RunSpec, message: str) -> PointO
     )
     for run in runs:
         if run.info.status in ("RUNNING", "KILLED"):
+            set_tags(client, run.info.run_id, {TAG_LOST: "true"})
             record_failure(client, run.info.run_id, message, message + "\n")
             return PointOutcome("failed", message, run.info.run_id)
         if run.info.status == "FAILED":  # recorded by the point itself before its process died

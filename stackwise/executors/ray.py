@@ -7,7 +7,8 @@
    (default one GPU when the cluster has GPUs, else none); a point asking for more than the
    cluster has is an error before anything runs.
 2. `run_points` submits one task per point (`_point_task`, never retried by Ray: a point whose
-   worker died is FAILED, and the rerun of the grid resumes or restarts it). The task runs the
+   worker died is FAILED, and the rerun of the grid resumes or restarts it inside that run), each
+   in a worker process of its own that ends with it (``max_calls=1``). The task runs the
    point exactly as the local runner does (`stackwise.executors.point.run_point`) with torch
    threads = its CPUs, in the driver's working folder where that exists on the node, and logs
    the child run into the driver's tracking store (a tracking server for a real cluster; a
@@ -15,13 +16,20 @@
 3. Outcomes come back as tasks complete; a task that raised or whose worker died marks its
    point FAILED with the error (`mark_lost_point`) and the others go on. Progress shows points
    done, running (tasks in flight up to what the cluster can run at once), queued and failed.
-4. Ctrl-C or SIGTERM on the driver cancels the tasks in flight (each receives KeyboardInterrupt:
-   it saves a checkpoint and marks its run KILLED), then stops.
+4. Ctrl-C, SIGTERM or SIGHUP on the driver cancels the tasks in flight (each receives
+   KeyboardInterrupt: it saves a checkpoint and marks its run KILLED); a task still running
+   after `CANCEL_GRACE_S` (or at a second Ctrl-C) is killed with its worker, and the runner marks
+   KILLED what it left RUNNING. A local cluster is shut down on every way out but SIGKILL
+   (which leaves Ray's dashboard and runtime-env agents for about a minute: they report the
+   lost raylet to a GCS that is gone before they exit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,6 +45,7 @@ from stackwise.executors.messages import (
     spec_to_json,
 )
 from stackwise.executors.point import mark_lost_point, run_point
+from stackwise.runner.signals import Interrupted, signals_deferred
 
 if TYPE_CHECKING:
     from stackwise.config.experiment import RunSpec
@@ -45,6 +54,7 @@ if TYPE_CHECKING:
 
 EXTRA_HINT = "pip install 'stackwise[ray]'"
 CANCEL_GRACE_S = 120.0
+KILL_WAIT_S = 30.0
 
 
 def import_ray() -> Any:
@@ -108,8 +118,18 @@ class RayExecutor:
                 kwargs.update(address="local", num_cpus=self.local_cpus)
             else:
                 kwargs["address"] = self.address
+            main = threading.current_thread() is threading.main_thread()
+            sigterm = signal.getsignal(signal.SIGTERM) if main else None
             try:
                 ray.init(**kwargs)
+            except SystemExit as stop:  # SIGTERM meanwhile: ray.init's own handler exits
+                if stop.code != signal.SIGTERM:
+                    raise
+                self._shutdown()
+                raise Interrupted(signal.SIGTERM) from None
+            except KeyboardInterrupt:
+                self._shutdown()
+                raise
             except Exception as error:  # ConnectionError, a bad address, a version mismatch
                 where = self.address or "a local cluster"
                 text = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -117,6 +137,11 @@ class RayExecutor:
                     f"cannot start or join the Ray cluster ({where}): "
                     f"{type(error).__name__}: {text}"
                 ) from None
+            finally:
+                # ray.init makes SIGTERM exit the process at once (no run marked KILLED, no
+                # cluster shut down): the handler that was there (the runner's) takes it back.
+                if sigterm is not None:
+                    signal.signal(signal.SIGTERM, sigterm)
             self._started = True
         resources = ray.cluster_resources()
         cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
@@ -135,10 +160,15 @@ class RayExecutor:
         self.capacity = max(1, int(min(fits)))
 
     def close(self) -> None:
-        """Shut down a local cluster this executor started (a joined one stays)."""
+        """Shut down a local cluster this executor started, with every process of it (a joined
+        one stays; this driver leaves it); a signal meanwhile waits until it is down."""
         if self._started and self._ray is not None:
-            self._ray.shutdown()
+            self._shutdown()
         self._started = False
+
+    def _shutdown(self) -> None:
+        with signals_deferred(), contextlib.suppress(Exception):
+            self._ray.shutdown()
 
     def describe(self) -> str:
         return (
@@ -161,6 +191,10 @@ class RayExecutor:
             num_cpus=self.cpus_per_run,
             num_gpus=self.gpus_per_run or 0,
             max_retries=0,  # a killed point is FAILED; rerunning the grid resumes it
+            # A worker process per point, ended with it: nothing a point holds (memory, a GPU,
+            # an SQLite lock of a store call an interrupt cut short) outlives it in an idle
+            # worker.
+            max_calls=1,
         )(_point_task)
         # Workers' own lines would repeat the driver's (only failures are printed there).
         task_options = {**options_to_json(options), "threads": threads, "quiet": True}
@@ -172,8 +206,11 @@ class RayExecutor:
             board.started(spec)
             return ref
 
-        in_flight = {submit(spec, False): spec for spec in specs}
+        in_flight: dict[Any, RunSpec] = {}
         try:
+            for spec in specs:
+                with signals_deferred():  # a task handed to Ray is a task this driver stops
+                    in_flight[submit(spec, False)] = spec
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -181,11 +218,12 @@ class RayExecutor:
                     outcome = self._outcome(context, spec, ref)
                     board.finished(spec, outcome)
                     if outcome.status == "busy":
-                        in_flight[submit(spec, True)] = spec
+                        with signals_deferred():
+                            in_flight[submit(spec, True)] = spec
                     else:
                         yield spec, outcome
         except BaseException:
-            self._cancel(list(in_flight))
+            self._stop(list(in_flight))
             raise
 
     def _outcome(self, context: GridContext, spec: RunSpec, ref: Any) -> PointOutcome:
@@ -199,12 +237,28 @@ class RayExecutor:
             message = f"{type(what).__name__}: {text[0] if text else 'the Ray task failed'}"
             return mark_lost_point(context, spec, message)
 
-    def _cancel(self, refs: list[Any]) -> None:
-        """Interrupt the tasks in flight (each checkpoints and marks its run KILLED)."""
+    def _stop(self, refs: list[Any]) -> None:
+        """Interrupt the tasks in flight: each gets a KeyboardInterrupt (it checkpoints and
+        marks its run KILLED); those still running after `CANCEL_GRACE_S`, or as soon as Ctrl-C
+        is pressed again, are killed with their worker. Returns once they have ended (at most
+        `KILL_WAIT_S` after the kill); the runner then marks KILLED what they left RUNNING."""
         ray = self._ray
         for ref in refs:
-            ray.cancel(ref, force=False)
-        deadline = time.monotonic() + CANCEL_GRACE_S
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=False)
+        pending = refs
+        with contextlib.suppress(KeyboardInterrupt):  # the first interrupt goes on
+            pending = self._wait(pending, CANCEL_GRACE_S)
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            self._wait(pending, KILL_WAIT_S)
+
+    def _wait(self, refs: list[Any], seconds: float) -> list[Any]:
+        """Wait up to `seconds` for the tasks `refs` to end; those still running."""
+        deadline = time.monotonic() + seconds
         pending = list(refs)
         while pending and time.monotonic() < deadline:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            _, pending = self._ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        return pending

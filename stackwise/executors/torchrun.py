@@ -15,7 +15,9 @@
    number of processes (a checkpoint of another world size starts over inside its run); across
    nodes that folder must be on a shared filesystem.
 4. A failure on any rank ends the launch (torchrun stops the others); the driver marks the point
-   FAILED if rank 0 has not, and goes on with the next point.
+   FAILED if rank 0 has not, and goes on with the next point. Ctrl-C, SIGTERM and SIGHUP on the
+   driver go to the launch (torchrun hands them to every rank: rank 0 checkpoints and marks its
+   run KILLED); a launch still there after `STOP_GRACE_S`, or at a second Ctrl-C, is killed.
 5. ``torchrun … -m stackwise run FILES`` (several nodes; see the README) runs a whole grid this
    way: rank 0 is the driver (`run_grid_on_ranks`), the other ranks follow every point; a failed
    point ends that launch (its parent run FAILED), and running the same command again skips the
@@ -24,18 +26,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stackwise.executors.common import PointBoard, available_cpus
+from stackwise.executors.common import PointBoard, available_cpus, driver_folder
 from stackwise.executors.messages import (
     options_to_json,
     outcome_from_json,
@@ -44,6 +46,7 @@ from stackwise.executors.messages import (
     write_outcome,
 )
 from stackwise.executors.point import mark_lost_point, run_point
+from stackwise.runner.signals import signals_deferred
 
 if TYPE_CHECKING:
     from stackwise.config.experiment import RunSpec
@@ -210,12 +213,12 @@ class TorchrunExecutor:
     ) -> Iterator[tuple[RunSpec, PointOutcome]]:
         threads = options.threads or max(1, self.cpus // self.nproc)
         board = PointBoard(progress, len(specs), capacity=1)
-        with tempfile.TemporaryDirectory(prefix="stackwise-torchrun-") as temp:
+        with driver_folder("torchrun") as (temp, held):
             queue = [(spec, False) for spec in specs]
             while queue:
                 spec, wait = queue.pop(0)
                 board.started(spec, f"torchrun, {self.nproc} processes x {threads} thread(s)")
-                outcome = self._launch(context, spec, options, threads, wait, Path(temp))
+                outcome = self._launch(context, spec, options, threads, wait, temp, held)
                 board.finished(spec, outcome)
                 if outcome.status == "busy":
                     queue.append((spec, True))
@@ -230,6 +233,7 @@ class TorchrunExecutor:
         threads: int,
         wait: bool,
         temp: Path,
+        held: int,
     ) -> PointOutcome:
         task, result = temp / "task.json", temp / "result.json"
         result.unlink(missing_ok=True)
@@ -252,19 +256,20 @@ class TorchrunExecutor:
             "PYTHONUNBUFFERED": "1",
             "TORCHELASTIC_ERROR_FILE": str(temp / "error.json"),
         }
-        process = subprocess.Popen(
-            self.command(task), stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
+        process = None
         try:
+            with signals_deferred():  # a launch started is a launch the driver stops
+                process = subprocess.Popen(
+                    self.command(task),
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=(held,),  # the folder's lock (see `driver_folder`)
+                )
             code = process.wait()
         except BaseException as error:
-            # torchrun forwards the signal to every rank (rank 0 checkpoints, marks KILLED).
-            process.send_signal(getattr(error, "signum", signal.SIGINT))
-            try:
-                process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            if process is not None:
+                _stop(process, getattr(error, "signum", signal.SIGINT))
             raise
         if result.is_file():
             outcome = outcome_from_json(json.loads(result.read_text(encoding="utf-8")))
@@ -276,3 +281,17 @@ class TorchrunExecutor:
             f"torchrun ({self.nproc} processes) exited with status {code} before the point "
             "ended (a rank failed or was killed; see the output above)",
         )
+
+
+def _stop(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Forward the driver's stop signal to a torchrun launch, which forwards it to every rank
+    (rank 0 checkpoints and marks its run KILLED; ranks that outlive torchrun's own shutdown
+    timeout are killed by it); kill the launch if it outlives `STOP_GRACE_S`, or at once when
+    Ctrl-C is pressed again (the first interrupt goes on). Returns once it has ended."""
+    if process.poll() is None:
+        process.send_signal(signum)
+    with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+        process.wait(timeout=STOP_GRACE_S)
+    if process.poll() is None:
+        process.kill()
+    process.wait()

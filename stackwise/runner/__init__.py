@@ -35,7 +35,13 @@ marks that run FAILED with the error as the ``error`` tag and the traceback as `
 grid goes on and the summary's exit code is 1. Ctrl-C, SIGTERM and SIGHUP (what `timeout`,
 Slurm preemption and `docker stop` send) all stop the same way: the trainer saves a checkpoint,
 the point and parent runs are marked KILLED, and `Interrupted` (a KeyboardInterrupt carrying
-the signal number, for the exit status 128 + signal) reaches the caller.
+the signal number, for the exit status 128 + signal) reaches the caller. An executor first ends
+the processes of its points; what they left RUNNING under the parent run is then marked KILLED
+too (`stackwise.runner.ownership.close_stopped_points`), with a few retries while SQLite is
+locked and a line saying what is left for the next run otherwise. A tracking server that
+stops answering for longer than ``tracking.server_wait_minutes`` stops it the same way, as
+`stackwise.tracking.store.TrackingUnavailable`: the runs are marked KILLED only if the server takes
+it at once, and the unsent metrics are kept beside the checkpoint for the rerun.
 
 The package's parts: `grid` (`run_experiments`, a grid's parent run and its points in turn),
 `point` (one point: identity, skip, resume or adopt, train, record), `train` (the trainer inside
@@ -54,7 +60,7 @@ from stackwise.runner.options import (
     PointOutcome,
     RunOptions,
 )
-from stackwise.runner.ownership import TAG_LOCK, TAG_OWNER
+from stackwise.runner.ownership import TAG_LOCK, TAG_LOST, TAG_OWNER
 from stackwise.runner.point import (
     ERROR_TAG_LIMIT,
     FINGERPRINTS_FILE,
@@ -65,7 +71,12 @@ from stackwise.runner.point import (
     record_failure,
     run_grid_point,
 )
-from stackwise.runner.signals import STOP_SIGNALS, Interrupted, signals_as_interrupts
+from stackwise.runner.signals import (
+    STOP_SIGNALS,
+    Interrupted,
+    signals_as_interrupts,
+    signals_deferred,
+)
 from stackwise.runner.summary import Outcome, RunSummary
 from stackwise.runner.train import CHECKPOINT_RUN_ID, CHECKPOINT_TRAINER_HASH
 
@@ -78,6 +89,7 @@ __all__ = [
     "TAG_DATA",
     "TAG_DEVICE",
     "TAG_LOCK",
+    "TAG_LOST",
     "TAG_OWNER",
     "Grid",
     "GridContext",
@@ -94,4 +106,5 @@ __all__ = [
     "run_experiments",
     "run_grid_point",
     "signals_as_interrupts",
+    "signals_deferred",
 ]

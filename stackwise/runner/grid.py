@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from stackwise.runner.options import GridContext, PointOutcome, RunOptions
-from stackwise.runner.ownership import TAG_LOCK, TAG_OWNER, close_abandoned_runs
+from stackwise.runner.ownership import (
+    TAG_LOCK,
+    TAG_OWNER,
+    close_abandoned_runs,
+    close_stopped_points,
+)
 from stackwise.runner.point import run_grid_point
 from stackwise.runner.signals import signals_as_interrupts
 from stackwise.runner.summary import RunSummary, finish_grid, print_summary
@@ -36,13 +41,20 @@ from stackwise.tracking.logger import (
 from stackwise.tracking.progress import GridProgress, plain
 from stackwise.tracking.store import (
     FileLock,
+    TrackingUnavailable,
+    end_run_if_reachable,
+    end_run_or_say_why,
     get_or_create_experiment,
     lock_path,
     open_client,
     owner,
     prepare_store,
+    release_interrupted_calls,
     retry_locked,
+    server_gone,
+    unreachable_reason,
 )
+from stackwise.training.memory import planned_compute
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -102,10 +114,16 @@ def run_experiments(
             torch.set_num_threads(options.threads)
         summary = RunSummary()
         total = sum(len(specs) for _, specs in plans)
-        with GridProgress(total, quiet=options.quiet, console=console) as progress:
+        weights = {spec.name: planned_compute(spec.config) for _, specs in plans for spec in specs}
+        with GridProgress(total, options.quiet, console, weights) as progress:
             for experiment, specs in plans:
                 for name, uri, group in _group_by_store(specs, options.tracking_uri):
-                    _run_grid(experiment, name, uri, group, options, progress, summary)
+                    try:
+                        _run_grid(experiment, name, uri, group, options, progress, summary)
+                    except Exception as error:  # opening the grid: nothing to mark
+                        if unreachable_reason(error) is None:
+                            raise
+                        raise server_gone(uri, error) from error
         print_summary(summary, console)
     return summary
 
@@ -171,6 +189,7 @@ def _run_grid(
     summary.parent_run_ids[name] = grid.parent_run_id
 
     status = "FINISHED"
+    gone = False  # the tracking server stopped answering: end the parent run only if it can
     try:
         progress.print(
             f"[bold]{plain(name)}[/]: {len(specs)} run(s) → {plain(uri)} "
@@ -182,7 +201,7 @@ def _run_grid(
             context = GridContext(name, uri, experiment_id, grid.parent_run_id)
             for spec, outcome in options.executor.run_points(context, specs, options, progress):
                 _record_outcome(grid, spec, outcome, summary)
-                progress.run_done()
+                progress.run_done(spec.name, skipped=outcome.status == "skipped")
         else:
             deferred = []
             for spec in specs:
@@ -196,15 +215,34 @@ def _run_grid(
         close_abandoned_runs(grid)
         if grid.failures:
             status = "FAILED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         status = "KILLED"
+        gone = isinstance(stop, TrackingUnavailable)
+        if not gone:
+            # A store call the signal cut short may hold the lock (`release_interrupted_calls`);
+            # the executor has ended its points' processes: close what they left RUNNING.
+            release_interrupted_calls(stop)
+            for line in close_stopped_points(grid):
+                progress.print(f"  [yellow]{plain(line)}[/]", important=True)
         raise
-    except Exception:  # e.g. a torchrun launch that cannot go on after a failed point
+    except Exception as error:  # e.g. a torchrun launch that cannot go on after a failed point
+        if unreachable_reason(error) is not None:
+            status, gone = "KILLED", True
+            raise server_gone(uri, error) from error
         status = "FAILED"
         raise
     finally:
-        retry_locked(lambda: client.set_terminated(grid.parent_run_id, status=status))
-        parent_lock.release()
+        try:
+            if gone:
+                end_run_if_reachable(client, uri, grid.parent_run_id, status)
+            elif status == "KILLED":  # stopped by a signal: a locked store does not stop the stop
+                why = end_run_or_say_why(client, grid.parent_run_id, status)
+                if why is not None:
+                    progress.print(f"  [yellow]{plain(why)}[/]", important=True)
+            else:
+                retry_locked(lambda: client.set_terminated(grid.parent_run_id, status=status))
+        finally:
+            parent_lock.release()
 
 
 def _record_outcome(grid: Grid, spec: RunSpec, outcome: PointOutcome, summary: RunSummary) -> None:

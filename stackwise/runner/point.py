@@ -9,6 +9,8 @@ trains it (`stackwise.runner.train`). A failure is recorded on the run (`record_
 
 from __future__ import annotations
 
+import functools
+import json
 import shutil
 import time
 import traceback
@@ -16,28 +18,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stackwise.runner.ownership import TAG_OWNER, point_lock_path
+from stackwise.runner.ownership import TAG_LOST, TAG_OWNER, point_lock_path
 from stackwise.runner.train import CHECKPOINT_RUN_ID, close_quietly, train_in_run
 from stackwise.tracking.logger import (
     TAG_CONFIG_HASH,
     TAG_ERROR,
     TAG_PARENT,
     TAG_ROLE,
+    UNSENT_METRICS_FILE,
     MlflowLogger,
     log_params,
     run_params,
     run_tags,
     set_tags,
 )
+from stackwise.tracking.models import has_logged_model, retrain_command
 from stackwise.tracking.progress import GridProgress, plain
 from stackwise.tracking.store import (
     FileLock,
+    TrackingUnavailable,
     checkpoint_dir,
+    end_run_if_reachable,
+    end_run_or_say_why,
     is_local_store,
     local_root,
     owner,
     owner_alive,
+    release_interrupted_calls,
     retry_locked,
+    server_gone,
+    unreachable_reason,
 )
 
 if TYPE_CHECKING:
@@ -119,7 +129,7 @@ def run_grid_point(
     try:
         point = point_of(spec, grid.uri)
     except (OSError, ValueError, RuntimeError) as error:  # data gone or unreadable since checks
-        progress.run_done()
+        progress.run_done(spec.name)
         message = f"{type(error).__name__}: {error}"
         grid.failures += 1
         summary.failed.append((grid.name, spec.name, message))
@@ -128,22 +138,65 @@ def run_grid_point(
     lock = FileLock(point_lock_path(grid, point.identity))
     if not lock.acquire(blocking=wait):
         return False
+    skipped = False
     try:
         finished = _finished_run(grid, point.identity)
         if finished is not None and not options.force:
+            run_id = finished.info.run_id
+            folder = checkpoint_dir(grid.uri, grid.name, point.identity)
+            missing = point.config.tracking.log_model and not has_logged_model(grid.client, run_id)
+            if missing and _final_checkpoint_of(folder, run_id):
+                # Its final weights outlived it: log them from there (a resume with no step left).
+                _train_point(grid, point, options, progress, summary, finishing=run_id)
+                return True
             # A process killed between finishing and cleaning up leaves its checkpoints.
-            shutil.rmtree(checkpoint_dir(grid.uri, grid.name, point.identity), ignore_errors=True)
-            grid.point_run_ids[spec.name] = finished.info.run_id
-            summary.run_ids[(grid.name, spec.name)] = finished.info.run_id
-            message = f"already FINISHED (run {finished.info.run_id})"
+            shutil.rmtree(folder, ignore_errors=True)
+            grid.point_run_ids[spec.name] = run_id
+            summary.run_ids[(grid.name, spec.name)] = run_id
+            message = f"already FINISHED (run {run_id})"
+            if missing:
+                message += f" {_no_model_hint(spec)}"
             summary.skipped.append((grid.name, spec.name, message))
-            progress.print(f"  [dim]↷ {plain(spec.name)}: {plain(message)}[/]")
+            style = "yellow" if missing else "dim"
+            progress.print(f"  [{style}]↷ {plain(spec.name)}: {plain(message)}[/]", missing)
+            skipped = True
             return True
         _train_point(grid, point, options, progress, summary)
         return True
     finally:
-        progress.run_done()
+        progress.run_done(spec.name, skipped=skipped)
         lock.release()
+
+
+def _final_checkpoint_of(folder: Path, run_id: str) -> bool:
+    """Whether `folder` holds the last checkpoint of run `run_id`: every stage of its plan
+    done (the stage-end checkpoint of its last stage), so its final weights."""
+    from stackwise.training.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(folder) if folder.exists() else None
+    if path is None:
+        return False
+    try:
+        metadata = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        metadata.get(CHECKPOINT_RUN_ID) == run_id
+        and not state.get("interrupted")
+        and len(state.get("stage_results") or []) == len(state.get("plan") or [None])
+    )
+
+
+def _no_model_hint(spec: RunSpec) -> str:
+    """What a FINISHED point without a logged model needs to get one: its checkpoints are
+    removed when a run finishes, so it trains again (`--force`, this point only)."""
+    return (
+        "without a logged model: tracking.log_model was off when it trained, and its final "
+        "weights were removed with its checkpoints when it finished; to log one, train it "
+        f"again: {retrain_command(spec.file, spec.labels)} (with this command's other --set "
+        "options, if any)"
+    )
 
 
 def _adoptable_run(grid: Grid, point: Point, folder: Path, force: bool) -> tuple[str | None, bool]:
@@ -151,8 +204,8 @@ def _adoptable_run(grid: Grid, point: Point, folder: Path, force: bool) -> tuple
     is there to resume from).
 
     First the run named by the newest checkpoint; else the newest RUNNING or KILLED run of this
-    identity (its process is gone: we hold the lock), restarted from scratch. `force` starts a
-    new run.
+    identity (its process is gone: we hold the lock), or FAILED only because its process died
+    (`TAG_LOST`), restarted from scratch. `force` starts a new run.
     """
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
@@ -190,7 +243,8 @@ def _adoptable_run(grid: Grid, point: Point, folder: Path, force: bool) -> tuple
         )
     )
     for run in candidates:
-        if run.info.status not in ("RUNNING", "KILLED"):
+        lost = run.info.status == "FAILED" and run.data.tags.get(TAG_LOST) == "true"
+        if run.info.status not in ("RUNNING", "KILLED") and not lost:
             continue  # FINISHED (force) and FAILED runs stay as they are
         holder = run.data.tags.get(TAG_OWNER)
         if (
@@ -211,10 +265,17 @@ def _train_point(
     options: RunOptions,
     progress: GridProgress,
     summary: RunSummary,
+    finishing: str | None = None,
 ) -> None:
+    """Train the point in the run it continues, or a new one; `finishing`: a FINISHED run whose
+    final checkpoint is still there, resumed (no step left) to log its model."""
     client, spec = grid.client, point.spec
     folder = checkpoint_dir(grid.uri, grid.name, point.identity)
-    run_id, has_checkpoint = _adoptable_run(grid, point, folder, options.force)
+    run_id: str | None
+    if finishing is not None:
+        run_id, has_checkpoint = finishing, True
+    else:
+        run_id, has_checkpoint = _adoptable_run(grid, point, folder, options.force)
     adopted = run_id is not None
     params = run_params(point.config, spec.coordinates)
     if point.config.model.vocab_size is None:  # known once the tokenizer exists (`train_in_run`)
@@ -244,14 +305,21 @@ def _train_point(
         set_tags(client, run_id, {**_point_tags(grid, point), "resumed": "true"})
         # A process killed while logging params left some out; MLflow refuses to change the
         # others (they may differ in settings outside the identity, e.g. log cadence).
-        have = retry_locked(lambda: client.get_run(adopted_id)).data.params
+        adopted_run = retry_locked(lambda: client.get_run(adopted_id))
+        have = adopted_run.data.params
         log_params(client, run_id, {k: v for k, v in params.items() if k not in have})
+        # A run FAILED by the loss of its process carries that error no more once continued.
+        for key in (TAG_LOST, TAG_ERROR):
+            if key in adopted_run.data.tags:
+                retry_locked(functools.partial(client.delete_tag, run_id, key))
     new_id = run_id
     retry_locked(lambda: client.log_text(new_id, point.config.to_yaml(), "config.yaml"))
     grid.point_run_ids[spec.name] = run_id
     summary.run_ids[(grid.name, spec.name)] = run_id
 
-    if has_checkpoint:
+    if finishing is not None:
+        verb = "logging its model from its final checkpoint"
+    elif has_checkpoint:
         verb = "resuming"
     elif adopted:
         verb = "restarting (no checkpoint)"
@@ -271,12 +339,22 @@ def _train_point(
             monitor = None
         retry_locked(lambda: client.set_terminated(new_id, status="FINISHED"))
         shutil.rmtree(folder, ignore_errors=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         close_quietly(logger, monitor)
-        retry_locked(lambda: client.set_terminated(new_id, status="KILLED"))
+        if isinstance(stop, TrackingUnavailable):
+            _stopped_by_server(stop, grid, run_id, spec.name, folder)
+        else:
+            release_interrupted_calls(stop)  # a store call it cut short may hold the lock
+            why = end_run_or_say_why(client, new_id, "KILLED")
+            if why is not None:
+                progress.print(f"  [yellow]{plain(why)}[/]", important=True)
         raise
     except Exception as error:
         close_quietly(logger, monitor)
+        if unreachable_reason(error) is not None:  # a store call MLflow's retries did not save
+            gone = server_gone(grid.uri, error)
+            _stopped_by_server(gone, grid, run_id, spec.name, folder)
+            raise gone from error
         message = f"{type(error).__name__}: {error}"
         record_failure(client, run_id, message, traceback.format_exc())
         grid.failures += 1
@@ -290,6 +368,25 @@ def _train_point(
     shown = f"val loss {loss:.4f}" if loss is not None else "no validation loss"
     summary.finished.append((grid.name, spec.name, f"{shown}, {elapsed:.1f} s"))
     progress.print(f"  [green]✓ {plain(spec.name)}[/]: {shown} ({elapsed:.1f} s)")
+
+
+def _stopped_by_server(
+    stop: TrackingUnavailable, grid: Grid, run_id: str, name: str, folder: Path
+) -> None:
+    """A point stopped because the tracking server is gone: mark its run KILLED if the server
+    takes that at once, and say what was kept for the rerun."""
+    from stackwise.training.checkpoint import latest_checkpoint
+
+    marked = end_run_if_reachable(grid.client, grid.uri, run_id, "KILLED")
+    kept = f"run {name} stopped with a checkpoint in {folder}"
+    if latest_checkpoint(folder) is None:
+        kept = f"run {name} stopped before its first checkpoint"
+    unsent = folder / UNSENT_METRICS_FILE
+    if unsent.is_file():
+        count = sum(1 for line in unsent.read_text(encoding="utf-8").splitlines() if line)
+        kept += f" and {count} unsent metrics beside it"
+    kept += ", marked KILLED" if marked else ", not marked KILLED (the server did not answer)"
+    stop.details.append(kept)
 
 
 def _point_tags(grid: Grid, point: Point) -> dict[str, str]:

@@ -3,7 +3,8 @@
 `train_in_run` is the part of a point that runs the trainer: it resumes a checkpoint only if
 written under exactly the trainer's config (`CHECKPOINT_TRAINER_HASH`), logs every step with
 `stackwise.tracking.logger.MlflowLogger` (without logging again the steps an adopted run
-already has), samples system metrics when asked, and logs the trained rack.
+already has, after sending the metrics a run stopped by an unreachable tracking server saved
+beside its checkpoint), samples system metrics when asked, and logs the trained rack.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stackwise.tracking.logger import TAG_CONFIG_HASH, MlflowLogger, log_params, logged_steps
+from stackwise.tracking.logger import (
+    TAG_CONFIG_HASH,
+    UNSENT_METRICS_FILE,
+    MlflowLogger,
+    log_params,
+    logged_steps,
+    send_unsent,
+)
 from stackwise.tracking.progress import GridProgress, plain
 
 if TYPE_CHECKING:
@@ -39,6 +47,10 @@ def train_in_run(
     from stackwise.tracking.models import log_rack
     from stackwise.training.checkpoint import read_checkpoint_metadata
 
+    # Metrics a stopped run could not send go first: the checkpoint may be discarded below.
+    unsent = send_unsent(grid.client, run_id, folder / UNSENT_METRICS_FILE)
+    if unsent:
+        progress.print(f"    {plain(point.spec.name)}: sent {unsent} metrics the last attempt kept")
     config, data = load_data(point.config)
     if point.config.model.vocab_size is None:
         # The same value again on resume, which MLflow accepts.
@@ -64,6 +76,9 @@ def train_in_run(
         # Steps an adopted run already has (before its checkpoint, or before it was killed
         # without one) are replayed exactly; record them only once.
         already_logged=logged_steps(grid.client, run_id) if adopted else None,
+        server_wait=config.tracking.server_wait_minutes * 60,
+        spill_path=folder / UNSENT_METRICS_FILE,
+        notify=lambda line: progress.print(f"    [yellow]{plain(line)}[/]", important=True),
     )
     monitor = None
     if config.tracking.system_metrics:
@@ -123,4 +138,4 @@ def close_quietly(logger: MlflowLogger | None, monitor: Any) -> None:
             monitor.finish()
     if logger is not None:
         with contextlib.suppress(Exception):
-            logger.close()
+            logger.close(wait=False)  # a server that takes nothing: saved to the spill file

@@ -22,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from stackwise.tracking.store import resolve_tracking_uri, retry_locked, use_tra
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Run
     from mlflow.models import ModelSignature
 
     from stackwise.data.tokenizer import Tokenizer
@@ -178,6 +180,89 @@ def _model_of_run(client: MlflowClient, run_id: str) -> Any:
     if not named:
         raise LookupError(f"run {run_id} has no logged model named {MODEL_NAME!r}")
     return max(named, key=lambda m: m.creation_timestamp)
+
+
+def has_logged_model(client: MlflowClient, run_id: str) -> bool:
+    """Whether run `run_id` has logged its trained rack (the model ``model``)."""
+    try:
+        retry_locked(lambda: _model_of_run(client, run_id))
+    except LookupError:
+        return False
+    return True
+
+
+def retrain_command(file: str | Path | None, labels: Mapping[str, str]) -> str:
+    """The command that trains one grid point again and logs its model: `--force` (it already
+    finished), `--only` its axis labels, log_model on."""
+    command = ["stackwise", "run", str(file or "<experiment file>"), "--force"]
+    for key, value in labels.items():
+        command += ["--only", f"{key}={value}"]
+    command += ["--set", "tracking.log_model=true"]
+    return shlex.join(command)
+
+
+def _labels_of(run: Run) -> dict[str, str]:
+    """A point run's axis labels (grid coordinates, tuned values, seed) from its tags."""
+    from stackwise.tracking.logger import TAG_GRID_PREFIX, TAG_SEED, TAG_TUNE_PREFIX
+
+    labels = {}
+    for key, value in run.data.tags.items():
+        for prefix in (TAG_GRID_PREFIX, TAG_TUNE_PREFIX):
+            if key.startswith(prefix):
+                labels[key.removeprefix(prefix)] = value
+    if TAG_SEED in run.data.tags:
+        labels["seed"] = run.data.tags[TAG_SEED]
+    return labels
+
+
+def missing_model_reason(client: MlflowClient, run: Run) -> str:
+    """Why run `run` has no logged model, and what gives it one: the run is still RUNNING (wait
+    for it), its process is gone or it was KILLED (resume it), it FAILED, it is a grid's parent
+    run, or it trained with ``tracking.log_model: false``."""
+    import yaml
+
+    from stackwise.tracking.logger import TAG_ERROR, TAG_FILE, TAG_OWNER, TAG_ROLE
+    from stackwise.tracking.store import owner_alive
+
+    info, tags = run.info, run.data.tags
+    file = tags.get(TAG_FILE)
+    command = shlex.join(["stackwise", "run", file or "<experiment file>"])
+    resume = f"run `{command}` again to resume it; its model is logged when it finishes"
+    if tags.get(TAG_ROLE) == "grid":
+        return (
+            "it is the parent run of a grid, which has no model of its own; give the run id "
+            "of one of its points (`stackwise compare` lists them)"
+        )
+    if info.status == "RUNNING":
+        holder = tags.get(TAG_OWNER)
+        if holder is not None and owner_alive(holder) is False:
+            return (
+                f"it is marked RUNNING but its process ({holder}) is gone: it was killed; {resume}"
+            )
+        where = f" (process {holder})" if holder else ""
+        return (
+            f"it is still RUNNING{where} and logs its model when it finishes: wait for it to finish"
+        )
+    if info.status == "KILLED":
+        return f"it was KILLED before it finished; {resume}"
+    if info.status == "FAILED":
+        error = tags.get(TAG_ERROR, "see its error.txt")
+        return f"it FAILED ({error.splitlines()[0] if error else 'no error recorded'})"
+    log_model: Any = None
+    with (
+        contextlib.suppress(Exception),  # no config.yaml: an older or foreign run
+        tempfile.TemporaryDirectory(prefix="stackwise-config-") as temp,
+        _no_progress_bars(),
+    ):
+        config = client.download_artifacts(info.run_id, CONFIG_FILE, temp)
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        log_model = (data.get("tracking") or {}).get("log_model")
+    if log_model is False:
+        return (
+            "it trained with tracking.log_model: false; to log one, train it again: "
+            f"`{retrain_command(file, _labels_of(run))}`"
+        )
+    return f"it has no model named {MODEL_NAME!r}"
 
 
 def _weights_in(local: Path) -> Path:
@@ -346,8 +431,11 @@ def _load_trained_run(run_id: str, uri: str) -> TrainedModel:
     run = client.get_run(run_id)
     try:
         model = _model_of_run(client, run_id)
-    except LookupError as error:
-        raise TrainedModelError(f"run {run_id}: {error} (tracking.log_model was off?)") from None
+    except LookupError:
+        name = run.data.tags.get(TAG_RUN_NAME) or run.info.run_name
+        label = f"run {run_id}" + (f" ({name})" if name and name != run_id else "")
+        reason = missing_model_reason(client, run)
+        raise TrainedModelError(f"{label} has no logged model: {reason}") from None
     with (
         tempfile.TemporaryDirectory(prefix="stackwise-load-") as temp,
         use_tracking_uri(uri),

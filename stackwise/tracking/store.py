@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import random
 import socket
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -465,7 +467,8 @@ def is_locked(path: Path) -> bool:
     return True
 
 
-def _is_lock_error(error: BaseException) -> bool:
+def is_lock_error(error: BaseException) -> bool:
+    """Whether `error` is SQLite's "database is locked" (as raised, or inside MLflow's error)."""
     text = str(error).lower()
     return "database is locked" in text or "database table is locked" in text or "busy" in text
 
@@ -476,16 +479,143 @@ def retry_locked(
     """Run `action`, retrying with jittered backoff while SQLite reports a lock.
 
     Any other error is raised at once; so is a lock error after `attempts` tries (about 25 s of
-    waiting on top of MLflow's own busy timeout).
+    waiting on top of MLflow's own busy timeout). Before each retry the garbage of store calls
+    this process had cut short is collected (`release_interrupted_calls`): it may be what holds
+    the lock.
     """
     for attempt in range(attempts):
         try:
             return action()
         except Exception as error:
-            if not _is_lock_error(error) or attempt == attempts - 1:
+            if not is_lock_error(error) or attempt == attempts - 1:
                 raise
+            gc.collect()
             time.sleep(base_delay * (2**attempt) * (0.5 + random.random()))
     raise RuntimeError(f"unreachable: {what}")  # pragma: no cover
+
+
+def release_interrupted_calls(error: BaseException) -> None:
+    """Let go of what the store calls `error` (Ctrl-C, a signal) cut short still hold.
+
+    An interrupt that lands inside an MLflow call can leave that call's SQLite connection in a
+    transaction, kept alive by the interrupt's traceback and by reference cycles until the
+    garbage collector runs: the database stays locked for every process, this one included
+    (which then cannot even mark its run KILLED). Clearing the finished frames of the traceback
+    and collecting closes such connections.
+    """
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()
+
+
+# Store writes on the way out of an interrupted run: a few tries, then a line saying why not
+# (the next run of the grid closes what is left RUNNING).
+INTERRUPTED_ATTEMPTS = 3
+
+
+def end_run_or_say_why(
+    client: MlflowClient, run_id: str, status: str, attempts: int = INTERRUPTED_ATTEMPTS
+) -> str | None:
+    """Mark run `run_id` `status`, retrying while the store is locked (`retry_locked`, bounded by
+    `attempts`); None when it is marked, else one line saying why it is not."""
+    try:
+        retry_locked(lambda: client.set_terminated(run_id, status=status), attempts=attempts)
+    except Exception as error:
+        if not is_lock_error(error):
+            raise
+        return (
+            f"run {run_id} could not be marked {status}: the tracking store stayed locked by "
+            f"another process through {attempts} tries (database is locked); the next run of "
+            "this grid closes it"
+        )
+    return None
+
+
+# -- a tracking server that stops answering ------------------------------------------------------
+# MLflow's client retries every request itself (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default,
+# with exponential backoff: about 4 minutes of refused connections). What is still unanswered
+# after that stops a run the way Ctrl-C does, as `TrackingUnavailable`; step metrics are buffered
+# and resent by `stackwise.tracking.logger.MetricWriter` until `tracking.server_wait_minutes`.
+
+EXIT_TRACKING_UNAVAILABLE = 75  # EX_TEMPFAIL: a temporary failure; run the command again
+
+
+class TrackingUnavailable(KeyboardInterrupt):
+    """The tracking server stopped answering for longer than a run may wait.
+
+    A KeyboardInterrupt, so every layer does what it does for Ctrl-C: the trainer writes a
+    checkpoint, the runner marks the runs KILLED (as far as the server lets it) and the command
+    stops; a rerun resumes. `details` collects what the layers did (checkpoint, unsent metrics).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: list[str] = []
+
+    def __str__(self) -> str:
+        return "; ".join([self.message, *self.details])
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def unreachable_reason(error: BaseException) -> str | None:
+    """Why the tracking server did not take a request, when `error` says it could not be reached
+    (refused or lost connections, timeouts, or 429/5xx answers until MLflow's client stopped
+    retrying); None for any other error (a bad request, a deleted run, a local store)."""
+    import requests
+
+    for cause in _causes(error):
+        if isinstance(cause, requests.exceptions.Timeout | TimeoutError):
+            return "no answer in time"
+        if isinstance(cause, requests.exceptions.RetryError):
+            return "it kept answering with errors (HTTP 429/5xx)"
+        if isinstance(cause, requests.exceptions.ConnectionError | ConnectionError):
+            text = str(cause).lower()
+            return "connection refused" if "refused" in text else "connection lost"
+    return None
+
+
+def server_gone(uri: str, error: BaseException) -> TrackingUnavailable:
+    """The stop for a store call that failed because the server at `uri` could not be reached
+    even with MLflow's retries (`unreachable_reason`)."""
+    return TrackingUnavailable(
+        f"the tracking server {uri} did not answer ({unreachable_reason(error)}) though MLflow's "
+        "client retried (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR)"
+    )
+
+
+def end_run_if_reachable(client: MlflowClient, uri: str, run_id: str, status: str) -> bool:
+    """Mark run `run_id` `status` if the store takes it at once; whether it did. For a run on
+    its way out because the server is gone: it must not wait out MLflow's retries again, so a
+    server is asked one quick question first (`check_tracking_uri`'s)."""
+    if urlparse(uri).scheme in ("http", "https") and _check_server(uri, 2.0) is not None:
+        return False
+    return try_briefly(lambda: client.set_terminated(run_id, status=status))
+
+
+def try_briefly(action: Callable[[], object], seconds: float = 5.0) -> bool:
+    """Run `action` (a store call) for at most `seconds`; whether it completed. An action still
+    waiting goes on in a daemon thread and dies with the process."""
+    import threading
+
+    done: list[bool] = []
+
+    def attempt() -> None:
+        with contextlib.suppress(Exception):
+            action()
+            done.append(True)
+
+    thread = threading.Thread(target=attempt, name="stackwise-store-attempt", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(done)
 
 
 def open_client(uri: str) -> MlflowClient:

@@ -9,9 +9,9 @@ interrupted; both look the point up by its identity, computed here in four steps
 2. `resolve_data_paths` makes relative `data.paths` absolute against the experiment file's
    folder, so a file means the same data whatever the working folder.
 3. `data_fingerprint` hashes what those paths hold: per file its size, sha256 and the format it
-   is read as (the built-in corpus: its text). File hashes are cached by path, size,
-   modification time, inode and status-change time (ctime) in a small JSON file, so an unchanged
-   corpus is read once; an edit that keeps the size and restores the modification time (`cp -p`,
+   is read as (the built-in corpus: its text; a prepared folder: its manifest's digest). File
+   hashes are cached by path, size, modification time, inode and status-change time (ctime) in
+   a small JSON file, so an unchanged corpus is read once; an edit that keeps the size and restores the modification time (`cp -p`,
    `rsync -t`, `tar`) still changes the ctime, which no user can set back.
 4. `run_identity` combines the identity settings (with `data.paths` replaced by the fingerprint
    and `training.device` by the device *type* it resolves to, where `training.precision` only
@@ -117,24 +117,16 @@ class FingerprintCache:
 
 def data_fingerprint(data: DataConfig, cache: FingerprintCache | None = None) -> str:
     """sha256 (hex) of the content a data config reads: per file its format, size and sha256,
-    in reading order (the built-in corpus: its text). `data.paths` must already be resolved."""
+    in reading order (the built-in corpus: its text). `data.paths` must already be resolved.
+    A prepared corpus is not read: its fingerprint is its manifest's digest."""
+    if data.source == "prepared":
+        from stackwise.data.prepared import prepared_fingerprint
+
+        return prepared_fingerprint(data)
     if data.source in ("builtin", "stdlib"):
-        from pydoc_data.topics import topics
+        from stackwise.data.sources import builtin_fingerprint
 
-        digest = hashlib.sha256()
-        for key in sorted(topics):
-            digest.update(key.encode("utf-8") + b"\0" + topics[key].encode("utf-8") + b"\0")
-        if data.source == "builtin":
-            return digest.hexdigest()
-        import sysconfig
-
-        from stackwise.data.sources import stdlib_files
-
-        root = Path(sysconfig.get_paths()["stdlib"])
-        for path in stdlib_files():  # names relative to the library: any install of one version
-            name = path.relative_to(root).as_posix()
-            digest.update(name.encode("utf-8") + b"\0" + path.read_bytes() + b"\0")
-        return digest.hexdigest()
+        return builtin_fingerprint(data.source)
     from stackwise.data.sources import expand_paths, file_format
 
     cache = cache or FingerprintCache(None)

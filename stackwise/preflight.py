@@ -317,6 +317,25 @@ def _split(data: DataConfig, seq_len: int, size: CorpusSize) -> int | str:
     return packed_rows(split.train, seq_len) * seq_len
 
 
+def _prepared_problem(data: DataConfig, seq_len: int) -> tuple[str, str] | None:
+    """(field, message) when a prepared folder cannot be trained on: no readable manifest, a
+    shard that does not match it, or a side shorter than one sequence of `seq_len` tokens."""
+    from stackwise.data.prepared import read_manifest
+
+    try:
+        manifest = read_manifest(data.paths[0])
+    except ValueError as error:
+        field, _, message = str(error).partition(": ")
+        return field, message
+    for name, side in manifest["sides"].items():
+        if side["tokens"] < seq_len:
+            return "training.seq_len", (
+                f"the prepared {name} side of {data.paths[0]} holds {side['tokens']:,} tokens, "
+                f"fewer than one sequence of {seq_len}; lower training.seq_len or prepare more text"
+            )
+    return None
+
+
 def _report(
     found: dict[tuple[Any, ...], tuple[tuple[str, ...], str, list[RunSpec]]],
     kind: tuple[Any, ...],
@@ -359,6 +378,12 @@ def data_problems(plans: Plans) -> tuple[list[ConfigError], list[ConfigError]]:
         report = functools.partial(_report, found)
         for spec in runs:
             data = resolve_data_paths(spec.config, base).data
+            if data.source == "prepared":
+                unusable = _prepared_problem(data, spec.config.training.seq_len)
+                if unusable is not None:
+                    field, message = unusable
+                    report(("prepared", field, message), tuple(field.split(".")), message, spec)
+                continue
             key = json.dumps(data.to_dict(), sort_keys=True)
             if key not in measured:
                 measured[key] = _measure(data)

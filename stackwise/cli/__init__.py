@@ -6,6 +6,7 @@
     stackwise schema [--check]                 (re)generate the JSON Schemas in schemas/
     stackwise generate RUN_ID --prompt "…"     text from a trained rack (or --runs FILE: a grid)
     stackwise export RUN_ID --format hf DIR    a Hugging Face Llama folder (or safetensors)
+    stackwise data prepare CONFIG -o DIR       tokenize a corpus once into memory-mapped shards
 
 The commands are thin: loading, grid expansion and validation live in `stackwise.config`, the
 checks before a grid runs (data files, memory, disk, devices, stores) in `stackwise.preflight`,
@@ -17,7 +18,7 @@ need them, so `stackwise --help` and `stackwise validate` start quickly.
 The package's parts: `app` (the Typer application and ``--version``), `output` (consoles,
 user errors, notes, number formats), `options` (arguments and options several commands share),
 and the commands: `experiments` (validate, plan, schema), `running` (run), `results` (compare,
-report, ui) and `racks` (generate, export).
+report, ui), `racks` (generate, export) and `data` (data prepare).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 
 from stackwise.cli.app import app
+from stackwise.cli.data import data_app
 from stackwise.cli.examples import examples, init
 from stackwise.cli.experiments import plan, schema, validate
 from stackwise.cli.options import (
@@ -65,6 +67,7 @@ for _command in (
     init,
 ):
     app.command()(_command)
+app.add_typer(data_app)
 
 
 def main() -> None:

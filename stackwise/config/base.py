@@ -110,15 +110,17 @@ NOT_IDENTITY: tuple[tuple[str, ...], ...] = (
 class DataConfig(BaseConfig):
     """Where training text comes from and how it is tokenized."""
 
-    source: Literal["builtin", "stdlib", "files"] = Field(
+    source: Literal["builtin", "stdlib", "files", "prepared"] = Field(
         "builtin",
         description="`builtin` (English text shipped with Python: pydoc_data.topics, 0.47 MB), "
         "`stdlib` (the built-in text plus the standard library's source, about 12 MB; no "
-        "download) or `files`.",
+        "download), `files`, or `prepared` (token shards written by `stackwise data prepare`, "
+        "read through memory maps; the tokenizer and split are the manifest's).",
     )
     paths: list[str] = Field(
         default_factory=list,
-        description="Text (.txt/.md…), JSONL or Parquet files or globs, for source `files`.",
+        description="Text (.txt/.md…), JSONL or Parquet files or globs, for source `files`; "
+        "for source `prepared`, the one folder `stackwise data prepare` wrote.",
     )
     format: Literal["auto", "text", "jsonl", "parquet"] = Field(
         "auto", description="File format (auto: from the extension)."
@@ -157,6 +159,11 @@ class DataConfig(BaseConfig):
     def _paths_for_files(self) -> DataConfig:
         if self.source == "files" and not self.paths:
             raise ValueError("paths: source `files` needs at least one path or glob")
+        if self.source == "prepared" and len(self.paths) != 1:
+            raise ValueError(
+                "paths: source `prepared` needs exactly one path: the folder written by "
+                "`stackwise data prepare`"
+            )
         if self.val_fraction + self.test_fraction >= 0.5:
             raise ValueError(
                 f"test_fraction: val_fraction + test_fraction must stay below 0.5 "

@@ -113,7 +113,22 @@ def split_and_tokenize(
 
 
 def build_data(data: DataConfig, training: TrainingConfig) -> DataBundle:
-    """Read, split, tokenize and pack the configured corpus; loaders use `training.batch_size`."""
+    """Read, split, tokenize and pack the configured corpus; loaders use `training.batch_size`.
+    A prepared corpus (``data.source: prepared``) is read from its memory-mapped shards
+    instead (`stackwise.data.prepared.load_prepared`)."""
+    if data.source == "prepared":
+        from stackwise.data.prepared import load_prepared
+
+        tokenizer, train, val, test_side = load_prepared(data, training)
+        return DataBundle(
+            tokenizer=tokenizer,
+            train_loader=train,
+            val_loader=val,
+            train_tokens=train.num_tokens,
+            val_tokens=val.num_tokens,
+            test_loader=test_side,
+            test_tokens=0 if test_side is None else test_side.num_tokens,
+        )
     tokenizer, splits = split_and_tokenize(data, training, load_documents(data))
     train_loader = SequenceLoader(
         splits.train, training.batch_size, shuffle=True, seed=training.seed, drop_last=True

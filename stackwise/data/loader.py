@@ -6,12 +6,16 @@ position is fully described by ``(epoch, index)`` — the epoch number and the n
 already taken from it — and `iter_epoch(epoch, start)` restarts exactly there. Iterating the
 loader itself continues from its current position and advances it (the trainer keeps its own
 position and calls `iter_epoch`, which is how a resumed run sees the same batches).
+
+The sequences are a tensor, or a numpy array such as the read-only memory map of a prepared
+corpus (`stackwise.data.prepared`): then each batch reads only its rows, as int64.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -20,14 +24,14 @@ class SequenceLoader:
 
     def __init__(
         self,
-        sequences: torch.Tensor,
+        sequences: torch.Tensor | np.ndarray,
         batch_size: int,
         *,
         shuffle: bool,
         seed: int = 0,
         drop_last: bool = True,
     ) -> None:
-        if sequences.dim() != 2:
+        if sequences.ndim != 2:
             raise ValueError(f"sequences must be [N, T], got shape {tuple(sequences.shape)}")
         self.sequences = sequences
         self.batch_size = batch_size
@@ -44,7 +48,8 @@ class SequenceLoader:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.sequences.numel())
+        rows, seq_len = self.sequences.shape
+        return int(rows) * int(seq_len)
 
     def order(self, epoch: int) -> torch.Tensor:
         """Sample indices of `epoch` in visiting order."""
@@ -59,7 +64,10 @@ class SequenceLoader:
         order = self.order(epoch)
         for batch_index in range(start, len(self)):
             rows = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
-            yield self.sequences[rows]
+            if isinstance(self.sequences, np.ndarray):
+                yield torch.from_numpy(self.sequences[rows.numpy()].astype(np.int64))
+            else:
+                yield self.sequences[rows]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         epoch, start = self.epoch, self.index

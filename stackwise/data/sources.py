@@ -17,7 +17,9 @@ split and packing happen on documents (see `stackwise.data.packing`).
 from __future__ import annotations
 
 import glob
+import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from stackwise.config.base import DataConfig
@@ -69,6 +71,26 @@ def stdlib_documents() -> list[str]:
         if text.strip():
             documents.append(text)
     return documents
+
+
+def builtin_fingerprint(source: str) -> str:
+    """sha256 (hex) of the text of the `builtin` or `stdlib` corpus (its topics, then each
+    library file by its name relative to the library)."""
+    import hashlib
+    from pydoc_data.topics import topics
+
+    digest = hashlib.sha256()
+    for key in sorted(topics):
+        digest.update(key.encode("utf-8") + b"\0" + topics[key].encode("utf-8") + b"\0")
+    if source == "builtin":
+        return digest.hexdigest()
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in stdlib_files():  # names relative to the library: any install of one version
+        name = path.relative_to(root).as_posix()
+        digest.update(name.encode("utf-8") + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
@@ -173,3 +195,66 @@ def load_documents(data: DataConfig) -> list[str]:
     if not documents:
         raise ValueError("data.paths: the files contain no text")
     return documents
+
+
+STREAM_CHUNK = 2 << 20  # bytes of JSONL lines (or a Parquet batch's rows) parsed at a time
+
+
+def iter_file_documents(path: Path, fmt: str, text_column: str = "text") -> Iterator[str]:
+    """The documents of one file, as `read_documents` gives them, a chunk at a time: JSONL in
+    runs of lines of about `STREAM_CHUNK` bytes, Parquet batch by batch (memory is bounded by
+    a chunk and the longest document, not by the file)."""
+    if fmt == "text":
+        yield from read_documents(path, fmt, text_column)
+        return
+    import polars as pl
+
+    if fmt == "jsonl":
+        with path.open("rb") as handle:
+            while True:
+                chunk = handle.readlines(STREAM_CHUNK)
+                if not chunk:
+                    return
+                if not any(line.strip() for line in chunk):
+                    continue
+                try:
+                    frame = pl.read_ndjson(io.BytesIO(b"".join(chunk)))
+                except pl.exceptions.PolarsError as error:
+                    problem = _jsonl_problem(path) or f"data.paths: {path}: {error}"
+                    raise ValueError(problem) from None
+                yield from _column_values(frame, text_column, path)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as error:
+            raise ValueError(f"data.paths: {path}: not a readable Parquet file ({error})") from None
+        names = parquet.schema_arrow.names
+        if text_column not in names:
+            raise ValueError(
+                f"data.text_column: {path} has no column {text_column!r} (columns: "
+                f"{', '.join(names)})"
+            )
+        for batch in parquet.iter_batches(batch_size=8192, columns=[text_column]):
+            table = pl.from_arrow(batch)
+            assert isinstance(table, pl.DataFrame)
+            yield from _column_values(table, text_column, path)
+    else:
+        raise ValueError(f"data.format: unknown format {fmt!r}")
+
+
+def iter_documents(data: DataConfig) -> Iterator[str]:
+    """`load_documents` one document at a time (files read in chunks; see
+    `iter_file_documents`)."""
+    if data.source in ("builtin", "stdlib"):
+        yield from load_documents(data)
+        return
+    found = False
+    for path in expand_paths(list(data.paths)):
+        for document in iter_file_documents(path, file_format(path, data.format), data.text_column):
+            found = True
+            yield document
+    if not found:
+        raise ValueError("data.paths: the files contain no text")

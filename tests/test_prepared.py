@@ -1,0 +1,296 @@
+"""A corpus prepared once into memory-mapped token shards (`stackwise data prepare`) trains on
+exactly the tokens of the in-memory path, is prepared again only when its sources change, and
+is read with memory far below the corpus's in-memory cost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stackwise.config.base import StackWiseConfig
+from stackwise.data import build_data
+from stackwise.data.prepared import read_manifest, token_dtype
+from stackwise.identity import data_fingerprint
+from stackwise.model.architecture import create_rack_from_config
+from stackwise.training.architecture_trainer import ArchitectureTrainer
+from stackwise.training.stream import BatchStream
+
+TRAINING = {
+    "batch_size": 4,
+    "seq_len": 32,
+    "budget": {"steps": 6},
+    "device": "cpu",
+    "eval": {"batches": 2},
+    "log_every_steps": 2,
+}
+MODEL = {"d_model": 32, "n_heads": 2, "architecture": {"n_stacks": 2, "blocks_per_stack": 1}}
+
+
+def _corpus(folder: Path) -> list[str]:
+    """Text files and a JSONL file of varied documents; returns the patterns of data.paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = ["stack", "wise", "token", "shard", "memory", "map", "déjà", "vu", "λ", "layer"]
+    for index in range(6):
+        text = " ".join(rng.choice(words, size=int(rng.integers(200, 900))))
+        (folder / f"doc{index}.txt").write_text(text, encoding="utf-8")
+    with (folder / "more.jsonl").open("w", encoding="utf-8") as out:
+        for _ in range(40):
+            text = " ".join(rng.choice(words, size=int(rng.integers(20, 300))))
+            out.write(json.dumps({"text": text}) + "\n")
+    return [str(folder / "*.txt"), str(folder / "more.jsonl")]
+
+
+def _experiment(folder: Path, data: dict[str, Any], name: str = "exp") -> Path:
+    document = {"name": name, "model": MODEL, "training": TRAINING, "data": data}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _cli(cwd: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stackwise", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _config(data: dict[str, Any]) -> StackWiseConfig:
+    return StackWiseConfig.from_dict({"model": MODEL, "training": TRAINING, "data": data})
+
+
+def _rows(loader: Any) -> torch.Tensor:
+    return torch.cat(list(loader.iter_epoch(0)))
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_prepared_shards_hold_the_tokens_of_the_in_memory_path(
+    tmp_path: Path, tokenizer: str
+) -> None:
+    paths = _corpus(tmp_path / "corpus")
+    source = {"source": "files", "paths": paths, "tokenizer": tokenizer, "bpe_vocab_size": 400}
+    experiment = _experiment(tmp_path, source)
+    done = _cli(tmp_path, "data", "prepare", experiment, "-o", tmp_path / "prepared")
+    assert done.returncode == 0, done.stderr
+    assert "tokens/s" in done.stderr and "MB/s" in done.stderr
+
+    memory = build_data(_config(source).data, _config(source).training)
+    prepared_config = _config({"source": "prepared", "paths": [str(tmp_path / "prepared")]})
+    prepared = build_data(prepared_config.data, prepared_config.training)
+    assert prepared.tokenizer.vocab_size == memory.tokenizer.vocab_size
+    for side in ("train_loader", "val_loader", "test_loader"):
+        assert torch.equal(_rows(getattr(prepared, side)), _rows(getattr(memory, side)))
+    # The shuffled training order of another epoch and seed matches too.
+    assert torch.equal(
+        next(iter(prepared.train_loader.iter_epoch(3, 1))),
+        next(iter(memory.train_loader.iter_epoch(3, 1))),
+    )
+    manifest = read_manifest(tmp_path / "prepared")
+    assert manifest["dtype"] == "uint16"
+    assert len(manifest["sources"]) == 7 and all(
+        len(s["sha256"]) == 64 for s in manifest["sources"]
+    )
+    offsets = np.load(tmp_path / "prepared" / "train.offsets.npy")
+    assert offsets[-1] == manifest["sides"]["train"]["tokens"]
+    assert len(offsets) == manifest["sides"]["train"]["documents"] + 1
+    # Each document of the stream ends with [EOS].
+    stream = np.fromfile(tmp_path / "prepared" / "train.bin", dtype=np.uint16)
+    assert set(stream[offsets[1:] - 1].tolist()) == {memory.tokenizer.eos_id}
+    # The run identity reads the manifest's digest.
+    assert data_fingerprint(prepared_config.data) == manifest["digest"]
+
+
+def test_prepare_again_is_a_no_op_until_a_source_changes(tmp_path: Path) -> None:
+    paths = _corpus(tmp_path / "corpus")
+    out = tmp_path / "prepared"
+    first = _cli(tmp_path, "data", "prepare", *paths, "-o", out, "--seq-len", "32")
+    assert first.returncode == 0, first.stderr
+    digest = read_manifest(out)["digest"]
+    shard_time = (out / "train.bin").stat().st_mtime_ns
+
+    again = _cli(tmp_path, "data", "prepare", *paths, "-o", out, "--seq-len", "32")
+    assert again.returncode == 0, again.stderr
+    assert "already prepared" in again.stderr and "nothing to do" in again.stderr
+    assert (out / "train.bin").stat().st_mtime_ns == shard_time
+
+    with (tmp_path / "corpus" / "doc0.txt").open("a", encoding="utf-8") as handle:
+        handle.write(" and one more sentence")
+    changed = _cli(tmp_path, "data", "prepare", *paths, "-o", out, "--seq-len", "32")
+    assert changed.returncode == 0, changed.stderr
+    assert "the sources changed" in changed.stderr
+    assert read_manifest(out)["digest"] != digest
+
+
+def test_resume_continues_at_the_next_batch(tmp_path: Path, interrupt_at: type) -> None:
+    out = tmp_path / "prepared"
+    source = {"source": "files", "paths": _corpus(tmp_path / "corpus")}
+    done = _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", out)
+    assert done.returncode == 0, done.stderr
+    config = _config({"source": "prepared", "paths": [str(out)]})
+    config.training.training_architecture = "rackwise"
+    config.training.checkpoint.every_steps = 1
+
+    # The stream's stored position restarts at exactly the batch that comes next.
+    data = build_data(config.data, config.training)
+    stream = BatchStream(data.train_loader)
+    for _ in range(len(data.train_loader) + 2):  # into the second epoch
+        stream.next()
+    epoch, index = stream.position
+    assert epoch == 1
+    following = stream.next()[0]
+    restarted = BatchStream(build_data(config.data, config.training).train_loader, epoch, index)
+    assert torch.equal(restarted.next()[0], following)
+
+    def train(directory: Path, callbacks: list[Any]) -> dict[str, torch.Tensor]:
+        run_data = build_data(config.data, config.training)
+        rack = create_rack_from_config(config)
+        trainer = ArchitectureTrainer(config, callbacks, checkpoint_dir=directory)
+        trainer.train_architecture(rack, run_data.train_loader, run_data.val_loader)
+        return rack.state_dict()
+
+    reference = train(tmp_path / "reference", [])
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", [interrupt_at(4)])
+    resumed = train(tmp_path / "run", [])
+    assert all(torch.equal(reference[key], resumed[key]) for key in reference)
+
+
+@pytest.mark.slow
+def test_stackwise_run_trains_on_a_prepared_folder(tmp_path: Path) -> None:
+    source = {"source": "files", "paths": _corpus(tmp_path / "corpus")}
+    done = _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", "prepared")
+    assert done.returncode == 0, done.stderr
+    # A relative path is relative to the experiment file's folder.
+    (tmp_path / "runs").mkdir()
+    experiment = tmp_path / "runs" / "exp.yaml"
+    document = {
+        "name": "exp",
+        "model": MODEL,
+        "training": {**TRAINING, "training_architecture": "rackwise", "budget": {"steps": 2}},
+        "data": {"source": "prepared", "paths": ["../prepared"]},
+        "tracking": {"log_model": False},
+    }
+    experiment.write_text(yaml.safe_dump(document), encoding="utf-8")
+    run = _cli(tmp_path / "runs", "run", experiment, "--quiet")
+    assert run.returncode == 0, run.stderr
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    tags = {run.data.tags.get("stackwise.data_fingerprint") for run in runs} - {None}
+    assert tags == {read_manifest(tmp_path / "prepared")["digest"]}
+
+
+def test_a_missing_or_damaged_manifest_is_a_clean_error(tmp_path: Path) -> None:
+    source = {"source": "files", "paths": _corpus(tmp_path / "corpus")}
+    out = tmp_path / "prepared"
+    assert (
+        _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", out).returncode == 0
+    )
+    experiment = _experiment(tmp_path, {"source": "prepared", "paths": [str(out)]}, "uses")
+    assert _cli(tmp_path, "validate", experiment).returncode == 0
+
+    shard = out / "val.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # one token short
+    damaged = _cli(tmp_path, "validate", experiment)
+    assert damaged.returncode == 2
+    assert "data.paths" in damaged.stderr and "val.bin" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
+
+    (out / "manifest.json").unlink()
+    missing = _cli(tmp_path, "run", experiment)
+    assert missing.returncode == 2
+    assert "data.paths" in missing.stderr and "no manifest.json" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    no_source = _cli(tmp_path, "data", "prepare", str(tmp_path / "nothing-*.txt"), "-o", out)
+    assert no_source.returncode == 2 and "data.paths" in no_source.stderr
+    assert "Traceback" not in no_source.stderr
+
+
+def test_token_type_fits_the_vocabulary(tmp_path: Path) -> None:
+    assert token_dtype(260) == "uint16"
+    assert token_dtype(65_536) == "uint16"  # ids 0..65535
+    assert token_dtype(65_537) == "uint32"
+    # A uint32 folder reads back the same rows.
+    source = {"source": "files", "paths": _corpus(tmp_path / "corpus")}
+    out = tmp_path / "prepared"
+    assert (
+        _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", out).returncode == 0
+    )
+    config = _config({"source": "prepared", "paths": [str(out)]})
+    narrow = _rows(build_data(config.data, config.training).train_loader)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in manifest["sides"]:
+        tokens = np.fromfile(out / f"{name}.bin", dtype=np.uint16)
+        tokens.astype(np.uint32).tofile(out / f"{name}.bin")
+    manifest["dtype"] = "uint32"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert torch.equal(_rows(build_data(config.data, config.training).train_loader), narrow)
+
+
+_MEASURE = textwrap.dedent(
+    """
+    import resource, sys
+    from stackwise.config.base import DataConfig, TrainingConfig
+    from stackwise.data import build_data
+    from stackwise.data.prepared import prepare
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    files = DataConfig(source="files", paths=[sys.argv[1]])
+    training = TrainingConfig(seq_len=256, batch_size=16)
+    if sys.argv[3] == "prepared":
+        prepare(files, 256, sys.argv[2])
+        data = build_data(DataConfig(source="prepared", paths=[sys.argv[2]]), training)
+    else:
+        data = build_data(files, training)
+    batches = sum(1 for _ in data.train_loader.iter_epoch(0))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(batches, (after - before) * 1024)
+    """
+)
+
+
+def test_preparing_and_reading_keeps_memory_far_below_the_corpus(tmp_path: Path) -> None:
+    """Peak memory of preparing and reading a whole epoch of a 24 MB corpus, against the
+    in-memory path's (strings, int64 tokens, packed rows: many times the corpus)."""
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     \n", dtype=np.uint8)
+    corpus = tmp_path / "corpus.jsonl"
+    with corpus.open("w", encoding="utf-8") as out:
+        for _ in range(12):
+            block = alphabet[rng.integers(0, len(alphabet), size=2_000_000)].tobytes().decode()
+            for start in range(0, len(block), 2000):
+                out.write(json.dumps({"text": block[start : start + 2000]}) + "\n")
+    size = corpus.stat().st_size
+
+    def peak(path: str) -> tuple[int, int]:
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(corpus), str(tmp_path / "prepared"), path],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        batches, grown = done.stdout.split()
+        return int(batches), int(grown)
+
+    batches, prepared = peak("prepared")
+    memory_batches, in_memory = peak("memory")
+    assert batches == memory_batches > 0
+    # Preparing holds a chunk of the file at a time; reading maps the training shard (its
+    # pages count while mapped, 2 bytes a token); the in-memory path holds ~9 bytes a token.
+    assert prepared < 3 * size
+    assert prepared * 4 < in_memory

@@ -106,6 +106,7 @@ def retrain_hint(path: Path) -> str:
     return f"stackwise run {path} --force --only lr=0.001 --set tracking.log_model=true"
 
 
+@pytest.mark.slow  # about a minute: trains a grid twice through the CLI
 def test_a_point_trained_without_its_model_says_how_to_get_it(
     tmp_path: Path, write_experiment: Helper, cli: Helper
 ) -> None:

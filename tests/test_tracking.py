@@ -418,3 +418,32 @@ def test_progress_in_a_log_reports_each_stage_as_a_line() -> None:
     with GridProgress(1, quiet=True, console=Console(file=quiet)) as progress:
         progress.start_run("mode=stackwise").on_stage_end(result, 16)
     assert quiet.getvalue() == ""
+
+
+def test_params_leave_out_the_settings_a_run_does_not_use() -> None:
+    from stackwise.config.base import StackWiseConfig
+    from stackwise.tracking.logger import run_params
+
+    def sections(params: dict[str, str]) -> set[str]:
+        return {".".join(key.split(".")[:2]) for key in params}
+
+    plain = run_params(
+        StackWiseConfig.from_dict({"training": {"training_architecture": "rackwise"}}), {}
+    )
+    assert not sections(plain) & {
+        "model.mla",
+        "model.kernel",
+        "training.depthwise",
+        "training.growth",
+        "training.fusion",
+    }
+    assert plain["model.attention_type"] == "mha" and "training.optimizer.lr" in plain
+    kernel = StackWiseConfig.from_dict(
+        {
+            "model": {"attention_type": "kernel"},
+            "training": {"training_architecture": "stackwise"},
+        }
+    )
+    used = sections(run_params(kernel, {"mode": "stackwise"}))
+    assert {"model.kernel", "training.depthwise", "grid.mode"} <= used
+    assert not used & {"model.mla", "training.growth", "training.fusion"}

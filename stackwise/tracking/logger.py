@@ -127,9 +127,32 @@ def flatten_config(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def unused_sections(config: StackWiseConfig) -> tuple[str, ...]:
+    """Config sections (dotted prefixes) that do not apply to this run: the mla and kernel
+    options without such attention, depth-wise options of an end-to-end run, growth options
+    outside progressive training, and a fusion phase that is off."""
+    attentions = {spec.attention_type for spec in config.model.block_specs()}
+    training = config.training
+    unused = [f"model.{kind}." for kind in ("mla", "kernel") if kind not in attentions]
+    if training.training_architecture == "rackwise":
+        unused.append("training.depthwise.")
+    if training.training_architecture != "progressive":
+        unused.append("training.growth.")
+    if not training.fusion.enabled:
+        unused.append("training.fusion.")
+    return tuple(unused)
+
+
 def run_params(config: StackWiseConfig, coordinates: Mapping[str, str]) -> dict[str, str]:
-    """Params of a grid point: the flattened resolved config plus ``grid.<axis>``."""
-    params = flatten_config(config.to_dict())
+    """Params of a grid point: the flattened resolved config — less the sections that do not
+    apply to it (`unused_sections`; the whole config is the run's ``config.yaml``) — plus
+    ``grid.<axis>``."""
+    unused = unused_sections(config)
+    params = {
+        key: value
+        for key, value in flatten_config(config.to_dict()).items()
+        if not key.startswith(unused)
+    }
     params.update({f"{TAG_GRID_PREFIX}{axis}": _param_value(v) for axis, v in coordinates.items()})
     return params
 

@@ -9,6 +9,7 @@ built once per test session and shared between pytest-xdist workers (under a fil
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -447,3 +448,16 @@ def test_params_leave_out_the_settings_a_run_does_not_use() -> None:
     used = sections(run_params(kernel, {"mode": "stackwise"}))
     assert {"model.kernel", "training.depthwise", "grid.mode"} <= used
     assert not used & {"model.mla", "training.growth", "training.fusion"}
+
+
+def test_a_point_run_records_its_data_as_a_dataset_input(
+    tracked: dict[str, Any], point_runs: Callable[[Any, str], list[Any]]
+) -> None:
+    client = tracked["client"]
+    for run in point_runs(client, tracked["experiment_id"]):
+        (found,) = run.inputs.dataset_inputs
+        fingerprint = run.data.tags["stackwise.data_fingerprint"]
+        assert found.dataset.digest == fingerprint[:36]
+        assert found.dataset.name == "builtin corpus"
+        assert json.loads(found.dataset.profile)["train_tokens"] > 0
+        assert [(t.key, t.value) for t in found.tags] == [("mlflow.data.context", "training")]

@@ -18,6 +18,7 @@ from stackwise.tracking.logger import (
     TAG_CONFIG_HASH,
     UNSENT_METRICS_FILE,
     MlflowLogger,
+    log_dataset,
     log_params,
     logged_steps,
     send_unsent,
@@ -52,6 +53,10 @@ def train_in_run(
     if unsent:
         progress.print(f"    {plain(point.spec.name)}: sent {unsent} metrics the last attempt kept")
     config, data = load_data(point.config)
+    if not adopted:  # an adopted run recorded its data when it started
+        counts = {"train_tokens": data.train_tokens, "val_tokens": data.val_tokens}
+        counts["test_tokens"] = data.test_tokens
+        log_dataset(grid.client, run_id, point.config.data, point.data_fingerprint, counts)
     if point.config.model.vocab_size is None:
         # The same value again on resume, which MLflow accepts.
         log_params(grid.client, run_id, {"model.vocab_size": str(config.model.vocab_size)})

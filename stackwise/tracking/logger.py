@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from stackwise.config.base import StackWiseConfig
+    from stackwise.config.base import DataConfig, StackWiseConfig
     from stackwise.config.experiment import RunSpec
 
 # MLflow's limits (mlflow.utils.validation): param values up to 6000 characters, tag values up
@@ -155,6 +155,38 @@ def run_params(config: StackWiseConfig, coordinates: Mapping[str, str]) -> dict[
     }
     params.update({f"{TAG_GRID_PREFIX}{axis}": _param_value(v) for axis, v in coordinates.items()})
     return params
+
+
+DATASET_DIGEST_LENGTH = 36  # what MLflow's store keeps of a dataset digest
+
+
+def log_dataset(
+    client: MlflowClient,
+    run_id: str,
+    data: DataConfig,
+    fingerprint: str,
+    counts: Mapping[str, int],
+) -> None:
+    """Record the run's data as an MLflow dataset input (the UI's *Dataset* column): named by its
+    source, its digest the data fingerprint (its first `DATASET_DIGEST_LENGTH` characters; the
+    whole fingerprint is the ``stackwise.data_fingerprint`` tag), its profile the token counts."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    if data.source in ("files", "prepared"):
+        names = [Path(path).name for path in data.paths]
+        name = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        source = json.dumps({"source": data.source, "paths": [str(p) for p in data.paths]})
+    else:
+        name, source = f"{data.source} corpus", json.dumps({"source": data.source})
+    dataset = Dataset(
+        name=name,
+        digest=fingerprint[:DATASET_DIGEST_LENGTH],
+        source_type="local" if data.source in ("files", "prepared") else "code",
+        source=source,
+        profile=json.dumps(dict(counts)),
+    )
+    training = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+    retry_locked(lambda: client.log_inputs(run_id, datasets=[training]))
 
 
 def git_commit(directory: str | Path | None = None) -> str | None:

@@ -290,6 +290,14 @@ def test_gpu_script_is_valid_shell() -> None:
     assert done.returncode == 0, done.stdout
 
 
+@pytest.mark.slow
+def test_load_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_load", tmp_path)
+    for store in data["stores"].values():
+        assert store["finished"] == 8 and store["points_with_several_runs"] == 0
+        assert store["repeated_metric_steps"] == 0 and store["lock_errors_shown"] == 0
+
+
 # -- the README table -------------------------------------------------------------------------
 
 

@@ -308,6 +308,47 @@ def test_ctrl_c_while_a_point_opens_its_run_leaves_no_run_running(
     assert assert_one_finished_run_per_point(uri, "early", {"default"}) == {"default": point}
 
 
+def test_a_point_that_fails_as_it_stops_is_killed_not_failed(
+    tmp_path: Path, write_experiment: Helper, tiny_training: Helper
+) -> None:
+    """Ctrl-C mid-training, and the checkpoint written on the way out fails (here its folder is
+    a file; a Ctrl-C inside a lazy import of torch's leaves a half-made module the save then
+    trips on): the point was stopped, not failed, so its run is KILLED and the stop goes on."""
+    from mlflow import MlflowClient
+
+    from stackwise.runner import point_of
+    from stackwise.tracking.store import checkpoint_dir
+
+    # One checkpoint only: the one written when it stops.
+    training = {**tiny_training(2000), "checkpoint": {"every_steps": 100000}}
+    path = write_experiment(tmp_path, "late", training=training, tracking={"log_model": False})
+    store = tmp_path / "store"
+    uri = f"sqlite:///{store}/mlflow.db"
+    (spec,) = _plans(path)[0][1]
+
+    def stop_once_training() -> None:
+        folder = checkpoint_dir(uri, "late", point_of(spec, uri).identity)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            with contextlib.suppress(Exception):  # the store is being created
+                client = MlflowClient(tracking_uri=uri)
+                experiment = client.get_experiment_by_name("late").experiment_id
+                (run,) = client.search_runs([experiment], "tags.`stackwise.role` = 'point'")
+                if "train/loss" in run.data.metrics:
+                    break
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.write_text("in the way")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    stopper = threading.Thread(target=stop_once_training, daemon=True)
+    stopper.start()
+    with pytest.raises(KeyboardInterrupt):
+        _run(path, store)
+    stopper.join(timeout=10)
+    assert_stopped(uri, "late")
+
+
 class Driver:
     """`stackwise <args>` in the background in a session of its own (Ray's processes, jobs and
     torchrun launches are in it too), its output collected as it comes."""
@@ -407,7 +448,8 @@ def assert_stopped(store: str, name: str) -> dict[str, str]:
     point runs' ids by run name."""
     runs = runs_of(store, name)
     statuses = {(r.data.tags.get("stackwise.role"), r.info.status) for r in runs}
-    assert statuses <= {("grid", "KILLED"), ("point", "KILLED")}, statuses
+    errors = [r.data.tags.get("error") for r in runs if r.info.status != "KILLED"]
+    assert statuses <= {("grid", "KILLED"), ("point", "KILLED")}, (statuses, errors)
     assert ("grid", "KILLED") in statuses
     return {
         r.info.run_name: r.info.run_id for r in runs if r.data.tags["stackwise.role"] == "point"
@@ -561,7 +603,7 @@ def test_jobs_killed_outright_a_rerun_sweeps_their_folder_and_continues_their_ru
         "jobskill",
         grid={"training.seed": [1, 2]},
         # No checkpoint before the end: the reruns restart inside the runs of the lost jobs.
-        training={**tiny_training(120), "checkpoint": {"every_steps": 1000}},
+        training={**tiny_training(400), "checkpoint": {"every_steps": 1000}},
         tracking={"log_model": False},
     )
     store = default_tracking_uri(tmp_path)
@@ -969,4 +1011,3 @@ def test_torchrun_run_stopped_by_sigterm_resumes_with_the_same_world_size(
     assert math.isclose(
         runs[0].data.metrics["final/loss"], single.data.metrics["final/loss"], rel_tol=1e-5
     )
-

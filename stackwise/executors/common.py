@@ -125,7 +125,8 @@ def sweep_driver_folders(root: Path | None = None) -> list[Path]:
             continue
         if stale:
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+            if not folder.exists():
+                removed.append(folder)
     return removed
 
 

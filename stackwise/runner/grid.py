@@ -199,9 +199,17 @@ def _run_grid(
             retry_locked(lambda: client.log_artifact(grid.parent_run_id, str(experiment.path)))
         if options.executor is not None:
             context = GridContext(name, uri, experiment_id, grid.parent_run_id)
-            for spec, outcome in options.executor.run_points(context, specs, options, progress):
-                _record_outcome(grid, spec, outcome, summary)
-                progress.run_done(spec.name, skipped=outcome.status == "skipped")
+            points = options.executor.run_points(context, specs, options, progress)
+            try:
+                for spec, outcome in points:
+                    _record_outcome(grid, spec, outcome, summary)
+                    progress.run_done(spec.name, skipped=outcome.status == "skipped")
+            finally:
+                # A signal here, between two outcomes, reaches the executor as it is closed: it
+                # stops the points it still runs before the grid's runs are closed below.
+                close = getattr(points, "close", None)
+                if close is not None:
+                    close()
         else:
             deferred = []
             for spec in specs:

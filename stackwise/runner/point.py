@@ -351,6 +351,18 @@ def _train_point(
         raise
     except Exception as error:
         close_quietly(logger, monitor)
+        interrupt = _stop_behind(error)
+        if interrupt is not None:  # it failed while stopping (saving its checkpoint): still a stop
+            release_interrupted_calls(interrupt)
+            progress.print(
+                f"  [yellow]{plain(spec.name)}: stopped; while stopping: "
+                f"{plain(f'{type(error).__name__}: {error}')}[/]",
+                important=True,
+            )
+            why = end_run_or_say_why(client, new_id, "KILLED")
+            if why is not None:
+                progress.print(f"  [yellow]{plain(why)}[/]", important=True)
+            raise interrupt from None
         if unreachable_reason(error) is not None:  # a store call MLflow's retries did not save
             gone = server_gone(grid.uri, error)
             _stopped_by_server(gone, grid, run_id, spec.name, folder)
@@ -387,6 +399,21 @@ def _stopped_by_server(
         kept += f" and {count} unsent metrics beside it"
     kept += ", marked KILLED" if marked else ", not marked KILLED (the server did not answer)"
     stop.details.append(kept)
+
+
+def _stop_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or stop signal `error` was raised while handling, if any: an interrupt that
+    lands in the middle of a lazy import (torch imports sympy on first use) leaves the module
+    half made, and the checkpoint written on the way out then fails on it. A tracking server
+    that is gone is not such a stop (`TrackingUnavailable` has its own handling)."""
+    seen: set[int] = set()
+    current: BaseException | None = error.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt):
+            return None if isinstance(current, TrackingUnavailable) else current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _point_tags(grid: Grid, point: Point) -> dict[str, str]:

@@ -171,12 +171,12 @@ class Relay:
 
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
-            while data := source.recv(65536):
-                if answers and self._drop():
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
+            # A socket closed under the pump (the relay shut, the peer gone) ends it.
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    if answers and self._drop():
+                        break
+                    sink.sendall(data)
         finally:
             _shut(source)
             _shut(sink)

@@ -244,11 +244,17 @@ def test_token_type_fits_the_vocabulary(tmp_path: Path) -> None:
 
 _MEASURE = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     from stackwise.config.base import DataConfig, TrainingConfig
     from stackwise.data import build_data
     from stackwise.data.prepared import prepare
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def high_water():
+        # VmHWM belongs to this process's own address space; ru_maxrss would carry the
+        # parent's peak across fork and exec.
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    before = high_water()
     files = DataConfig(source="files", paths=[sys.argv[1]])
     training = TrainingConfig(seq_len=256, batch_size=16)
     if sys.argv[3] == "prepared":
@@ -257,8 +263,7 @@ _MEASURE = textwrap.dedent(
     else:
         data = build_data(files, training)
     batches = sum(1 for _ in data.train_loader.iter_epoch(0))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(batches, (after - before) * 1024)
+    print(batches, high_water() - before)
     """
 )
 
@@ -290,7 +295,8 @@ def test_preparing_and_reading_keeps_memory_far_below_the_corpus(tmp_path: Path)
     batches, prepared = peak("prepared")
     memory_batches, in_memory = peak("memory")
     assert batches == memory_batches > 0
-    # Preparing holds a chunk of the file at a time; reading maps the training shard (its
-    # pages count while mapped, 2 bytes a token); the in-memory path holds ~9 bytes a token.
-    assert prepared < 3 * size
+    # Preparing holds a batch of the file at a time (a fixed allowance, whatever the corpus
+    # size); reading maps the training shard (its pages count while mapped, 2 bytes a token);
+    # the in-memory path holds ~9 bytes a token plus the strings.
+    assert prepared < 2 * size + 96 * 2**20
     assert prepared * 4 < in_memory

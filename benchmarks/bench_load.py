@@ -63,7 +63,8 @@ def free_port() -> int:
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`mlflow server` on 127.0.0.1 over a SQLite store in `folder`; its URI once it answers."""
+    """`mlflow server` on 127.0.0.1 over a SQLite store in `folder` (its log: ``server.log``
+    there); its URI once it answers."""
     import urllib.request
 
     port = free_port()
@@ -72,7 +73,8 @@ def start_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
         "--default-artifact-root", (folder / "artifacts").as_uri(), "--workers", "2",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with (folder / "server.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -97,6 +99,15 @@ def check_store(uri: str, points: int) -> dict[str, Any]:
         max_results=5000,
     )
     names = Counter(r.data.tags.get("stackwise.run_name") for r in runs)
+    unfinished = [
+        {
+            "name": r.data.tags.get("stackwise.run_name"),
+            "status": r.info.status,
+            "error": r.data.tags.get("error", ""),
+        }
+        for r in runs
+        if r.info.status != "FINISHED"
+    ]
     repeated_steps = 0
     for run in runs:
         for key in ("train/loss", "val/loss"):
@@ -108,6 +119,7 @@ def check_store(uri: str, points: int) -> dict[str, Any]:
         "points_with_several_runs": sum(1 for count in names.values() if count > 1),
         "points_missing": points - len(names),
         "repeated_metric_steps": repeated_steps,
+        "unfinished": unfinished,
     }
 
 
@@ -121,6 +133,7 @@ def run_load(folder: Path, grid: Path, uri: str, jobs: int, points: int) -> dict
     output = done.stdout + done.stderr
     return {
         "exit_status": done.returncode,
+        "output_tail": "" if done.returncode == 0 else output[-4000:],
         "wall_s": wall,
         "wall_per_point_s": wall / points,
         "lock_errors_shown": output.lower().count("database is locked"),
@@ -134,6 +147,9 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="8 points, 2 jobs")
+    parser.add_argument(
+        "--store", choices=("both", "sqlite", "server"), default="both", help="which store to load"
+    )
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args()
     if args.quick:
@@ -141,22 +157,28 @@ def main() -> None:
     stores: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-load-") as temp:
         root = Path(temp)
-        local = root / "sqlite"
-        local.mkdir()
-        grid = write_grid(local, args.points)
-        database = local / "mlruns" / "mlflow.db"
-        stores["sqlite"] = run_load(local, grid, f"sqlite:///{database}", args.jobs, args.points)
-        stores["sqlite"]["store_bytes"] = database.stat().st_size
-        served = root / "server"
-        served.mkdir()
-        grid = write_grid(served, args.points)
-        process, uri = start_server(served)
-        try:
-            stores["server"] = run_load(served, grid, uri, args.jobs, args.points)
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-        stores["server"]["store_bytes"] = (served / "server.db").stat().st_size
+        if args.store in ("both", "sqlite"):
+            local = root / "sqlite"
+            local.mkdir()
+            grid = write_grid(local, args.points)
+            database = local / "mlruns" / "mlflow.db"
+            uri = f"sqlite:///{database}"
+            stores["sqlite"] = run_load(local, grid, uri, args.jobs, args.points)
+            stores["sqlite"]["store_bytes"] = database.stat().st_size
+        if args.store in ("both", "server"):
+            served = root / "server"
+            served.mkdir()
+            grid = write_grid(served, args.points)
+            process, uri = start_server(served)
+            try:
+                stores["server"] = run_load(served, grid, uri, args.jobs, args.points)
+                if stores["server"]["exit_status"] != 0:
+                    log = (served / "server.log").read_text(encoding="utf-8", errors="replace")
+                    stores["server"]["server_log_tail"] = log[-4000:]
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+            stores["server"]["store_bytes"] = (served / "server.db").stat().st_size
     met = all(
         s["exit_status"] == 0
         and s["finished"] == args.points

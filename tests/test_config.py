@@ -238,6 +238,8 @@ def test_grid_is_a_product_in_file_order_with_stable_names(tmp_path: Path) -> No
         "size=medium,mode=stackwise",
         "size=medium,mode=rackwise",
     ]
+    # What MLflow shows: the mode first, words on their own.
+    assert [r.title for r in runs[:2]] == ["layerwise · small", "stackwise · small"]
     first = runs[0]
     assert first.coordinates == {"size": "small", "mode": "layerwise"}
     assert list(first.coordinates) == ["size", "mode"]
@@ -248,6 +250,16 @@ def test_grid_is_a_product_in_file_order_with_stable_names(tmp_path: Path) -> No
     assert runs[3].config.model.architecture.blocks_per_stack == 3
     assert all(r.config_hash == r.config.config_hash() for r in runs)
     assert len({r.config_hash for r in runs}) == len(runs)
+
+
+def test_display_names_keep_axis_names_beside_numbers_and_literals() -> None:
+    from stackwise.config.experiment.spec import display_name
+
+    labels = {"lr": "0.003", "mode": "rackwise", "use_rope": "false", "seed": "2"}
+    assert display_name(labels) == "rackwise · lr=0.003 · use_rope=false · seed=2"
+    assert display_name({"budget": "1.0e11", "attention": "mha"}) == "budget=1.0e11 · mha"
+    assert display_name({"mix": '{"a":1}'}) == 'mix={"a":1}'
+    assert display_name({}) == "default"
 
 
 def test_hashes_are_deterministic_and_follow_the_resolved_config(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def point_runs(folder: Path, name: str) -> dict[str, Any]:
         filter_string="tags.`stackwise.role` = 'point'",
         order_by=["attributes.start_time ASC"],
     )
-    return {run.info.run_name: run for run in runs}
+    return {run.data.tags["stackwise.run_name"]: run for run in runs}
 
 
 def logged_models(folder: Path, run: Any) -> list[Any]:

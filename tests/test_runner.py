@@ -245,7 +245,10 @@ def test_failing_point_does_not_stop_the_grid(
     assert "1 finished, 0 skipped, 1 failed" in done.stdout
     assert "FAILED" in done.stdout and "too few" in done.stdout
     client = _client(tmp_path)
-    runs = {r.info.run_name: r for r in point_runs(client, _experiment_id(tmp_path, "failing"))}
+    runs = {
+        r.data.tags["stackwise.run_name"]: r
+        for r in point_runs(client, _experiment_id(tmp_path, "failing"))
+    }
     assert runs["corpus=good"].info.status == "FINISHED"
     failed = runs["corpus=repeated"]
     assert failed.info.status == "FAILED"

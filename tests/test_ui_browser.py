@@ -70,7 +70,7 @@ def test_the_printed_link_opens_the_runs_table(
         expander.click()
         for column in ("final_val_loss", "final_test_loss", "flops"):
             assert page.get_by_text(column, exact=True).count() >= 1, column
-        for name in ("mode=rackwise", "mode=stackwise"):
+        for name in ("rackwise", "stackwise"):
             page.get_by_text(name, exact=True).first.wait_for(state="visible", timeout=60_000)
         # The training-runs view, not the GenAI overview (traces, token usage).
         assert page.get_by_text("Token usage").count() == 0

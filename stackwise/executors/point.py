@@ -66,7 +66,7 @@ def mark_lost_point(context: GridContext, spec: RunSpec, message: str) -> PointO
     from mlflow.entities import ViewType
 
     from stackwise.runner import TAG_LOST, PointOutcome, record_failure
-    from stackwise.tracking.logger import TAG_PARENT, set_tags
+    from stackwise.tracking.logger import TAG_PARENT, TAG_RUN_NAME, set_tags
     from stackwise.tracking.store import open_client, retry_locked
 
     client = open_client(context.uri)
@@ -75,7 +75,7 @@ def mark_lost_point(context: GridContext, spec: RunSpec, message: str) -> PointO
             [context.experiment_id],
             filter_string=(
                 f"tags.`{TAG_PARENT}` = '{context.parent_run_id}' "
-                f"and attributes.run_name = '{_quoted(spec.name)}'"
+                f"and tags.`{TAG_RUN_NAME}` = '{_quoted(spec.name)}'"
             ),
             run_view_type=ViewType.ACTIVE_ONLY,
             max_results=10,

@@ -294,7 +294,7 @@ def _train_point(
         tags.update(_point_tags(grid, point))
         tags["mlflow.source.name"] = "stackwise run"
         run = retry_locked(
-            lambda: client.create_run(grid.experiment_id, run_name=spec.name, tags=tags)
+            lambda: client.create_run(grid.experiment_id, run_name=spec.title, tags=tags)
         )
         run_id = run.info.run_id
         log_params(client, run_id, params)

@@ -64,6 +64,38 @@ class RunSpec:
             found["seed"] = str(self.seed)
         return found
 
+    @property
+    def title(self) -> str:
+        """The run's display name in MLflow (`display_name` of its labels)."""
+        return display_name(self.labels)
+
+
+_LITERALS = {"true", "false", "null", "~"}
+
+
+def _is_word(label: str) -> bool:
+    """Whether a label reads on its own (``layerwise``, ``small``), unlike a number, a
+    literal or a structured value, which need their axis name beside them."""
+    if not label or label.lower() in _LITERALS or label[0] in "[{" or "=" in label:
+        return False
+    try:
+        float(label)
+    except ValueError:
+        return True
+    return False
+
+
+def display_name(labels: dict[str, str]) -> str:
+    """A short run name that shows first what tells runs apart: the mode, then the other
+    labels in axis order, joined by `` · ``; a word stands alone (``layerwise · small``), a
+    number or literal keeps its axis (``lr=0.003``, ``seed=1``). The full name
+    (``size=small,mode=layerwise``) stays the run's ``stackwise.run_name`` tag."""
+    ordered = sorted(labels.items(), key=lambda item: item[0] != "mode")
+    parts = [
+        value if key != "seed" and _is_word(value) else f"{key}={value}" for key, value in ordered
+    ]
+    return " · ".join(parts) or "default"
+
 
 @dataclass
 class Experiment:

@@ -246,6 +246,12 @@ def test_step_metrics_and_summaries(
         else:
             assert [(m.step, m.value) for m in stages] == [(0, 0.0)]
         assert metrics["final_val_loss"] > 0
+        # Headline results under the names `compare` shows (memory in MiB), logged once.
+        assert metrics["val_loss"] == metrics["final_val_loss"]
+        assert metrics["training_memory_mb"] * 2**20 == pytest.approx(
+            metrics["training_memory_bytes"]
+        )
+        assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [16]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # MLflow's pyfunc loader nags about type hints
@@ -269,6 +275,11 @@ def test_logged_model_loads_by_run_id(
     assert logits.shape == (2, 16, rack.vocab_size)
     # The pyfunc model (MLflow's own loading path, signature included) gives the same logits.
     model = _model_of_run(client, run.info.run_id)
+    # Named by its run, carrying the run's final results (not its first step's).
+    assert model.name == run.info.run_name
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["val_loss"] == run.data.metrics["final_val_loss"]
+    assert {m.step for m in model.metrics} == {16}
     mlflow.set_tracking_uri(tracked["uri"])
     served = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
     assert served.metadata.get_input_schema().inputs[0].name == "input_ids"
@@ -342,7 +353,7 @@ def test_load_rack_without_model_is_an_error(tmp_path: Path) -> None:
     uri = default_tracking_uri(tmp_path)
     client = open_client(uri)
     run_id = client.create_run(get_or_create_experiment(client, uri, "empty")).info.run_id
-    with pytest.raises(LookupError, match="no logged model"):
+    with pytest.raises(LookupError, match="no logged rack model"):
         load_rack(run_id, tracking_uri=uri)
 
 

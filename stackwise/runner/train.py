@@ -128,6 +128,8 @@ def train_in_run(
                 grid.uri,
                 tokenizer_json=tokenizer_json() if callable(tokenizer_json) else None,
                 weights_dir=results.weights_dir,
+                name=point.spec.title,
+                step=results.total_steps,
             )
     except BaseException:
         # The caller closes these on success; on failure it only knows them through us.

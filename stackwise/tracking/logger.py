@@ -714,7 +714,8 @@ class MlflowLogger(TrainingCallback):
         self.writer.flush(spill=True)
 
     def on_train_end(self, results: TrainingResults) -> None:
-        self.log_metrics(results.summary_metrics(), results.total_steps)
+        summary = results.summary_metrics()
+        self.log_metrics({**summary, **headline_metrics(summary)}, results.total_steps)
         self.writer.flush()
 
     def log_metrics(self, values: Mapping[str, float | None], step: int) -> None:
@@ -733,6 +734,25 @@ class MlflowLogger(TrainingCallback):
         if not self._closed:
             self._closed = True
             self.writer.close(wait=wait)
+
+
+# The results a reader looks for first, under the short names `stackwise compare` shows them by
+# (no slash, so the UI lists them apart from the per-step series): summary metric -> name.
+HEADLINE_METRICS: dict[str, str] = {
+    "final_val_loss": "val_loss",
+    "final_test_loss": "test_loss",
+    "training_memory_bytes": "training_memory_mb",
+}
+
+
+def headline_metrics(summary: Mapping[str, float]) -> dict[str, float]:
+    """`HEADLINE_METRICS` of a run's summary metrics (memory in MiB, as `compare` shows it);
+    ``flops`` and ``tokens_seen`` are already logged under their short names."""
+    found = {}
+    for key, name in HEADLINE_METRICS.items():
+        if key in summary:
+            found[name] = summary[key] / 2**20 if name.endswith("_mb") else summary[key]
+    return found
 
 
 def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:

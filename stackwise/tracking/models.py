@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from stackwise.data.tokenizer import Tokenizer
     from stackwise.model.architecture import Rack
 
-MODEL_NAME = "model"
+MODEL_NAME = "model"  # the name of a model logged without one (and of older runs' models)
+TAG_MODEL = "stackwise.model"  # set to "rack" on every logged model of a trained rack
+_MODEL_NAME_BAD = str.maketrans({c: "_" for c in "/:.%\"'"})  # what MLflow refuses in a name
 WEIGHTS_ARTIFACT = "weights"
 SPEC_ARTIFACT = "rack_spec"
 WEIGHTS_FILE = "weights.safetensors"
@@ -127,9 +129,13 @@ def log_rack(
     tracking_uri: str,
     tokenizer_json: str | None = None,
     weights_dir: str | Path | None = None,
+    name: str | None = None,
+    step: int = 0,
 ) -> str:
-    """Log `rack` as the MLflow model ``model`` of run `run_id`; returns the model id. With
-    `weights_dir` (an out-of-core run's sharded rack) the shards are logged as they are."""
+    """Log `rack` as an MLflow model of run `run_id`, named `name` (`model_name`; else
+    ``model``) and linked to the run's metrics at `step` (its final step: the model carries
+    the final results); returns the model id. With `weights_dir` (an out-of-core run's sharded
+    rack) the shards are logged as they are."""
     import mlflow
     from mlflow.models import Model
 
@@ -150,8 +156,10 @@ def log_rack(
             info = retry_locked(
                 lambda: Model.log(
                     artifact_path=None,
-                    name=MODEL_NAME,
+                    name=model_name(name) if name else MODEL_NAME,
                     flavor=mlflow.pyfunc,
+                    tags={TAG_MODEL: "rack"},
+                    step=step,
                     run_id=run_id,
                     python_model=str(PYFUNC_CODE),
                     artifacts=artifacts,
@@ -163,8 +171,14 @@ def log_rack(
     return str(info.model_id)
 
 
+def model_name(title: str) -> str:
+    """A run's display name as a logged model's name (MLflow refuses ``/ : . % " '``)."""
+    return title.replace(" · ", "_").replace(" ", "_").translate(_MODEL_NAME_BAD) or MODEL_NAME
+
+
 def _model_of_run(client: MlflowClient, run_id: str) -> Any:
-    """The LoggedModel named ``model`` that run `run_id` produced (the latest one)."""
+    """The rack model that run `run_id` logged (tagged `TAG_MODEL`, or named ``model`` by an
+    older version; the latest one)."""
     run = client.get_run(run_id)
     candidates = []
     outputs = getattr(run, "outputs", None)
@@ -176,9 +190,9 @@ def _model_of_run(client: MlflowClient, run_id: str) -> Any:
                 [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
             )
         )
-    named = [m for m in candidates if m.name == MODEL_NAME]
+    named = [m for m in candidates if m.tags.get(TAG_MODEL) == "rack" or m.name == MODEL_NAME]
     if not named:
-        raise LookupError(f"run {run_id} has no logged model named {MODEL_NAME!r}")
+        raise LookupError(f"run {run_id} has no logged rack model")
     return max(named, key=lambda m: m.creation_timestamp)
 
 
@@ -262,7 +276,7 @@ def missing_model_reason(client: MlflowClient, run: Run) -> str:
             "it trained with tracking.log_model: false; to log one, train it again: "
             f"`{retrain_command(file, _labels_of(run))}`"
         )
-    return f"it has no model named {MODEL_NAME!r}"
+    return "it has no logged rack model"
 
 
 def _weights_in(local: Path) -> Path:

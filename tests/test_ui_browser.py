@@ -68,7 +68,7 @@ def test_the_printed_link_opens_the_runs_table(
         expander = page.locator("button[data-component-id*='runnamecellrenderer']").first
         expander.wait_for(state="visible", timeout=60_000)
         expander.click()
-        for column in ("final_val_loss", "final_test_loss", "flops"):
+        for column in ("val_loss", "test_loss", "flops", "training_memory_mb"):
             assert page.get_by_text(column, exact=True).count() >= 1, column
         for name in ("rackwise", "stackwise"):
             page.get_by_text(name, exact=True).first.wait_for(state="visible", timeout=60_000)

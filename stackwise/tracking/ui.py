@@ -206,10 +206,10 @@ RUNS_VIEW = "runs?workflowType=machine_learning"
 VIEW_KEY = "stackwise"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_METRICS = (
-    "final_val_loss",
-    "final_test_loss",
+    "val_loss",
+    "test_loss",
     "flops",
-    "training_memory_bytes",
+    "training_memory_mb",
     "wall_time_s",
 )
 MAX_LINKS = 10  # experiments linked by name; more are found from the first page

@@ -27,7 +27,7 @@ from stackwise.runner.ownership import (
     close_abandoned_runs,
     close_stopped_points,
 )
-from stackwise.runner.point import run_grid_point
+from stackwise.runner.point import finished_grid, run_grid_point, skip_finished
 from stackwise.runner.signals import signals_as_interrupts
 from stackwise.runner.summary import RunSummary, finish_grid, print_summary
 from stackwise.tracking.logger import (
@@ -159,6 +159,17 @@ def _run_grid(
     experiment_id = get_or_create_experiment(client, uri, name)
     grid = Grid(experiment, name, uri, specs, client, experiment_id)
     close_abandoned_runs(grid)
+    done = None if options.force else finished_grid(grid)
+    if done is not None:  # a rerun of a finished grid: no parent run with nothing under it
+        progress.print(
+            f"[bold]{plain(name)}[/]: all {len(specs)} run(s) already FINISHED in "
+            f"{plain(uri)}; nothing to train"
+        )
+        for spec in specs:
+            skip_finished(grid, spec, done[spec.name], progress, summary)
+            progress.run_done(spec.name, skipped=True)
+        finish_grid(grid, progress)
+        return
 
     # The parent run is "alive" while this process holds its lock (see close_abandoned_runs).
     parent_lock_name = f"grid-{uuid.uuid4().hex}"

@@ -151,14 +151,7 @@ def run_grid_point(
                 return True
             # A process killed between finishing and cleaning up leaves its checkpoints.
             shutil.rmtree(folder, ignore_errors=True)
-            grid.point_run_ids[spec.name] = run_id
-            summary.run_ids[(grid.name, spec.name)] = run_id
-            message = f"already FINISHED (run {run_id})"
-            if missing:
-                message += f" {_no_model_hint(spec)}"
-            summary.skipped.append((grid.name, spec.name, message))
-            style = "yellow" if missing else "dim"
-            progress.print(f"  [{style}]↷ {plain(spec.name)}: {plain(message)}[/]", missing)
+            skip_finished(grid, spec, run_id, progress, summary, missing_model=missing)
             skipped = True
             return True
         _train_point(grid, point, options, progress, summary)
@@ -166,6 +159,43 @@ def run_grid_point(
     finally:
         progress.run_done(spec.name, skipped=skipped)
         lock.release()
+
+
+def skip_finished(
+    grid: Grid,
+    spec: RunSpec,
+    run_id: str,
+    progress: GridProgress,
+    summary: RunSummary,
+    missing_model: bool = False,
+) -> None:
+    """Record point `spec` as skipped: its run `run_id` already FINISHED."""
+    grid.point_run_ids[spec.name] = run_id
+    summary.run_ids[(grid.name, spec.name)] = run_id
+    message = f"already FINISHED (run {run_id})"
+    if missing_model:
+        message += f" {_no_model_hint(spec)}"
+    summary.skipped.append((grid.name, spec.name, message))
+    style = "yellow" if missing_model else "dim"
+    progress.print(f"  [{style}]↷ {plain(spec.name)}: {plain(message)}[/]", missing_model)
+
+
+def finished_grid(grid: Grid) -> dict[str, str] | None:
+    """Every point of `grid` with the FINISHED run that holds its result (and its model, when
+    it logs one), by run name; None when some point has something left to train."""
+    done: dict[str, str] = {}
+    for spec in grid.specs:
+        try:
+            point = point_of(spec, grid.uri)
+        except (OSError, ValueError, RuntimeError):
+            return None  # the point itself says why, when it is run
+        run = _finished_run(grid, point.identity)
+        if run is None:
+            return None
+        if point.config.tracking.log_model and not has_logged_model(grid.client, run.info.run_id):
+            return None
+        done[spec.name] = run.info.run_id
+    return done
 
 
 def _final_checkpoint_of(folder: Path, run_id: str) -> bool:

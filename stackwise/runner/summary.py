@@ -64,18 +64,20 @@ def finish_grid(grid: Grid, progress: GridProgress) -> None:
         .sort("_order")
         .drop("_order")
     )
-    with tempfile.TemporaryDirectory(prefix="stackwise-compare-") as temp:
-        folder = Path(temp)
-        (folder / "comparison.csv").write_text(frame.write_csv(), encoding="utf-8")
-        (folder / "comparison.md").write_text(
-            to_markdown(frame.drop("run_id", "parent_run_id", "config_hash", "start_time")),
-            encoding="utf-8",
-        )
-        try:
-            save_plots(grid.client, frame, folder)
-        except Exception as error:  # a plot must never cost the grid its table
-            progress.print(f"  [yellow]plots skipped: {plain(error)}[/]")
-        retry_locked(lambda: grid.client.log_artifacts(grid.parent_run_id, str(folder)))
+    # A grid with nothing to train has no parent run of its own: its earlier one has these.
+    if grid.parent_run_id:
+        with tempfile.TemporaryDirectory(prefix="stackwise-compare-") as temp:
+            folder = Path(temp)
+            (folder / "comparison.csv").write_text(frame.write_csv(), encoding="utf-8")
+            (folder / "comparison.md").write_text(
+                to_markdown(frame.drop("run_id", "parent_run_id", "config_hash", "start_time")),
+                encoding="utf-8",
+            )
+            try:
+                save_plots(grid.client, frame, folder)
+            except Exception as error:  # a plot must never cost the grid its table
+                progress.print(f"  [yellow]plots skipped: {plain(error)}[/]")
+            retry_locked(lambda: grid.client.log_artifacts(grid.parent_run_id, str(folder)))
     axes = list(grid.specs[0].coordinates) if grid.specs else []
     view = runs_view(axes)
     retry_locked(lambda: grid.client.set_experiment_tag(grid.experiment_id, VIEW_TAG, view))

@@ -452,7 +452,7 @@ def assert_stopped(store: str, name: str) -> dict[str, str]:
     assert statuses <= {("grid", "KILLED"), ("point", "KILLED")}, (statuses, errors)
     assert ("grid", "KILLED") in statuses
     return {
-        r.data.tags["stackwise.run_name"]: r.info.run_id
+        r.data.tags.get("stackwise.run_name"): r.info.run_id
         for r in runs
         if r.data.tags["stackwise.role"] == "point"
     }
@@ -460,9 +460,9 @@ def assert_stopped(store: str, name: str) -> dict[str, str]:
 
 def assert_one_finished_run_per_point(store: str, name: str, points: set[str]) -> dict[str, str]:
     runs = [r for r in runs_of(store, name) if r.data.tags.get("stackwise.role") == "point"]
-    assert sorted(r.data.tags["stackwise.run_name"] for r in runs) == sorted(points)
+    assert sorted(r.data.tags.get("stackwise.run_name") for r in runs) == sorted(points)
     assert {r.info.status for r in runs} == {"FINISHED"}
-    return {r.data.tags["stackwise.run_name"]: r.info.run_id for r in runs}
+    return {r.data.tags.get("stackwise.run_name"): r.info.run_id for r in runs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +482,7 @@ def finished_by_name(point_runs: PointRuns) -> Helper:
         assert experiment is not None
         runs: dict[str, list[Any]] = {}
         for run in point_runs(client, experiment.experiment_id):
-            runs.setdefault(run.data.tags["stackwise.run_name"], []).append(run)
+            runs.setdefault(run.data.tags.get("stackwise.run_name"), []).append(run)
         return runs
 
     return finished_by_name
@@ -612,7 +612,7 @@ def test_jobs_killed_outright_a_rerun_sweeps_their_folder_and_continues_their_ru
     driver = Driver(cli_command("run", str(path), "--jobs", "2"), tmp_path, env)
     driver.wait_for_points(store, "jobskill", 2)
     (folder,) = temp.glob(f"stackwise-jobs-{driver.process.pid}-*")
-    jobs = {run.data.tags["stackwise.run_name"]: run for run in live_points(store, "jobskill")}
+    jobs = {run.data.tags.get("stackwise.run_name"): run for run in live_points(store, "jobskill")}
     _kill_and_wait(_owner_pid(jobs["seed=1"]))
     driver.wait_for(lambda: "seed=1: FAILED" in driver.output)
     driver.process.kill()
@@ -621,9 +621,9 @@ def test_jobs_killed_outright_a_rerun_sweeps_their_folder_and_continues_their_ru
     assert sweep_driver_folders(temp) == [] and folder.is_dir()  # held by the job still running
     _kill_and_wait(_owner_pid(jobs["seed=2"]))
     lost = {
-        r.data.tags["stackwise.run_name"]: r
+        r.data.tags.get("stackwise.run_name"): r
         for r in runs_of(store, "jobskill")
-        if r.data.tags["stackwise.run_name"] in jobs
+        if r.data.tags.get("stackwise.run_name") in jobs
     }
     assert lost["seed=1"].info.status == "FAILED"
     assert "SIGKILL" in lost["seed=1"].data.tags["error"]
@@ -691,7 +691,7 @@ def store_points(point_runs: PointRuns) -> Helper:
 
 
 def _by_name(runs: list[Any]) -> dict[str, Any]:
-    return {r.data.tags["stackwise.run_name"]: r for r in runs}
+    return {r.data.tags.get("stackwise.run_name"): r for r in runs}
 
 
 @pytest.mark.slow
@@ -771,7 +771,7 @@ def test_ray_task_killed_fails_its_point_the_others_finish_rerun_completes(
                 continue
             for run in runs:
                 if (
-                    run.data.tags["stackwise.run_name"] == victim
+                    run.data.tags.get("stackwise.run_name") == victim
                     and "train/loss" in run.data.metrics
                 ):
                     pid = int(run.data.tags["stackwise.owner"].rpartition(":")[2])
@@ -798,7 +798,7 @@ def test_ray_task_killed_fails_its_point_the_others_finish_rerun_completes(
     # Continued inside its FAILED run (its process was lost; the point did not fail), as a
     # `--jobs` rerun does: one run, FINISHED, without the error of the lost process.
     (rerun,) = [
-        r for r in store_points(store, "raykill") if r.data.tags["stackwise.run_name"] == victim
+        r for r in store_points(store, "raykill") if r.data.tags.get("stackwise.run_name") == victim
     ]
     assert rerun.info.run_id == points[victim].info.run_id
     assert rerun.info.status == "FINISHED" and "error" not in rerun.data.tags
@@ -933,7 +933,7 @@ def test_torchrun_two_processes_give_the_loss_curve_of_one(
         assert experiment is not None
         runs = point_runs(client, experiment.experiment_id)
         # Rank 0 alone writes: one run per point, every metric once per step.
-        assert sorted(r.data.tags["stackwise.run_name"] for r in runs) == [
+        assert sorted(r.data.tags.get("stackwise.run_name") for r in runs) == [
             "mode=blockwise",
             "mode=rackwise",
         ]
@@ -946,7 +946,7 @@ def test_torchrun_two_processes_give_the_loss_curve_of_one(
                 assert len(steps) == len(set(steps)), (key, steps)
                 history[key] = {m.step: m.value for m in points}
             history["final/loss"] = run.data.metrics["final/loss"]
-            out[run.data.tags["stackwise.run_name"]] = history
+            out[run.data.tags.get("stackwise.run_name")] = history
         return out
 
     single, parallel = curves("one"), curves("two")

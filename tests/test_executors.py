@@ -604,8 +604,9 @@ def test_jobs_killed_outright_a_rerun_sweeps_their_folder_and_continues_their_ru
         tmp_path,
         "jobskill",
         grid={"training.seed": [1, 2]},
-        # No checkpoint before the end: the reruns restart inside the runs of the lost jobs.
-        training={**tiny_training(400), "checkpoint": {"every_steps": 1000}},
+        # No checkpoint before the end: the reruns restart inside the runs of the lost jobs. The
+        # budget keeps both jobs training for many seconds also on a fast, idle machine.
+        training={**tiny_training(3000), "checkpoint": {"every_steps": 100000}},
         tracking={"log_model": False},
     )
     store = default_tracking_uri(tmp_path)
@@ -826,7 +827,7 @@ def test_ray_driver_stopped_by_a_signal_leaves_nothing_running_and_a_rerun_resum
     process left, and a rerun that finishes each point inside the run it had."""
     if os.environ.get("STACKWISE_REQUIRE_RAY") != "1":
         pytest.importorskip("ray")
-    training = {**tiny_training(200), "log_every_steps": 2}
+    training = {**tiny_training(1000), "log_every_steps": 2}  # seconds also on a fast machine
     grid = {"training.seed": [1, 2]}
     path = write_experiment(tmp_path, "raystop", grid=grid, training=training)
     store = default_tracking_uri(tmp_path)

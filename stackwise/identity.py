@@ -48,12 +48,16 @@ def resolve_data_pattern(pattern: str, base: Path) -> str:
 
 
 def resolve_data_paths(config: StackWiseConfig, base: Path) -> StackWiseConfig:
-    """`config` with its `data.paths` resolved against `base` (a copy when anything changes)."""
+    """`config` with its `data.paths` and `data.tokenizer_file` resolved against `base` (a copy
+    when anything changes)."""
     paths = [resolve_data_pattern(p, base) for p in config.data.paths]
-    if paths == config.data.paths:
+    file = config.data.tokenizer_file
+    tokenizer_file = None if file is None else resolve_data_pattern(file, base)
+    if paths == config.data.paths and tokenizer_file == file:
         return config
     resolved = config.model_copy(deep=True)
     resolved.data.paths = paths
+    resolved.data.tokenizer_file = tokenizer_file
     return resolved
 
 
@@ -123,25 +127,33 @@ def data_fingerprint(data: DataConfig, cache: FingerprintCache | None = None) ->
         from stackwise.data.prepared import prepared_fingerprint
 
         return prepared_fingerprint(data)
+    cache = cache or FingerprintCache(None)
     if data.source in ("builtin", "stdlib"):
         from stackwise.data.sources import builtin_fingerprint
 
-        return builtin_fingerprint(data.source)
-    from stackwise.data.sources import expand_paths, file_format
+        corpus = builtin_fingerprint(data.source)
+    else:
+        from stackwise.data.sources import expand_paths, file_format
 
-    cache = cache or FingerprintCache(None)
-    files: list[list[Any]] = []
-    for path in expand_paths(list(data.paths)):
-        size, sha = cache.sha256(path)
-        files.append([file_format(path, data.format), size, sha])
+        files: list[list[Any]] = []
+        for path in expand_paths(list(data.paths)):
+            size, sha = cache.sha256(path)
+            files.append([file_format(path, data.format), size, sha])
+        corpus = _digest(files, 64)
+    if data.tokenizer_file is None or data.tokenizer != "hf":
+        cache.save()
+        return corpus
+    # A tokenizer file is part of what the run reads: its content, not its path.
+    size, sha = cache.sha256(Path(data.tokenizer_file))
     cache.save()
-    return _digest(files, 64)
+    return _digest([corpus, ["tokenizer", size, sha]], 64)
 
 
 def run_identity(config: StackWiseConfig, device_type: str, fingerprint: str) -> str:
     """The identity of a tracked run (16 hex digits; the ``config_hash`` tag of its MLflow run)."""
     payload = config.identity_dict()
     payload["data"].pop("paths", None)
+    payload["data"].pop("tokenizer_file", None)  # its content is in the fingerprint
     payload["training"].pop("device", None)
     if device_type != "cuda":  # the trainer autocasts on CUDA only
         payload["training"].pop("precision", None)

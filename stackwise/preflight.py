@@ -128,9 +128,12 @@ def load_plans(
         for problems in unknown.values():
             if len(problems) == len(plans):
                 errors.extend(problems)
-    errors.extend(missing_data_files(plans))  # of the files that loaded
+    missing = missing_data_files(plans)  # of the files that loaded
+    errors.extend(missing)
     if memory_check:  # for the files that loaded, also when others did not
-        errors.extend(memory_problems(plans))
+        # The vocabulary of a tokenizer file sizes the model: without the file, no estimate.
+        unsized = {e.file for e in missing if e.field == "data.tokenizer_file"}
+        errors.extend(memory_problems([(e, r) for e, r in plans if e.file not in unsized]))
     errors.extend(cache_disk_problems(plans))
     data_errors, repeats = data_problems(plans)
     errors.extend(data_errors)
@@ -176,7 +179,8 @@ def shared_names(plans: Plans) -> list[ConfigError]:
 
 
 def missing_data_files(plans: Plans) -> list[ConfigError]:
-    """`data.paths` entries that name no file (for `source: files`), as errors.
+    """`data.paths` entries that name no file (for `source: files`) and a `data.tokenizer_file`
+    that is no file, as errors.
 
     The same rule as the data loader (`stackwise.data.sources.expand_paths`: a path must be a
     file, a glob must match one; relative to the experiment file's folder), checked here without
@@ -191,6 +195,17 @@ def missing_data_files(plans: Plans) -> list[ConfigError]:
     for experiment, runs in plans:
         for spec in runs:
             data = spec.config.data
+            file = data.tokenizer_file
+            if file is not None and (experiment.file, file) not in seen:
+                seen.add((experiment.file, file))
+                if not Path(resolve_data_pattern(file, experiment.path.resolve().parent)).is_file():
+                    line = setting_line(experiment, spec, ("data", "tokenizer_file"))
+                    message = f"{file!r} does not exist or is not a file (a tokenizer.json)"
+                    errors.append(
+                        ConfigError(
+                            message, file=experiment.file, field="data.tokenizer_file", line=line
+                        )
+                    )
             if data.source != "files":
                 continue
             for index, pattern in enumerate(data.paths):
@@ -415,8 +430,11 @@ def data_problems(plans: Plans) -> tuple[list[ConfigError], list[ConfigError]]:
                 train = splits[key, seq_len]
                 if isinstance(train, str):
                     message = f"{label}: {train}"
-                    if data.tokenizer == "bpe":
-                        message += " (a BPE run splits its text by UTF-8 bytes, counted here)"
+                    if data.tokenizer != "byte":
+                        message += (
+                            " (a run with a BPE or tokenizer file splits its text by UTF-8 "
+                            "bytes, counted here)"
+                        )
                     if limited:
                         path: tuple[str, ...] = ("data", "max_tokens")
                     elif data.source == "files":
@@ -448,8 +466,8 @@ def data_problems(plans: Plans) -> tuple[list[ConfigError], list[ConfigError]]:
                 tokens = high
             if spent <= MAX_EPOCHS * max(tokens, 1):
                 continue
-            unit = "bytes" if data.tokenizer == "bpe" else "tokens"
-            at_least = "at least " if upper or data.tokenizer == "bpe" else ""
+            unit = "bytes" if data.tokenizer != "byte" else "tokens"
+            at_least = "at least " if upper or data.tokenizer != "byte" else ""
             message = (
                 f"the budget ({described}) goes over the training data {at_least}"
                 f"{spent / max(tokens, 1):,.1f} times, more than {MAX_EPOCHS} epochs: {label} "
@@ -519,12 +537,17 @@ def _each_once(
 ) -> Iterator[tuple[Experiment, RunSpec, Any]]:
     """(experiment, run, `compute` of its config) for every run; runs of identical config but
     for seed and learning rate are computed once (`estimate_key`)."""
+    from stackwise.identity import resolve_data_paths
+
     found: dict[str, Any] = {}
     for experiment, runs in plans:
+        base = experiment.path.resolve().parent
         for spec in runs:
-            key = estimate_key(spec.config)
+            # Paths as the run reads them (a tokenizer file's vocabulary sizes the model).
+            config = resolve_data_paths(spec.config, base)
+            key = estimate_key(config)
             if key not in found:
-                found[key] = compute(spec.config)
+                found[key] = compute(config)
             yield experiment, spec, found[key]
 
 

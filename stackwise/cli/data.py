@@ -5,7 +5,8 @@ shards with a manifest (`stackwise.data.prepared.prepare`); a run then reads it 
 ``data: {source: prepared, paths: [DIR]}``. Given an experiment (or run config) file, the
 corpus, tokenizer and split settings are its ``data`` section (with relative paths taken from
 the file's folder) and the split is checked against its ``training.seq_len``; given data files
-or globs, the defaults of a ``files`` source with ``--tokenizer``.
+or globs, the defaults of a ``files`` source with ``--tokenizer`` (and ``--tokenizer-file`` for
+a Hugging Face ``tokenizer.json``).
 """
 
 from __future__ import annotations
@@ -27,15 +28,23 @@ data_app = typer.Typer(
 _CONFIG_SUFFIXES = {".yaml", ".yml"}
 
 
-def _from_files(sources: list[str], tokenizer: str, seq_len: int | None) -> tuple[DataConfig, int]:
-    try:
-        data = DataConfig(
-            source="files",
-            paths=[str(Path(p).expanduser().absolute()) for p in sources],
-            tokenizer=tokenizer,  # checked by the model
-        )
-    except ValueError:
-        fail([f"--tokenizer: {tokenizer!r} is not a tokenizer; use byte or bpe"])
+def _from_files(
+    sources: list[str], tokenizer: str, tokenizer_file: Path | None, seq_len: int | None
+) -> tuple[DataConfig, int]:
+    if tokenizer not in ("byte", "bpe", "hf"):
+        fail([f"--tokenizer: {tokenizer!r} is not a tokenizer; use byte, bpe or hf"])
+    if (tokenizer == "hf") != (tokenizer_file is not None):
+        fail(["--tokenizer-file: give it with --tokenizer hf, and only then"])
+    if tokenizer_file is not None and not tokenizer_file.expanduser().is_file():
+        fail([f"--tokenizer-file: {tokenizer_file} does not exist or is not a file"])
+    data = DataConfig(
+        source="files",
+        paths=[str(Path(p).expanduser().absolute()) for p in sources],
+        tokenizer=tokenizer,  # checked above
+        tokenizer_file=None
+        if tokenizer_file is None
+        else str(tokenizer_file.expanduser().absolute()),
+    )
     return data, seq_len or TrainingConfig().seq_len
 
 
@@ -77,8 +86,18 @@ def prepare(
     ],
     tokenizer: Annotated[
         str,
-        typer.Option("--tokenizer", help="For data files: byte or bpe (a config says its own)."),
+        typer.Option(
+            "--tokenizer", help="For data files: byte, bpe or hf (a config says its own)."
+        ),
     ] = "byte",
+    tokenizer_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer-file",
+            help="For data files with --tokenizer hf: a local Hugging Face tokenizer.json.",
+            show_default=False,
+        ),
+    ] = None,
     seq_len: Annotated[
         int | None,
         typer.Option(
@@ -100,7 +119,7 @@ def prepare(
     if len(source) == 1 and Path(source[0]).suffix.lower() in _CONFIG_SUFFIXES:
         data, length = _from_config(source[0], seq_len)
     else:
-        data, length = _from_files(source, tokenizer, seq_len)
+        data, length = _from_files(source, tokenizer, tokenizer_file, seq_len)
     console = stderr_console()
     try:
         done = prepare_folder(data, length, output, progress=console.print, force=force)

@@ -126,8 +126,16 @@ class DataConfig(BaseConfig):
         "auto", description="File format (auto: from the extension)."
     )
     text_column: str = Field("text", description="Text column of JSONL/Parquet files.")
-    tokenizer: Literal["byte", "bpe"] = Field(
-        "byte", description="`byte` (no training needed) or `bpe` (trained locally on the corpus)."
+    tokenizer: Literal["byte", "bpe", "hf"] = Field(
+        "byte",
+        description="`byte` (no training needed), `bpe` (trained locally on the corpus) or `hf` "
+        "(the Hugging Face `tokenizer.json` of `tokenizer_file`, used as it is).",
+    )
+    tokenizer_file: str | None = Field(
+        None,
+        description="A local Hugging Face `tokenizer.json` (relative: to the experiment file), "
+        "for tokenizer `hf`. The special tokens [PAD] [MASK] [BOS] [EOS] it lacks are added "
+        "after its vocabulary; the run's identity hashes the file's content, not its path.",
     )
     bpe_vocab_size: int = Field(4096, ge=300, description="Vocabulary size of a trained BPE.")
     val_fraction: float = Field(
@@ -163,6 +171,13 @@ class DataConfig(BaseConfig):
             raise ValueError(
                 "paths: source `prepared` needs exactly one path: the folder written by "
                 "`stackwise data prepare`"
+            )
+        if self.tokenizer == "hf" and not self.tokenizer_file:
+            raise ValueError("tokenizer_file: tokenizer `hf` needs the path of a tokenizer.json")
+        if self.tokenizer_file and self.tokenizer != "hf":
+            raise ValueError(
+                f"tokenizer_file: is read by tokenizer `hf` only (tokenizer is "
+                f"`{self.tokenizer}`); set data.tokenizer: hf or drop the file"
             )
         if self.val_fraction + self.test_fraction >= 0.5:
             raise ValueError(

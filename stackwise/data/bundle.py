@@ -32,9 +32,13 @@ class DataBundle:
 
 
 def build_tokenizer(data: DataConfig, training_documents: list[str]) -> Tokenizer:
-    """The configured tokenizer; a BPE is trained on `training_documents` (and nothing else)."""
+    """The configured tokenizer; a BPE is trained on `training_documents` (and nothing else), a
+    tokenizer file is read as it is."""
     if data.tokenizer == "byte":
         return ByteTokenizer()
+    if data.tokenizer == "hf":
+        assert data.tokenizer_file is not None  # the config's check
+        return BPETokenizer.from_file(data.tokenizer_file)
     return BPETokenizer.train(training_documents, data.bpe_vocab_size)
 
 

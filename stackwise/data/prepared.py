@@ -64,6 +64,7 @@ _SETTINGS = (
     "text_column",
     "tokenizer",
     "bpe_vocab_size",
+    "tokenizer_file",
     "val_fraction",
     "test_fraction",
     "split_seed",
@@ -117,10 +118,10 @@ def _manifest_problem(folder: Path, manifest: Any) -> str | None:
     if manifest["dtype"] not in ("uint16", "uint32"):
         return f"dtype {manifest['dtype']!r} is not uint16 or uint32"
     tokenizer = manifest["tokenizer"]
-    if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("byte", "bpe"):
-        return "tokenizer.kind must be byte or bpe"
-    if tokenizer["kind"] == "bpe" and not (folder / TOKENIZER_FILE).is_file():
-        return f"the BPE tokenizer file {TOKENIZER_FILE} is missing"
+    if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("byte", "bpe", "hf"):
+        return "tokenizer.kind must be byte, bpe or hf"
+    if tokenizer["kind"] != "byte" and not (folder / TOKENIZER_FILE).is_file():
+        return f"the tokenizer file {TOKENIZER_FILE} is missing"
     sides = manifest["sides"]
     if not isinstance(sides, dict) or "train" not in sides or "val" not in sides:
         return "sides must hold train and val"
@@ -178,6 +179,9 @@ class Prepared:
 def _settings(data: DataConfig, seq_len: int) -> dict[str, Any]:
     settings = {key: getattr(data, key) for key in _SETTINGS}
     settings["seq_len"] = seq_len  # the split's check that every side gets a sequence
+    # A tokenizer file counts by its content (the manifest keeps where it was read from).
+    file = settings.pop("tokenizer_file", None)
+    settings["tokenizer_file_sha256"] = None if file is None else _sha256(Path(file))
     return settings
 
 
@@ -393,6 +397,7 @@ def _prepare(
         documents_file.unlink(missing_ok=True)
     from stackwise.data.tokenizer import BPETokenizer
 
+    saved = isinstance(tokenizer, BPETokenizer)
     if isinstance(tokenizer, BPETokenizer):
         tokenizer.save(folder / TOKENIZER_FILE)
     else:
@@ -401,10 +406,10 @@ def _prepare(
         "format_version": FORMAT_VERSION,
         "tokenizer": {
             "kind": data.tokenizer,
-            "file": TOKENIZER_FILE if data.tokenizer == "bpe" else None,
+            "file": TOKENIZER_FILE if saved else None,
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,
-            "sha256": _sha256(folder / TOKENIZER_FILE) if data.tokenizer == "bpe" else None,
+            "sha256": _sha256(folder / TOKENIZER_FILE) if saved else None,
         },
         "dtype": dtype,
         "sources": sources,
@@ -439,6 +444,9 @@ def _tokenizer(data: DataConfig, text: _Documents, train: list[_Span]) -> Tokeni
 
     if data.tokenizer == "byte":
         return ByteTokenizer()
+    if data.tokenizer == "hf":
+        assert data.tokenizer_file is not None  # the config's check
+        return BPETokenizer.from_file(data.tokenizer_file)
     texts = (_as_text(text, span) for span in train)
     return BPETokenizer.train(texts, data.bpe_vocab_size)
 
@@ -504,7 +512,7 @@ def _write_side(
 def prepared_tokenizer(folder: Path, manifest: dict[str, Any]) -> Tokenizer:
     from stackwise.data.tokenizer import BPETokenizer, ByteTokenizer
 
-    if manifest["tokenizer"]["kind"] == "bpe":
+    if manifest["tokenizer"]["kind"] != "byte":
         return BPETokenizer.load(folder / TOKENIZER_FILE)
     return ByteTokenizer()
 

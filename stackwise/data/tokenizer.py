@@ -7,13 +7,15 @@ ids from a vocabulary size and a [MASK] id, for code that is handed only those.
 
 - `ByteTokenizer`: ids 0..255 are the UTF-8 bytes of the text; 256..259 are [PAD], [MASK], [BOS],
   [EOS] (vocabulary 260 = `stackwise.config.base.BYTE_VOCAB_SIZE`).
-- `BPETokenizer`: byte-level BPE trained on the training documents with the `tokenizers` library;
-  the special tokens take ids 0..3. It is saved and loaded as the library's JSON format (never
-  pickled).
+- `BPETokenizer`: a tokenizer of the `tokenizers` library: a byte-level BPE trained on the
+  training documents (the special tokens take ids 0..3), or a local Hugging Face
+  ``tokenizer.json`` read as it is (`BPETokenizer.from_file`: the special tokens it lacks come
+  after its vocabulary). It is saved and loaded as the library's JSON format (never pickled).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -106,6 +108,27 @@ class BPETokenizer:
         return cls(tokenizer)
 
     @classmethod
+    def from_file(cls, path: str | Path) -> BPETokenizer:
+        """A Hugging Face ``tokenizer.json`` (any model the library reads: BPE, WordPiece,
+        Unigram…), used as it is, with the special tokens of `SPECIAL_TOKENS` it lacks added
+        after its vocabulary (in that order). Raises `ValueError` naming ``data.tokenizer_file``
+        for a file the library cannot read."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.tokenizer_file: {path}: no such file")
+        try:
+            tokenizer = HFTokenizer.from_file(str(path))
+        except Exception as error:  # the library raises a bare Exception for bad JSON
+            raise ValueError(
+                f"data.tokenizer_file: {path} is not a Hugging Face tokenizer.json ({error})"
+            ) from error
+        missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
+        if missing:
+            tokenizer.add_special_tokens(missing)
+        return cls(tokenizer)
+
+    @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
         """Load a tokenizer saved by `save` (the library's JSON format)."""
         from tokenizers import Tokenizer as HFTokenizer
@@ -131,6 +154,19 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode([int(i) for i in ids]))  # type: ignore[attr-defined]
+
+
+def file_vocab_size(path: str | Path) -> int:
+    """The vocabulary of `BPETokenizer.from_file(path)` (its special tokens included), read
+    once per version of the file."""
+    stat = Path(path).stat()
+    return _file_vocab_size(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_vocab_size(path: str, size: int, mtime_ns: int) -> int:
+    del size, mtime_ns  # the cache key: another version of the file is read again
+    return BPETokenizer.from_file(path).vocab_size
 
 
 def special_ids_for(vocab_size: int, mask_id: int) -> tuple[int, ...]:

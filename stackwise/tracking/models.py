@@ -344,7 +344,7 @@ def _tokenizer_of(
         from tokenizers import Tokenizer as HFTokenizer
 
         return BPETokenizer(HFTokenizer.from_str(tokenizer_json))
-    if kind == "bpe":
+    if kind in ("bpe", "hf"):
         raise TrainedModelError(
             f"{where}: trained with a BPE tokenizer that is not stored with it "
             f"(no {TOKENIZER_FILE}); it cannot be decoded"

@@ -57,6 +57,10 @@ def vocab_size_of(config: StackWiseConfig, vocab_size: int | None = None) -> int
         return config.model.vocab_size
     if vocab_size is not None:
         return vocab_size
+    if config.data.tokenizer == "hf" and config.data.tokenizer_file is not None:
+        from stackwise.data.tokenizer import file_vocab_size
+
+        return file_vocab_size(config.data.tokenizer_file)
     return config.data.bpe_vocab_size if config.data.tokenizer == "bpe" else BYTE_VOCAB_SIZE
 
 

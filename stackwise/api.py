@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from stackwise.config.base import StackWiseConfig
+    from stackwise.config.base import DataConfig, StackWiseConfig
     from stackwise.data import DataBundle
     from stackwise.model.architecture import Rack
     from stackwise.training.callbacks import TrainingCallback, TrainingResults
@@ -69,11 +69,15 @@ def with_vocabulary(config: StackWiseConfig, data: DataBundle) -> StackWiseConfi
     return config
 
 
-def load_data(config: StackWiseConfig) -> tuple[StackWiseConfig, DataBundle]:
-    """The run's data, and its config with the vocabulary size the tokenizer gives."""
+def load_data(
+    config: StackWiseConfig, source: DataConfig | None = None
+) -> tuple[StackWiseConfig, DataBundle]:
+    """The run's data (read as `source` says when given: the same corpus prepared, see
+    `stackwise.data.prepared.auto_prepare`), and its config with the vocabulary size the
+    tokenizer gives."""
     from stackwise.data import build_data
 
-    data = build_data(config.data, config.training)
+    data = build_data(source or config.data, config.training)
     return with_vocabulary(config, data), data
 
 

@@ -300,3 +300,42 @@ def test_preparing_and_reading_keeps_memory_far_below_the_corpus(tmp_path: Path)
     # the in-memory path holds ~9 bytes a token plus the strings.
     assert prepared < 2 * size + 96 * 2**20
     assert prepared * 4 < in_memory
+
+
+def test_files_above_the_threshold_are_prepared_once_beside_the_store(tmp_path: Path) -> None:
+    """`stackwise run` on files larger than data.prepare_above_mb tokenizes them once into the
+    store's folder, says so once, and trains on the batches of the in-memory path."""
+    import mlflow
+
+    paths = _corpus(tmp_path / "corpus")
+    finals = {}
+    for name, above, seeds in (("shards", 0.001, [1, 2]), ("memory", None, [2])):
+        folder = tmp_path / name
+        folder.mkdir()
+        document = {
+            "name": "auto",
+            "model": MODEL,
+            "training": {**TRAINING, "budget": {"steps": 3}},
+            "data": {"source": "files", "paths": paths, "prepare_above_mb": above},
+            "grid": {"training.seed": seeds},
+            "tracking": {"log_model": False},
+        }
+        (folder / "auto.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+        run = _cli(folder, "run", "auto.yaml")
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, output
+        prepared = list((folder / "mlruns" / "prepared").glob("*/manifest.json"))
+        if above is None:
+            assert "tokenized once" not in output and prepared == []
+        else:  # the second seed found it prepared
+            assert output.count("tokenized once into") == 1 and len(prepared) == 1
+            assert "stackwise data prepare" in output
+        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("auto").experiment_id
+        finals[name] = {
+            r.data.tags["stackwise.run_name"]: r.data.metrics["val_loss"]
+            for r in client.search_runs([experiment])
+            if "stackwise.run_name" in r.data.tags
+        }
+    assert finals["shards"].keys() == {"seed=1", "seed=2"}
+    assert finals["shards"]["seed=2"] == pytest.approx(finals["memory"]["seed=2"], abs=1e-6)

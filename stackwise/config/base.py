@@ -96,6 +96,7 @@ NOT_IDENTITY: tuple[tuple[str, ...], ...] = (
     ("tracking",),
     ("training", "checkpoint"),
     ("training", "log_every_steps"),
+    ("data", "prepare_above_mb"),  # the same batches either way
     ("training", "cache", "location"),
     ("training", "cache", "directory"),
     ("training", "cache", "max_memory_gb"),
@@ -161,6 +162,15 @@ class DataConfig(BaseConfig):
         gt=0,
         description="Use at most this many corpus tokens (null: all). With bpe it counts UTF-8 "
         "bytes, applied before the tokenizer is trained on what is kept.",
+    )
+
+    prepare_above_mb: float | None = Field(
+        256.0,
+        gt=0,
+        description="Files of source `files` larger than this many MB in all are tokenized "
+        "once into memory-mapped shards in the store's folder (`prepared/`) and read from "
+        "there, as `stackwise data prepare` does ahead of time; the batches are the same. "
+        "null: always read into memory.",
     )
 
     @model_validator(mode="after")

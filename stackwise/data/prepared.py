@@ -300,6 +300,51 @@ def prepare(
     return Prepared(manifest, True, reason, source_bytes, time.perf_counter() - started)
 
 
+AUTO_FOLDER = "prepared"  # beside a store: the folders `auto_prepare` writes
+
+
+def auto_prepare(
+    data: DataConfig,
+    seq_len: int,
+    root: Path,
+    report: Callable[[str], None] | None = None,
+) -> DataConfig | None:
+    """The data config that reads `data`'s files from token shards, prepared once into
+    ``root/prepared/<key>`` (`key`: the files and the settings), when the files (source
+    `files`) hold more than ``data.prepare_above_mb`` MB; None when they are read into memory.
+    The rows are those of the in-memory path. Processes preparing the same folder take turns
+    (a lock file beside it): the first prepares, the others find it prepared. `report` hears
+    the progress and, when it was prepared now, one line on what happened and how to do it
+    ahead of time."""
+    if data.source != "files" or data.prepare_above_mb is None:
+        return None
+    import fcntl
+
+    from stackwise.data.sources import expand_paths
+
+    files = expand_paths(list(data.paths))
+    size = sum(file.stat().st_size for file in files)
+    if size <= data.prepare_above_mb * 1e6:
+        return None
+    what = {"files": [str(f.resolve()) for f in files], "settings": _settings(data, seq_len)}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    folder = root / AUTO_FOLDER / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f"{key}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        done = prepare(data, seq_len, folder, progress=report)
+    if done.written and report is not None:
+        tokens = sum(side["tokens"] for side in done.manifest["sides"].values())
+        report(
+            f"data: {size / 1e6:,.0f} MB of files, above data.prepare_above_mb="
+            f"{data.prepare_above_mb:g}: tokenized once into {folder} ({tokens:,} tokens, "
+            f"{done.seconds:.0f} s); runs of these files and settings read it from there. Ahead "
+            f"of time: `stackwise data prepare EXPERIMENT.yaml -o DIR`, then data: "
+            f"{{source: prepared, paths: [DIR]}}"
+        )
+    return DataConfig(source="prepared", paths=[str(folder)])
+
+
 class _Progress:
     """One line every `every` seconds: bytes and tokens done, and their rates."""
 

@@ -26,6 +26,7 @@ from stackwise.tracking.logger import (
 from stackwise.tracking.progress import GridProgress, plain
 
 if TYPE_CHECKING:
+    from stackwise.config.base import DataConfig
     from stackwise.runner.grid import Grid
     from stackwise.runner.options import Lockstep
     from stackwise.runner.point import Point
@@ -52,7 +53,7 @@ def train_in_run(
     unsent = send_unsent(grid.client, run_id, folder / UNSENT_METRICS_FILE)
     if unsent:
         progress.print(f"    {plain(point.spec.name)}: sent {unsent} metrics the last attempt kept")
-    config, data = load_data(point.config)
+    config, data = load_data(point.config, _prepared(grid, point, progress))
     if not adopted:  # an adopted run recorded its data when it started
         counts = {"train_tokens": data.train_tokens, "val_tokens": data.val_tokens}
         counts["test_tokens"] = data.test_tokens
@@ -136,6 +137,19 @@ def train_in_run(
         close_quietly(logger, monitor)
         raise
     return logger, monitor, results.summary_metrics()
+
+
+def _prepared(grid: Grid, point: Point, progress: GridProgress) -> DataConfig | None:
+    """The point's files as token shards beside the store when they are too large to read
+    into memory (`stackwise.data.prepared.auto_prepare`); None to read them into memory."""
+    from stackwise.data.prepared import auto_prepare
+    from stackwise.tracking.store import local_root
+
+    def report(message: str) -> None:
+        progress.print(f"    {plain(point.spec.name)}: {plain(message)}", important=True)
+
+    data, seq_len = point.config.data, point.config.training.seq_len
+    return auto_prepare(data, seq_len, local_root(grid.uri), report)
 
 
 def close_quietly(logger: MlflowLogger | None, monitor: Any) -> None:

@@ -398,6 +398,19 @@ def data_problems(plans: Plans) -> tuple[list[ConfigError], list[ConfigError]]:
                 if unusable is not None:
                     field, message = unusable
                     report(("prepared", field, message), tuple(field.split(".")), message, spec)
+                    continue
+                seq_len = spec.config.training.seq_len
+                tokens = _prepared_train_rows(data, seq_len) * seq_len  # the manifest's count
+                estimate = estimate_key(spec.config)
+                if estimate not in budgets:
+                    budgets[estimate] = _budget_tokens(spec.config)
+                budget = budgets[estimate]
+                if budget is not None and _over(budget, tokens):  # tokens exact: no bounds
+                    spent, described = budget
+                    label = f"the prepared folder {spec.config.data.paths[0]}"
+                    message = _epochs_message(described, spent, tokens, label, "tokens", "", False)
+                    group = ("epochs", data.paths[0], seq_len, spent)
+                    report(group, _budget_field(spec), message, spec)
                 continue
             key = json.dumps(data.to_dict(), sort_keys=True)
             if key not in measured:
@@ -450,7 +463,7 @@ def data_problems(plans: Plans) -> tuple[list[ConfigError], list[ConfigError]]:
             if estimate not in budgets:
                 budgets[estimate] = _budget_tokens(spec.config)
             budget = budgets[estimate]
-            if budget is None or budget[0] <= MAX_EPOCHS * max(low, 1):
+            if budget is None or not _over(budget, low):
                 continue  # within the limit, whatever the split
             spent, described = budget
             upper = bounds is not None and bounds.upper
@@ -464,19 +477,12 @@ def data_problems(plans: Plans) -> tuple[list[ConfigError], list[ConfigError]]:
                     assert isinstance(split, int)  # the bounds hold only for splits that work
                     low = high = split
                 tokens = high
-            if spent <= MAX_EPOCHS * max(tokens, 1):
+            if not _over(budget, tokens):
                 continue
             unit = "bytes" if data.tokenizer != "byte" else "tokens"
             at_least = "at least " if upper or data.tokenizer != "byte" else ""
-            message = (
-                f"the budget ({described}) goes over the training data {at_least}"
-                f"{spent / max(tokens, 1):,.1f} times, more than {MAX_EPOCHS} epochs: {label} "
-                f"gives {'at most ' if upper else ''}{tokens:,} training {unit}; add data or "
-                f"lower the budget"
-            )
-            given = spec.config.training.budget
-            name = "steps" if given.steps is not None else "tokens" if given.tokens else "flops"
-            report(("epochs", key, seq_len, spent), ("training", "budget", name), message, spec)
+            message = _epochs_message(described, spent, tokens, label, unit, at_least, upper)
+            report(("epochs", key, seq_len, spent), _budget_field(spec), message, spec)
         for (kind, *_), (path, message, specs) in found.items():
             problem = ConfigError(
                 message + _runs_label(specs, len(runs)),
@@ -486,6 +492,37 @@ def data_problems(plans: Plans) -> tuple[list[ConfigError], list[ConfigError]]:
             )
             (warnings if kind == "epochs" else errors).append(problem)
     return errors, warnings
+
+
+def _over(budget: tuple[int, str], tokens: int) -> bool:
+    """Whether a budget of (tokens, description) goes over `tokens` more than `MAX_EPOCHS`
+    times."""
+    return budget[0] > MAX_EPOCHS * max(tokens, 1)
+
+
+def _epochs_message(
+    described: str, spent: int, tokens: int, label: str, unit: str, at_least: str, upper: bool
+) -> str:
+    return (
+        f"the budget ({described}) goes over the training data {at_least}"
+        f"{spent / max(tokens, 1):,.1f} times, more than {MAX_EPOCHS} epochs: {label} "
+        f"gives {'at most ' if upper else ''}{tokens:,} training {unit}; add data or "
+        f"lower the budget"
+    )
+
+
+def _budget_field(spec: RunSpec) -> tuple[str, ...]:
+    given = spec.config.training.budget
+    name = "steps" if given.steps is not None else "tokens" if given.tokens else "flops"
+    return ("training", "budget", name)
+
+
+def _prepared_train_rows(data: DataConfig, seq_len: int) -> int:
+    """Training rows of `seq_len` tokens of a prepared folder (one `_prepared_problem` found
+    usable)."""
+    from stackwise.data.prepared import read_manifest
+
+    return int(read_manifest(data.paths[0])["sides"]["train"]["tokens"]) // seq_len
 
 
 def check_devices(plans: Plans) -> None:

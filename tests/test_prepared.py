@@ -339,3 +339,34 @@ def test_files_above_the_threshold_are_prepared_once_beside_the_store(tmp_path: 
         }
     assert finals["shards"].keys() == {"seed=1", "seed=2"}
     assert finals["shards"]["seed=2"] == pytest.approx(finals["memory"]["seed=2"], abs=1e-6)
+
+
+def test_a_budget_far_over_a_prepared_folder_is_reported_from_its_manifest(tmp_path: Path) -> None:
+    source = {"source": "files", "paths": _corpus(tmp_path / "corpus")}
+    out = tmp_path / "prepared"
+    assert (
+        _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", out).returncode == 0
+    )
+    rows = read_manifest(out)["sides"]["train"]["tokens"] // TRAINING["seq_len"]
+    tokens = rows * TRAINING["seq_len"]  # what the loader trains on
+    steps = 11 * tokens // (TRAINING["batch_size"] * TRAINING["seq_len"]) + 1  # > 11 epochs
+    document = {
+        "name": "over",
+        "model": MODEL,
+        "training": {**TRAINING, "budget": {"steps": steps}},
+        "data": {"source": "prepared", "paths": [str(out)]},
+    }
+    (tmp_path / "over.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    checked = _cli(tmp_path, "validate", "over.yaml")
+    assert checked.returncode == 0, checked.stderr
+    epochs = steps * TRAINING["batch_size"] * TRAINING["seq_len"] / tokens
+    assert f"goes over the training data {epochs:,.1f} times" in checked.stderr
+    assert f"the prepared folder {out} gives {tokens:,} training tokens" in checked.stderr
+    assert "training.budget.steps" in checked.stderr
+    strict = _cli(tmp_path, "validate", "over.yaml", "--strict")
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+
+    document["training"] = {**TRAINING, "budget": {"steps": 2}}
+    (tmp_path / "over.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    within = _cli(tmp_path, "validate", "over.yaml")
+    assert within.returncode == 0 and "goes over" not in within.stderr

@@ -35,6 +35,7 @@ ORDER = (
     "bench_favor",
     "bench_logging_overhead",
     "bench_quickstart",
+    "bench_data",
 )
 GPU_NOT_RUN = "GPU: not run (no GPU on the machine that produced this table)"
 

@@ -189,6 +189,23 @@ def test_startup_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_data_quick(tmp_path: Path) -> None:
+    """Prepare against the plain encode loop, the loader against a training step and the
+    peak memory of training on two corpus sizes, each figure its parts' ratio."""
+    data = run_quick("bench_data", tmp_path)
+    for row in data["prepare"].values():
+        assert row["ratio"] == pytest.approx(row["reference_s"] / row["prepare_s"])
+    assert data["memory"]["large"]["corpus_mb"] > data["memory"]["small"]["corpus_mb"]
+    assert all(side["steps"] == 3 for side in data["memory"].values())
+    ratio = data["memory"]["large"]["peak_rss_mb"] / data["memory"]["small"]["peak_rss_mb"]
+    assert data["memory_ratio"] == pytest.approx(ratio)
+    loader = data["loader"]
+    assert loader["ratio"] == pytest.approx(
+        loader["loader_tokens_per_s"] / loader["training_tokens_per_s"]
+    )
+
+
+@pytest.mark.slow
 def test_quickstart_quick(tmp_path: Path) -> None:
     """The quickstart grid through the real CLI into a temporary store: its three runs, read
     back with `stackwise compare`, and the wall time of the whole command around them."""

@@ -25,7 +25,7 @@ nothing; a source whose size, modification time or content changed is prepared a
 
 `load_prepared` gives a run's tokenizer and loaders: `SequenceLoader` over the memory-mapped
 rows, so a batch reads only its own rows (the training order, a permutation of
-the rows drawn from ``training.seed`` + epoch as for an in-memory corpus, takes 8 bytes per
+the rows drawn from ``training.seed`` + epoch as for an in-memory corpus, takes 4 bytes per
 row). `read_manifest` (no numpy) checks a folder for the pre-run checks and the run identity.
 """
 

@@ -921,7 +921,13 @@ def test_torchrun_two_processes_give_the_loss_curve_of_one(
 
     training = {**tiny_training(8), "log_every_steps": 1, "grad_accum_steps": 2}
     grid = {"training.training_architecture": ["rackwise", "blockwise"]}
-    path = write_experiment(tmp_path, "ddp", grid=grid, training=training)
+    # Prepared shards: each process reads only the rows it keeps of every batch.
+    prepared = run_cli(
+        tmp_path, "data", "prepare", str(write_experiment(tmp_path, "corpus")), "-o", "shards"
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    data = {"source": "prepared", "paths": ["shards"]}
+    path = write_experiment(tmp_path, "ddp", grid=grid, training=training, data=data)
     one = run_cli(tmp_path, "run", str(path), "--tracking-uri", "one")
     two = run_cli(tmp_path, "run", str(path), "--tracking-uri", "two", "--nproc", "2")
     assert one.returncode == 0, one.stdout + one.stderr

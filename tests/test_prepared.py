@@ -370,3 +370,35 @@ def test_a_budget_far_over_a_prepared_folder_is_reported_from_its_manifest(tmp_p
     (tmp_path / "over.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
     within = _cli(tmp_path, "validate", "over.yaml")
     assert within.returncode == 0 and "goes over" not in within.stderr
+
+
+def test_processes_of_a_run_read_disjoint_rows_of_each_batch(tmp_path: Path) -> None:
+    """Under torchrun each process reads only the rows it keeps of a memory-mapped batch
+    (``[rank::world]``, `Distributed.shard`); together they read each row of the batch once."""
+    source = {"source": "files", "paths": _corpus(tmp_path / "corpus")}
+    out = tmp_path / "prepared"
+    assert (
+        _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", out).returncode == 0
+    )
+    config = _config({"source": "prepared", "paths": [str(out)]})
+    whole = build_data(config.data, config.training).train_loader
+    ranks = []
+    for rank in range(2):
+        loader = build_data(config.data, config.training).train_loader
+        loader.read_rows_of(rank, 2)
+        ranks.append(list(loader.iter_epoch(1)))
+    order = whole.order(1)
+    for index, full in enumerate(whole.iter_epoch(1)):
+        rows = order[index * whole.batch_size : (index + 1) * whole.batch_size]
+        assert torch.equal(full, torch.from_numpy(whole.sequences[rows.numpy()].astype(np.int64)))
+        for rank, batches in enumerate(ranks):
+            batch = batches[index]
+            assert batch.shape == full.shape
+            assert torch.equal(batch[rank::2], full[rank::2])  # the rows it keeps
+            others = [r for r in range(len(full)) if r % 2 != rank]
+            assert not batch[others].any()  # not read
+    # An in-memory corpus is read whole, as before.
+    memory = _config(source)
+    loader = build_data(memory.data, memory.training).train_loader
+    loader.read_rows_of(1, 2)
+    assert torch.equal(next(iter(loader.iter_epoch(0))), next(iter(whole.iter_epoch(0))))

@@ -41,6 +41,17 @@ class SequenceLoader:
         self.drop_last = drop_last and len(sequences) >= batch_size
         self.epoch = 0
         self.index = 0
+        self.rows_of: tuple[int, int] | None = None  # (rank, world): see `read_rows_of`
+
+    def read_rows_of(self, rank: int, world: int) -> None:
+        """Read only the rows ``[rank::world]`` of each batch from a memory-mapped corpus, the
+        rows one process of a run of `world` keeps (`stackwise.training.distributed`); the
+        other rows of the batch are zeros. The processes of a run then read disjoint rows,
+        and a batch keeps its shape, so every draw made on it (the corruption of the
+        objective draws by shape, never by value) is the same in each process. An in-memory
+        corpus is read whole, as before."""
+        if isinstance(self.sequences, np.ndarray) and world > 1:
+            self.rows_of = (rank, world)
 
     def __len__(self) -> int:
         n = len(self.sequences)
@@ -67,7 +78,13 @@ class SequenceLoader:
         order = self.order(epoch)
         for batch_index in range(start, len(self)):
             rows = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
-            if isinstance(self.sequences, np.ndarray):
+            if isinstance(self.sequences, np.ndarray) and self.rows_of is not None:
+                rank, world = self.rows_of
+                batch = torch.zeros((len(rows), self.sequences.shape[1]), dtype=torch.int64)
+                own = self.sequences[rows[rank::world].numpy()]
+                batch[rank::world] = torch.from_numpy(own.astype(np.int64))
+                yield batch
+            elif isinstance(self.sequences, np.ndarray):
                 yield torch.from_numpy(self.sequences[rows.numpy()].astype(np.int64))
             else:
                 yield self.sequences[rows.long()]

@@ -166,6 +166,9 @@ class _Run:
                 problem = "training.out_of_core trains in one process; run it without torchrun"
             if problem is not None:
                 raise TrainingError(problem)
+            read_rows_of = getattr(dataloader, "read_rows_of", None)
+            if read_rows_of is not None:  # a memory-mapped corpus: read this rank's rows only
+                read_rows_of(self.dist.rank, self.dist.world)
         self.dataloader = dataloader
         self.objective = self._objective(rack)
         pieces = None

@@ -220,8 +220,8 @@ def missing_data_files(plans: Plans) -> list[ConfigError]:
                         message = f"no file matches {pattern!r}"
                     else:
                         continue
-                elif Path(expanded).is_file():
-                    continue
+                elif Path(expanded).is_file() or (Path(expanded) / "state.json").is_file():
+                    continue  # a file, or a folder saved with datasets' save_to_disk
                 else:
                     message = f"{pattern!r} does not exist or is not a file"
                 line = setting_line(experiment, spec, ("data", "paths", index))

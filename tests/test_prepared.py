@@ -402,3 +402,74 @@ def test_processes_of_a_run_read_disjoint_rows_of_each_batch(tmp_path: Path) -> 
     loader = build_data(memory.data, memory.training).train_loader
     loader.read_rows_of(1, 2)
     assert torch.equal(next(iter(loader.iter_epoch(0))), next(iter(whole.iter_epoch(0))))
+
+
+def _arrow_stream(path: Path, texts: list[str], column: str = "text") -> None:
+    import pyarrow as pa
+
+    table = pa.table({column: texts, "id": list(range(len(texts)))})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=3):
+            writer.write_batch(batch)
+
+
+def test_a_folder_saved_by_datasets_is_read_in_its_order(tmp_path: Path) -> None:
+    """A folder as `datasets.Dataset.save_to_disk` writes it (Arrow IPC stream files listed in
+    state.json) is a source: its documents in the dataset's order, in memory and prepared."""
+    import pyarrow as pa
+
+    from stackwise.data.sources import load_documents
+
+    rng = np.random.default_rng(1)
+    texts = [f"doc {i}: " + "é stack wise " * int(rng.integers(5, 60)) for i in range(14)]
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    # The state lists the second half first: its order is the dataset's, not the names'.
+    _arrow_stream(folder / "data-00001-of-00002.arrow", texts[:8])
+    _arrow_stream(folder / "data-00000-of-00002.arrow", texts[8:])
+    state = {
+        "_data_files": [
+            {"filename": "data-00001-of-00002.arrow"},
+            {"filename": "data-00000-of-00002.arrow"},
+        ],
+        "_fingerprint": "x",
+        "_split": None,
+    }
+    (folder / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    data = _config({"source": "files", "paths": [str(folder)]}).data
+    assert load_documents(data) == texts
+
+    # An Arrow file in the file (not stream) format is read too.
+    table = pa.table({"text": texts[:3]})
+    sink = pa.OSFile(str(tmp_path / "other.arrow"), "wb")
+    with sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    other = _config({"source": "files", "paths": [str(tmp_path / "other.arrow")]}).data
+    assert load_documents(other) == texts[:3]
+
+    experiment = _experiment(tmp_path, {"source": "files", "paths": ["saved"], "val_fraction": 0.1})
+    done = _cli(tmp_path, "data", "prepare", experiment, "-o", "prepared")
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(tmp_path / "prepared")
+    assert [Path(s["path"]).name for s in manifest["sources"]] == [
+        "data-00001-of-00002.arrow",
+        "data-00000-of-00002.arrow",
+    ]
+    # Every document's bytes are in a shard, followed by [EOS] (byte tokenizer: ids = bytes).
+    streams = b"".join(
+        np.fromfile(tmp_path / "prepared" / f"{side}.bin", dtype=np.uint16)
+        .astype(np.int64)
+        .clip(max=255)
+        .astype(np.uint8)
+        .tobytes()
+        for side in manifest["sides"]
+    )
+    assert manifest["split"]["by_document"]
+    assert all(text.encode("utf-8") in streams for text in texts)
+
+    (tmp_path / "plain").mkdir()
+    refused = _cli(
+        tmp_path, "validate", _experiment(tmp_path, {"source": "files", "paths": ["plain"]}, "p")
+    )
+    assert refused.returncode == 2 and "data.paths" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -120,11 +120,14 @@ class DataConfig(BaseConfig):
     )
     paths: list[str] = Field(
         default_factory=list,
-        description="Text (.txt/.md…), JSONL or Parquet files or globs, for source `files`; "
+        description="Text (.txt/.md…), JSONL, Parquet or Arrow files or globs, or folders saved "
+        "with `datasets.Dataset.save_to_disk`, for source `files`; "
         "for source `prepared`, the one folder `stackwise data prepare` wrote.",
     )
-    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
-        "auto", description="File format (auto: from the extension)."
+    format: Literal["auto", "text", "jsonl", "parquet", "arrow"] = Field(
+        "auto",
+        description="File format (auto: from the extension; `.arrow`: Arrow IPC, as a folder "
+        "saved with `datasets.Dataset.save_to_disk` holds).",
     )
     text_column: str = Field("text", description="Text column of JSONL/Parquet files.")
     tokenizer: Literal["byte", "bpe", "hf"] = Field(

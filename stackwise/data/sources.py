@@ -26,6 +26,29 @@ from stackwise.config.base import DataConfig
 
 _JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
+_ARROW_SUFFIXES = {".arrow"}
+DATASET_STATE = "state.json"  # what `datasets.Dataset.save_to_disk` writes beside its files
+
+
+def dataset_files(folder: Path) -> list[Path]:
+    """The Arrow files of a folder saved with `datasets.Dataset.save_to_disk`, in the order its
+    ``state.json`` lists them (the dataset's row order). Raises `ValueError` naming
+    ``data.paths`` for a state file that does not list them."""
+    try:
+        state = json.loads((folder / DATASET_STATE).read_text(encoding="utf-8"))
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"data.paths: {folder}: {DATASET_STATE} does not list the dataset's files "
+            f"(_data_files: {error})"
+        ) from None
+    files = [folder / name for name in names]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"data.paths: {folder}: {DATASET_STATE} lists {file.name}, not there"
+            )
+    return files
 
 
 def builtin_documents() -> list[str]:
@@ -94,7 +117,8 @@ def builtin_fingerprint(source: str) -> str:
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
-    """Expand paths and globs to a sorted, de-duplicated list of files."""
+    """Expand paths and globs to a sorted, de-duplicated list of files; a folder saved with
+    `datasets.Dataset.save_to_disk` gives its Arrow files in the dataset's order."""
     files: list[Path] = []
     for pattern in patterns:
         expanded = Path(pattern).expanduser()
@@ -106,6 +130,13 @@ def expand_paths(patterns: list[str]) -> list[Path]:
             files.extend(matches)
         elif expanded.is_file():
             files.append(expanded)
+        elif (expanded / DATASET_STATE).is_file():
+            files.extend(dataset_files(expanded))
+        elif expanded.is_dir():
+            raise FileNotFoundError(
+                f"data.paths: {pattern!r} is a folder: give a glob of its files (such as "
+                f"'{pattern.rstrip('/')}/*.jsonl') or a folder saved with datasets' save_to_disk"
+            )
         else:
             raise FileNotFoundError(f"data.paths: {pattern!r} does not exist or is not a file")
     seen: set[Path] = set()
@@ -127,6 +158,8 @@ def file_format(path: Path, configured: str) -> str:
         return "jsonl"
     if suffix in _PARQUET_SUFFIXES:
         return "parquet"
+    if suffix in _ARROW_SUFFIXES:
+        return "arrow"
     return "text"
 
 
@@ -180,7 +213,26 @@ def read_documents(path: Path, fmt: str, text_column: str = "text") -> list[str]
         except pl.exceptions.PolarsError as error:
             raise ValueError(f"data.paths: {path}: not a readable Parquet file ({error})") from None
         return _column_values(frame, text_column, path)
+    if fmt == "arrow":
+        return list(iter_file_documents(path, fmt, text_column))
     raise ValueError(f"data.format: unknown format {fmt!r}")
+
+
+def _arrow_batches(path: Path) -> Iterator[object]:
+    """The record batches of an Arrow IPC file, stream format (what `datasets` writes) or file
+    format, read through a memory map."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            yield from pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)
+            for index in range(reader.num_record_batches):
+                yield reader.get_batch(index)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"data.paths: {path}: not a readable Arrow file ({error})") from None
 
 
 def load_documents(data: DataConfig) -> list[str]:
@@ -238,6 +290,11 @@ def iter_file_documents(path: Path, fmt: str, text_column: str = "text") -> Iter
                 f"{', '.join(names)})"
             )
         for batch in parquet.iter_batches(batch_size=8192, columns=[text_column]):
+            table = pl.from_arrow(batch)
+            assert isinstance(table, pl.DataFrame)
+            yield from _column_values(table, text_column, path)
+    elif fmt == "arrow":
+        for batch in _arrow_batches(path):
             table = pl.from_arrow(batch)
             assert isinstance(table, pl.DataFrame)
             yield from _column_values(table, text_column, path)

@@ -87,9 +87,9 @@ def build_rack(config: StackWiseConfig) -> Rack:
     from stackwise.model.architecture import create_rack_from_config
 
     if config.training.out_of_core:
-        import torch
+        from stackwise.model.materialize import meta_device
 
-        with torch.device("meta"):
+        with meta_device():
             return create_rack_from_config(config)
     return create_rack_from_config(config)
 

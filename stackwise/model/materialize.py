@@ -22,10 +22,13 @@ back only when something must run them. How:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -249,6 +252,43 @@ def write_sharded_rack(rack: Rack, pieces: dict[int, Path], folder: str | Path) 
     return folder
 
 
+# PyTorch's parameter initialisers that modules call as they are built (`nn.Linear`,
+# `nn.Embedding`, …).
+_INITS = (
+    "normal_",
+    "uniform_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+)
+
+
+def _skipping_meta(init: Callable[..., Any]) -> Callable[..., Any]:
+    def skip(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+    return skip
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """``torch.device("meta")`` for building a rack of shapes only (a skeleton, or one whose
+    blocks are drawn later), with PyTorch's default initialisers skipped on meta tensors: they
+    have nothing to draw there, and run they bring in PyTorch's compiler stack (seconds of
+    imports for a command that only plans). Other tensors are initialised as always."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    for name, init in saved.items():
+        setattr(nn.init, name, _skipping_meta(init))
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, init in saved.items():
+            setattr(nn.init, name, init)
+
+
 def is_sharded_rack(folder: str | Path) -> bool:
     return (Path(folder) / INDEX_FILE).is_file()
 
@@ -257,7 +297,7 @@ def load_sharded_rack(folder: str | Path) -> Rack:
     """Rebuild a rack written by `write_sharded_rack`, mapping its shards lazily."""
     folder = Path(folder)
     spec = json.loads((folder / "rack_spec.json").read_text(encoding="utf-8"))
-    with torch.device("meta"):
+    with meta_device():
         rack = create_rack_from_specs(**saved_rack_spec(spec))
     index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
     state: dict[str, torch.Tensor] = {}

@@ -285,17 +285,17 @@ def skeleton(
     """A meta-device rack shaped like `rack` (from its spec), else like the config's rack
     prepared for its mode, with the vocabulary of `vocab_size_of` (the config's, else
     `vocab_size`, else the tokenizer's)."""
-    import torch
 
     from stackwise.model.architecture import Rack, create_rack_from_config
+    from stackwise.model.materialize import meta_device
     from stackwise.training.stages import prepare_rack
 
     if isinstance(rack, Rack):
-        with torch.device("meta"):
+        with meta_device():
             return Rack.from_spec(rack.spec())
     data = config.to_dict()
     data["model"]["vocab_size"] = vocab_size_of(config, vocab_size)
-    with torch.device("meta"):
+    with meta_device():
         built = create_rack_from_config(data)
     prepare_rack(config, built)
     return built

@@ -537,6 +537,58 @@ def _kill_and_wait(pid: int) -> None:
         psutil.Process(pid).wait(timeout=30)
 
 
+def test_the_processes_a_driver_started_end_when_it_is_killed_outright(tmp_path: Path) -> None:
+    """`reaper.watch`: SIGKILL of the driver ends the tree of processes it started (as a local
+    Ray cluster's helpers), none of the others; a driver that stops its watcher (as the Ray
+    executor does once its cluster is down) and ends leaves its processes alone."""
+    import subprocess
+
+    import psutil
+
+    code = (
+        "import subprocess, sys, time\n"
+        "from stackwise.executors.reaper import watch\n"
+        "child = subprocess.Popen(['sh', '-c', 'sleep 120 & sleep 120; wait'])\n"
+        "watcher = watch()\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(float(sys.argv[1]))\n"
+        "watcher.kill()\n"
+        "watcher.wait()\n"
+    )
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        for how in ("killed", "ends"):
+            driver = subprocess.Popen(
+                [sys.executable, "-c", code, "120" if how == "killed" else "2"],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            assert driver.stdout is not None
+            child = psutil.Process(int(driver.stdout.readline()))
+            deadline = time.monotonic() + 30
+            while len(child.children()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            tree = [child, *child.children(recursive=True)]
+            assert len(tree) == 3  # sh and its two sleeps
+            time.sleep(1.5)  # the watcher has seen the whole tree
+            if how == "killed":
+                driver.kill()
+                driver.wait()
+                _, alive = psutil.wait_procs(tree, timeout=15)
+                assert alive == [], alive
+            else:
+                driver.wait()
+                time.sleep(2)
+                assert all(p.is_running() for p in tree)  # not killed
+                for process in tree:
+                    process.kill()
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_a_killed_drivers_folder_stays_while_its_jobs_run_and_is_swept_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -856,6 +908,36 @@ def test_ray_driver_stopped_by_a_signal_leaves_nothing_running_and_a_rerun_resum
     finished = assert_one_finished_run_per_point(store, "raystop", {"seed=1", "seed=2"})
     assert killed.items() <= finished.items()  # resumed inside the runs it had
     print(f"Ray driver stopped by {sig.name} as {when} in {took:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ray_driver_killed_outright_takes_its_local_cluster_with_it(
+    tmp_path: Path,
+    write_experiment: Helper,
+    tiny_training: Helper,
+    cli_command: Helper,
+    cli_env: Helper,
+    run_cli: Helper,
+) -> None:
+    """SIGKILL of a driver running a local Ray cluster: no process of that cluster (GCS,
+    raylet, its agents and workers) outlives it by more than a few seconds, and a rerun
+    finishes every point."""
+    if os.environ.get("STACKWISE_REQUIRE_RAY") != "1":
+        pytest.importorskip("ray")
+    training = {**tiny_training(1000), "log_every_steps": 2}
+    path = write_experiment(tmp_path, "raykill9", grid={"training.seed": [1, 2]}, training=training)
+    store = default_tracking_uri(tmp_path)
+    args = ("run", str(path), "--executor", "ray")
+    driver = Driver(cli_command(*args), tmp_path, cli_env(tmp_path))
+    driver.wait_for_points(store, "raykill9", 1)
+    driver.process.kill()
+    driver.finish(timeout=60)
+    assert driver.left_behind(within=15) == []  # Ray's own helpers linger about a minute
+
+    again = run_cli(tmp_path, *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_one_finished_run_per_point(store, "raykill9", {"seed=1", "seed=2"})
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class RayExecutor:
         self.local_cpus = local_cpus  # CPUs of a local cluster started here (default: all)
         self._ray: Any = None
         self._started = False
+        self._reaper: Any = None  # ends the local cluster if this driver is killed outright
         self.capacity: int | None = None
 
     def connect(self) -> None:
@@ -143,6 +144,10 @@ class RayExecutor:
                 if sigterm is not None:
                     signal.signal(signal.SIGTERM, sigterm)
             self._started = True
+            if self.address is None:
+                from stackwise.executors.reaper import watch
+
+                self._reaper = watch()
         resources = ray.cluster_resources()
         cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
         if self.gpus_per_run is None:
@@ -165,6 +170,10 @@ class RayExecutor:
         if self._started and self._ray is not None:
             self._shutdown()
         self._started = False
+        if self._reaper is not None:  # the cluster is down: nothing left to watch
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
 
     def _shutdown(self) -> None:
         with signals_deferred(), contextlib.suppress(Exception):

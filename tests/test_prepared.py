@@ -473,3 +473,54 @@ def test_a_folder_saved_by_datasets_is_read_in_its_order(tmp_path: Path) -> None
     )
     assert refused.returncode == 2 and "data.paths" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and first == "Rss:":
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_reading_a_whole_side_keeps_few_of_its_pages_resident(tmp_path: Path) -> None:
+    """An evaluation over a whole split reads every row of its shard; the pages read are
+    handed back as it goes, so the process holds a few batches' worth, not the file."""
+    from stackwise.data.loader import RELEASE_EVERY
+
+    rng = np.random.default_rng(3)
+    words = np.array(["stack", "wise", "token", "shard", "memory", "map", "layer", "rack"])
+    (tmp_path / "corpus").mkdir()
+    for index in range(40):
+        text = " ".join(rng.choice(words, size=20_000))
+        (tmp_path / "corpus" / f"doc{index}.txt").write_text(text, encoding="utf-8")
+    source = {"source": "files", "paths": [str(tmp_path / "corpus" / "*.txt")]}
+    source["val_fraction"] = 0.4
+    out = tmp_path / "prepared"
+    done = _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", out)
+    assert done.returncode == 0, done.stderr
+    config = StackWiseConfig.from_dict(
+        {
+            "model": MODEL,
+            "training": {**TRAINING, "batch_size": 16, "seq_len": 256},
+            "data": {"source": "prepared", "paths": [str(out)]},
+        }
+    )
+    loader = build_data(config.data, config.training).val_loader
+    shard = out / "val.bin"
+    size_kib = shard.stat().st_size // 1024
+    assert size_kib > 2000  # a shard of megabytes
+    batch_kib = loader.batch_size * config.training.seq_len * 2 / 1024
+    peak = 0
+    for index, _ in enumerate(loader.iter_epoch(0)):
+        if index % 5 == 4:  # reading smaps is slow; often enough to see growth
+            peak = max(peak, _mapped_kib(shard))
+    # At most the batches since the last release, each touching a page or two per row, plus
+    # the page-sized read-ahead the kernel maps around them.
+    assert peak < RELEASE_EVERY * (batch_kib + loader.batch_size * 8) + 1024, (peak, size_kib)
+    assert peak < size_kib / 4

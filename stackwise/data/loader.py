@@ -13,10 +13,24 @@ corpus (`stackwise.data.prepared`): then each batch reads only its rows, as int6
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+# Batches read from a memory-mapped corpus between two releases of its mapped pages.
+RELEASE_EVERY = 32
+
+
+def release_mapped_pages(rows: torch.Tensor | np.ndarray) -> None:
+    """Hand the pages of a memory-mapped corpus read so far back to the kernel: they stay in
+    the page cache (a later read finds them there) but leave this process's resident set, which
+    otherwise grows with every row read until it holds the whole file (an evaluation over a
+    large test split reads all of it). A no-op for arrays in memory."""
+    mapping = getattr(rows, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class SequenceLoader:
@@ -77,6 +91,8 @@ class SequenceLoader:
         """Batches of `epoch`, beginning with batch number `start`."""
         order = self.order(epoch)
         for batch_index in range(start, len(self)):
+            if (batch_index - start) % RELEASE_EVERY == RELEASE_EVERY - 1:
+                release_mapped_pages(self.sequences)
             rows = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             if isinstance(self.sequences, np.ndarray) and self.rows_of is not None:
                 rank, world = self.rows_of

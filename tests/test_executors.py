@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,11 +206,20 @@ def test_a_stop_signal_a_library_turns_into_ctrl_c_keeps_its_exit_status() -> No
     assert caught.value.signum == signal.SIGTERM
 
 
+@pytest.fixture(name="ctrl_c")
+def ctrl_c_fixture() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal: a shell starts a
+    background job (`nox … &`) with SIGINT ignored, and Python keeps it so."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(
     ("sig", "raised"), [(signal.SIGTERM, "Interrupted"), (signal.SIGINT, "KeyboardInterrupt")]
 )
 def test_a_signal_during_a_deferred_step_stops_the_run_right_after_it(
-    sig: signal.Signals, raised: str
+    sig: signal.Signals, raised: str, ctrl_c: None
 ) -> None:
     """Handing a task to Ray and recording it, starting a job, shutting a cluster down: a signal
     meanwhile waits for the step to end, then stops the run as it would have."""
@@ -309,7 +318,7 @@ def test_ctrl_c_while_a_point_opens_its_run_leaves_no_run_running(
 
 
 def test_a_point_that_fails_as_it_stops_is_killed_not_failed(
-    tmp_path: Path, write_experiment: Helper, tiny_training: Helper
+    tmp_path: Path, write_experiment: Helper, tiny_training: Helper, ctrl_c: None
 ) -> None:
     """Ctrl-C mid-training, and the checkpoint written on the way out fails (here its folder is
     a file; a Ctrl-C inside a lazy import of torch's leaves a half-made module the save then

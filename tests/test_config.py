@@ -1068,3 +1068,20 @@ def test_numbers_on_axes_keep_the_text_they_were_written_as(tmp_path: Path) -> N
     ]
     assert runs[-1].config.training.optimizer.lr == 0.03
     assert runs[-1].config.training.budget.flops == 3.16e12
+
+
+def test_settings_added_later_keep_the_identities_of_earlier_runs() -> None:
+    """A setting added with a default that changes nothing (here `data.tokenizer_file`, unset;
+    `data.prepare_above_mb`, which decides only how the same batches are read) leaves a
+    config's hash as the code before it computed it: finished runs stay finished and
+    checkpoints stay resumable. The values were computed by that earlier code."""
+    runs = expand_grid(load_experiment(ROOT / "experiments" / "quickstart.yaml"))
+    hashes = {run.name: run.config.config_hash() for run in runs}
+    assert hashes == {
+        "size=small,mode=layerwise": "0e6b8d3f71f77009",
+        "size=small,mode=stackwise": "dac8637890b33b03",
+        "size=small,mode=rackwise": "0b21cd3d4a6615c7",
+    }
+    changed = runs[0].config.model_copy(deep=True)
+    changed.data.prepare_above_mb = 1.0
+    assert changed.config_hash() == hashes[runs[0].name]

@@ -456,6 +456,8 @@ class StackWiseConfig(BaseConfig):
         if not self.model.uses_favor:
             # How FAVOR+ draws its features changes nothing without FAVOR+ attention.
             payload["model"]["kernel"].pop("favor_sampling", None)
+        if self.data.tokenizer_file is None:  # as configs written before the setting existed
+            payload["data"].pop("tokenizer_file", None)
         return payload
 
     def config_hash(self) -> str:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +59,10 @@ def _experiment(folder: Path, data: dict[str, Any], **sections: Any) -> Path:
     return path
 
 
-def _cli(cwd: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stackwise", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
-    )
+@pytest.fixture(name="cli")
+def cli_fixture(run_cli: Any) -> Any:
+    """The shared `run_cli`, with paths among the arguments."""
+    return lambda cwd, *args: run_cli(cwd, *map(str, args))
 
 
 def _config(data: dict[str, Any], base: Path) -> StackWiseConfig:
@@ -77,7 +70,9 @@ def _config(data: dict[str, Any], base: Path) -> StackWiseConfig:
     return resolve_data_paths(config, base)
 
 
-def test_the_file_is_used_as_it_is_in_memory_and_in_prepared_shards(tmp_path: Path) -> None:
+def test_the_file_is_used_as_it_is_in_memory_and_in_prepared_shards(
+    tmp_path: Path, cli: Any
+) -> None:
     _word_level_tokenizer(tmp_path / "words.json")
     # Relative to the experiment file, as data.paths.
     source = {"source": "files", "paths": _corpus(tmp_path / "corpus"), "tokenizer": "hf"}
@@ -94,7 +89,7 @@ def test_the_file_is_used_as_it_is_in_memory_and_in_prepared_shards(tmp_path: Pa
     rows = torch.cat(list(memory.train_loader.iter_epoch(0)))
     assert set(rows.unique().tolist()) <= set(range(1, len(WORDS))) | {tokenizer.eos_id}
 
-    done = _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", "prepared")
+    done = cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", "prepared")
     assert done.returncode == 0, done.stderr
     manifest = read_manifest(tmp_path / "prepared")
     assert manifest["tokenizer"]["kind"] == "hf"
@@ -108,7 +103,7 @@ def test_the_file_is_used_as_it_is_in_memory_and_in_prepared_shards(tmp_path: Pa
 
     # Another file content is another preparation.
     _word_level_tokenizer(tmp_path / "words.json", [*WORDS, "extra"])
-    again = _cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", "prepared")
+    again = cli(tmp_path, "data", "prepare", _experiment(tmp_path, source), "-o", "prepared")
     assert again.returncode == 0, again.stderr
     assert "the settings changed" in again.stderr
     assert read_manifest(tmp_path / "prepared")["tokenizer"]["vocab_size"] == len(WORDS) + 5
@@ -129,37 +124,39 @@ def test_the_run_identity_counts_the_files_content_not_its_path(tmp_path: Path) 
     assert fingerprint("a.json") != fingerprint("b.json")
 
 
-def test_a_missing_file_or_a_file_without_hf_is_a_clean_error(tmp_path: Path) -> None:
+def test_a_missing_file_or_a_file_without_hf_is_a_clean_error(tmp_path: Path, cli: Any) -> None:
     paths = _corpus(tmp_path / "corpus")
     source = {"source": "files", "paths": paths, "tokenizer": "hf", "tokenizer_file": "no.json"}
-    missing = _cli(tmp_path, "validate", _experiment(tmp_path, source))
+    missing = cli(tmp_path, "validate", _experiment(tmp_path, source))
     assert missing.returncode == 2
     assert "data.tokenizer_file" in missing.stderr and "no.json" in missing.stderr
     assert "Traceback" not in missing.stderr
 
     _word_level_tokenizer(tmp_path / "words.json")
     source = {"source": "files", "paths": paths, "tokenizer_file": "words.json"}  # byte
-    unused = _cli(tmp_path, "validate", _experiment(tmp_path, source))
+    unused = cli(tmp_path, "validate", _experiment(tmp_path, source))
     assert unused.returncode == 2
     assert "tokenizer_file" in unused.stderr and "tokenizer `hf`" in unused.stderr
     assert "Traceback" not in unused.stderr
 
     (tmp_path / "broken.json").write_text(json.dumps({"model": "nothing"}), encoding="utf-8")
-    broken = _cli(tmp_path, "data", "prepare", *paths, "-o", "out", "--tokenizer", "hf")
+    broken = cli(tmp_path, "data", "prepare", *paths, "-o", "out", "--tokenizer", "hf")
     assert broken.returncode == 2 and "--tokenizer-file" in broken.stderr
     files = ("--tokenizer", "hf", "--tokenizer-file", "broken.json")
-    broken = _cli(tmp_path, "data", "prepare", *paths, "-o", "out", *files)
+    broken = cli(tmp_path, "data", "prepare", *paths, "-o", "out", *files)
     assert broken.returncode == 2
     assert "data.tokenizer_file" in broken.stderr and "not a Hugging Face" in broken.stderr
     assert "Traceback" not in broken.stderr and not (tmp_path / "out" / "manifest.json").exists()
 
 
 @pytest.mark.slow
-def test_a_run_stores_the_tokenizer_with_its_model(tmp_path: Path, point_runs: Any) -> None:
+def test_a_run_stores_the_tokenizer_with_its_model(
+    tmp_path: Path, point_runs: Any, cli: Any
+) -> None:
     _word_level_tokenizer(tmp_path / "words.json")
     source = {"source": "files", "paths": _corpus(tmp_path / "corpus"), "tokenizer": "hf"}
     source["tokenizer_file"] = "words.json"
-    run = _cli(tmp_path, "run", _experiment(tmp_path, source), "--quiet")
+    run = cli(tmp_path, "run", _experiment(tmp_path, source), "--quiet")
     assert run.returncode == 0, run.stderr
     import mlflow
 

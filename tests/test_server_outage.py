@@ -480,8 +480,11 @@ def test_a_server_gone_past_the_limit_stops_the_run_and_a_rerun_resumes(
     assert "resuming" in again.stdout, again.stdout
     spilled = re.search(r"and (\d+) unsent metrics beside it", errors[0])
     resent = re.search(r"sent (\d+) metrics the last attempt kept", again.stdout)
-    assert spilled is not None and resent is not None, errors[0] + again.stdout
-    assert 0 < int(resent.group(1)) <= int(spilled.group(1)), (errors[0], again.stdout)
+    assert spilled is not None and int(spilled.group(1)) > 0, errors[0]
+    # The kept metrics are sent unless the server stored them already (a batch whose answer
+    # was lost as the relay closed): then the rerun has nothing to send and says nothing.
+    if resent is not None:
+        assert 0 < int(resent.group(1)) <= int(spilled.group(1)), (errors[0], again.stdout)
     client = MlflowClient(tracking_uri=server.url)
     assert _point_run(client, "limit").info.run_id == run.info.run_id  # the same run, resumed
     _check_complete(client, run.info.run_id, 300, assert_each_step_logged_once)

@@ -498,7 +498,7 @@ def test_a_batch_whose_answer_was_lost_is_stored_once(
     the writer sends it again itself): the store keeps each step once."""
     from mlflow import MlflowClient
 
-    from stackwise.tracking.logger import MetricWriter
+    from stackwise.tracking.metric_writer import MetricWriter
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     direct = MlflowClient(tracking_uri=server.url)
@@ -523,7 +523,7 @@ def test_buffer_is_bounded_and_the_writer_gives_up(
     spill file."""
     from mlflow import MlflowClient
 
-    from stackwise.tracking.logger import MetricWriter
+    from stackwise.tracking.metric_writer import MetricWriter
     from stackwise.tracking.store import TrackingUnavailable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

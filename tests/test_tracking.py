@@ -371,7 +371,8 @@ def _stage(index: int, steps: int) -> Any:
 def test_logger_records_each_step_once_also_after_resume(
     tmp_path: Path, assert_each_step_logged_once: Callable[[Any, str], None]
 ) -> None:
-    from stackwise.tracking.logger import MlflowLogger, logged_steps
+    from stackwise.tracking.logger import MlflowLogger
+    from stackwise.tracking.metric_writer import logged_steps
     from stackwise.tracking.store import get_or_create_experiment, open_client
 
     uri = default_tracking_uri(tmp_path)

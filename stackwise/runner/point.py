@@ -25,13 +25,13 @@ from stackwise.tracking.logger import (
     TAG_ERROR,
     TAG_PARENT,
     TAG_ROLE,
-    UNSENT_METRICS_FILE,
     MlflowLogger,
     log_params,
     run_params,
     run_tags,
     set_tags,
 )
+from stackwise.tracking.metric_writer import UNSENT_METRICS_FILE
 from stackwise.tracking.models import has_logged_model, retrain_command
 from stackwise.tracking.progress import GridProgress, plain
 from stackwise.tracking.store import (

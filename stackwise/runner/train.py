@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from stackwise.tracking.logger import (
     TAG_CONFIG_HASH,
-    UNSENT_METRICS_FILE,
     MlflowLogger,
     log_dataset,
     log_params,
-    logged_steps,
-    send_unsent,
 )
+from stackwise.tracking.metric_writer import UNSENT_METRICS_FILE, logged_steps, send_unsent
 from stackwise.tracking.progress import GridProgress, plain
 
 if TYPE_CHECKING:

@@ -534,7 +534,7 @@ def end_run_or_say_why(
 # MLflow's client retries every request itself (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default,
 # with exponential backoff: about 4 minutes of refused connections). What is still unanswered
 # after that stops a run the way Ctrl-C does, as `TrackingUnavailable`; step metrics are buffered
-# and resent by `stackwise.tracking.logger.MetricWriter` until `tracking.server_wait_minutes`.
+# and resent by `stackwise.tracking.metric_writer.MetricWriter` until `tracking.server_wait_minutes`.
 
 EXIT_TRACKING_UNAVAILABLE = 75  # EX_TEMPFAIL: a temporary failure; run the command again
 

@@ -17,6 +17,7 @@ import typer
 from stackwise import preflight
 from stackwise.cli.options import OnlyOption, SetOption, TrackingUriOption
 from stackwise.cli.output import fail, note, stderr_console, stdout_console, user_errors
+from stackwise.tracking.compare.common import store_error
 
 
 def compare(
@@ -108,8 +109,6 @@ def compare(
 ) -> None:
     """Compare the runs of experiments: per grid point the latest run of the file's current
     settings (with --set/--only as given to `run`), results side by side; --all for every run."""
-    from mlflow.exceptions import MlflowException
-
     from stackwise.tracking.compare import (
         AGGREGATIONS,
         FORMATS,
@@ -181,10 +180,13 @@ def compare(
         )
     except (CompareError, EvidenceError) as error:
         fail([str(error)])
-    except MlflowException as error:  # a store that exists but cannot be read as asked
-        fail([f"tracking store: {error.message}"])
     except OSError as error:
         fail([f"--output {output}: {error.strerror or error}"])
+    except Exception as error:  # a store that exists but cannot be read as asked
+        problem = store_error(error)
+        if problem is None:
+            raise
+        fail([f"tracking store: {problem}"])
     if output is not None:
         stderr_console().print(f"wrote {output}")
     elif text is not None:
@@ -254,8 +256,6 @@ def report(
     """Write the evidence report of an experiment: its design, the tuned, seed-averaged results,
     paired differences with 95% intervals, the compute frontier and conclusions drawn from the
     intervals by rule. Also logged on the experiment's latest parent run (report.md)."""
-    from mlflow.exceptions import MlflowException
-
     from stackwise.tracking.compare import CompareError, compare_runs
     from stackwise.tracking.evidence import EvidenceError, build_report, log_report, runs_commit
 
@@ -273,6 +273,7 @@ def report(
                 notes=notes,
                 overrides=set_ or (),
                 clients=clients,
+                writable=True,  # the report is logged on the runs' parent
             )
         for message in notes:
             note(message)
@@ -296,10 +297,13 @@ def report(
                 output.write_text(text, encoding="utf-8")
     except (CompareError, EvidenceError) as error:
         fail([str(error)])
-    except MlflowException as error:
-        fail([f"tracking store: {error.message}"])
     except OSError as error:
         fail([f"--output {output}: {error.strerror or error}"])
+    except Exception as error:  # a store that exists but cannot be read as asked
+        problem = store_error(error)
+        if problem is None:
+            raise
+        fail([f"tracking store: {problem}"])
     if logged is not None:
         stderr_console().print(f"logged report.md on run {logged}")
     if output is not None:

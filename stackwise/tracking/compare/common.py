@@ -75,3 +75,18 @@ def resolve_metric(metric: str | None) -> str:
 def plural(count: int, word: str) -> str:
     """``"1 run"``, ``"3 runs"``."""
     return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def store_error(error: BaseException) -> str | None:
+    """What went wrong reading a tracking store, where `error` is MLflow's or SQLite's (a store
+    that exists but cannot be read as asked), else None. MLflow is not imported for this: an
+    error of MLflow's can only come from a process that imported it."""
+    import sqlite3
+    import sys
+
+    errors = sys.modules.get("mlflow.exceptions")
+    if errors is not None and isinstance(error, errors.MlflowException):
+        return str(error.message)
+    if isinstance(error, sqlite3.Error):
+        return str(error)
+    return None

@@ -21,6 +21,10 @@ from stackwise.tracking.compare.common import RESULT_COLUMNS, RUN_BOOKKEEPING, T
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from stackwise.tracking.sqlite_runs import SqliteRuns
+
+    Reader = MlflowClient | SqliteRuns
+
 # (run id, metric key) -> [(step, value)], oldest step first.
 MetricHistory = Callable[[str, str], list[tuple[int, float]]]
 X_AXES = ("flops", "tokens", "seconds")  # what a loss curve can be drawn against
@@ -63,7 +67,7 @@ class RunCurve:
         return self.final_val_loss
 
 
-def client_history(clients: MlflowClient | Mapping[str, MlflowClient]) -> MetricHistory:
+def client_history(clients: Reader | Mapping[str, Reader]) -> MetricHistory:
     """A `MetricHistory` reading one store, or each run's own store (``run id -> client``)."""
 
     def history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -74,7 +78,7 @@ def client_history(clients: MlflowClient | Mapping[str, MlflowClient]) -> Metric
     return history
 
 
-def client_timestamps(clients: MlflowClient | Mapping[str, MlflowClient]) -> MetricHistory:
+def client_timestamps(clients: Reader | Mapping[str, Reader]) -> MetricHistory:
     """A `MetricHistory` of when each step's metric was logged (MLflow's timestamp, seconds)."""
 
     def history(run_id: str, key: str) -> list[tuple[int, float]]:

@@ -37,6 +37,7 @@ from stackwise.tracking.logger import (
     TAG_SEED,
     TAG_TUNE_PREFIX,
 )
+from stackwise.tracking.sqlite_runs import SqliteRuns
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -58,7 +59,7 @@ def _tag_names(runs: Sequence[Run], prefix: str) -> list[str]:
 
 
 def runs_frame(
-    client: MlflowClient,
+    client: MlflowClient | SqliteRuns,
     experiment_ids: dict[str, str],
     run_ids: Iterable[str] | None = None,
     metric: str | None = None,
@@ -173,7 +174,8 @@ def compare_runs(
     overrides: Sequence[str] = (),
     only: Sequence[str] = (),
     all_runs: bool = False,
-    clients: dict[str, MlflowClient] | None = None,
+    clients: dict[str, MlflowClient | SqliteRuns] | None = None,
+    writable: bool = False,
 ) -> pl.DataFrame:
     """The runs of the given experiments (files or MLflow experiment names), one row each.
 
@@ -188,11 +190,9 @@ def compare_runs(
     Lines about runs not shown go to `notes` when given. Raises `CompareError` for an
     experiment the store does not have; when `notes` is given and several experiments are
     named, one that has not been run yet is left out with a line in `notes` instead, as long
-    as at least one is found. `clients`, when given, receives ``run id -> MlflowClient`` of its
-    store (for plots).
+    as at least one is found. `clients`, when given, receives ``run id -> reader`` (`open_reader`) of its
+    store (for plots); `writable` makes each an `MlflowClient` (to log on the runs).
     """
-    from mlflow import MlflowClient
-
     refs = resolve_experiments(experiments, tracking_uri, overrides, only)
     if not refs:
         raise CompareError("name at least one experiment file or MLflow experiment")
@@ -205,8 +205,7 @@ def compare_runs(
     fingerprints: dict[str, str] = {}
     for uri, store_refs in by_store.items():
         _check_store(uri)
-        # Opening a client on a SQLite URI creates the database: only after the checks above.
-        client = MlflowClient(tracking_uri=uri)
+        client = open_reader(uri, writable)
         ids: dict[str, str] = {}
         current: dict[str, Sequence[str] | None] = {}
         for ref in store_refs:
@@ -245,6 +244,19 @@ def compare_runs(
     return frame
 
 
+def open_reader(uri: str, writable: bool = False) -> MlflowClient | SqliteRuns:
+    """What reads store `uri`: its SQLite file directly where that gives MLflow's answers
+    (`SqliteRuns`: no MLflow import, about 2 s less to start), else, or when `writable`, MLflow's
+    client. Opening a client on a SQLite URI creates the database: call this after
+    `_check_store`."""
+    reader = None if writable else SqliteRuns.open(uri)
+    if reader is not None:
+        return reader
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 def _check_store(uri: str) -> None:
     """Refuse a store that cannot be read, without creating anything."""
     from stackwise.tracking.store import check_tracking_uri, sqlite_path
@@ -257,7 +269,7 @@ def _check_store(uri: str) -> None:
         raise CompareError(f"no tracking store at {database} (nothing has been run there yet)")
 
 
-def _get_experiment(client: MlflowClient, uri: str, name: str) -> Any:
+def _get_experiment(client: MlflowClient | SqliteRuns, uri: str, name: str) -> Any:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         known = sorted(e.name for e in client.search_experiments() if e.name != "Default")

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from matplotlib.lines import Line2D
     from mlflow import MlflowClient
 
+    from stackwise.tracking.sqlite_runs import SqliteRuns
+
+    Reader = MlflowClient | SqliteRuns
+
 PLOT_FILES = (
     "loss_over_flops.png",
     "loss_over_tokens.png",
@@ -450,7 +454,7 @@ def _label_points(figure: Any, axis: Any, points: Sequence[tuple[str, float, flo
 
 
 def save_plots(
-    client: MlflowClient | Mapping[str, MlflowClient], frame: pl.DataFrame, folder: str | Path
+    client: Reader | Mapping[str, Reader], frame: pl.DataFrame, folder: str | Path
 ) -> list[Path]:
     """`PLOT_FILES` for the runs of `frame` into `folder`: ``loss_over_flops.png``,
     ``loss_over_tokens.png`` and ``loss_over_time.png`` (`loss_figure`) and

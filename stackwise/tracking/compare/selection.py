@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from stackwise.config.base import NOT_IDENTITY
 from stackwise.tracking.compare.common import plural
 from stackwise.tracking.logger import TAG_CONFIG_HASH, TAG_PARENT, TAG_ROLE, TAG_RUN_NAME
+from stackwise.tracking.sqlite_runs import SqliteRuns
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -17,9 +18,13 @@ if TYPE_CHECKING:
 
 
 def search_point_runs(
-    client: MlflowClient, experiment_ids: list[str], run_ids: Iterable[str] | None = None
+    client: MlflowClient | SqliteRuns,
+    experiment_ids: list[str],
+    run_ids: Iterable[str] | None = None,
 ) -> list[Run]:
     """All grid-point runs of the experiments (every page), oldest first."""
+    if isinstance(client, SqliteRuns):
+        return _only(client.point_runs(experiment_ids, TAG_ROLE), run_ids)  # type: ignore[arg-type]
     from mlflow.entities import ViewType
 
     filter_string = f"tags.`{TAG_ROLE}` = 'point'"
@@ -38,10 +43,14 @@ def search_point_runs(
         token = page.token
         if not token:
             break
-    if run_ids is not None:
-        wanted = set(run_ids)
-        runs = [r for r in runs if r.info.run_id in wanted]
-    return runs
+    return _only(runs, run_ids)
+
+
+def _only(runs: list[Run], run_ids: Iterable[str] | None) -> list[Run]:
+    if run_ids is None:
+        return runs
+    wanted = set(run_ids)
+    return [r for r in runs if r.info.run_id in wanted]
 
 
 def _config_hash(run: Run) -> str:

@@ -17,7 +17,6 @@ import typer
 from stackwise import preflight
 from stackwise.cli.options import OnlyOption, SetOption, TrackingUriOption
 from stackwise.cli.output import fail, note, stderr_console, stdout_console, user_errors
-from stackwise.tracking.compare.common import store_error
 
 
 def compare(
@@ -121,6 +120,7 @@ def compare(
         save_plots,
         select_columns,
     )
+    from stackwise.tracking.compare.common import store_error
     from stackwise.tracking.evidence import EvidenceError, comparison_table
 
     if format_ not in FORMATS:
@@ -257,6 +257,7 @@ def report(
     paired differences with 95% intervals, the compute frontier and conclusions drawn from the
     intervals by rule. Also logged on the experiment's latest parent run (report.md)."""
     from stackwise.tracking.compare import CompareError, compare_runs
+    from stackwise.tracking.compare.common import store_error
     from stackwise.tracking.evidence import EvidenceError, build_report, log_report, runs_commit
 
     if not experiment.is_file():

@@ -241,7 +241,8 @@ def _estimate_run(config: StackWiseConfig, vocab_size: int | None = None) -> Run
         eval_rows = training.eval.batches * training.batch_size
         if training.objective == "diffusion":
             eval_rows *= training.eval.diffusion_t_points
-        allowance = cache_memory_allowance(config, plans, rack, device, pool_ids)
+        depthwise = [m for plan, m in zip(plans, memory, strict=True) if plan.depthwise]
+        allowance = cache_memory_allowance(config, plans, rack, device, pool_ids, depthwise)
         for part in (pool_cache_bytes(config, rows), pool_cache_bytes(config, eval_rows)):
             where = choose_location(
                 part, device, training.cache.location, training.cache.max_memory_gb, allowance
@@ -499,19 +500,22 @@ def cache_memory_allowance(
     rack: nn.Module | None = None,
     device: torch.device | None = None,
     pool_bytes: int | None = None,
+    stages: Sequence[TrainingMemory] | None = None,
 ) -> int:
     """Bytes the activation cache may hold in memory without the depth-wise run needing more
     than rackwise training of the same rack: rackwise training memory - the largest training
     memory of a depth-wise stage - the pool's token ids (`pool_bytes`, default: as planned).
 
     `rack` is the rack being trained (its shape is used; nothing of it is touched), else the
-    config's rack.
+    config's rack. `stages`: the training memory of the depth-wise plans, where already
+    estimated (`stage_training_memory`).
     """
     depthwise = [p for p in plans if p.depthwise]
     if not depthwise:
         return 0
     try:
-        stages = stage_training_memory(config, skeleton(config, rack), depthwise, device)
+        if stages is None:
+            stages = stage_training_memory(config, skeleton(config, rack), depthwise, device)
         rackwise = rackwise_training_memory(config, skeleton(config, rack), device)
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
         # A forward that cannot run on fake tensors: keep the promise by caching on disk.

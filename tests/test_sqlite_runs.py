@@ -78,6 +78,7 @@ def test_runs_read_from_the_file_are_mlflows_runs_in_mlflows_order(store: str) -
     client = MlflowClient(tracking_uri=store)
     reader = SqliteRuns.open(store)
     assert reader is not None
+    assert reader.tracking_uri == client.tracking_uri == store  # what `generate` opens models from
     experiments = {e.name: e.experiment_id for e in client.search_experiments(ViewType.ALL)}
     for ids in (
         [experiments["first"]],

@@ -80,8 +80,9 @@ def _value(value: float | None, is_nan: int | bool) -> float:
 class SqliteRuns:
     """Read-only answers from a local MLflow SQLite store (see the module docstring)."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, tracking_uri: str) -> None:
         self._db = connection
+        self.tracking_uri = tracking_uri  # the store read, as on `MlflowClient`
 
     @classmethod
     def open(cls, uri: str) -> SqliteRuns | None:
@@ -103,7 +104,7 @@ class SqliteRuns:
         if len(revisions) != 1 or not revisions <= KNOWN_REVISIONS:
             connection.close()
             return None
-        return cls(connection)
+        return cls(connection, uri)
 
     def close(self) -> None:
         self._db.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,25 @@ def test_the_reader_writes_nothing_and_stands_aside_for_unknown_stores(
     monkeypatch.delenv("MLFLOW_WORKSPACE")
     assert SqliteRuns.open(f"file://{tmp_path}") is None
     assert SqliteRuns.open("http://127.0.0.1:5000") is None
+
+
+def test_a_store_that_cannot_be_read_is_a_clear_error_either_way(
+    store: str, tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """A store whose tables cannot be read as asked: `tracking store: …`, exit 2, no traceback,
+    through the direct reader (SQLite's error) and through MLflow's client (MLflow's error)."""
+    broken = tmp_path / "mlflow.db"
+    broken.write_bytes(Path(store.removeprefix("sqlite:///")).read_bytes())
+    with sqlite3.connect(broken) as connection:
+        connection.execute("DROP TABLE tags")
+    result = run_cli(tmp_path, "compare", "first", "--tracking-uri", f"sqlite:///{broken}")
+    assert result.returncode == 2, result.stderr
+    assert "tracking store: no such table: tags" in result.stderr
+    assert "Traceback" not in result.stderr
+    # An unknown schema revision: MLflow's client reads it, and its refusal is reported too.
+    with sqlite3.connect(broken) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
+    result = run_cli(tmp_path, "compare", "first", "--tracking-uri", f"sqlite:///{broken}")
+    assert result.returncode == 2, result.stderr
+    assert "tracking store:" in result.stderr
+    assert "Traceback" not in result.stderr

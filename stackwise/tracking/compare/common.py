@@ -78,9 +78,9 @@ def plural(count: int, word: str) -> str:
 
 
 def store_error(error: BaseException) -> str | None:
-    """What went wrong reading a tracking store, where `error` is MLflow's or SQLite's (a store
-    that exists but cannot be read as asked), else None. MLflow is not imported for this: an
-    error of MLflow's can only come from a process that imported it."""
+    """What went wrong reading a tracking store, where `error` is MLflow's, SQLite's or the
+    schema check's (a store that exists but cannot be read as asked), else None. Nothing is
+    imported for this: such an error can only come from a process that imported its module."""
     import sqlite3
     import sys
 
@@ -89,4 +89,9 @@ def store_error(error: BaseException) -> str | None:
         return str(error.message)
     if isinstance(error, sqlite3.Error):
         return str(error)
+    # MLflow's SQL store checks the database's schema revision with alembic, whose error for a
+    # revision it does not know (a store written by another MLflow version) is not MLflow's.
+    migrations = sys.modules.get("alembic.util.exc")
+    if migrations is not None and isinstance(error, migrations.CommandError):
+        return f"{error} (written by another MLflow version?)"
     return None

@@ -431,9 +431,9 @@ def test_activations_of_a_large_shape_are_read_off_small_ones(
     counted: list[int] = []
     count = memory.estimate_activation_bytes
 
-    def recording(*args: Any, inputs: torch.Tensor, **kwargs: Any) -> int:
-        counted.append(inputs.numel())
-        return count(*args, inputs=inputs, **kwargs)
+    def recording(*args: Any, batch: Any, **kwargs: Any) -> int:
+        counted.append(batch.inputs.numel())
+        return count(*args, batch=batch, **kwargs)
 
     monkeypatch.setattr(memory, "estimate_activation_bytes", recording)
     monkeypatch.setattr(memory, "EXACT_ACTIVATION_TOKENS", 2**12)
@@ -483,3 +483,51 @@ def test_an_absurd_sequence_length_is_refused_from_its_shapes(tmp_path: Path) ->
     assert "needs at least" in absurd.stderr
     # 1e8 tokens of int64 ids alone would be 763 MiB.
     assert absurd_mib < ordinary_mib + 100, (ordinary_mib, absurd_mib)
+
+
+def test_the_estimate_runs_without_pytorchs_compiler_and_counts_the_same(tmp_path: Path) -> None:
+    """`plan` does not load PyTorch's compiler (a second of start-up) for its fake tensors; the
+    estimate equals the one made with the compiler loaded, and compiling still works after it."""
+    code = textwrap.dedent(
+        """\
+        import json, sys
+        import torch
+        from stackwise.config.base import StackWiseConfig
+        from stackwise.training import memory
+        from stackwise.training.plan import plan_stages
+
+        def estimate(objective):
+            attention = "causal" if objective == "clm" else "bidirectional"
+            config = StackWiseConfig.model_validate({
+                "model": {"d_model": 32, "n_heads": 2, "vocab_size": 64, "dropout": 0.1,
+                          "attention_mode": attention,
+                          "architecture": {"n_stacks": 2, "blocks_per_stack": 2}},
+                "training": {"training_architecture": "layerwise", "seq_len": 16,
+                             "batch_size": 2, "objective": objective,
+                             "budget": {"steps": 8}},
+            })
+            rack = memory.skeleton(config)
+            plans = plan_stages(config, rack)
+            return [m.activations_bytes for m in memory.stage_training_memory(config, rack, plans)]
+
+        objectives = ["clm", "mlm", "diffusion"]
+        without = [estimate(name) for name in objectives]
+        loaded_after_estimate = "torch._dynamo" in sys.modules
+        import torch._dynamo  # PyTorch's own path from here on
+        with_compiler = [estimate(name) for name in objectives]
+        compiled = torch.compile(lambda x: torch.relu(x) * 2, backend="eager")
+        value = compiled(torch.tensor([-1.0, 3.0])).tolist()
+        print(json.dumps({"without": without, "with": with_compiler, "value": value,
+                          "loaded": loaded_after_estimate,
+                          "real": hasattr(sys.modules["torch._dynamo"], "optimize")}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] is False  # the estimate left PyTorch's compiler unloaded
+    assert result["without"] == result["with"]
+    assert all(b > 0 for per_objective in result["without"] for b in per_objective)
+    assert result["value"] == [0.0, 6.0] and result["real"] is True

@@ -398,7 +398,8 @@ def stage_training_memory(
     import torch
 
     from stackwise.model.attention import RotaryEmbedding
-    from stackwise.training.metrics import TrainingMemory, fake_tensor_mode
+    from stackwise.training.fake_tensors import fake_tensor_mode
+    from stackwise.training.metrics import TrainingMemory
     from stackwise.training.objectives import build_objective
     from stackwise.training.stages import eligible_parameters
 
@@ -432,8 +433,8 @@ def stage_training_memory(
                 plan.end,
                 from_embedding=not plan.depthwise or plan.trains_embedding,
                 trainable=trainable,
-                inputs=batch.inputs,
-                loss=lambda logits: objective.loss(logits, batch),
+                batch=batch,
+                loss=objective.loss,
                 autocast_dtype=autocast_dtype(config, device),
                 mode=mode,
             )

@@ -28,6 +28,7 @@ speak of the same quantities:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import sys
 from collections.abc import Callable, Iterable
@@ -334,13 +335,6 @@ class _StagePass(nn.Module):
         return self.rack.readout(h)  # type: ignore[operator]
 
 
-def fake_tensor_mode() -> Any:
-    """A mode in which tensors have shapes, dtypes and devices but no memory."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    return FakeTensorMode(allow_non_fake_inputs=True)
-
-
 def estimate_activation_bytes(
     rack: nn.Module,
     start: int,
@@ -348,8 +342,8 @@ def estimate_activation_bytes(
     *,
     from_embedding: bool,
     trainable: set[int],
-    inputs: torch.Tensor,
-    loss: Callable[[torch.Tensor], torch.Tensor],
+    batch: Any,
+    loss: Callable[[torch.Tensor, Any], torch.Tensor],
     autocast_dtype: torch.dtype | None = None,
     mode: Any = None,
 ) -> int:
@@ -358,16 +352,19 @@ def estimate_activation_bytes(
     The stage's forward and `loss` run on fake CPU tensors standing in for the rack's weights
     (``trainable`` holds the ids of the parameters that require gradients), so every op saves
     for backward exactly what it saves in training. `rack` should be a skeleton (built on the
-    meta device): modules that cache tensors keep fake ones. `inputs` are the token ids of one
-    micro-batch; a stage that does not start `from_embedding` reads a trunk output without
-    gradient instead. `autocast_dtype` runs the forward under CPU autocast, as an estimate of
+    meta device): modules that cache tensors keep fake ones. `batch` is one micro-batch (a
+    dataclass of tensors with the token ids as ``inputs``, such as an objective's `Corruption`),
+    given to ``loss(logits, batch)`` as fake tensors of its shapes and dtypes; a stage that does
+    not start `from_embedding` reads a trunk output without gradient instead. `autocast_dtype` runs the forward under CPU autocast, as an estimate of
     mixed precision on an accelerator. Pass one `mode` (`fake_tensor_mode`) to several calls on
     the same rack.
     """
     from torch.func import functional_call
 
+    from stackwise.training.fake_tensors import compiler_settings_only, fake_tensor_mode
+
     mode = mode if mode is not None else fake_tensor_mode()
-    with mode:
+    with compiler_settings_only(), mode:
         fakes: dict[int, torch.Tensor] = {}
         state: dict[str, torch.Tensor] = {}
         for name, param in rack.named_parameters(remove_duplicate=False):
@@ -378,6 +375,16 @@ def estimate_activation_bytes(
             state[f"rack.{name}"] = fakes[id(param)]
         for name, buffer in rack.named_buffers(remove_duplicate=False):
             state[f"rack.{name}"] = torch.empty(buffer.shape, dtype=buffer.dtype)
+        # Fresh fakes rather than conversions: converting a real tensor needs PyTorch's compiler.
+        batch = dataclasses.replace(
+            batch,
+            **{
+                field.name: torch.empty(value.shape, dtype=value.dtype)
+                for field in dataclasses.fields(batch)
+                if isinstance(value := getattr(batch, field.name), torch.Tensor)
+            },
+        )
+        inputs = batch.inputs
         d_model = int(rack.d_model)  # type: ignore[arg-type]
         hidden = None if from_embedding else torch.empty(*inputs.shape, d_model)
         autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -385,7 +392,7 @@ def estimate_activation_bytes(
             autocast = torch.autocast("cpu", dtype=autocast_dtype)
         with SavedActivations(fakes.values()) as saved, autocast:
             logits = functional_call(_StagePass(rack, start, end), state, (inputs, hidden))
-            loss(logits)
+            loss(logits, batch)
         return saved.bytes
 
 

@@ -531,3 +531,53 @@ def test_the_estimate_runs_without_pytorchs_compiler_and_counts_the_same(tmp_pat
     assert result["without"] == result["with"]
     assert all(b > 0 for per_objective in result["without"] for b in per_objective)
     assert result["value"] == [0.0, 6.0] and result["real"] is True
+
+
+def test_a_deep_runs_stages_are_estimated_each_as_if_alone() -> None:
+    """Stages that run the same shapes share one count; stages that differ (another attention,
+    FFN width, frozen up projection, the first and last block) keep their own; and the weights
+    each stage holds (frozen trunk in its precision, offloaded) match a count by hand."""
+    from stackwise.training import memory
+
+    stacks = [
+        {"n_blocks": 3},
+        {"n_blocks": 2, "attention_type": "gqa", "n_kv_heads": 1},
+        {"n_blocks": 2, "d_ff": 48},
+        {"n_blocks": 2, "freeze_up_proj": True},
+    ]
+    for frozen, device in [("fp32", "cpu"), ("bf16", "cpu"), ("bf16", "cuda")]:
+        config = StackWiseConfig.from_dict(
+            {
+                "model": {"d_model": 32, "n_heads": 2, "vocab_size": 64, "stacks": stacks},
+                "training": {
+                    "training_architecture": "layerwise",
+                    "seq_len": 16,
+                    "batch_size": 2,
+                    "budget": {"steps": 18},
+                    "frozen_precision": frozen,
+                },
+            }
+        )
+        rack = memory.skeleton(config)
+        plans = plan_stages(config, rack)
+        together = memory.stage_training_memory(config, rack, plans, torch.device(device))
+        alone = [
+            memory.stage_training_memory(config, rack, [plan], torch.device(device))[0]
+            for plan in plans
+        ]
+        assert [m.activations_bytes for m in together] == [m.activations_bytes for m in alone]
+        # The kinds of stage really differ: a shared count for all would be wrong.
+        assert len({m.activations_bytes for m in alone}) >= 4
+        # Weights by hand: every tensor once; the trunk's floating-point ones in the frozen
+        # precision, or not at all when offloaded from an accelerator.
+        element = {"fp32": 4, "bf16": 2}[frozen]
+        unique = {id(t): t for t in [*rack.parameters(), *rack.buffers()]}
+        for plan, planned in zip(plans, together, strict=True):
+            trunk = {id(t) for b in rack.blocks[: plan.start] for t in b.parameters()}
+            by_hand = 0
+            for key, tensor in unique.items():
+                if key not in trunk:
+                    by_hand += tensor.numel() * tensor.element_size()
+                elif device == "cpu":
+                    by_hand += tensor.numel() * element
+            assert planned.weights_bytes == by_hand, (frozen, device, plan.start)

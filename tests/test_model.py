@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -515,3 +516,42 @@ def test_rms_norm_matches_torch_and_passes_gradcheck() -> None:
     torch.testing.assert_close(grads_ours, grads_reference)
     weight = ours.weight.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, weight))
+
+
+def test_a_racks_blocks_share_one_rotation_table_per_shape() -> None:
+    """Every block's RoPE reads one table per head width (not one per block, which grows with
+    depth), also a block put in later; outputs are those of blocks with their own tables."""
+    from stackwise.model.attention import RotaryEmbedding
+    from stackwise.model.materialize import replace_block
+
+    config = StackWiseConfig.from_dict(
+        {
+            "model": {
+                "d_model": 32,
+                "n_heads": 2,
+                "vocab_size": 64,
+                "stacks": [{"n_blocks": 3}, {"n_blocks": 2, "n_heads": 4}],
+            }
+        }
+    )
+    rack = create_rack_from_config(config)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    shared = rack(ids)
+    tables = {
+        t.untyped_storage().data_ptr()
+        for m in rack.modules()
+        if isinstance(m, RotaryEmbedding)
+        for t in m._cache.values()
+    }
+    assert len(tables) == 2  # head widths 16 and 8
+    # The same rack with a table per block (as each block alone would have it).
+    for m in rack.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.share_tables({})
+    assert torch.equal(rack(ids), shared)
+    fresh = copy.deepcopy(rack.blocks[1])
+    fresh.apply(lambda m: m.share_tables({}) if isinstance(m, RotaryEmbedding) else None)
+    rack.share_rotary_tables(rack)
+    replace_block(rack, 1, fresh)
+    rotaries = [m for m in rack.modules() if isinstance(m, RotaryEmbedding)]
+    assert all(m._cache is rotaries[0]._cache for m in rotaries)

@@ -36,8 +36,16 @@ from stackwise.model.attention import (
     GroupedQueryAttention,
     KernelAttention,
     MultiHeadLatentAttention,
+    RotaryEmbedding,
 )
 from stackwise.model.norm import RMSNorm
+
+
+def _on_meta(module: nn.Module) -> bool:
+    """Whether a module's first parameter is on the meta device (shapes only)."""
+    first = next(module.parameters(), None)
+    return first is not None and first.is_meta
+
 
 # --------------------------------------------------------------------------------------------
 # Block specs (resolved by `stackwise.config.blocks.BlockSpec`)
@@ -267,7 +275,18 @@ class Rack(nn.Module):
         for index, block in enumerate(self.blocks):
             if block.d_model != d_model:
                 raise ValueError(f"block {index} has d_model {block.d_model}, the rack {d_model}")
+        # One rotation table per shape for all blocks, not one per block (it is as large as a
+        # sequence's queries of one head).
+        self._rotary_tables: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.share_rotary_tables(self)
         self.reset_parameters(seed)
+
+    def share_rotary_tables(self, module: nn.Module) -> None:
+        """Let the rotary embeddings in `module` (the rack, or a block put into it) use the
+        rack's rotation tables."""
+        for child in module.modules():
+            if isinstance(child, RotaryEmbedding):
+                child.share_tables(self._rotary_tables)
 
     # -- structure ------------------------------------------------------------------------------
 
@@ -343,6 +362,33 @@ class Rack(nn.Module):
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: hidden states -> logits ``[B, T, vocab_size]``."""
         return self.lm_head(self.norm(h))
+
+    def resident_modules(self) -> list[nn.Module]:
+        """The embedding, every block whose weights are in memory, and the readout. Out of core
+        the other blocks are away (on the meta device: in their files, or not drawn yet), and
+        code that runs once per stage visits only these, so its cost does not grow with depth."""
+        blocks = [block for block in self.blocks if not _on_meta(block)]
+        return [self.token_embedding, *blocks, self.norm, self.lm_head]
+
+    def resident_tree(self) -> list[nn.Module]:
+        """The rack, its stack containers and every module inside `resident_modules`: what
+        ``eval()`` / ``train()`` reach of the rack without visiting the blocks away."""
+        containers: list[nn.Module] = [self, self.stacks]
+        for stack in self._typed_stacks():
+            containers += [stack, stack.blocks]
+        return [*containers, *(m for top in self.resident_modules() for m in top.modules())]
+
+    def stage_modules(self, start: int, end: int) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) of what a stage over blocks ``[start, end)`` runs: the
+        embedding, those blocks and the readout, in that order, without visiting the others."""
+        named: list[tuple[str, nn.Module]] = [("token_embedding", self.token_embedding)]
+        first = 0
+        for s, stack in enumerate(self._typed_stacks()):
+            blocks = stack._typed_blocks()
+            for b in range(max(start - first, 0), min(end - first, len(blocks))):
+                named.append((f"stacks.{s}.blocks.{b}", blocks[b]))
+            first += len(blocks)
+        return [*named, ("norm", self.norm), ("lm_head", self.lm_head)]
 
     def readout_parameters(self) -> list[nn.Parameter]:
         """Parameters of the readout (final norm + LM head). With tied embeddings the LM head

@@ -139,6 +139,7 @@ def replace_block(rack: Rack, index: int, block: nn.Module) -> None:
         n = len(stack.blocks)
         if index < first + n:
             stack.blocks[index - first] = block
+            rack.share_rotary_tables(block)
             return
         first += n
     raise IndexError(f"block {index} is outside the rack's {first} blocks")

@@ -88,8 +88,9 @@ class Evaluator:
         if not self.entries:
             return {}
         device = self.trunk.device
-        modes = {id(m): m.training for m in self.rack.modules()}
-        self.rack.eval()
+        tree = self.rack.resident_tree()  # type: ignore[operator]
+        modes = [m.training for m in tree]
+        _eval(self.rack)
         losses = []
         for index, entry in enumerate(self.entries):
             batch = entry.to(device)
@@ -106,8 +107,8 @@ class Evaluator:
                             hidden = self.trunk.output(batch, plan.start)
                     logits = forward(batch.inputs, hidden, batch.attention_mask)
             losses.append(float(self.objective.loss(logits, batch)))
-        for module in self.rack.modules():
-            module.train(modes[id(module)])
+        for module, mode in zip(tree, modes, strict=True):
+            module.training = mode
         return self.objective.eval_metrics(losses)
 
     def whole_rack(self) -> dict[str, float]:
@@ -122,14 +123,14 @@ class Evaluator:
             return {}
         n_blocks = len(self.trunk.blocks)
         begin = val_cache.prefix_end
-        self.rack.eval()  # the last trained block is still in hand: no dropout while extending
+        _eval(self.rack)  # the last trained block is still in hand: no dropout while extending
         if begin < n_blocks:
 
             def apply(h: torch.Tensor, i: int) -> torch.Tensor:
                 return self.trunk.extend(h, begin, n_blocks, self.entries[i].attention_mask)
 
             val_cache.extend(apply, n_blocks)
-        self.rack.eval()
+        _eval(self.rack)
         losses = []
         for index, entry in enumerate(self.entries):
             batch = entry.to(self.trunk.device)
@@ -145,7 +146,7 @@ class Evaluator:
         (`whole_rack` False) the trunk runs block by block from the saved pieces."""
         if self.test_loader is None:
             return {}
-        self.rack.eval()
+        _eval(self.rack)
         generator = torch.Generator().manual_seed(TEST_MASK_SEED)
         losses = []
         for batch in first_pass(self.test_loader):
@@ -170,7 +171,7 @@ class Evaluator:
         (causal racks only; the objective's corruption plays no part)."""
         if not self.raw or not bool(self.rack.is_causal):
             return None
-        self.rack.eval()
+        _eval(self.rack)
         clm = CausalLM()
         losses = []
         for ids, mask in self.raw:
@@ -179,3 +180,9 @@ class Evaluator:
                 logits = self.rack(batch.inputs, batch.attention_mask)
             losses.append(float(clm.loss(logits, batch)))
         return math.exp(min(sum(losses) / len(losses), 50.0))
+
+
+def _eval(rack: nn.Module) -> None:
+    """``rack.eval()`` for the blocks in memory (out of core, the others are away)."""
+    for module in rack.resident_tree():  # type: ignore[operator]
+        module.training = False

@@ -318,34 +318,6 @@ def _trained(rack: nn.Module, plan: StagePlan, eligible: set[int]) -> list[nn.Pa
     return [p for p in unique.values() if id(p) in eligible]
 
 
-def _weights_bytes(
-    config: StackWiseConfig, rack: nn.Module, plan: StagePlan, device: torch.device
-) -> int:
-    """Parameters and buffers on the training device: a depth-wise stage holds its frozen
-    trunk in ``frozen_precision``, and off an accelerator with ``offload_frozen``."""
-    training = config.training
-    trunk: set[int] = set()
-    if plan.depthwise:
-        for block in list(getattr(rack, "blocks"))[: plan.start]:  # noqa: B009
-            trunk.update(id(t) for t in [*block.parameters(), *block.buffers()])
-    offloaded = plan.depthwise and training.offload_frozen and device.type != "cpu"
-    frozen_bytes = ELEMENT_BYTES[training.frozen_precision]
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*rack.parameters(), *rack.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        if id(tensor) in trunk:
-            if offloaded:
-                continue
-            if tensor.is_floating_point():
-                total += tensor.numel() * frozen_bytes
-                continue
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def estimate_activation_bytes(*args: Any, **kwargs: Any) -> int:
     """`stackwise.training.metrics.estimate_activation_bytes` (torch is imported when first
     needed, not when this module is read)."""
@@ -410,28 +382,38 @@ def stage_training_memory(
     objective = build_objective(training.objective, vocab_size=vocab, mask_token_id=vocab - 1)
     eligible = eligible_parameters(rack)
     mode = fake_tensor_mode()
+    weights = _Weights(config, rack, device)
     rack.train()
     memories = []
+    counted: dict[tuple[Any, ...], int] = {}  # stages that run the same shapes save the same
     for plan in plans:
         params = _trained(rack, plan, eligible)
         param_bytes = sum(p.numel() * p.element_size() for p in params)
         trainable = {id(p) for p in params}
+        from_embedding = not plan.depthwise or plan.trains_embedding
+        modules = rack.stage_modules(plan.start, plan.end)  # type: ignore[operator]
 
         def saved(
-            batch_size: int, length: int, plan: StagePlan = plan, trainable: set[int] = trainable
+            batch_size: int,
+            length: int,
+            plan: StagePlan = plan,
+            trainable: set[int] = trainable,
+            modules: list[tuple[str, nn.Module]] = modules,
+            from_embedding: bool = from_embedding,
         ) -> int:
             # Saved for backward is a view of the rotation table: counted by its storage, which
             # is as long as the longest sequence seen, so each count starts without one.
-            for module in rack.modules():
-                if isinstance(module, RotaryEmbedding):
-                    module.clear_cache()
+            for _, stage_module in modules:
+                for module in stage_module.modules():
+                    if isinstance(module, RotaryEmbedding):
+                        module.clear_cache()
             ids = torch.zeros(batch_size, length, dtype=torch.long)
             batch = objective.corrupt(ids, torch.Generator().manual_seed(0))
             return estimate_activation_bytes(
                 rack,
                 plan.start,
                 plan.end,
-                from_embedding=not plan.depthwise or plan.trains_embedding,
+                from_embedding=from_embedding,
                 trainable=trainable,
                 batch=batch,
                 loss=objective.loss,
@@ -439,18 +421,91 @@ def stage_training_memory(
                 mode=mode,
             )
 
-        activations = _extrapolated(
-            saved, training.batch_size, training.seq_len, config.model.kernel.chunk_size
-        )
+        key = _stage_key(modules, trainable, from_embedding)
+        if key not in counted:
+            counted[key] = _extrapolated(
+                saved, training.batch_size, training.seq_len, config.model.kernel.chunk_size
+            )
         memories.append(
             TrainingMemory(
-                weights_bytes=_weights_bytes(config, rack, plan, device),
+                weights_bytes=weights.on_device(plan),
                 gradients_bytes=param_bytes,
                 optimizer_bytes=2 * param_bytes + _ADAM_STEP_BYTES * len(params),
-                activations_bytes=activations,
+                activations_bytes=counted[key],
             )
         )
     return memories
+
+
+def _stage_key(
+    modules: list[tuple[str, nn.Module]], trainable: set[int], from_embedding: bool
+) -> tuple[Any, ...]:
+    """What a stage's saved activations depend on: where its forward starts, and the kind,
+    settings and tensors (shape, dtype, trained or not, shared or not) of each module it runs.
+    Stages with equal keys save the same bytes (the blocks of a deep blockwise run)."""
+    position: dict[int, int] = {}
+    parts: list[Any] = [from_embedding]
+    for name, module in modules:
+        role = "block" if name.startswith("stacks.") else name
+        tensors = tuple(
+            (
+                tensor_name,
+                tuple(tensor.shape),
+                str(tensor.dtype),
+                id(tensor) in trainable,
+                position.setdefault(id(tensor), len(position)),
+            )
+            for tensor_name, tensor in [
+                *module.named_parameters(remove_duplicate=False),
+                *module.named_buffers(remove_duplicate=False),
+            ]
+        )
+        kinds = tuple(type(m).__name__ for m in module.modules())
+        parts.append((role, repr(getattr(module, "_spec", None)), kinds, tensors))
+    return tuple(parts)
+
+
+class _Weights:
+    """Parameters and buffers on the training device of any stage (`on_device`), from one pass
+    over the rack: a depth-wise stage holds its frozen trunk (the blocks before it) in
+    ``frozen_precision``, and off an accelerator with ``offload_frozen``."""
+
+    def __init__(self, config: StackWiseConfig, rack: nn.Module, device: torch.device) -> None:
+        training = config.training
+        self.frozen_bytes = ELEMENT_BYTES[training.frozen_precision]
+        self.offload = training.offload_frozen and device.type != "cpu"
+        seen: set[int] = set()
+        self.total = 0
+        for tensor in [*rack.parameters(), *rack.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                self.total += tensor.numel() * tensor.element_size()
+        # Running sums over the blocks in depth order, each tensor counted at its first block:
+        # bytes of floating-point tensors as stored, their elements, bytes of the others.
+        self.float_bytes, self.float_elements, self.other_bytes = [0], [0], [0]
+        counted: set[int] = set()
+        for block in list(getattr(rack, "blocks")):  # noqa: B009
+            float_bytes = float_elements = other_bytes = 0
+            for tensor in [*block.parameters(), *block.buffers()]:
+                if id(tensor) in counted:
+                    continue
+                counted.add(id(tensor))
+                if tensor.is_floating_point():
+                    float_bytes += tensor.numel() * tensor.element_size()
+                    float_elements += tensor.numel()
+                else:
+                    other_bytes += tensor.numel() * tensor.element_size()
+            self.float_bytes.append(self.float_bytes[-1] + float_bytes)
+            self.float_elements.append(self.float_elements[-1] + float_elements)
+            self.other_bytes.append(self.other_bytes[-1] + other_bytes)
+
+    def on_device(self, plan: StagePlan) -> int:
+        if not plan.depthwise:
+            return self.total
+        k = plan.start
+        if self.offload:
+            return self.total - self.float_bytes[k] - self.other_bytes[k]
+        return self.total - self.float_bytes[k] + self.float_elements[k] * self.frozen_bytes
 
 
 def rackwise_training_memory(

@@ -194,15 +194,17 @@ class SavedActivations:
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         key = _storage_key(tensor)
-        if key in self._excluded:
-            return tensor
-        if key in self._shared:
-            self._views.append(tensor)
-            self._spans.setdefault(key, []).append(_span(tensor))
-        elif key not in self._saved:
-            self._saved[key] = tensor
-            self._owned_bytes += tensor.untyped_storage().nbytes()
-        return tensor
+        if key not in self._excluded:
+            if key in self._shared:
+                self._views.append(tensor)
+                self._spans.setdefault(key, []).append(_span(tensor))
+            elif key not in self._saved:
+                self._saved[key] = tensor
+                self._owned_bytes += tensor.untyped_storage().nbytes()
+        # Detached (same storage; autograd restores the graph on unpacking): a saved output
+        # kept with its grad_fn would hold that grad_fn, which holds it, a cycle through C++
+        # that no garbage collection frees when the graph never runs backward (an estimate).
+        return tensor.detach()
 
     def __enter__(self) -> SavedActivations:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
@@ -243,6 +245,17 @@ class TrainingMemory:
         )
 
 
+def _resident_tensors(rack: nn.Module, buffers: bool) -> list[torch.Tensor]:
+    """The rack's parameters (and buffers) in memory, each once: out of core, blocks that are
+    away are not visited (`Rack.resident_modules`)."""
+    tops = rack.resident_modules() if hasattr(rack, "resident_modules") else [rack]  # type: ignore[operator]
+    found: dict[int, torch.Tensor] = {}
+    for top in tops:
+        for tensor in [*top.parameters(), *(top.buffers() if buffers else ())]:
+            found.setdefault(id(tensor), tensor)
+    return list(found.values())
+
+
 def measure_training_memory(
     rack: nn.Module,
     params: Iterable[nn.Parameter],
@@ -262,7 +275,7 @@ def measure_training_memory(
             device.index is None or tensor.device.index == device.index
         )
 
-    weights = [t for t in [*rack.parameters(), *rack.buffers()] if on_device(t)]
+    weights = [t for t in _resident_tensors(rack, buffers=True) if on_device(t)]
     trainable = {id(p): p for p in params if p.requires_grad}
     state = [
         value
@@ -306,7 +319,9 @@ class StageMemoryProbe:
         """Count what micro-batch `micro`'s forward saves (the first of the first step only)."""
         if not self.enabled or self.memory is not None or micro != 0:
             return contextlib.nullcontext()
-        self._saved = SavedActivations(self.rack.parameters(), shared=self.shared())
+        self._saved = SavedActivations(
+            _resident_tensors(self.rack, buffers=False), shared=self.shared()
+        )
         return self._saved
 
     def measure(self, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
@@ -367,14 +382,16 @@ def estimate_activation_bytes(
     with compiler_settings_only(), mode:
         fakes: dict[int, torch.Tensor] = {}
         state: dict[str, torch.Tensor] = {}
-        for name, param in rack.named_parameters(remove_duplicate=False):
-            if id(param) not in fakes:
-                fakes[id(param)] = torch.empty(
-                    param.shape, dtype=param.dtype, requires_grad=id(param) in trainable
-                )
-            state[f"rack.{name}"] = fakes[id(param)]
-        for name, buffer in rack.named_buffers(remove_duplicate=False):
-            state[f"rack.{name}"] = torch.empty(buffer.shape, dtype=buffer.dtype)
+        # Only what the stage runs: the cost of an estimate does not grow with the depth.
+        for prefix, module in rack.stage_modules(start, end):  # type: ignore[operator]
+            for name, param in module.named_parameters(remove_duplicate=False):
+                if id(param) not in fakes:
+                    fakes[id(param)] = torch.empty(
+                        param.shape, dtype=param.dtype, requires_grad=id(param) in trainable
+                    )
+                state[f"rack.{prefix}.{name}"] = fakes[id(param)]
+            for name, buffer in module.named_buffers(remove_duplicate=False):
+                state[f"rack.{prefix}.{name}"] = torch.empty(buffer.shape, dtype=buffer.dtype)
         # Fresh fakes rather than conversions: converting a real tensor needs PyTorch's compiler.
         batch = dataclasses.replace(
             batch,

@@ -60,6 +60,8 @@ class PieceStore:
         self.device = device
         self.on_replace = on_replace  # told when a block module is swapped (new parameters)
         self.seeded = SeededInit(rack)  # also materialises the embedding and the readout
+        # Blocks in memory, so that putting away does not visit every block of a deep rack.
+        self.resident = {i for i, b in enumerate(rack.blocks) if not block_is_meta(b)}
 
     def path(self, index: int) -> Path:
         return self.folder / block_file(index)
@@ -70,6 +72,7 @@ class PieceStore:
 
     def _set(self, index: int, block: nn.Module) -> None:
         replace_block(self.rack, index, block)
+        self.resident.add(index)
         self.on_replace(index, block)
 
     def bring_in(self, index: int) -> nn.Module:
@@ -92,6 +95,7 @@ class PieceStore:
 
     def put_away(self, index: int) -> None:
         """Write block `index` to its file (when in memory) and drop it from memory."""
+        self.resident.discard(index)
         block = self.rack.blocks[index]
         if block_is_meta(block):
             return

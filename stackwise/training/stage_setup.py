@@ -93,11 +93,15 @@ class StageSetup:
         else:
             unique = {id(p): p for p in rack.parameters()}
             params = [p for p in unique.values() if id(p) in self.eligible]
-        for param in rack.parameters():
-            param.requires_grad_(False)
+        # Blocks away out of core are left as they are: each comes back as a new module.
+        resident = rack.resident_modules()  # type: ignore[operator]
+        for module in resident:
+            for param in module.parameters():
+                param.requires_grad_(False)
         for param in params:
             param.requires_grad_(True)
-        rack.eval()
+        for module in rack.resident_tree():  # type: ignore[operator]
+            module.training = False
         if piecewise:
             for block in list(getattr(rack, "blocks"))[plan.start : plan.end]:  # noqa: B009
                 block.train()

@@ -205,7 +205,7 @@ class FrozenTrunk:
         memory."""
         if self.pieces is None:
             return
-        for index in range(end):
+        for index in sorted(i for i in self.pieces.resident if i < end):
             self.pieces.put_away(index)
 
     def load_out_of_core(self, weights: dict[str, torch.Tensor], where: object) -> None:

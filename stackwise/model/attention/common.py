@@ -3,6 +3,8 @@ the boolean SDPA mask of padding and causality, and the checks of modes and head
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -33,7 +35,8 @@ class RotaryEmbedding(nn.Module):
     ``position * theta^(-2i/dim)``: a single complex multiply, forward and backward, which is
     cheaper than the "rotate half" formulation's five element-wise passes. The rotation table
     (cos, sin) is cached per (device, precision) and grown on demand; it is not part of the
-    state_dict because it is a pure function of ``dim`` and ``theta``.
+    state_dict because it is a pure function of ``dim`` and ``theta``. `share_tables` lets
+    the rotary embeddings of many blocks hold one table (a rack does this for its blocks).
     """
 
     def __init__(self, dim: int, theta: float = 10000.0) -> None:
@@ -42,13 +45,18 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even dimension, got {dim}")
         self.dim = dim
         self.theta = theta
-        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def share_tables(self, tables: dict[tuple[Any, ...], torch.Tensor]) -> None:
+        """Keep the rotation tables in `tables` (shared with other rotary embeddings; entries
+        are keyed by width and base, so embeddings of different shapes can share it)."""
+        self._cache = tables
 
     def rotation(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``[seq_len, dim/2, 2]``: (cos, sin) of each position's angle for each channel pair,
         in float64 for float64 inputs and float32 otherwise."""
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        key = (device, table_dtype)
+        key = (self.dim, self.theta, device, table_dtype)
         cached = self._cache.get(key)
         if cached is None or cached.shape[0] < seq_len:
             length = max(seq_len, 2 * cached.shape[0] if cached is not None else 0)
@@ -60,7 +68,8 @@ class RotaryEmbedding(nn.Module):
         return cached[:seq_len]
 
     def clear_cache(self) -> None:
-        """Forget the rotation tables (the next call builds one for its own length)."""
+        """Forget the rotation tables, shared ones included (the next call builds one for its
+        own length)."""
         self._cache.clear()
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -581,3 +581,66 @@ def test_a_deep_runs_stages_are_estimated_each_as_if_alone() -> None:
                 elif device == "cpu":
                     by_hand += tensor.numel() * element
             assert planned.weights_bytes == by_hand, (frozen, device, plan.start)
+
+
+@pytest.mark.parametrize(
+    ("attention", "objective", "stacks"),
+    [
+        ("mha", "clm", [{"n_blocks": 7}]),
+        ("kernel", "clm", [{"n_blocks": 5}, {"n_blocks": 6, "d_ff": 40}]),
+        ("mla", "mlm", [{"n_blocks": 6}, {"n_blocks": 1}, {"n_blocks": 5, "freeze_up_proj": True}]),
+        ("gqa", "diffusion", [{"n_blocks": 4}, {"n_blocks": 5, "n_heads": 4, "n_kv_heads": 2}]),
+    ],
+)
+def test_a_deep_rack_is_counted_on_a_few_blocks_and_exactly(
+    monkeypatch: pytest.MonkeyPatch, attention: str, objective: str, stacks: list[Any]
+) -> None:
+    """A rack's saved activations read off three blocks of each run of alike blocks equal the
+    count over every block (end to end and per stage), and no count runs more blocks."""
+    from stackwise.training import memory
+
+    mode = "causal" if objective == "clm" else "bidirectional"
+    config = StackWiseConfig.from_dict(
+        {
+            "model": {
+                "d_model": 32,
+                "n_heads": 2,
+                "vocab_size": 64,
+                "dropout": 0.1,
+                "attention_type": attention,
+                "attention_mode": mode,
+                "stacks": stacks,
+            },
+            "training": {
+                "training_architecture": "stackwise",
+                "objective": objective,
+                "seq_len": 16,
+                "batch_size": 2,
+                "budget": {"steps": 8},
+            },
+        }
+    )
+    count = memory.estimate_activation_bytes
+    widest: list[int] = []
+
+    def recording(*args: Any, blocks: Any = None, **kwargs: Any) -> int:
+        widest.append(len(blocks))
+        return count(*args, blocks=blocks, **kwargs)
+
+    monkeypatch.setattr(memory, "estimate_activation_bytes", recording)
+
+    def estimates() -> list[int]:
+        rack = memory.skeleton(config)
+        plans = plan_stages(config, rack)
+        stages = memory.stage_training_memory(config, rack, plans)
+        whole = memory.rackwise_training_memory(config, memory.skeleton(config))
+        return [m.activations_bytes for m in [*stages, whole]]
+
+    read_off = estimates()
+    # Each stack is a run of alike blocks: three of each at most.
+    assert max(widest) <= 3 * len(stacks) < sum(s["n_blocks"] for s in stacks)
+    monkeypatch.setattr(memory, "EXACT_ACTIVATION_RUN", 10**9)
+    widest.clear()
+    every_block = estimates()
+    assert max(widest) == sum(s["n_blocks"] for s in stacks)
+    assert read_off == every_block

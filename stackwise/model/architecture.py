@@ -378,16 +378,23 @@ class Rack(nn.Module):
             containers += [stack, stack.blocks]
         return [*containers, *(m for top in self.resident_modules() for m in top.modules())]
 
-    def stage_modules(self, start: int, end: int) -> list[tuple[str, nn.Module]]:
+    def stage_modules(
+        self, start: int, end: int, indices: Sequence[int] | None = None
+    ) -> list[tuple[str, nn.Module]]:
         """(qualified name, module) of what a stage over blocks ``[start, end)`` runs: the
-        embedding, those blocks and the readout, in that order, without visiting the others."""
-        named: list[tuple[str, nn.Module]] = [("token_embedding", self.token_embedding)]
+        embedding, those blocks (or the blocks `indices`, in that order) and the readout,
+        without visiting the others."""
+        wanted = list(range(start, end)) if indices is None else list(indices)
+        where: dict[int, tuple[int, int]] = {}
         first = 0
         for s, stack in enumerate(self._typed_stacks()):
-            blocks = stack._typed_blocks()
-            for b in range(max(start - first, 0), min(end - first, len(blocks))):
-                named.append((f"stacks.{s}.blocks.{b}", blocks[b]))
-            first += len(blocks)
+            n = len(stack.blocks)
+            where.update((i, (s, i - first)) for i in wanted if first <= i < first + n)
+            first += n
+        named: list[tuple[str, nn.Module]] = [("token_embedding", self.token_embedding)]
+        for i in wanted:
+            s, b = where[i]
+            named.append((f"stacks.{s}.blocks.{b}", self.stacks[s].blocks[b]))  # type: ignore[index, arg-type]
         return [*named, ("norm", self.norm), ("lm_head", self.lm_head)]
 
     def readout_parameters(self) -> list[nn.Parameter]:

@@ -409,17 +409,22 @@ def stage_training_memory(
                         module.clear_cache()
             ids = torch.zeros(batch_size, length, dtype=torch.long)
             batch = objective.corrupt(ids, torch.Generator().manual_seed(0))
-            return estimate_activation_bytes(
-                rack,
-                plan.start,
-                plan.end,
-                from_embedding=from_embedding,
-                trainable=trainable,
-                batch=batch,
-                loss=objective.loss,
-                autocast_dtype=autocast_dtype(config, device),
-                mode=mode,
-            )
+
+            def count(blocks: list[int]) -> int:
+                return estimate_activation_bytes(
+                    rack,
+                    plan.start,
+                    plan.end,
+                    from_embedding=from_embedding,
+                    trainable=trainable,
+                    batch=batch,
+                    loss=objective.loss,
+                    autocast_dtype=autocast_dtype(config, device),
+                    mode=mode,
+                    blocks=[plan.start + p for p in blocks],
+                )
+
+            return _over_depth(count, _identical_runs(modules, trainable))
 
         key = _stage_key(modules, trainable, from_embedding)
         if key not in counted:
@@ -435,6 +440,49 @@ def stage_training_memory(
             )
         )
     return memories
+
+
+#: A run of identical consecutive blocks longer than this is counted on this many of them and
+#: extrapolated (`_over_depth`), so that estimating a deep rack never builds its whole graph.
+#: At least 3: the first two blocks of a run differ from the rest (the first reads the previous
+#: run's output, the rotation table is counted with the first block that saves it).
+EXACT_ACTIVATION_RUN = 3
+
+
+def _identical_runs(modules: list[tuple[str, nn.Module]], trainable: set[int]) -> list[list[int]]:
+    """The stage's blocks (their positions among `modules`' blocks, from 0) in runs of
+    consecutive blocks alike in kind, settings and tensors (`_stage_key` of each alone)."""
+    blocks = [module for name, module in modules if name.startswith("stacks.")]
+    runs: list[list[int]] = []
+    previous = None
+    for position, block in enumerate(blocks):
+        key = _stage_key([("stacks.", block)], trainable, False)
+        if runs and key == previous:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+        previous = key
+    return runs
+
+
+def _over_depth(count: Callable[[list[int]], int], runs: list[list[int]]) -> int:
+    """``count`` of all the blocks of `runs`, from at most `EXACT_ACTIVATION_RUN` of each run.
+
+    What a forward saves is a sum over its blocks: a block saves its input (the previous block's
+    output) and what it computes, and the rotation table, shared by all, is counted once. So in
+    a run of identical blocks every block after the first two adds the same bytes, which the
+    third one measures; each run longer than `EXACT_ACTIVATION_RUN` adds that many times its
+    blocks beyond it. ``count`` takes block positions (from 0) among the stage's blocks.
+    """
+    kept = [run[:EXACT_ACTIVATION_RUN] for run in runs]
+    base = count([p for run in kept for p in run])
+    total = base
+    for index, run in enumerate(runs):
+        beyond = len(run) - EXACT_ACTIVATION_RUN
+        if beyond > 0:
+            fewer = [p for i, r in enumerate(kept) for p in (r[:-1] if i == index else r)]
+            total += beyond * (base - count(fewer))
+    return total
 
 
 def _stage_key(

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import resource
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -336,17 +336,17 @@ class StageMemoryProbe:
 
 class _StagePass(nn.Module):
     """The forward of a stage (as the trainer runs it): embedding or a given trunk output ->
-    blocks [start, end) -> readout."""
+    `blocks` in order -> readout."""
 
-    def __init__(self, rack: nn.Module, start: int, end: int) -> None:
+    def __init__(self, rack: nn.Module, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.rack = rack
-        self.start = start
-        self.end = end
+        self.blocks = blocks  # modules of `rack` (a plain list: their names stay the rack's)
 
     def forward(self, inputs: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         h = self.rack.embed(inputs) if hidden is None else hidden  # type: ignore[operator]
-        h = self.rack.forward_blocks(h, self.start, self.end)  # type: ignore[operator]
+        for block in self.blocks:
+            h = block(h)
         return self.rack.readout(h)  # type: ignore[operator]
 
 
@@ -361,6 +361,7 @@ def estimate_activation_bytes(
     loss: Callable[[torch.Tensor, Any], torch.Tensor],
     autocast_dtype: torch.dtype | None = None,
     mode: Any = None,
+    blocks: Sequence[int] | None = None,
 ) -> int:
     """`SavedActivations` of one micro-batch of a stage, counted without allocating anything.
 
@@ -372,7 +373,7 @@ def estimate_activation_bytes(
     given to ``loss(logits, batch)`` as fake tensors of its shapes and dtypes; a stage that does
     not start `from_embedding` reads a trunk output without gradient instead. `autocast_dtype` runs the forward under CPU autocast, as an estimate of
     mixed precision on an accelerator. Pass one `mode` (`fake_tensor_mode`) to several calls on
-    the same rack.
+    the same rack. `blocks`: run these block indices instead of ``[start, end)``.
     """
     from torch.func import functional_call
 
@@ -383,7 +384,8 @@ def estimate_activation_bytes(
         fakes: dict[int, torch.Tensor] = {}
         state: dict[str, torch.Tensor] = {}
         # Only what the stage runs: the cost of an estimate does not grow with the depth.
-        for prefix, module in rack.stage_modules(start, end):  # type: ignore[operator]
+        modules = rack.stage_modules(start, end, blocks)  # type: ignore[operator]
+        for prefix, module in modules:
             for name, param in module.named_parameters(remove_duplicate=False):
                 if id(param) not in fakes:
                     fakes[id(param)] = torch.empty(
@@ -408,7 +410,8 @@ def estimate_activation_bytes(
         if autocast_dtype is not None:
             autocast = torch.autocast("cpu", dtype=autocast_dtype)
         with SavedActivations(fakes.values()) as saved, autocast:
-            logits = functional_call(_StagePass(rack, start, end), state, (inputs, hidden))
+            stage = _StagePass(rack, [m for name, m in modules if name.startswith("stacks.")])
+            logits = functional_call(stage, state, (inputs, hidden))
             loss(logits, batch)
         return saved.bytes
 

@@ -174,7 +174,6 @@ def stacks_of(depth: int) -> int:
     return stacks
 
 
-
 def child(args: argparse.Namespace) -> None:
     """Join the cgroup (before anything big is loaded), train, print one JSON line."""
     if args.cgroup:
@@ -198,7 +197,10 @@ def child(args: argparse.Namespace) -> None:
                 "n_heads": max(1, args.d_model // 64),
                 "attention_mode": "causal",
                 # A stack holds at most 1,024 blocks: deeper racks are several equal stacks.
-                "architecture": {"n_stacks": stacks_of(args.depth), "blocks_per_stack": args.depth // stacks_of(args.depth)},
+                "architecture": {
+                    "n_stacks": stacks_of(args.depth),
+                    "blocks_per_stack": args.depth // stacks_of(args.depth),
+                },
             },
             "training": {
                 **training,
@@ -308,9 +310,7 @@ def growth_row(result: dict[str, Any], start: int, args: argparse.Namespace) -> 
         f"**{growth:+.1%}**"
     )
     if deepest > GROWTH_DEPTH:
-        figure += (
-            f"; {deepest} blocks: {peaks[deepest]:.0f} MiB ({peaks[deepest] / peaks[start] - 1:+.1%})"
-        )
+        figure += f"; {deepest} blocks: {peaks[deepest]:.0f} MiB ({peaks[deepest] / peaks[start] - 1:+.1%})"
     met = growth <= GOAL_GROWTH
     note = "" if met else "what still grows with depth: see the trials' peak RSS in the JSON"
     return headline(what, figure, goal, met, note)

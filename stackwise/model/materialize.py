@@ -75,6 +75,13 @@ class SeededInit:
         owner = _block_of(rack)
         self.states: dict[int, torch.Tensor] = {}
         seen: set[int] = set()
+        # The blocks' draws only move the generator on: they are drawn into one reused buffer
+        # (the same numbers as into a tensor of their shape), not into a new tensor each, which
+        # left the heap of a deep rack fragmented by hundreds of MB.
+        largest = max(
+            (m.weight.numel() for m in rack.modules() if isinstance(m, nn.Linear)), default=0
+        )
+        scratch = torch.empty(largest)
         for name, module in rack.named_modules():
             block = owner.get(id(module))
             if block is not None and block not in self.states:
@@ -89,9 +96,13 @@ class SeededInit:
                     continue
                 seen.add(id(module.weight))
                 std = residual_std if name.endswith(("o_proj", "down_proj")) else rack.init_std
-                drawn = torch.empty(module.weight.shape).normal_(0.0, std, generator=generator)
                 if block is None and module.weight.is_meta:
+                    drawn = torch.empty(module.weight.shape).normal_(0.0, std, generator=generator)
                     module.weight = nn.Parameter(drawn, module.weight.requires_grad)
+                elif module.weight.numel() <= scratch.numel():
+                    scratch[: module.weight.numel()].normal_(0.0, std, generator=generator)
+                else:
+                    torch.empty(module.weight.shape).normal_(0.0, std, generator=generator)
         if rack.tie_embeddings:  # the head shares the (now materialised) embedding weight
             rack.lm_head.weight = rack.token_embedding.weight
 

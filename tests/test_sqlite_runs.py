@@ -182,16 +182,16 @@ def test_a_store_that_cannot_be_read_is_a_clear_error_either_way(
     through the direct reader (SQLite's error) and through MLflow's client (MLflow's error)."""
     broken = tmp_path / "mlflow.db"
     broken.write_bytes(Path(store.removeprefix("sqlite:///")).read_bytes())
-    with sqlite3.connect(broken) as connection:
-        connection.execute("DROP TABLE tags")
-    result = run_cli(tmp_path, "compare", "first", "--tracking-uri", f"sqlite:///{broken}")
-    assert result.returncode == 2, result.stderr
-    assert "tracking store: no such table: tags" in result.stderr
-    assert "Traceback" not in result.stderr
+
+    def compare_after(statement: str) -> str:
+        with sqlite3.connect(broken) as connection:
+            connection.execute(statement)
+        result = run_cli(tmp_path, "compare", "first", "--tracking-uri", f"sqlite:///{broken}")
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        return result.stderr
+
+    assert "tracking store: no such table: tags" in compare_after("DROP TABLE tags")
     # An unknown schema revision: MLflow's client reads it, and its refusal is reported too.
-    with sqlite3.connect(broken) as connection:
-        connection.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
-    result = run_cli(tmp_path, "compare", "first", "--tracking-uri", f"sqlite:///{broken}")
-    assert result.returncode == 2, result.stderr
-    assert "tracking store:" in result.stderr
-    assert "Traceback" not in result.stderr
+    unknown = compare_after("UPDATE alembic_version SET version_num = 'ffffffffffff'")
+    assert "tracking store:" in unknown

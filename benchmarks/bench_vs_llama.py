@@ -3,14 +3,23 @@
 Both models have the same shape: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases,
 tied embeddings, and the same width, heads, K/V heads, FFN width, depth and vocabulary (their
 parameter counts are checked to be equal). Llama uses ``attn_implementation="sdpa"``. One
-training step is forward + cross-entropy + backward + AdamW step. The two models alternate in
-repeated timing rounds within one process; the per-step medians give the ratio
+training step is each side's default training path: forward + cross-entropy + backward,
+gradient clipping to norm 1 and a fused AdamW step (StackWise's `build_optimizer`, with weight
+decay on matrices only; Hugging Face's Trainer default, ``adamw_torch_fused``). The models
+alternate in repeated timing rounds within one process; the per-step medians give the ratio
 
     speed_ratio = stackwise steps/s / llama steps/s     (>= 1.0: StackWise is at least as fast)
 
 (``speed_ratio_best_round`` compares each model's fastest round instead, which is less
 affected by other work on a shared machine; ``--clock thread_cpu`` times CPU seconds of a single
 compute thread instead of wall time, for machines that are busy with other work.)
+
+Compiled (``--compiled``, the default in full mode): both models are also wrapped in
+``torch.compile`` (compiled before timing, warm-up steps included) and timed in the same
+rounds, so the table shows StackWise eager against Llama compiled and what each side gains from
+compilation. Ceiling: a `torch.profiler` trace of Llama's eager step gives the share of its time
+in the kernels both models run alike (matmuls and the SDPA attention kernel); StackWise cannot be
+faster than ``1 / that share`` without dropping work, which is what the goal is read against.
 
 Two shapes by default (``--shapes``): d_model 256 x 4 layers (8 heads, 2 K/V heads, batch 8) and
 d_model 512 x 8 layers (8 heads, 2 K/V heads, batch 4), both at seq 256. ``--quick``: one tiny
@@ -29,12 +38,13 @@ Printed as JSON and written to ``benchmarks/results/bench_vs_llama.json`` (on CU
     python benchmarks/bench_vs_llama.py --device cuda --precision bf16 --shapes 1024x8,2048x8
 
 Needs the `bench` extra (``pip install -e .[bench]``, i.e. transformers).
-Goal: speed_ratio >= 1.0 at both shapes.
+Goal: speed_ratio >= 1.25 at both shapes (StackWise eager vs Llama eager).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -46,7 +56,12 @@ import torch.nn.functional as F
 from _report import headline, publish
 from torch import nn
 
+from stackwise.config.base import OptimizerConfig
 from stackwise.model import create_simple_rack
+from stackwise.training.optim import build_optimizer
+
+GOAL = 1.25  # StackWise eager steps/s over Llama eager steps/s
+SHARED_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
 
 
 @dataclass(frozen=True)
@@ -103,13 +118,24 @@ def build_llama(shape: Shape, args: argparse.Namespace, d_ff: int) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def stackwise_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """StackWise's default: fused AdamW, weight decay on matrices only."""
+    return build_optimizer(model.parameters(), OptimizerConfig(), 1e-4, torch.device(args.device))
+
+
+def llama_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Hugging Face Trainer's default (``adamw_torch_fused``, no weight decay)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
 def make_step(
     model: nn.Module,
     logits_of: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
     args: argparse.Namespace,
 ) -> Callable[[torch.Tensor], None]:
     """One training step; it does not wait for the GPU (the timing loop synchronizes)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    parameters = list(model.parameters())
 
     def step(ids: torch.Tensor) -> None:
         with _device.autocast(args.device, args.precision):
@@ -117,9 +143,27 @@ def make_step(
             loss = F.cross_entropy(logits.reshape(-1, args.vocab_size), ids[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
 
     return step
+
+
+def shared_kernel_share(step: Callable[[torch.Tensor], None], batch: torch.Tensor) -> float:
+    """Share of a step's operator time spent in matmuls and the SDPA kernel (profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if batch.is_cuda:
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step(batch)
+    attr = "self_device_time_total" if batch.is_cuda else "self_cpu_time_total"
+    times = {event.key: getattr(event, attr) for event in prof.key_averages()}
+    total = sum(times.values())
+    shared = sum(t for key, t in times.items() if key.startswith(SHARED_OPS))
+    return shared / total if total else 0.0
 
 
 def unique_parameter_count(model: nn.Module) -> int:
@@ -152,8 +196,10 @@ def compare(shape: Shape, args: argparse.Namespace) -> dict:
     llama.to(args.device)
 
     steps = {
-        "stackwise": make_step(rack, rack, args),
-        "llama": make_step(llama, lambda ids: llama(input_ids=ids).logits, args),
+        "stackwise": make_step(rack, rack, stackwise_optimizer(rack, args), args),
+        "llama": make_step(
+            llama, lambda ids: llama(input_ids=ids).logits, llama_optimizer(llama, args), args
+        ),
     }
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(
@@ -162,6 +208,27 @@ def compare(shape: Shape, args: argparse.Namespace) -> dict:
     for step in steps.values():
         for _ in range(args.warmup):
             step(batch)
+    share = shared_kernel_share(steps["llama"], batch)
+    compile_seconds: dict[str, float] = {}
+    if args.compiled:
+        # Copies, so the eager models keep running eagerly; compiled on their first steps.
+        compiled_rack = torch.compile(copy.deepcopy(rack))
+        compiled_llama = torch.compile(copy.deepcopy(llama))
+        steps["stackwise_compiled"] = make_step(
+            compiled_rack, compiled_rack, stackwise_optimizer(compiled_rack, args), args
+        )
+        steps["llama_compiled"] = make_step(
+            compiled_llama,
+            lambda ids: compiled_llama(input_ids=ids).logits,
+            llama_optimizer(compiled_llama, args),
+            args,
+        )
+        for name in ("stackwise_compiled", "llama_compiled"):
+            start = time.perf_counter()
+            for _ in range(max(2, args.warmup)):
+                steps[name](batch)
+            _device.synchronize(args.device)
+            compile_seconds[name] = time.perf_counter() - start
 
     per_step: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(args.rounds):
@@ -179,9 +246,27 @@ def compare(shape: Shape, args: argparse.Namespace) -> dict:
     best = {name: min(times) for name, times in per_step.items()}
     steps_per_s = {name: 1.0 / t for name, t in median.items()}
     tokens = shape.batch_size * args.seq_len
+    compiled = {}
+    if args.compiled:
+        compiled = {
+            "speed_ratio_vs_llama_compiled": steps_per_s["stackwise"]
+            / steps_per_s["llama_compiled"],
+            "speed_ratio_compiled_vs_llama_compiled": steps_per_s["stackwise_compiled"]
+            / steps_per_s["llama_compiled"],
+            "gain_from_compile": {
+                "stackwise": steps_per_s["stackwise_compiled"] / steps_per_s["stackwise"],
+                "llama": steps_per_s["llama_compiled"] / steps_per_s["llama"],
+            },
+            "compile_and_warmup_seconds": compile_seconds,
+        }
     return {
         "shape": {**asdict(shape), "d_ff": d_ff, "seq_len": args.seq_len},
         "speed_ratio": steps_per_s["stackwise"] / steps_per_s["llama"],
+        # Llama's eager step in matmuls and the SDPA kernel, which StackWise runs alike: the
+        # ratio StackWise would reach if everything else it does took no time
+        "llama_shared_kernel_share": share,
+        "speed_ratio_ceiling": 1.0 / share if share else None,
+        **compiled,
         # fastest round of each: less sensitive to other load on a shared machine
         "speed_ratio_best_round": best["llama"] / best["stackwise"],
         "steps_per_s": steps_per_s,
@@ -190,6 +275,40 @@ def compare(shape: Shape, args: argparse.Namespace) -> dict:
         "step_s_per_round": per_step,
         "parameters": counts,
     }
+
+
+def row(r: dict, args: argparse.Namespace, on: str) -> dict:
+    """The README row of one shape."""
+    figure = (
+        f"**{r['speed_ratio']:.2f}x** Llama's steps/s ({r['median_step_s']['stackwise']:.3f} s"
+        f" vs {r['median_step_s']['llama']:.3f} s per step; fastest rounds:"
+        f" {r['speed_ratio_best_round']:.2f}x)"
+    )
+    if "speed_ratio_vs_llama_compiled" in r:
+        gain = r["gain_from_compile"]
+        figure += (
+            f"; vs Llama compiled {r['speed_ratio_vs_llama_compiled']:.2f}x; both compiled "
+            f"{r['speed_ratio_compiled_vs_llama_compiled']:.2f}x (compiling gains StackWise "
+            f"{gain['stackwise']:.2f}x, Llama {gain['llama']:.2f}x)"
+        )
+    met = r["speed_ratio"] >= GOAL
+    note = ""
+    if not met:
+        note = (
+            f"{r['llama_shared_kernel_share']:.0%} of Llama's eager step is in matmuls and the "
+            "SDPA kernel, which StackWise runs alike, so with every other operator free it "
+            f"would reach at most {r['speed_ratio_ceiling']:.2f}x; where StackWise's step "
+            "spends the rest: see the MFU row"
+        )
+    return headline(
+        f"Training speed vs Hugging Face Llama (sdpa), causal GQA, d_model {r['shape']['d_model']}"
+        f" x {r['shape']['layers']} layers, seq {args.seq_len}, batch {r['shape']['batch_size']}"
+        f", forward + backward + clipping + fused AdamW, eager, interleaved rounds, median{on}",
+        figure,
+        f">= {GOAL}",
+        met,
+        note,
+    )
 
 
 def main() -> None:
@@ -213,9 +332,17 @@ def main() -> None:
         "--batch-size", type=int, default=None, help="every shape's batch (default: per shape)"
     )
     _device.add_arguments(parser)
+    parser.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time both models under torch.compile (default: on, off with --quick)",
+    )
     parser.add_argument("--quick", action="store_true", help="one tiny shape, 2 rounds (seconds)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args()
+    if args.compiled is None:
+        args.compiled = not args.quick
     _device.check(parser, args)
     shapes = parse_shapes(args.shapes)
     if args.batch_size is not None:
@@ -235,30 +362,13 @@ def main() -> None:
         on = f", on {torch.cuda.get_device_name()}, {args.precision}" + (
             " autocast" if args.precision == "bf16" else " (TF32 matmuls)"
         )
-    rows = [
-        headline(
-            f"Training speed vs Hugging Face Llama (sdpa), causal GQA, d_model {r['shape']['d_model']}"
-            f" x {r['shape']['layers']} layers, seq {args.seq_len}, batch {r['shape']['batch_size']}"
-            f", forward + backward + AdamW, interleaved rounds, median{on}",
-            f"**{r['speed_ratio']:.2f}x** Llama's steps/s ({r['median_step_s']['stackwise']:.3f} s"
-            f" vs {r['median_step_s']['llama']:.3f} s per step; fastest rounds:"
-            f" {r['speed_ratio_best_round']:.2f}x)",
-            ">= 1.0",
-            r["speed_ratio"] >= 1.0,
-            ""
-            if r["speed_ratio"] >= 1.0
-            else f"StackWise's median step is {1 / r['speed_ratio'] - 1:.0%} longer than Llama's "
-            f"(fastest rounds: {r['speed_ratio_best_round']:.2f}x); where a StackWise step spends "
-            "its time outside matmuls: see the MFU row",
-        )
-        for r in results.values()
-    ]
+    rows = [row(r, args, on) for r in results.values()]
     result = {
         "benchmark": "bench_vs_llama",
         "shapes": results,
         "speed_ratio": {label: r["speed_ratio"] for label, r in results.items()},
-        "goal": "speed_ratio >= 1.0 at every shape",
-        "goal_met": all(r["speed_ratio"] >= 1.0 for r in results.values()),
+        "goal": f"speed_ratio >= {GOAL} at every shape",
+        "goal_met": all(r["speed_ratio"] >= GOAL for r in results.values()),
         "config": {
             **vars(args),
             "threads": torch.get_num_threads(),

@@ -75,7 +75,8 @@ part() {
     fi
 }
 
-part bench_vs_llama 90 bench_vs_llama.py --device cuda --precision bf16 \
+# Eager only (--no-compiled): compiling four models would not fit the 8-minute budget.
+part bench_vs_llama 90 bench_vs_llama.py --device cuda --precision bf16 --no-compiled \
     --shapes 1024x8,2048x8 --seq-len 1024 --batch-size 8 --rounds 6 --steps 5 --warmup 3
 part bench_mfu 110 bench_mfu.py --device cuda --precision bf16 \
     --d-model 2048 --layers 4 --seq-len 1024 --batch-size 8 \

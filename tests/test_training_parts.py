@@ -28,6 +28,7 @@ from stackwise.training.device import training_switches
 from stackwise.training.distributed import Distributed
 from stackwise.training.errors import TrainingError
 from stackwise.training.evaluation import Evaluator
+from stackwise.training.flops import linear_weight_count
 from stackwise.training.metrics import StageMemoryProbe
 from stackwise.training.objectives import CausalLM, MaskedLM, training_objective
 from stackwise.training.pool import SamplePool
@@ -281,6 +282,49 @@ def pool_for(
         config, plans, data, objective, trunk, Distributed.current(), directory=directory
     )
     return pool, rack, plans
+
+
+def test_a_trunk_held_in_int8_runs_rows_rounded_to_int8_and_gives_its_fp32_weights_back() -> None:
+    rack = rack_for(config_for()).eval()
+    original = copy.deepcopy(rack.blocks[0]).eval()
+    keys = set(rack.state_dict())
+    trunk = FrozenTrunk(rack, CPU, precision="int8")
+    trunk.freeze_below(2)
+    linears = {n: m for n, m in rack.blocks[0].named_modules() if isinstance(m, nn.Linear)}
+    assert linears and all(m.weight.dtype == torch.int8 for m in linears.values())
+    assert all(p.dtype == torch.float32 for p in rack.blocks[2].parameters())
+    # Counted as the same matmul weights while held in int8.
+    assert linear_weight_count(rack.blocks[0]) == linear_weight_count(original)
+    # The checkpoint's weights: the same keys, fp32 and exact.
+    weights = trunk.weights()
+    assert set(weights) == keys
+    for key, value in original.state_dict().items():
+        assert torch.equal(weights[f"stacks.0.blocks.0.{key}"], value)
+    # The block runs on weights rounded per output row to 127 steps of max|row| / 127, each
+    # within half a step of the fp32 weight.
+    rounded = copy.deepcopy(original)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, nn.Linear):
+                w = module.weight
+                step = w.abs().max(dim=1, keepdim=True).values / 127
+                module.weight.copy_(torch.round(w / step) * step)
+                assert (module.weight - w).abs().le(step / 2 + 1e-9).all()
+                assert len(torch.unique(torch.round(module.weight / step))) <= 255
+    h = torch.randn(BATCH, SEQ, D)
+    with torch.no_grad():
+        naive = rounded(h, None)
+        exact = original(h, None)
+    out = trunk.run(h, 0, 1, None)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, naive, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, exact, rtol=1e-5, atol=1e-5)  # it did run rounded weights
+    trunk.restore()
+    assert trunk.lowered == {}
+    assert all(type(m) is nn.Linear for m in rack.blocks[0].modules() if isinstance(m, nn.Linear))
+    for key, value in original.state_dict().items():
+        assert torch.equal(rack.blocks[0].state_dict()[key], value)
+    assert set(rack.state_dict()) == keys
 
 
 def test_the_pool_is_drawn_once_and_the_stream_continues_after_it() -> None:

@@ -14,7 +14,7 @@ TrainingArchitecture = Literal["rackwise", "stackwise", "blockwise", "progressiv
 DEPTHWISE_MODES = ("stackwise", "blockwise")
 Objective = Literal["clm", "mlm", "diffusion"]
 Precision = Literal["fp32", "bf16", "fp16"]
-# Frozen pieces may also be held as int8 weights (weight-only quantization, torchao).
+# Frozen pieces may also be held as int8 weights (weight-only quantization).
 FrozenPrecision = Literal["fp32", "bf16", "fp16", "int8"]
 
 
@@ -269,8 +269,8 @@ class TrainingConfig(BaseConfig):
     frozen_precision: FrozenPrecision = Field(
         "fp32",
         description="How frozen pieces are held during depth-wise training: fp32, bf16, fp16, or "
-        "int8 (weight-only quantization of their linear layers with torchao: `pip install "
-        "stackwise[quant]`). It matters where the trunk is re-run (depthwise.data: fresh, or "
+        "int8 (weight-only quantization of their linear layers, a quarter of fp32's bytes). "
+        "It matters where the trunk is re-run (depthwise.data: fresh, or "
         "the cache off) and it changes the trunk's output, so it is part of a run's identity.",
     )
     offload_frozen: bool = Field(
@@ -351,17 +351,6 @@ class TrainingConfig(BaseConfig):
         kind = value.split(":", 1)[0]
         if kind not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
-        return value
-
-    @field_validator("frozen_precision")
-    @classmethod
-    def _int8_needs_torchao(cls, value: str) -> str:
-        import importlib.util
-
-        if value == "int8" and importlib.util.find_spec("torchao") is None:
-            raise ValueError(
-                "int8 frozen pieces need torchao: pip install 'stackwise[quant]' (or torchao)"
-            )
         return value
 
     @model_validator(mode="after")

@@ -6,7 +6,8 @@
    `run`: blocks ``[begin, end)`` on hidden states, as extending the activation cache does),
    each block in its own dtype and device, under the run's autocast.
 2. *Precision*: with ``training.frozen_precision`` bf16/fp16 a frozen block is held in that
-   dtype, with int8 its linear layers are quantized weight-only (torchao); its fp32 weights
+   dtype, with int8 its linear layers are quantized weight-only (`stackwise.model.quantized`,
+   about the time of fp32); its fp32 weights
    are kept on the CPU and come back bitwise (`restore`), for the checkpoint (`weights`) and
    at the end of the run.
 3. *Offload*: with ``training.offload_frozen`` frozen blocks wait on the CPU while an
@@ -19,36 +20,17 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from stackwise.model.materialize import block_is_meta
+from stackwise.model.quantized import Int8Linear, quantize_linear_int8
 from stackwise.training.cache import storage_dtype
 from stackwise.training.errors import TrainingError
 from stackwise.training.objectives import Corruption
 from stackwise.training.pieces import PieceStore
-
-
-def quantize_int8(module: nn.Module) -> None:
-    """Int8 weight-only quantization of `module`'s linear layers (torchao), in place."""
-    # torchao reports optional GPU kernels it cannot load, and torch a deprecation, on import;
-    # neither concerns weight-only int8.
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-    quantize_(module, Int8WeightOnlyConfig())
 
 
 class FrozenTrunk:
@@ -134,7 +116,7 @@ class FrozenTrunk:
 
     def _lower(self, index: int) -> None:
         """Hold frozen block `index` in frozen_precision (its fp32 weights kept on the CPU):
-        bf16/fp16 weights, or int8 weight-only linear layers (torchao)."""
+        bf16/fp16 weights, or int8 weight-only linear layers."""
         if self.precision == "fp32" or index in self.lowered:
             return
         block = self.blocks[index]
@@ -142,7 +124,7 @@ class FrozenTrunk:
             k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()
         }
         if self.precision == "int8":
-            quantize_int8(block)
+            quantize_linear_int8(block)
         else:
             block.to(storage_dtype(self.precision))
 
@@ -161,10 +143,8 @@ class FrozenTrunk:
         for index, state in self.lowered.items():
             block = blocks[index]
             for name, module in block.named_modules():  # quantized weights become plain again
-                if isinstance(module, nn.Linear):
-                    module.weight = nn.Parameter(
-                        state[f"{name}.weight"].to(self.device), requires_grad=False
-                    )
+                if isinstance(module, Int8Linear):
+                    module.to_linear(state[f"{name}.weight"].to(self.device))
             block.to(device=self.device, dtype=torch.float32)
             block.load_state_dict(state)
         self.lowered.clear()

@@ -390,6 +390,98 @@ def test_kernel_attention_equals_quadratic_reference(
         )
 
 
+@pytest.mark.parametrize("feature_map", ["elu", "favor"])
+def test_causal_kernel_attention_over_several_segments_equals_quadratic_reference(
+    feature_map: str,
+) -> None:
+    """T = 100 in segments of 32 (chunks of 8; the last segment is 4 tokens, shorter than a
+    chunk), with RoPE, GQA and padding on either side: outputs and the gradients of the input
+    and of both weights equal a masked O(T²) sum written here, so the running sums are carried
+    exactly from segment to segment (the FAVOR+ key shift included)."""
+    torch.manual_seed(0)
+    attn = KernelAttention(
+        D_MODEL, n_heads=4, n_kv_heads=2, attention_mode="causal", feature_map=feature_map,
+        n_features=24 if feature_map == "favor" else None, chunk_size=8, segment_size=32,
+    ).double()  # fmt: skip
+    attn.eps = 0.0  # the reference has no eps: compare the exact ratio
+    assert attn._segment_length() == 32
+    seq_len = 100
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, seq_len, D_MODEL, dtype=torch.float64, generator=gen)
+    mask = torch.ones(3, seq_len, dtype=torch.long)
+    mask[1, 70:] = 0  # right padding across the last two segments
+    mask[2, :40] = 0  # left padding over the whole first segment
+    real = mask.bool()
+    weights = torch.randn(3, seq_len, D_MODEL, dtype=torch.float64, generator=gen)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        # out_t = Σ_{s<=t, s real} (R_t φ(q_t))ᵀ (R_s φ(k_s)) v_s / Σ_{s<=t, s real} φ(q_t)ᵀ φ(k_s)
+        n_q, n_kv, head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        w_q, w_k, w_v = attn.qkv_proj.weight.split(
+            (n_q * head_dim, n_kv * head_dim, n_kv * head_dim)
+        )
+        q, k, v = ref_heads(w_q, x, n_q), ref_heads(w_k, x, n_kv), ref_heads(w_v, x, n_kv)
+        kv_of = torch.arange(n_q) // (n_q // n_kv)
+        phi_q, phi_k, v = ref_phi(attn, q), ref_phi(attn, k)[:, kv_of], v[:, kv_of]
+        t, s = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
+        allowed = (s <= t) & real[:, None, None, :]  # [B, 1, T, T]
+        numerator = torch.einsum("bhtf,bhsf,bhsd->bhtsd", ref_rope(phi_q), ref_rope(phi_k), v)
+        numerator = (numerator * allowed[..., None]).sum(-2)
+        denominator = ((phi_q @ phi_k.transpose(-1, -2)) * allowed).sum(-1, keepdim=True)
+        denominator = torch.where(denominator > 0, denominator, 1.0)  # no real key: output 0
+        out = numerator / denominator
+        return out.transpose(1, 2).flatten(2) @ attn.o_proj.weight.T
+
+    def outputs_and_gradients(run) -> list[torch.Tensor]:
+        attn.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        out = run(leaf)
+        (out * weights)[real].sum().backward()
+        assert leaf.grad is not None
+        grads = [p.grad for p in (attn.qkv_proj.weight, attn.o_proj.weight)]
+        assert all(g is not None for g in grads)
+        return [out[real].detach(), leaf.grad, *grads]  # type: ignore[list-item]
+
+    got = outputs_and_gradients(lambda leaf: attn(leaf, mask))
+    expected = outputs_and_gradients(reference)
+    names = ("output", "input grad", "qkv grad", "o_proj grad")
+    for name, a, b in zip(names, got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+    # The same in one segment: the segmenting changes nothing but rounding.
+    attn.segment_size = 2 * seq_len
+    for a, b in zip(outputs_and_gradients(lambda leaf: attn(leaf, mask)), got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "favor"])
+def test_cached_kernel_attention_over_several_segments_equals_forward(feature_map: str) -> None:
+    """Generation state carried across segments: a 70-token prompt (segments of 16, chunks of
+    4), one token, then 29 more give the outputs of one forward over the 100 tokens."""
+    torch.manual_seed(0)
+    attn = KernelAttention(
+        D_MODEL, n_heads=4, n_kv_heads=2, attention_mode="causal", feature_map=feature_map,
+        chunk_size=4, segment_size=16,
+    ).double()  # fmt: skip
+    x = torch.randn(2, 100, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        full = attn(x)
+        cache = attn.new_cache()
+        pieces = [attn.forward_cached(x[:, a:b], cache) for a, b in ((0, 70), (70, 71), (71, 100))]
+    assert cache.length == 100
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-11)
+
+
+def test_kernel_segments_are_whole_chunks() -> None:
+    """The segment length is ``segment_size`` rounded down to whole chunks, at least one."""
+    for chunk, segment, expected in ((64, 512, 512), (64, 500, 448), (64, 10, 64), (5, 512, 510)):
+        attn = KernelAttention(
+            D_MODEL, 4, attention_mode="causal", chunk_size=chunk, segment_size=segment
+        )
+        assert attn._segment_length() == expected
+    with pytest.raises(ValueError, match="segment_size"):
+        KernelAttention(D_MODEL, 4, attention_mode="causal", segment_size=0)
+
+
 def _favor_probe(
     head_dim: int,
     q_scale: float,
@@ -573,12 +665,14 @@ def test_kernel_flops_count_the_chunk_products() -> None:
     chunk_products = 4 * (2 * 5 * 16 + 2 * 5 * 8)  # C×C causal φ(q)φ(k)ᵀ and its ·v: 960
     assert attn.attention_flops_per_token(20) == projection + states + reads + chunk_products
     linear = 2 * (32 * (4 + 2 + 2) * 8 + 32 * 32)  # qkv_proj and o_proj per token
-    for mode, expected in (("causal", 4160), ("bidirectional", 3200)):
+    # Causal: φ(q_t)ᵀz_t is one dot per token, taken element-wise (multiply, then sum over F),
+    # which torch's counter does not see.
+    for mode, expected, unseen in (("causal", 4160, 4 * 2 * 16), ("bidirectional", 3200, 0)):
         attn.causal = mode == "causal"
         assert attn.attention_flops_per_token(20) == expected
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             attn(torch.randn(1, 20, 32))  # 20 tokens = 4 whole chunks
-        assert counter.get_total_flops() / 20 - linear == expected
+        assert counter.get_total_flops() / 20 - linear + unseen == expected
     # the issue's case, elu with C = F = head_dim = 64: the chunk products are half the cost
     elu = KernelAttention(64, 1, attention_mode="causal", chunk_size=64)
     assert elu.attention_flops_per_token(4096) == 2 * 64 * 64 * 2 + 2 * 64 + 2 * 64 * (64 + 64)

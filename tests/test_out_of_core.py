@@ -4,6 +4,7 @@ exact resume, and memory that does not grow with the weights."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -106,6 +107,11 @@ def test_out_of_core_gives_the_losses_of_an_in_memory_run(mode: str) -> None:
     ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(written(ids), reference_rack(ids))
+    # Without checkpoints nothing resumes from the piece files: the temporary folder keeps the
+    # written rack alone.
+    folder = Path(results.weights_dir).parent
+    assert [p.name for p in folder.iterdir()] == ["rack"]
+    shutil.rmtree(folder)
 
 
 def test_out_of_core_resumes_exactly(tmp_path: Path, interrupt_at: type) -> None:
@@ -121,6 +127,8 @@ def test_out_of_core_resumes_exactly(tmp_path: Path, interrupt_at: type) -> None
         a = load_sharded_rack(results.weights_dir)(ids)
         b = load_sharded_rack(reference_results.weights_dir)(ids)
     assert torch.equal(a, b)
+    # With checkpoints the piece files stay: a later resume reads them.
+    assert len(list((tmp_path / "run" / "pieces").glob("block-*.safetensors"))) == 4
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,7 @@ from stackwise.training.metrics import (
 )
 from stackwise.training.objectives import Corruption, Objective, training_objective
 from stackwise.training.optim import build_optimizer, build_scheduler
-from stackwise.training.pieces import PieceStore
+from stackwise.training.pieces import PieceStore, return_freed_memory
 from stackwise.training.pool import SamplePool
 from stackwise.training.position import RunPosition
 from stackwise.training.stage_setup import StageForward, StageSetup
@@ -247,6 +247,8 @@ class _Run:
         return training_objective(self.cfg, vocab, self.trainer.mask_token_id)
 
     def _pieces_folder(self) -> Path:
+        """``<checkpoints>/pieces``; without checkpoints a temporary folder, whose piece files
+        are removed once the trained rack is written there (`results.weights_dir`)."""
         if self.trainer.checkpoint_dir is not None:
             return self.trainer.checkpoint_dir / "pieces"
         return Path(tempfile.mkdtemp(prefix="stackwise-pieces-"))
@@ -544,6 +546,10 @@ class _Run:
         position.step_in_stage = 0
         self.meter = StageMeter()
         self.optimizer = self.scheduler = None
+        if self.trunk.pieces is not None:
+            # The stage's optimizer state, gradients and activations are freed: out of core,
+            # hand their pages back, so a deep run's heap does not grow stage by stage.
+            return_freed_memory()
         # Report first: a run resumed from the stage-end checkpoint starts after this stage and
         # never reports it again, so it must reach the callbacks before the checkpoint exists.
         self._emit("on_stage_end", result, self.global_step)
@@ -567,7 +573,9 @@ class _Run:
             )
             self.pool.close()
             weights_dir = str(pieces.write_rack(pieces.folder / "rack"))
-            test = self.evaluator.test(whole_rack=False)
+            test = self.evaluator.test(whole_rack=False)  # reads the pieces
+            if self.checkpoints is None:  # nothing resumes from the pieces: the rack has them
+                pieces.discard_pieces()
         else:
             self.pool.close()
             self.trunk.restore()

@@ -9,7 +9,9 @@ trainer's view of the rest:
    ``<folder>/block-NNNNN.safetensors`` and puts it back on the meta device.
 3. Anything that must run a block that is away (extending the cache after a resume, the final
    evaluation) `borrow`s it: loaded from its file, used, dropped.
-4. `write_rack` writes the trained rack as sharded safetensors without ever holding it whole.
+4. `write_rack` writes the trained rack as sharded safetensors without ever holding it whole;
+   `discard_pieces` then removes the piece files of a run that keeps no checkpoints (the rack's
+   shards hold the same weights).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from stackwise.model.materialize import (
 )
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc keeps them otherwise, so the
     process would grow by part of every block it put away)."""
     if sys.platform.startswith("linux"):
@@ -101,7 +103,12 @@ class PieceStore:
             return
         save_block(block, self.path(index))
         release_block(block)
-        _return_freed_memory()
+        return_freed_memory()
+
+    def discard_pieces(self) -> None:
+        """Remove every piece file (after `write_rack`, where nothing will resume from them)."""
+        for path in self.saved().values():
+            path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def borrow(self, index: int) -> Iterator[nn.Module]:

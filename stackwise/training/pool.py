@@ -129,16 +129,19 @@ class SamplePool:
                 self.use_cache = False
                 return
             # What the caches may hold in memory (`cache.location: auto`) so that this run
-            # needs no more than rackwise training of the rack: the rest spills to disk.
-            pool_bytes = sum(
-                t.untyped_storage().nbytes()
-                for b in self.batches
-                for t in (b.inputs, b.targets, b.weights, b.attention_mask)
-                if t is not None
-            )
-            allowance = cache_memory_allowance(
-                self.config, self.plans, self.trunk.rack, self.trunk.device, pool_bytes
-            )
+            # needs no more than rackwise training of the rack: the rest spills to disk. Out of
+            # core the caches are on disk whatever their size: nothing to estimate.
+            allowance = 0
+            if not self.out_of_core:
+                pool_bytes = sum(
+                    t.untyped_storage().nbytes()
+                    for b in self.batches
+                    for t in (b.inputs, b.targets, b.weights, b.attention_mask)
+                    if t is not None
+                )
+                allowance = cache_memory_allowance(
+                    self.config, self.plans, self.trunk.rack, self.trunk.device, pool_bytes
+                )
             self.cache = self._new_cache([b.inputs.shape[0] for b in self.batches], allowance)
             self._eval_entries = eval_entries
             if eval_entries:

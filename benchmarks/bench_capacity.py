@@ -247,22 +247,40 @@ def trial(
         with tempfile.TemporaryDirectory(prefix="bench-capacity-") as scratch:
             # the trial's temporary files (out-of-core pieces, a spilled cache) go here
             env = {**os.environ, "TMPDIR": scratch}
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=args.timeout, env=env
-            )
-        outcome: dict[str, Any] = {"depth": depth, "returncode": done.returncode}
+            try:
+                done = subprocess.run(
+                    command, capture_output=True, text=True, timeout=args.timeout, env=env
+                )
+                returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+            except subprocess.TimeoutExpired:
+                returncode, stdout, stderr = None, "", f"timed out after {args.timeout:.0f} s"
+        outcome: dict[str, Any] = {"depth": depth, "returncode": returncode}
         outcome["seconds"] = time.perf_counter() - start
         if cap is not None:
             outcome["cgroup_peak_bytes"] = cap.peak_bytes()
             outcome["oom_kills"] = cap.oom_kills()
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
+    lines = stdout.strip().splitlines()
+    if returncode == 0 and lines:
         outcome.update(json.loads(lines[-1]))
         outcome["fits"] = cap is not None or outcome["peak_rss_bytes"] <= limit
+        outcome["failure"] = None if outcome["fits"] else "memory"
     else:
         outcome["fits"] = False
-        outcome["error"] = (done.stderr.strip().splitlines() or ["killed"])[-1][-300:]
+        outcome["error"] = (stderr.strip().splitlines() or ["killed"])[-1][-300:]
+        outcome["failure"] = failure_kind(returncode, outcome.get("oom_kills"), stderr)
     return outcome
+
+
+def failure_kind(returncode: int | None, oom_kills: int | None, stderr: str) -> str:
+    """Why a trial did not train: ``memory`` (killed by the cap, or out of memory), ``time``
+    (past --timeout) or ``error`` (anything else, such as a full disk: not a capacity limit)."""
+    if returncode is None:
+        return "time"
+    if oom_kills or returncode in (-9, 137) or "MemoryError" in stderr:
+        return "memory"
+    if "out of memory" in stderr.lower() or "Cannot allocate memory" in stderr:
+        return "memory"
+    return "error"
 
 
 def largest(mode: str, args: argparse.Namespace, cgroup: tuple[Path, int] | None) -> dict:
@@ -282,6 +300,7 @@ def largest(mode: str, args: argparse.Namespace, cgroup: tuple[Path, int] | None
         "largest_depth": best["depth"] if best else None,
         "largest_parameters": best["parameters"] if best else None,
         "first_failing_depth": None if trials[-1]["fits"] else trials[-1]["depth"],
+        "failure": trials[-1]["failure"],
         "stopped_at_max_depth": bool(trials[-1]["fits"]),
         "trials": trials,
     }
@@ -406,6 +425,14 @@ def main() -> None:
             "still grows with depth (next row), meets the cap"
         )
     deepest = results["blockwise_out_of_core"]
+    for mode, result in results.items():
+        if result["failure"] not in (None, "memory"):
+            failed = result["trials"][-1]
+            note += (
+                f"{'; ' if note else ''}{mode} stopped at {failed['depth']} blocks on "
+                f"{'its time limit' if result['failure'] == 'time' else 'an error'}, not "
+                f"memory ({failed['error']}): its largest depth is a lower bound"
+            )
     if deepest["stopped_at_max_depth"]:
         note += (
             f"{'; ' if note else ''}out-of-core blockwise still fit at the stated depth limit "

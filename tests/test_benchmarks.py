@@ -98,6 +98,12 @@ def test_mfu_quick(tmp_path: Path) -> None:
     assert "matmul" in fractions and "optimizer (adamw)" in fractions
     assert math.isclose(sum(fractions.values()), 1.0, rel_tol=1e-6)
     assert fractions["matmul"] > 0 and fractions["optimizer (adamw)"] > 0
+    # The trainer's AdamW on the CPU is PyTorch's fused kernel, and its row says so.
+    optimizer = data["optimizer_step_seconds"]
+    assert optimizer["configured_is_fused"] is True
+    assert all(optimizer[k] > 0 for k in ("as_configured", "loop", "foreach", "fused"))
+    (row,) = [r for r in data["headline"] if r["what"].startswith("AdamW step")]
+    assert row["met"] is True and row["figure"].startswith("fused: ")
 
 
 def test_memory_quick(tmp_path: Path) -> None:
@@ -147,6 +153,20 @@ def test_capacity_cap_stops_a_rack_that_does_not_fit(tmp_path: Path) -> None:
         assert result["largest_depth"] is None and result["first_failing_depth"] == 1
     if data["method"] == "cgroup":
         assert all(r["trials"][0]["returncode"] != 0 for r in data["results"].values())
+    assert all(r["failure"] == "memory" for r in data["results"].values())
+
+
+def test_a_capacity_trial_that_fails_on_anything_but_memory_is_not_a_capacity_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its helper modules, as when run as a script
+    bench = _load_benchmark_module("bench_capacity")
+    assert bench.failure_kind(-9, 0, "") == "memory"  # killed by the cap
+    assert bench.failure_kind(1, 1, "") == "memory"  # the cgroup counted an OOM kill
+    assert bench.failure_kind(1, 0, "MemoryError") == "memory"
+    assert bench.failure_kind(None, None, "") == "time"
+    full_disk = "SafetensorError: I/O error: No space left on device (os error 28)"
+    assert bench.failure_kind(1, 0, full_disk) == "error"
 
 
 def test_depth_quick(tmp_path: Path) -> None:

@@ -230,3 +230,43 @@ def test_a_tracked_out_of_core_run_logs_a_sharded_rack_that_loads(
     assert logits.shape == (1, 12, 260) and bool(torch.isfinite(logits).all())
     # Final validation loss recorded by the run is the loaded rack's own (clm, 2 val batches).
     assert run.data.metrics["final_val_loss"] < 5.6
+
+
+HEAP_CHURN = textwrap.dedent(
+    """
+    import ctypes, sys, torch
+    from stackwise.training.pieces import keep_large_allocations_off_the_heap
+    if sys.argv[1] == "out_of_core":
+        keep_large_allocations_off_the_heap()
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    kept = []
+    for _ in range(200):  # a deep run's stages: a block's weights, a small object that stays,
+        weights = torch.ones(768 * 1024)  # activations; all but the small object freed
+        del weights
+        kept.append(torch.ones(64))
+        activations = [torch.ones(64 * 1024) for _ in range(4)]
+        del activations
+    print(libc.mallinfo2().fordblks)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_out_of_core_keeps_blocks_and_activations_off_the_heap() -> None:
+    """Freed blocks and activations leave no free heap behind: glibc's mmap threshold stays at
+    128 KiB (by default it rises as mapped blocks are freed, and the heap then fragments)."""
+
+    def free_heap(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", HEAP_CHURN, mode], capture_output=True, text=True, check=True
+        )
+        return int(done.stdout.split()[-1])
+
+    if free_heap("default") < 128 * 2**20:
+        pytest.skip("this C library does not fragment its heap here")
+    assert free_heap("out_of_core") < 16 * 2**20

@@ -38,6 +38,22 @@ from stackwise.model.materialize import (
     write_sharded_rack,
 )
 
+#: glibc's ``M_MMAP_THRESHOLD`` option and its initial value: allocations above it are mapped
+#: and unmapped on their own instead of coming from the heap.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def keep_large_allocations_off_the_heap() -> None:
+    """Fix glibc's mmap threshold at its initial 128 KiB (glibc raises it as mapped blocks are
+    freed, up to 32 MiB, after which a block's weights and activations come from the heap and
+    fragment it: a 512-block out-of-core run left 600 MiB of free heap, partly resident, and
+    its peak RSS grew by 11 % over a 4-block run's; with the threshold fixed, 8 %, in the same
+    time). Process-wide, Linux with glibc only."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
 
 def return_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc keeps them otherwise, so the
@@ -61,6 +77,7 @@ class PieceStore:
         self.folder = Path(folder)
         self.device = device
         self.on_replace = on_replace  # told when a block module is swapped (new parameters)
+        keep_large_allocations_off_the_heap()
         self.seeded = SeededInit(rack)  # also materialises the embedding and the readout
         # Blocks in memory, so that putting away does not visit every block of a deep rack.
         self.resident = {i for i, b in enumerate(rack.blocks) if not block_is_meta(b)}

@@ -555,3 +555,28 @@ def test_a_racks_blocks_share_one_rotation_table_per_shape() -> None:
     replace_block(rack, 1, fresh)
     rotaries = [m for m in rack.modules() if isinstance(m, RotaryEmbedding)]
     assert all(m._cache is rotaries[0]._cache for m in rotaries)
+
+
+@pytest.mark.parametrize("attention_type", ["gqa", "mla", "kernel"])
+def test_a_rack_compiles_into_one_graph_that_gives_the_eager_output(attention_type: str) -> None:
+    """`training.compile` gets the whole forward in one graph (a break splits it into pieces
+    the compiler optimises apart), and the same output as eager, up to float rounding."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    rack = create_simple_rack(
+        n_stacks=1,
+        blocks_per_stack=2,
+        d_model=64,
+        n_heads=4,
+        attention_type=attention_type,
+        attention_mode="causal",
+        vocab_size=50,
+        seed=0,
+    )
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    explained = torch._dynamo.explain(rack)(ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    compiled = torch.compile(rack, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), rack(ids), rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """RMSNorm: ``x / sqrt(mean(x²) + eps) * weight`` (Zhang & Sennrich, 2019).
 
 Same parameters and state_dict keys as ``torch.nn.RMSNorm``. On CUDA it calls
-``F.rms_norm`` (a fused kernel there). Elsewhere a hand-written backward is used: autograd of the
+``F.rms_norm`` (a fused kernel there), and under ``torch.compile`` too (the compiler fuses its
+formula with its neighbours, which it cannot do across a hand-written backward). Elsewhere a hand-written backward is used: autograd of the
 plain formula keeps several full-size intermediates and makes extra passes over memory, which
 dominate on CPUs, where these element-wise passes are memory-bound; this one saves only the
 input and the per-row ``1/rms`` and makes few passes over full-size tensors (backward: nine reads
@@ -23,7 +24,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda or torch.compiler.is_compiling():
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 

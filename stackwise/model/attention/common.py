@@ -82,6 +82,13 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate the channel pairs of ``x [..., dim]`` by ``rotation`` ((cos, sin) pairs,
     broadcastable to ``[..., dim/2, 2]``). Half-precision inputs are rotated in float32."""
     pairs = x.to(torch.promote_types(x.dtype, torch.float32))
+    if torch.compiler.is_compiling():
+        # Inductor generates no code for complex numbers; this real form fuses instead, on any
+        # layout (reading the layout below would break the compiled graph).
+        real, imag = pairs.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rotation.unbind(-1)
+        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+        return rotated.flatten(-2).to(x.dtype)
     strides = pairs.stride()
     if pairs.storage_offset() % 2 or strides[-1] != 1 or any(s % 2 for s in strides[:-1]):
         # A slice at an odd channel offset or with an odd row stride (MLA's RoPE part after an
@@ -90,13 +97,7 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         # counts as contiguous and would keep its odd offset.
         pairs = pairs.clone(memory_format=torch.contiguous_format)
     pairs = pairs.unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():
-        # Inductor generates no code for complex numbers; this real form fuses instead.
-        real, imag = pairs.unbind(-1)
-        cos, sin = rotation.unbind(-1)
-        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    else:
-        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation))
+    rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation))
     return rotated.flatten(-2).to(x.dtype)
 
 

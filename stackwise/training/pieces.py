@@ -48,7 +48,7 @@ def keep_large_allocations_off_the_heap() -> None:
     """Fix glibc's mmap threshold at its initial 128 KiB (glibc raises it as mapped blocks are
     freed, up to 32 MiB, after which a block's weights and activations come from the heap and
     fragment it: a 512-block out-of-core run left 600 MiB of free heap, partly resident, and
-    its peak RSS grew by 11 % over a 4-block run's; with the threshold fixed, 8 %, in the same
+    its peak RSS grew by 10 % over a 4-block run's; with the threshold fixed, 8 %, in the same
     time). Process-wide, Linux with glibc only."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):

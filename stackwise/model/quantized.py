@@ -5,9 +5,9 @@ its weight is held as int8, one row per output feature, with one fp32 scale per 
 (symmetric, ``scale = max|w_row| / 127``, rounded to nearest), and each forward multiplies the
 int8 rows back out and runs the ordinary fp32 matmul. Dequantizing costs one pass over the
 weight per call, against the matmul's one pass per token, so a forward over a batch of tokens
-takes about the time of fp32. (Fused int8 matmul kernels, such as the one torchao's weight-only
-int8 runs on a CPU, took 2x the time of fp32 in a training benchmark and 40x for the matmul
-alone: `benchmarks/bench_quantization.py`.)
+takes about the time of fp32 (`benchmarks/bench_quantization.py`: 1.00x). torchao's weight-only
+int8, which runs a fused int8 matmul kernel on a CPU, took 2.06x the time of fp32 in that
+benchmark, and its kernel alone about 40x an fp32 matmul of the same shape.
 
 The module stays an ``nn.Linear`` (its class is switched in place, so hooks, names and
 parameter counts by weight shape are unchanged); `Int8Linear.to_linear` turns it back with

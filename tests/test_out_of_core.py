@@ -4,6 +4,7 @@ exact resume, and memory that does not grow with the weights."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,12 +189,15 @@ def test_out_of_core_trains_a_rack_larger_than_its_memory_growth(tmp_path: Path)
     }
     probe = tmp_path / "probe.py"
     probe.write_text(MEMORY_PROBE, encoding="utf-8")
+    scratch = tmp_path / "scratch"  # the run's temporary folder (its written rack) goes here
+    scratch.mkdir()
     done = subprocess.run(
         [sys.executable, str(probe), json.dumps(settings)],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     # 24 blocks of 384 wide: about 170 MB of fp32 weights; one block is about 7 MB.

@@ -236,6 +236,19 @@ def test_a_tracked_out_of_core_run_logs_a_sharded_rack_that_loads(
     assert run.data.metrics["final_val_loss"] < 5.6
 
 
+def test_out_of_core_estimates_no_cache_allowance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of core the caches are on disk whatever their size: the in-memory allowance (which
+    builds a second meta rack of the whole depth) is never estimated."""
+
+    def refuse(*args: Any, **kwargs: Any) -> int:
+        raise AssertionError("an out-of-core run estimated a cache allowance")
+
+    monkeypatch.setattr("stackwise.training.pool.cache_memory_allowance", refuse)
+    _, losses, results = train(config_for(), checkpoint_dir=None)
+    assert losses.train and results.weights_dir is not None
+    shutil.rmtree(Path(results.weights_dir).parent)
+
+
 BLOCK_ALLOCATIONS = textwrap.dedent(
     """
     import ctypes, sys, torch

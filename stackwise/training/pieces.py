@@ -49,7 +49,7 @@ def keep_large_allocations_off_the_heap() -> None:
     freed, up to 32 MiB, after which a block's weights and activations come from the heap and
     fragment it: a 512-block out-of-core run left 600 MiB of free heap, partly resident, and
     its peak RSS grew by 10 % over a 4-block run's; with the threshold fixed, 8 %, in the same
-    time). Process-wide, Linux with glibc only."""
+    time; one run of each). Process-wide, Linux with glibc only."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
